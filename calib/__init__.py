@@ -1,0 +1,1 @@
+"""Calibration data: real image folders and data-free synthesis."""

@@ -1,0 +1,1 @@
+"""Export of packed quantized checkpoints and loading them back for inference."""

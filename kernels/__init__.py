@@ -1,0 +1,1 @@
+"""Quantized ops: plain-torch references (:mod:`kernels.reference`) and the Triton kernels."""

@@ -1,0 +1,142 @@
+"""Plain-torch references of every kernel: the test oracles and the CPU path of :mod:`kernels`.
+
+All arithmetic follows :mod:`quant.primitives`; activation codes are signed int8 storage
+(``q - offset(bits)``), weights come as :class:`quant.packing.PackedWeight` with unsigned per-channel
+zero points. Float work is done in float32.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from quant import packing
+from quant import primitives as P
+from quant.primitives import QParams
+
+
+def _check_act_input(x: Tensor, name: str = "x") -> None:
+    if not torch.is_tensor(x) or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"{name} must be a float32/float16/bfloat16 tensor, got "
+                        f"{x.dtype if torch.is_tensor(x) else type(x).__name__}")
+
+
+def _check_channel_vec(name: str, t: Optional[Tensor], c: int) -> None:
+    if t is not None and tuple(t.shape) != (c,):
+        raise ValueError(f"{name} must have shape [{c}] (one per channel of x), got {tuple(t.shape)}")
+
+
+def layernorm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
+    """LayerNorm over the last dim in float32: ``(x - mean) / sqrt(var + eps) * weight + bias`` (biased var)."""
+    x = x.float()
+    mean = x.mean(dim=-1, keepdim=True)
+    xc = x - mean
+    var = (xc * xc).mean(dim=-1, keepdim=True)
+    y = xc / torch.sqrt(var + eps)
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y
+
+
+def rescale_quantize(x: Tensor, qp: QParams, r: Optional[Tensor] = None, shift: Optional[Tensor] = None) -> Tensor:
+    """int8 codes of ``(x - shift) / r`` for ``x [..., C]``: ``clamp(round(x'/s) + z, 0, qmax) - offset``."""
+    _check_act_input(x)
+    c = x.shape[-1]
+    _check_channel_vec("r", r, c)
+    _check_channel_vec("shift", shift, c)
+    xr = P.apply_rescale(x.float(), None if r is None else r.float(), None if shift is None else shift.float())
+    return P.quantize(xr, qp.s, qp.z, qp.bits, signed=True)
+
+
+def layernorm_rescale_quantize(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], eps: float,
+                               qp: QParams, r: Optional[Tensor] = None, shift: Optional[Tensor] = None) -> Tensor:
+    """int8 codes of ``(LN(x) - shift) / r`` (LayerNorm over the last dim, then :func:`rescale_quantize`)."""
+    _check_act_input(x)
+    c = x.shape[-1]
+    _check_channel_vec("ln_weight", ln_weight, c)
+    _check_channel_vec("ln_bias", ln_bias, c)
+    return rescale_quantize(layernorm(x, ln_weight, ln_bias, eps), qp, r, shift)
+
+
+def rescale_fake_quantize(x: Tensor, qp: QParams, r: Optional[Tensor] = None,
+                          shift: Optional[Tensor] = None) -> Tensor:
+    """Differentiable float32 ``fake_quantize((x - shift) / r)``; gradients reach x, s, z, r and shift."""
+    _check_act_input(x)
+    c = x.shape[-1]
+    _check_channel_vec("r", r, c)
+    _check_channel_vec("shift", shift, c)
+    return P.fake_quantize(P.apply_rescale(x.float(), r, shift), qp.s, qp.z, qp.bits)
+
+
+def packed_linear(a: Tensor, a_qp: QParams, w: packing.PackedWeight, w_scale: Tensor, w_zero: Tensor,
+                  bias: Optional[Tensor] = None, gelu: bool = False, out_dtype: torch.dtype = torch.float32,
+                  requant: Optional[QParams] = None) -> Tensor:
+    """``y = act(sa * sw[n] * sum_k (qa - za)(qw[n] - zw[n]) + bias[n])`` for int8 codes ``a [..., K]``.
+
+    ``act`` is exact-erf GELU when ``gelu``. Returns ``y`` in ``out_dtype``, or its signed int8 codes under
+    ``requant`` (the next layer's activation quantizer).
+    """
+    if not torch.is_tensor(a) or a.dtype != torch.int8:
+        raise TypeError(f"activation codes must be int8 (signed storage), got "
+                        f"{a.dtype if torch.is_tensor(a) else type(a).__name__}; quantize them first")
+    if a.shape[-1] != w.k:
+        raise ValueError(f"activation codes have K={a.shape[-1]} but the packed weight has K={w.k}")
+    lead = a.shape[:-1]
+    a2 = a.reshape(-1, w.k)
+    qw = packing.unpack(w)
+    za = P.signed_zero_point(a_qp.z, a_qp.bits)
+    zw = P.round_zero_point(torch.as_tensor(w_zero, dtype=torch.float32), w.bits).reshape(-1)
+    if zw.numel() != w.n or torch.as_tensor(w_scale).numel() != w.n:
+        raise ValueError(f"w_scale and w_zero need one value per output channel ({w.n})")
+    y = P.int_linear(a2, a_qp.s, za, qw, w_scale, zw, bias)
+    if gelu:
+        y = F.gelu(y)
+    y = y.reshape(*lead, w.n)
+    if requant is not None:
+        return P.quantize(y, requant.s, requant.z, requant.bits, signed=True)
+    return y.to(out_dtype)
+
+
+def quant_attention(q: Tensor, k: Tensor, v: Tensor, q_qp: QParams, k_qp: QParams, v_qp: QParams,
+                    scale: float, p_qp: Optional[QParams] = None, rel_bias: Optional[Tensor] = None,
+                    mask: Optional[Tensor] = None, return_codes: bool = False):
+    """Attention on int8 codes ``q, k, v [B, H, L, D]`` with per-tensor quantizers.
+
+    ``S = scale * sq * sk * sum_d (qq - zq)(qk - zk) + rel_bias[h] + mask[b % nW]``, ``P = softmax(S)`` (float32),
+    ``qp = quantize(P)`` with ``p_qp`` (default: ``s = 1/qmax(bits of q)``, ``z = 0``), and
+    ``O = sp * sv * sum_j (qp - zp)(qv - zv)``. ``rel_bias`` is ``[H, L, L]``, ``mask`` ``[nW, L, L]`` (Swin's
+    shifted-window mask, windows ordered with the window index fastest). Returns float32 ``O [B, H, L, D]``
+    (and the probability codes when ``return_codes``).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not torch.is_tensor(t) or t.dtype != torch.int8 or t.dim() != 4:
+            raise TypeError(f"{name} must be int8 codes of shape [B, H, L, D], got "
+                            f"{t.dtype if torch.is_tensor(t) else type(t).__name__} {tuple(getattr(t, 'shape', ()))}")
+    if q.shape != k.shape or k.shape != v.shape:
+        raise ValueError(f"q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    b, h, l, d = q.shape
+    if p_qp is None:
+        p_qp = QParams(torch.tensor(1.0 / P.qmax(q_qp.bits)), torch.tensor(0.0), q_qp.bits)
+    zq = P.signed_zero_point(q_qp.z, q_qp.bits)
+    zk = P.signed_zero_point(k_qp.z, k_qp.bits)
+    s = P.int_gemm(q, k, zq, zk).float() * (float(scale) * float(q_qp.s) * float(k_qp.s))
+    if rel_bias is not None:
+        if tuple(rel_bias.shape) != (h, l, l):
+            raise ValueError(f"rel_bias must be [H, L, L] = {(h, l, l)}, got {tuple(rel_bias.shape)}")
+        s = s + rel_bias.float()[None]
+    if mask is not None:
+        nw = mask.shape[0]
+        if mask.dim() != 3 or tuple(mask.shape[1:]) != (l, l) or b % nw:
+            raise ValueError(f"mask must be [nW, L, L] with B divisible by nW, got {tuple(mask.shape)} for B={b}")
+        s = (s.view(b // nw, nw, h, l, l) + mask.float()[None, :, None]).view(b, h, l, l)
+    p = torch.softmax(s, dim=-1)
+    pc = P.quantize(p, p_qp.s, p_qp.z, p_qp.bits, signed=True)
+    zp = P.signed_zero_point(p_qp.z, p_qp.bits)
+    zv = P.signed_zero_point(v_qp.z, v_qp.bits)
+    o = P.int_gemm(pc, v.transpose(-1, -2), zp, zv).float() * (float(p_qp.s) * float(v_qp.s))
+    return (o, pc) if return_codes else o

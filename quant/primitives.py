@@ -1,0 +1,364 @@
+"""The quantization math, written once. Kernels, references, modules and the exporter all call this module.
+
+Codes
+-----
+``n_levels(b) = 3`` for ternary (``b == 1.58``), else ``2**b``; ``qmax = n_levels - 1``.
+Uniform asymmetric quantizer with step ``s > 0`` and integer zero point ``z`` in ``[0, qmax]``::
+
+    q     = clamp(round(x / s) + z, 0, qmax)          round = half-to-even (torch.round, rint)
+    x_hat = (q - z) * s
+
+Weights use one ``(s, z)`` per output channel (``s, z`` of shape ``[N, 1]`` for ``W [N, K]``), activations
+one per tensor. Ternary weights are the case ``qmax = 2, z = 1``: levels ``{-1, 0, +1} * s``.
+
+Storage
+-------
+``uint8`` tensors hold unsigned codes ``q``. ``int8`` tensors hold *signed* codes ``q - offset(b)`` with
+``offset(b) = n_levels // 2`` (128 for 8 bits, 1 for ternary), so every width fits an int8 container and
+``tl.dot`` can consume it. In signed form the quantizer reads ``qs = clamp(round(x/s) + zs, -offset,
+qmax - offset)`` with ``zs = z - offset``; dequantization ``(qs - zs) * s`` is unchanged.
+
+Integer GEMM
+------------
+For stored codes ``a [M, K]`` (zero point ``za``, scale ``sa``) and ``w [N, K]`` (``zw[n]``, ``sw[n]``)::
+
+    y[m, n] = sa * sw[n] * sum_k (a[m,k] - za)(w[n,k] - zw[n]) + bias[n]
+            = sa * sw[n] * (acc[m,n] - zw[n] * rowsum_a[m] - za * colsum_w[n] + K * za * zw[n]) + bias[n]
+
+with ``acc = a @ w.T`` accumulated in int32 and ``rowsum_a[m] = sum_k a[m,k]``, ``colsum_w[n] = sum_k w[n,k]``.
+The zero points are those of the stored form (signed zero points for int8 containers).
+
+Rescale / shift
+---------------
+A linear ``y = W x + b`` whose input is normalised per channel ``x' = (x - shift) / r`` keeps its output with
+``W' = W * r`` (column ``k`` times ``r[k]``) and ``b' = b + W @ shift``: ``W' x' + b' = W x + b``.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+TERNARY = 1.58
+VALID_BITS = (1.58, 2, 3, 4, 5, 6, 7, 8)
+
+# ----------------------------------------------------------------------------------------------------------
+# bit-width helpers and validation
+
+
+class QParams(NamedTuple):
+    """Per-tensor (activations) or per-channel (weights, ``[N]`` or ``[N, 1]``) step, unsigned zero point, bits."""
+
+    s: Tensor
+    z: Tensor
+    bits: float
+
+
+def check_bits(bits) -> None:
+    if bits not in VALID_BITS:
+        raise ValueError(f"bits must be one of {VALID_BITS} (1.58 = ternary), got {bits!r}")
+
+
+def n_levels(bits) -> int:
+    check_bits(bits)
+    return 3 if bits == TERNARY else 2 ** int(bits)
+
+
+def qmax(bits) -> int:
+    return n_levels(bits) - 1
+
+
+def code_offset(bits) -> int:
+    """Offset between unsigned codes and the signed int8 storage: ``qs = q - offset``."""
+    return n_levels(bits) // 2
+
+
+def signed_range(bits) -> Tuple[int, int]:
+    o = code_offset(bits)
+    return -o, qmax(bits) - o
+
+
+def _check_finite(name: str, t: Tensor) -> None:
+    if not torch.is_tensor(t):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or inf; clean the input (e.g. torch.nan_to_num) before quantizing")
+
+
+def check_step(s: Tensor) -> None:
+    _check_finite("step size s", s)
+    if not bool((s > 0).all()):
+        raise ValueError(f"step size s must be > 0 everywhere (min is {float(s.min()):.3g}); re-initialise it")
+
+
+def check_qparams(x: Tensor, s: Tensor, z: Tensor) -> None:
+    _check_finite("x", x)
+    check_step(s)
+    _check_finite("zero point z", torch.as_tensor(z, dtype=torch.float32))
+    for name, t in (("s", s), ("z", z)):
+        if torch.is_tensor(t):
+            try:
+                torch.broadcast_shapes(t.shape, x.shape)
+            except RuntimeError:
+                raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to x of shape "
+                                 f"{tuple(x.shape)}; use a scalar (per tensor) or [N, 1] (per channel)") from None
+
+
+def round_zero_point(z: Tensor, bits) -> Tensor:
+    """The integer zero point actually used: ``clamp(round(z), 0, qmax)``."""
+    return torch.clamp(torch.round(z), 0, qmax(bits))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# quantize / dequantize
+
+
+def quantize(x: Tensor, s: Tensor, z: Tensor, bits, signed: bool = False) -> Tensor:
+    """Codes of ``x``: ``uint8`` unsigned ``q``, or ``int8`` signed ``q - offset`` when ``signed``."""
+    s = torch.as_tensor(s, dtype=torch.float32, device=x.device)
+    z = torch.as_tensor(z, dtype=torch.float32, device=x.device)
+    check_bits(bits)
+    check_qparams(x, s, z)
+    q = torch.clamp(torch.round(x.float() / s) + round_zero_point(z, bits), 0, qmax(bits))
+    if signed:
+        return (q - code_offset(bits)).to(torch.int8)
+    return q.to(torch.uint8)
+
+
+def dequantize(q: Tensor, s: Tensor, z: Tensor, bits) -> Tensor:
+    """``(q - z) * s`` in float32; ``q`` may be unsigned (uint8) or signed storage (int8)."""
+    check_bits(bits)
+    s = torch.as_tensor(s, dtype=torch.float32, device=q.device)
+    z = round_zero_point(torch.as_tensor(z, dtype=torch.float32, device=q.device), bits)
+    if q.dtype == torch.int8:
+        qu = q.float() + code_offset(bits)
+    elif q.dtype in (torch.uint8, torch.int16, torch.int32, torch.int64):
+        qu = q.float()
+    else:
+        raise TypeError(f"codes must be an integer tensor (uint8 unsigned or int8 signed), got {q.dtype}")
+    return (qu - z) * s
+
+
+def _reduce_to(g: Tensor, shape: torch.Size) -> Tensor:
+    if g.shape == shape:
+        return g
+    if len(shape) == 0:
+        return g.sum()
+    lead = g.dim() - len(shape)
+    g = g.sum(dim=tuple(range(lead))) if lead > 0 else g
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+    return g.sum(dim=dims, keepdim=True) if dims else g
+
+
+def lsq_grads(x: Tensor, s: Tensor, z: Tensor, bits, grad_out: Tensor):
+    """Straight-through / LSQ gradients of ``x_hat = fake_quantize(x, s, z)`` (unreduced, x-shaped).
+
+    inside ``0 <= round(x/s)+z <= qmax``: d/dx = 1, d/ds = round(x/s) - x/s, d/dz = 0
+    below (q = 0):                          d/dx = 0, d/ds = -z,              d/dz = -s
+    above (q = qmax):                       d/dx = 0, d/ds = qmax - z,        d/dz = -s
+    ``z`` reaches the rounding through a straight-through estimator (zero gradient where it is clamped).
+    """
+    zi = round_zero_point(z, bits)
+    xs = x / s
+    r = torch.round(xs)
+    v = r + zi
+    lo, hi = v < 0, v > qmax(bits)
+    inside = ~(lo | hi)
+    gx = grad_out * inside
+    ds = torch.where(inside, r - xs, torch.where(lo, -zi, qmax(bits) - zi))
+    gs = grad_out * ds
+    z_live = (torch.round(z) >= 0) & (torch.round(z) <= qmax(bits))
+    gz = grad_out * torch.where(inside, torch.zeros_like(xs), -s) * z_live
+    return gx, gs, gz
+
+
+class FakeQuantizeFn(torch.autograd.Function):
+    """``x_hat = (clamp(round(x/s) + z, 0, qmax) - z) * s`` with the STE/LSQ backward of :func:`lsq_grads`."""
+
+    @staticmethod
+    def forward(ctx, x, s, z, bits):
+        ctx.save_for_backward(x, s, z)
+        ctx.bits = bits
+        zi = round_zero_point(z, bits)
+        q = torch.clamp(torch.round(x / s) + zi, 0, qmax(bits))
+        return (q - zi) * s
+
+    @staticmethod
+    def backward(ctx, g):
+        x, s, z = ctx.saved_tensors
+        gx, gs, gz = lsq_grads(x, s, z, ctx.bits, g)
+        return (gx if ctx.needs_input_grad[0] else None,
+                _reduce_to(gs, s.shape) if ctx.needs_input_grad[1] else None,
+                _reduce_to(gz, z.shape) if ctx.needs_input_grad[2] else None,
+                None)
+
+
+def fake_quantize(x: Tensor, s: Tensor, z: Tensor, bits, check: bool = True) -> Tensor:
+    """Differentiable quantize-dequantize in float32 or float64 (STE for x, LSQ for s and z). ``bits == 16`` is identity."""
+    if bits == 16:
+        return x
+    dt = torch.promote_types(x.dtype, torch.float32)
+    s = torch.as_tensor(s, device=x.device).to(dt)
+    z = torch.as_tensor(z, device=x.device).to(dt)
+    if check:
+        check_bits(bits)
+        check_qparams(x.detach(), s.detach(), z.detach())
+    return FakeQuantizeFn.apply(x.to(dt), s, z, bits)
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """``round`` forward, identity backward."""
+    return x + (torch.round(x) - x).detach()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# initialisation
+
+
+def percentile(x: Tensor, pct: float, dim: Optional[int] = None) -> Tensor:
+    """Nearest-rank percentile (``pct`` in [0, 100]) of ``x``, over all elements or along ``dim`` (kept)."""
+    if not 0.0 <= pct <= 100.0:
+        raise ValueError(f"percentile must be within [0, 100], got {pct}")
+    if dim is None:
+        flat = x.detach().float().reshape(-1)
+        k = int(round(pct / 100.0 * (flat.numel() - 1))) + 1
+        return flat.kthvalue(k).values
+    n = x.shape[dim]
+    k = int(round(pct / 100.0 * (n - 1))) + 1
+    return x.detach().float().kthvalue(k, dim=dim, keepdim=True).values
+
+
+def qparams_from_range(lo: Tensor, hi: Tensor, bits) -> Tuple[Tensor, Tensor]:
+    """``(s, z)`` covering ``[min(lo, 0), max(hi, 0)]`` (zero exactly representable).
+
+    uniform: ``s = (hi - lo) / qmax``, ``z = clamp(round(-lo / s), 0, qmax)``;
+    ternary: ``s = max(|lo|, |hi|)``, ``z = 1``.
+    """
+    lo = torch.clamp(torch.as_tensor(lo, dtype=torch.float32), max=0.0)
+    hi = torch.clamp(torch.as_tensor(hi, dtype=torch.float32), min=0.0)
+    eps = 1e-8
+    if bits == TERNARY:
+        s = torch.clamp(torch.maximum(-lo, hi), min=eps)
+        return s, torch.ones_like(s)
+    s = torch.clamp((hi - lo) / qmax(bits), min=eps)
+    z = torch.clamp(torch.round(-lo / s), 0, qmax(bits))
+    return s, z
+
+
+def init_act_qparams(x: Tensor, bits, percentiles: Sequence[float] = (0.01, 99.99)) -> Tuple[Tensor, Tensor]:
+    """Per-tensor ``(s, z)`` (0-d tensors) from the ``percentiles`` of a calibration batch."""
+    _check_finite("calibration activations", x)
+    lo, hi = percentile(x, percentiles[0]), percentile(x, percentiles[1])
+    return qparams_from_range(lo, hi, bits)
+
+
+def init_weight_qparams(w: Tensor, bits, percentiles: Sequence[float] = (0.0, 100.0),
+                        search: Optional[bool] = None) -> Tuple[Tensor, Tensor]:
+    """Per-output-channel ``(s, z)`` of shape ``[N, 1]`` for ``w [N, K]``.
+
+    From the per-row ``percentiles``; with ``search`` (default for ternary) the range is shrunk by the factor
+    in ``linspace(0.05, 1, 96)`` that minimises each row's squared quantization error.
+    """
+    if w.dim() != 2:
+        raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(w.shape)}")
+    _check_finite("weight", w)
+    w = w.detach().float()
+    lo, hi = percentile(w, percentiles[0], dim=1), percentile(w, percentiles[1], dim=1)
+    s, z = qparams_from_range(lo, hi, bits)
+    if search is None:
+        search = bits == TERNARY
+    if not search:
+        return s, z
+    best_err = torch.full_like(s, float("inf"))
+    best_s, best_z = s.clone(), z.clone()
+    for t in torch.linspace(0.05, 1.0, 96).tolist():
+        st, zt = qparams_from_range(lo * t, hi * t, bits)
+        err = (fake_quantize(w, st, zt, bits, check=False) - w).pow(2).sum(dim=1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s, best_z = torch.where(better, st, best_s), torch.where(better, zt, best_z)
+    return best_s, best_z
+
+
+# ----------------------------------------------------------------------------------------------------------
+# channel rescale / shift
+
+
+def apply_rescale(x: Tensor, r: Optional[Tensor] = None, shift: Optional[Tensor] = None) -> Tensor:
+    """``x' = (x - shift) / r`` along the last dimension (either may be None)."""
+    if shift is not None:
+        x = x - shift
+    if r is not None:
+        x = x / r
+    return x
+
+
+def fold_rescale(weight: Tensor, bias: Optional[Tensor], r: Optional[Tensor] = None,
+                 shift: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """``W' = W * r`` (per input column), ``b' = b + W @ shift``: compensates :func:`apply_rescale`."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    for name, t in (("r", r), ("shift", shift)):
+        if t is not None and t.shape != (k,):
+            raise ValueError(f"{name} must have shape [{k}] (one per input channel), got {tuple(t.shape)}")
+    b = torch.zeros(n, dtype=weight.dtype, device=weight.device) if bias is None else bias
+    if shift is not None:
+        b = b + weight @ shift.to(weight.dtype)
+    w = weight * r.to(weight.dtype) if r is not None else weight
+    return w, b
+
+
+def smooth_rescale_shift(x_lo: Tensor, x_hi: Tensor, weight: Tensor, alpha: float = 0.5,
+                         eps: float = 1e-5) -> Tuple[Tensor, Tensor]:
+    """SmoothQuant-style initial ``(r, shift)`` from per-channel activation ranges ``[x_lo, x_hi]``.
+
+    ``shift = (x_lo + x_hi) / 2`` centres each channel; ``r = a^alpha / m^(1 - alpha)`` with
+    ``a = (x_hi - x_lo) / 2`` the centred half-range and ``m = max_n |W[n, k]|``, so the rescaled
+    activation range ``a / r = a^(1-alpha) m^(1-alpha)`` and the rescaled weight column ``m r`` meet.
+    """
+    shift = (x_lo + x_hi) / 2
+    a = torch.clamp((x_hi - x_lo) / 2, min=eps)
+    m = torch.clamp(weight.detach().abs().amax(dim=0).float(), min=eps)
+    r = torch.clamp(a.pow(alpha) / m.pow(1 - alpha), min=eps)
+    return r, shift
+
+
+# ----------------------------------------------------------------------------------------------------------
+# integer GEMM with zero points
+
+
+def int_gemm(a: Tensor, w: Tensor, za, zw) -> Tensor:
+    """``sum_k (a[..., m, k] - za)(w[..., n, k] - zw[n])`` as int32, via ``a @ w^T`` and row/column-sum corrections.
+
+    ``a [..., M, K]`` and ``w [..., N, K]`` are integer codes (any integer dtype, leading dims broadcast);
+    ``za`` an integer scalar, ``zw`` an integer scalar or ``[N]`` / ``[N, 1]``.
+    """
+    if a.dim() < 2 or w.dim() < 2 or a.shape[-1] != w.shape[-1]:
+        raise ValueError(f"int_gemm needs a [M, K] and w [N, K] with equal K, got {tuple(a.shape)} and {tuple(w.shape)}")
+    if a.is_floating_point() or w.is_floating_point():
+        raise TypeError(f"int_gemm needs integer codes, got {a.dtype} and {w.dtype}")
+    k = a.shape[-1]
+    ai, wi = a.to(torch.int32), w.to(torch.int32)
+    za = int(za)
+    zw = torch.as_tensor(zw, device=a.device).to(torch.int32).reshape(-1)
+    acc = ai @ wi.transpose(-1, -2)
+    rowsum = ai.sum(dim=-1, dtype=torch.int32).unsqueeze(-1)
+    colsum = wi.sum(dim=-1, dtype=torch.int32).unsqueeze(-2)
+    return acc - zw * rowsum - za * colsum + k * za * zw
+
+
+def int_linear(a: Tensor, sa, za, w: Tensor, sw: Tensor, zw: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """Float32 output ``sa * sw[n] * int_gemm(a, w, za, zw) + bias[n]``."""
+    acc = int_gemm(a, w, za, zw).float()
+    y = acc * (float(sa) * torch.as_tensor(sw, dtype=torch.float32, device=a.device).reshape(1, -1))
+    return y if bias is None else y + bias.float()
+
+
+def signed_zero_point(z, bits) -> Tensor:
+    """The zero point of the signed int8 storage form: ``round(z) - offset(bits)``."""
+    return round_zero_point(torch.as_tensor(z, dtype=torch.float32), bits) - code_offset(bits)
