@@ -1,0 +1,224 @@
+"""Classifier-only data-free calibration: synthesize images by optimising noise through the frozen FP model.
+
+For a batch of target classes ``y`` the pixels ``x`` (in the model's normalised space) minimise::
+
+    L = CE(f(jitter(x)), y_soft) - w_ps * mean_blocks H(patch-similarity)  + w_tv * TV(x) + w_l2 * |x|^2
+
+- ``H`` is PSAQ-ViT's patch-similarity entropy: per image and block, the cosine similarities between patch tokens,
+  their density by a Gaussian kernel on a fixed grid over [-1, 1], and its entropy (maximised for diverse patches).
+- ``y_soft`` follows DFQ-ViT's easy-to-hard order: batch ``b`` of ``B`` has difficulty ``d = b / (B - 1)`` and
+  puts ``1 - d * hard_mix`` on the target and the rest on a random other class, so the first batches are confident
+  easy samples and the later ones lie closer to decision boundaries.
+- ``jitter`` is a random roll of up to ``jitter`` pixels and a random flip (DeepInversion); ``TV`` is the mean
+  squared difference of neighbouring pixels. After each Adam step ``x`` is clamped to the valid pixel range.
+
+``python -m calib.invert --model demo --per-class 16 --out DIR`` writes an ImageFolder (``DIR/<class index>/*.png``,
+class folders zero-padded so sorted order = class index), class by class and atomically; finished classes are
+skipped when run again.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+
+@dataclass
+class InvertConfig:
+    steps: int = 200
+    lr: float = 0.1
+    batch_size: int = 64
+    w_ps: float = 0.1
+    w_tv: float = 0.05
+    w_l2: float = 1e-4
+    jitter: int = 2
+    hard_mix: float = 0.4
+    kde_bandwidth: float = 0.05
+    kde_points: int = 64
+
+
+def model_io(model) -> dict:
+    """``input_size``, ``mean``, ``std`` of a timm classifier (its pretrained_cfg)."""
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    return {"input_size": tuple(cfg["input_size"]), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
+
+
+def _block_tokens(model) -> List[torch.nn.Module]:
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        layers = getattr(model, "layers", None)
+        if layers is None:
+            raise ValueError(f"{type(model).__name__} has neither .blocks (ViT/DeiT) nor .layers (Swin)")
+        blocks = [b for layer in layers for b in layer.blocks]
+    return list(blocks)
+
+
+def patch_similarity_entropy(tokens: torch.Tensor, bandwidth: float, points: int) -> torch.Tensor:
+    """Mean over images of the entropy of the density of patch-token cosine similarities. ``tokens [B, N, D]``."""
+    t = F.normalize(tokens.float().flatten(1, -2), dim=-1)
+    sim = t @ t.transpose(1, 2)
+    n = sim.shape[-1]
+    iu = torch.triu_indices(n, n, offset=1, device=sim.device)
+    v = sim[:, iu[0], iu[1]]
+    if v.shape[1] > 2048:
+        v = v[:, torch.linspace(0, v.shape[1] - 1, 2048, device=v.device).long()]
+    grid = torch.linspace(-1, 1, points, device=v.device)
+    dens = torch.exp(-0.5 * ((v[:, :, None] - grid) / bandwidth) ** 2).mean(1)
+    p = dens / dens.sum(-1, keepdim=True).clamp_min(1e-12)
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()
+
+
+def soft_targets(y: torch.Tensor, num_classes: int, difficulty: float, hard_mix: float,
+                 gen: torch.Generator) -> torch.Tensor:
+    """``1 - difficulty * hard_mix`` on ``y``, the rest on a random other class."""
+    t = torch.zeros(len(y), num_classes)
+    other = (y + torch.randint(1, num_classes, (len(y),), generator=gen)) % num_classes
+    a = difficulty * hard_mix
+    t[torch.arange(len(y)), y] = 1 - a
+    t[torch.arange(len(y)), other] += a
+    return t
+
+
+def synthesize(model, labels: torch.Tensor, cfg: InvertConfig = InvertConfig(), difficulty: float = 0.0,
+               seed: int = 0, progress: bool = True) -> torch.Tensor:
+    """Images ``[B, 3, H, W]`` in [0, 1] for target ``labels``, optimised through the frozen ``model``."""
+    io = model_io(model)
+    _, h, w = io["input_size"]
+    mean = torch.tensor(io["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(io["std"]).view(1, 3, 1, 1)
+    dev = next(model.parameters()).device
+    mean, std = mean.to(dev), std.to(dev)
+    gen = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    feats: List[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda m, i, o: feats.append(o)) for b in _block_tokens(model)]
+    num_classes = model.num_classes
+    targets = soft_targets(labels.cpu(), num_classes, difficulty, cfg.hard_mix, gen).to(dev)
+    x = torch.randn(len(labels), 3, h, w, generator=gen).to(dev).requires_grad_()
+    opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9))
+    lo, hi = (0 - mean) / std, (1 - mean) / std
+    try:
+        bar = tqdm(range(cfg.steps), desc="synthesizing", unit="step", disable=not progress, leave=False)
+        for step in bar:
+            lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+            opt.param_groups[0]["lr"] = lr
+            dx, dy = (int(v) for v in torch.randint(-cfg.jitter, cfg.jitter + 1, (2,), generator=gen))
+            xi = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
+            if bool(torch.rand(1, generator=gen) < 0.5):
+                xi = xi.flip(3)
+            feats.clear()
+            logits = model(xi)
+            ce = torch.sum(-targets * F.log_softmax(logits, -1), -1).mean()
+            ps = torch.stack([patch_similarity_entropy(f, cfg.kde_bandwidth, cfg.kde_points) for f in feats]).mean()
+            tv = (x[:, :, 1:] - x[:, :, :-1]).pow(2).mean() + (x[:, :, :, 1:] - x[:, :, :, :-1]).pow(2).mean()
+            loss = ce - cfg.w_ps * ps + cfg.w_tv * tv + cfg.w_l2 * x.pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                x.copy_(torch.maximum(torch.minimum(x, hi), lo))
+            if step % 10 == 0:
+                bar.set_postfix(ce=f"{ce.item():.3f}", ps=f"{ps.item():.2f}")
+    finally:
+        for hk in hooks:
+            hk.remove()
+        model.train(was_training)
+    return (x.detach() * std + mean).clamp(0, 1).cpu()
+
+
+def _save_png(img: torch.Tensor, path: Path) -> None:
+    arr = (img.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+    Image.fromarray(arr).save(path)
+
+
+def class_dir_name(c: int, num_classes: int) -> str:
+    return f"{c:0{max(4, len(str(num_classes - 1)))}d}"
+
+
+def write_image_folder(model, out: "str | Path", per_class: int, classes: Optional[Sequence[int]] = None,
+                       cfg: InvertConfig = InvertConfig(), seed: int = 0, progress: bool = True) -> Path:
+    """Synthesize ``per_class`` images for each class into ``out/<class index>/<n>.png``, resumably.
+
+    Classes are processed in batches of ``cfg.batch_size`` images in easy-to-hard order; each finished class folder
+    appears atomically (written to ``.tmp-*`` then renamed), and folders already present are skipped.
+    """
+    if per_class < 1:
+        raise ValueError(f"per_class must be >= 1, got {per_class}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    nc = model.num_classes
+    classes = list(range(nc)) if classes is None else list(classes)
+    bad = [c for c in classes if not 0 <= c < nc]
+    if bad:
+        raise ValueError(f"class indices {bad[:5]} outside [0, {nc})")
+    todo = [c for c in classes if not (out / class_dir_name(c, nc)).is_dir()]
+    labels = torch.tensor([c for c in todo for _ in range(per_class)], dtype=torch.long)
+    if len(labels) == 0:
+        return out
+    # easy-to-hard: difficulty rises with the batch index; a class's images spread over the batches
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    labels = labels[order]
+    nb = math.ceil(len(labels) / cfg.batch_size)
+    pending = {c: [] for c in todo}
+    counts = {c: 0 for c in todo}
+    total = {c: per_class for c in todo}
+    bar = tqdm(range(nb), desc="data-free batches", unit="batch", disable=not progress)
+    for b in bar:
+        lab = labels[b * cfg.batch_size: (b + 1) * cfg.batch_size]
+        imgs = synthesize(model, lab, cfg, difficulty=b / max(1, nb - 1), seed=seed * 100003 + b, progress=False)
+        for img, c in zip(imgs, lab.tolist()):
+            pending[c].append(img)
+            counts[c] += 1
+            if counts[c] == total[c]:
+                tmp = out / f".tmp-{class_dir_name(c, nc)}"
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+                for i, im in enumerate(pending.pop(c)):
+                    _save_png(im, tmp / f"{i:05d}.png")
+                os.replace(tmp, out / class_dir_name(c, nc))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Classifier-only data-free calibration images (ImageFolder).")
+    ap.add_argument("--model", default="demo", help="model alias or timm name (see quant.run --help)")
+    ap.add_argument("--checkpoint", default=None, help="local weights file instead of the hub")
+    ap.add_argument("--per-class", type=int, default=16)
+    ap.add_argument("--classes", default="all", help="'all' or a comma list of class indices")
+    ap.add_argument("--steps", type=int, default=InvertConfig.steps)
+    ap.add_argument("--batch-size", type=int, default=InvertConfig.batch_size)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    from quant.zoo.demo import load_demo
+
+    if args.model == "demo":
+        model = load_demo(args.checkpoint)
+    else:
+        import timm
+
+        model = timm.create_model(args.model, pretrained=args.checkpoint is None,
+                                  **({"checkpoint_path": args.checkpoint} if args.checkpoint else {}))
+    classes = None if args.classes == "all" else [int(c) for c in args.classes.split(",")]
+    cfg = InvertConfig(steps=args.steps, batch_size=args.batch_size)
+    out = write_image_folder(model, args.out, args.per_class, classes, cfg, args.seed)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
