@@ -188,16 +188,20 @@ def weight_colsum(w: packing.PackedWeight) -> Tensor:
 
     Pack-time helper for the GEMM epilogue; recomputed if a plane tensor was replaced or modified in place.
     """
+    if torch.compiler.is_compiling():
+        return _colsum(w)
     key = tuple((id(t), t.data_ptr(), t._version) for t in w.planes.values())
     cached = getattr(w, "_lowbit_colsum", None)
     if cached is not None and cached[0] == key:
         return cached[1]
-    if w.fmt == "int8":
-        cs = w.planes["q"][:, : w.k].to(torch.int32).sum(dim=1, dtype=torch.int32)
-    else:
-        cs = packing.unpack(w).to(torch.int32).sum(dim=1, dtype=torch.int32)
-    object.__setattr__(w, "_lowbit_colsum", (key, cs.contiguous()))
+    cs = _colsum(w)
+    object.__setattr__(w, "_lowbit_colsum", (key, cs))
     return cs
+
+
+def _colsum(w: packing.PackedWeight) -> Tensor:
+    q = w.planes["q"][:, : w.k] if w.fmt == "int8" else packing.unpack(w)
+    return q.to(torch.int32).sum(dim=1, dtype=torch.int32).contiguous()
 
 
 def _check_packed(w: packing.PackedWeight, a: Tensor) -> None:
