@@ -96,4 +96,4 @@ def gemm_epilogue(acc, rowsum, offs_m, offs_n, M, N, K, out_ptr, stride_om, cols
         rz = tl.load(rq_z_ptr).to(tl.float32)
         tl.store(ptrs, quantize_signed(y, rs, rz, RQ_QMAX, RQ_OFFSET), mask=out_mask)
     else:
-        tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(ptrs, y.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=out_mask)

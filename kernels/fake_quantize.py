@@ -78,4 +78,5 @@ def fake_quantize_bwd_kernel(x_ptr, g_ptr, r_ptr, shift_ptr, s_ptr, z_ptr, gx_pt
         gx = gxr
     if HAS_SHIFT:
         tl.store(gsh_part_ptr + pid_m * C + offs_c, tl.sum(tl.where(mask, -gx, 0.0), axis=0), mask=mask_c)
-    tl.store(gx_ptr + offs_m[:, None] * C + offs_c[None, :], gx.to(gx_ptr.dtype.element_ty), mask=mask)
+    gx = gx.to(gx_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+    tl.store(gx_ptr + offs_m[:, None] * C + offs_c[None, :], gx, mask=mask)

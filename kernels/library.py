@@ -32,6 +32,11 @@ def _pow2(n: int, lo: int = 16, hi: int = 1 << 30) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
+def _store_dtype(dt: torch.dtype) -> torch.dtype:
+    """The interpreter truncates fp32 -> bf16; there the kernel stores fp32 and torch rounds to nearest."""
+    return torch.float32 if dt == torch.bfloat16 and _interpreted() else dt
+
+
 def _dummy(t: Tensor) -> Tensor:
     return torch.empty(1, dtype=torch.float32, device=t.device)
 
@@ -128,7 +133,7 @@ def fake_quantize_bwd(g: Tensor, x: Tensor, r: Optional[Tensor], shift: Optional
     g2 = g.reshape(m, c).float().contiguous()
     bm, bc = _elementwise_blocks(c)
     nm, nc = triton.cdiv(m, bm), triton.cdiv(c, bc)
-    gx = torch.empty((m, c), dtype=x.dtype, device=x.device)
+    gx = torch.empty((m, c), dtype=_store_dtype(x.dtype), device=x.device)
     gr_p = torch.zeros((nm, c), dtype=torch.float32, device=x.device)
     gsh_p = torch.zeros((nm, c), dtype=torch.float32, device=x.device)
     gs_p = torch.zeros((m, nc), dtype=torch.float32, device=x.device)
@@ -139,7 +144,7 @@ def fake_quantize_bwd(g: Tensor, x: Tensor, r: Optional[Tensor], shift: Optional
             x2, g2, r if r is not None else d, shift if shift is not None else d, s, z, gx, gr_p, gsh_p, gs_p, gz_p,
             m, c, x2.stride(0), 0 if s.numel() == 1 else 1, HAS_R=r is not None, HAS_SHIFT=shift is not None,
             QMAX=P.qmax(bits), BLOCK_M=bm, BLOCK_C=bc)
-    return gx.reshape(x.shape), gr_p.sum(0), gsh_p.sum(0), gs_p.sum(1), gz_p.sum(1)
+    return gx.to(x.dtype).reshape(x.shape), gr_p.sum(0), gsh_p.sum(0), gs_p.sum(1), gz_p.sum(1)
 
 
 @fake_quantize_bwd.register_fake
@@ -174,7 +179,7 @@ def packed_linear(a: Tensor, planes: List[Tensor], fmt: str, k: int, colsum: Ten
     m = a2.shape[0]
     n = sw.numel()
     requant = rq_s is not None
-    out = torch.empty((m, n), dtype=torch.int8 if requant else out_dtype, device=a.device)
+    out = torch.empty((m, n), dtype=torch.int8 if requant else _store_dtype(out_dtype), device=a.device)
     bm, bn, bk, opts = _gemm_blocks(m, n)
     d = _dummy(a)
     if m and n:
@@ -185,7 +190,7 @@ def packed_linear(a: Tensor, planes: List[Tensor], fmt: str, k: int, colsum: Ten
             out.stride(0), HAS_BIAS=bias is not None, GELU=gelu, REQUANT=requant,
             RQ_QMAX=P.qmax(rq_bits) if requant else 0, RQ_OFFSET=P.code_offset(rq_bits) if requant else 0,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **opts)
-    return out.reshape(*a.shape[:-1], n)
+    return out.to(torch.int8 if requant else out_dtype).reshape(*a.shape[:-1], n)
 
 
 @packed_linear.register_fake
