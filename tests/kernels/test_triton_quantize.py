@@ -85,3 +85,15 @@ def test_quantize_bad_input(gen):
             ops.quantize(x, qp, shift=torch.zeros(16, device="meta"))
         with pytest.raises(ValueError, match="one per channel"):
             ops.layernorm_quantize(x, torch.ones(8), None, 1e-6, qp)
+
+
+@pytest.mark.parametrize("bits,s", [(4, 0.25), (8, 0.25), (8, 0.3)])
+def test_exact_ties_round_half_to_even(bits, s):
+    """x / s at (or next to) .5 ties: half-to-even rounding and true division (not x * (1/s)) are both needed."""
+    x = (torch.arange(-120, 120, dtype=torch.float32) + 0.5).reshape(2, 120) * s
+    qp = QParams(torch.tensor(s), torch.tensor(float(P.qmax(bits) // 2)), bits)
+    with triton_path():
+        out = ops.quantize(x, qp)
+        fq = ops.fake_quantize(x, qp)
+    assert torch.equal(out, R.rescale_quantize(x, qp))
+    assert torch.equal(fq, R.rescale_fake_quantize(x, qp))
