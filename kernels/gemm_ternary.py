@@ -11,8 +11,8 @@ from ._helpers import gemm_epilogue, load_act_tile, unpack_2bit_t
 
 
 @triton.jit
-def gemm_ternary_kernel(a_ptr, lo_ptr, out_ptr, colsum_ptr, sa_ptr, za_ptr, sw_ptr, zw_ptr, bias_ptr, rq_s_ptr, rq_z_ptr,
-                        M, N, K, stride_am, stride_lo, stride_om,
+def gemm_ternary_kernel(a_ptr, lo_ptr, out_ptr, colsum_ptr, sa_ptr, za_ptr, sw_ptr, zw_ptr,
+                        bias_ptr, rq_s_ptr, rq_z_ptr, M, N, K, stride_am, stride_lo, stride_om,
                         HAS_BIAS: tl.constexpr, GELU: tl.constexpr, REQUANT: tl.constexpr, RQ_QMAX: tl.constexpr,
                         RQ_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)

@@ -9,7 +9,7 @@ from ._helpers import quantize_signed, rescale
 def rescale_quantize_kernel(x_ptr, out_ptr, r_ptr, shift_ptr, s_ptr, z_ptr, M, C, stride_xm, stride_om,
                             HAS_R: tl.constexpr, HAS_SHIFT: tl.constexpr, QMAX: tl.constexpr,
                             OFFSET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """``x [M, C]`` (fp32/fp16/bf16, row stride ``stride_xm``) -> ``out [M, C]`` int8; ``z`` is the rounded zero point."""
+    """``x [M, C]`` (fp32/fp16/bf16, row stride ``stride_xm``) -> ``out [M, C]`` int8; ``z``: rounded zero point."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
