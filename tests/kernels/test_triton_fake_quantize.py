@@ -7,7 +7,7 @@ from kernels import reference as R
 from quant import primitives as P
 from quant.primitives import QParams
 
-from ._triton_util import run_poisoned, triton_path
+from ._triton_util import poisoned, run_poisoned, triton_path
 
 
 def _leaves(*ts):
@@ -49,7 +49,8 @@ def test_fake_quantize_forward_and_gradients(gen, shape, dtype, bits, with_r, wi
     assert torch.equal(out, ref.detach())
     with triton_path(), torch.no_grad():
         assert torch.equal(run_poisoned(lambda: ops.fake_quantize(xt, QParams(st, zt, bits), rt, sht)), out)
-    out.backward(g)
+    with triton_path(), poisoned():
+        out.backward(g)
     for name, a, b in (("x", xt, xr), ("r", rt, rr), ("shift", sht, shr), ("s", st, sr), ("z", zt, zr)):
         _assert_grads_close(None if a is None else a.grad, None if b is None else b.grad, g, name)
     assert xt.grad.dtype == dtype and float(st.grad.abs()) > 0 and float(zt.grad.abs()) > 0
@@ -67,7 +68,8 @@ def test_fake_quantize_weight_per_channel(gen, bits, dtype):
     with triton_path():
         out = run_poisoned(lambda: ops.fake_quantize_weight(wt, st, zt, bits))
     assert torch.equal(out, ref.detach())
-    out.backward(g)
+    with triton_path(), poisoned():
+        out.backward(g)
     assert st.grad.shape == (10, 1) and zt.grad.shape == (10, 1)
     for name, a, b in (("w", wt, wr), ("s", st, sr), ("z", zt, zr)):
         _assert_grads_close(a.grad, b.grad, g, name)
