@@ -2,7 +2,10 @@
 
 CUDA tensors run the Triton kernels; CPU tensors run :mod:`kernels.reference` unless ``LOWBIT_TRITON=1`` is set
 (then the Triton kernels run on CPU through ``TRITON_INTERPRET=1``), or :func:`use_triton` forces a choice.
+Without CUDA, importing this module sets ``TRITON_INTERPRET=1`` (unless already set) so the switch works at any time.
 All functions take activation quantizers as :class:`quant.primitives.QParams` (per-tensor ``s``, unsigned ``z``).
+The Triton kernels are registered as ``torch.ops.lowbit.*`` (:mod:`kernels.library`), so ``torch.compile``
+traces through them without graph breaks (argument checks that need host values are skipped while compiling).
 """
 from __future__ import annotations
 
@@ -18,7 +21,13 @@ from quant.primitives import QParams
 
 from . import reference as R
 
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from . import library as L  # noqa: E402
+
 _FORCE: Optional[bool] = None
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def use_triton(flag: Optional[bool]) -> None:
@@ -33,36 +42,252 @@ def triton_enabled(t: Tensor) -> bool:
     return t.is_cuda or os.environ.get("LOWBIT_TRITON", "0") == "1"
 
 
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def _checking() -> bool:
+    return not torch.compiler.is_compiling()
+
+
+def _same_device(ref: Tensor, **tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and torch.is_tensor(t) and t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but the input is on {ref.device}; move it with .to(device)")
+
+
+def _scalar(name: str, v, like: Tensor) -> Tensor:
+    t = torch.as_tensor(v, dtype=torch.float32, device=like.device)
+    if t.numel() != 1:
+        raise ValueError(f"{name} must be a per-tensor scalar, got shape {tuple(t.shape)}")
+    return t.reshape(1)
+
+
+def _act_qparams(x: Tensor, qp: QParams):
+    """``(s [1] float32, rounded unsigned z [1] float32)`` of a per-tensor activation quantizer, checked."""
+    P.check_bits(qp.bits)
+    s, z = _scalar("step size s", qp.s, x), _scalar("zero point z", qp.z, x)
+    if _checking():
+        P.check_step(s)
+        P._check_finite("zero point z", z)
+    return s, P.round_zero_point(z, qp.bits)
+
+
+def _channel_vecs(x: Tensor, **vecs):
+    c = x.shape[-1]
+    out = []
+    for name, t in vecs.items():
+        R._check_channel_vec(name, t, c)
+        out.append(None if t is None else t.to(device=x.device, dtype=torch.float32).contiguous())
+    return out
+
+
+def _check_float_input(x: Tensor, name: str = "x") -> None:
+    R._check_act_input(x, name)
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have a channel dimension, got a 0-d tensor")
+
+
+# ---------------------------------------------------------------------------------------------- quantize
+
+
 def quantize(x: Tensor, qp: QParams, r: Optional[Tensor] = None, shift: Optional[Tensor] = None) -> Tensor:
     """int8 codes of ``(x - shift) / r`` (see :func:`kernels.reference.rescale_quantize`)."""
-    return R.rescale_quantize(x, qp, r, shift)
+    if not triton_enabled(x):
+        return R.rescale_quantize(x, qp, r, shift)
+    _check_float_input(x)
+    _same_device(x, r=r, shift=shift)
+    s, zr = _act_qparams(x, qp)
+    r, shift = _channel_vecs(x, r=r, shift=shift)
+    return L.rescale_quantize(x, r, shift, s, zr, float(qp.bits))
 
 
 def layernorm_quantize(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], eps: float,
                        qp: QParams, r: Optional[Tensor] = None, shift: Optional[Tensor] = None) -> Tensor:
     """int8 codes of ``(LayerNorm(x) - shift) / r``."""
-    return R.layernorm_rescale_quantize(x, ln_weight, ln_bias, eps, qp, r, shift)
+    if not triton_enabled(x):
+        return R.layernorm_rescale_quantize(x, ln_weight, ln_bias, eps, qp, r, shift)
+    _check_float_input(x)
+    _same_device(x, ln_weight=ln_weight, ln_bias=ln_bias, r=r, shift=shift)
+    s, zr = _act_qparams(x, qp)
+    lw, lb, r, shift = _channel_vecs(x, ln_weight=ln_weight, ln_bias=ln_bias, r=r, shift=shift)
+    return L.layernorm_quantize(x, lw, lb, float(eps), r, shift, s, zr, float(qp.bits))
+
+
+# ---------------------------------------------------------------------------------------------- fake quant
+
+
+class TritonFakeQuantizeFn(torch.autograd.Function):
+    """``fake_quantize((x - shift) / r, s, z)`` by :mod:`kernels.fake_quantize`; ``s, z`` per tensor (1 value) or
+    per row of ``x`` viewed as ``[M, C]``. Gradients for x (STE), s, z (LSQ), r and shift, as the reference."""
+
+    @staticmethod
+    def forward(ctx, x, r, shift, s, z, bits):
+        s32, z32 = s.float().reshape(-1).contiguous(), z.float().reshape(-1).contiguous()
+        r32 = None if r is None else r.float().contiguous()
+        sh32 = None if shift is None else shift.float().contiguous()
+        ctx.save_for_backward(x, r32, sh32, s32, z32)
+        ctx.shapes = (s.shape, s.dtype, z.shape, z.dtype, None if r is None else r.dtype,
+                      None if shift is None else shift.dtype)
+        ctx.bits = bits
+        return L.fake_quantize_fwd(x, r32, sh32, s32, z32, float(bits))
+
+    @staticmethod
+    def backward(ctx, g):
+        x, r, shift, s, z = ctx.saved_tensors
+        s_shape, s_dt, z_shape, z_dt, r_dt, sh_dt = ctx.shapes
+        gx, gr, gsh, gs, gz = L.fake_quantize_bwd(g, x, r, shift, s, z, float(ctx.bits))
+        gs = (gs.sum() if s.numel() == 1 else gs).reshape(s_shape).to(s_dt)
+        gz = (gz.sum() if z.numel() == 1 else gz).reshape(z_shape).to(z_dt)
+        need = ctx.needs_input_grad
+        return (gx if need[0] else None, gr.to(r_dt) if need[1] else None, gsh.to(sh_dt) if need[2] else None,
+                gs if need[3] else None, gz if need[4] else None, None)
 
 
 def fake_quantize(x: Tensor, qp: QParams, r: Optional[Tensor] = None, shift: Optional[Tensor] = None) -> Tensor:
     """Differentiable float32 ``fake_quantize((x - shift) / r)`` (per-tensor activation quantizer)."""
-    return R.rescale_fake_quantize(x, qp, r, shift)
+    if not triton_enabled(x) or qp.bits == 16:
+        return R.rescale_fake_quantize(x, qp, r, shift)
+    _check_float_input(x)
+    _same_device(x, r=r, shift=shift, s=qp.s, z=qp.z)
+    P.check_bits(qp.bits)
+    c = x.shape[-1]
+    R._check_channel_vec("r", r, c)
+    R._check_channel_vec("shift", shift, c)
+    s, z = torch.as_tensor(qp.s, device=x.device), torch.as_tensor(qp.z, device=x.device)
+    if s.numel() != 1 or z.numel() != 1:
+        raise ValueError(f"activation quantizers are per tensor: s and z must hold one value, got shapes "
+                         f"{tuple(s.shape)} and {tuple(z.shape)}")
+    if _checking():
+        P.check_qparams(x.detach(), s.detach().float(), z.detach().float())
+    return TritonFakeQuantizeFn.apply(x, r, shift, s, z, qp.bits)
 
 
 def fake_quantize_weight(w: Tensor, s: Tensor, z: Tensor, bits) -> Tensor:
     """Differentiable per-channel weight fake-quant, ``s, z`` of shape ``[N, 1]``."""
-    return P.fake_quantize(w, s, z, bits)
+    if not triton_enabled(w) or bits == 16 or w.dtype not in _FLOATS:
+        return P.fake_quantize(w, s, z, bits)
+    P.check_bits(bits)
+    if w.dim() != 2:
+        raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(w.shape)}")
+    _same_device(w, s=s, z=z)
+    s, z = torch.as_tensor(s, device=w.device), torch.as_tensor(z, device=w.device)
+    for name, t in (("s", s), ("z", z)):
+        if t.numel() not in (1, w.shape[0]) or (t.numel() > 1 and t.shape[0] != w.shape[0]):
+            raise ValueError(f"{name} must be per output channel [N, 1] = [{w.shape[0]}, 1] or a scalar, "
+                             f"got shape {tuple(t.shape)}")
+    if _checking():
+        P.check_qparams(w.detach(), s.detach().float(), z.detach().float())
+    return TritonFakeQuantizeFn.apply(w, None, None, s, z, bits)
+
+
+# ---------------------------------------------------------------------------------------------- packed GEMM
+
+
+def weight_colsum(w: packing.PackedWeight) -> Tensor:
+    """int32 ``[N]`` sums over K of the stored weight codes (unsigned, or signed for ``int8``), cached on ``w``.
+
+    Pack-time helper for the GEMM epilogue; recomputed if a plane tensor was replaced or modified in place.
+    """
+    if torch.compiler.is_compiling():
+        return _colsum(w)
+    key = tuple((id(t), t.data_ptr(), t._version) for t in w.planes.values())
+    cached = getattr(w, "_lowbit_colsum", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    cs = _colsum(w)
+    object.__setattr__(w, "_lowbit_colsum", (key, cs))
+    return cs
+
+
+def _colsum(w: packing.PackedWeight) -> Tensor:
+    q = w.planes["q"][:, : w.k] if w.fmt == "int8" else packing.unpack(w)
+    return q.to(torch.int32).sum(dim=1, dtype=torch.int32).contiguous()
+
+
+def _check_packed(w: packing.PackedWeight, a: Tensor) -> None:
+    if not isinstance(w, packing.PackedWeight):
+        raise TypeError(f"w must be a quant.packing.PackedWeight (use quant.packing.pack), got {type(w).__name__}")
+    P.check_bits(w.bits)
+    if w.fmt != packing.format_for_bits(w.bits):
+        raise ValueError(f"packed format {w.fmt!r} does not match {w.bits}-bit weights "
+                         f"(expected {packing.format_for_bits(w.bits)!r}); re-pack with quant.packing.pack")
+    for name, per in packing.FORMATS[w.fmt].planes:
+        t = w.planes.get(name)
+        shape = (w.n, packing.padded_k(w.k, w.fmt) // per)
+        if t is None or tuple(t.shape) != shape:
+            raise ValueError(f"plane {name!r} of format {w.fmt} must have shape {shape}, "
+                             f"got {None if t is None else tuple(t.shape)}")
+        if t.device != a.device:
+            raise ValueError(f"packed weight plane {name!r} is on {t.device} but the activations are on "
+                             f"{a.device}; move it with w.to(device)")
 
 
 def packed_linear(a: Tensor, a_qp: QParams, w: packing.PackedWeight, w_scale: Tensor, w_zero: Tensor,
                   bias: Optional[Tensor] = None, gelu: bool = False, out_dtype: torch.dtype = torch.float32,
                   requant: Optional[QParams] = None) -> Tensor:
     """Integer linear on int8 codes and a packed weight (see :func:`kernels.reference.packed_linear`)."""
-    return R.packed_linear(a, a_qp, w, w_scale, w_zero, bias, gelu, out_dtype, requant)
+    if not triton_enabled(a):
+        return R.packed_linear(a, a_qp, w, w_scale, w_zero, bias, gelu, out_dtype, requant)
+    if not torch.is_tensor(a) or a.dtype != torch.int8:
+        raise TypeError(f"activation codes must be int8 (signed storage), got "
+                        f"{a.dtype if torch.is_tensor(a) else type(a).__name__}; quantize them first")
+    _check_packed(w, a)
+    if a.dim() < 1 or a.shape[-1] != w.k:
+        raise ValueError(f"activation codes have K={a.shape[-1] if a.dim() else None} but the packed weight "
+                         f"has K={w.k}")
+    if out_dtype not in _FLOATS:
+        raise TypeError(f"out_dtype must be float32/float16/bfloat16, got {out_dtype}")
+    _same_device(a, w_scale=w_scale, w_zero=w_zero, bias=bias)
+    sw = torch.as_tensor(w_scale, dtype=torch.float32, device=a.device).reshape(-1).contiguous()
+    zw = P.round_zero_point(torch.as_tensor(w_zero, dtype=torch.float32, device=a.device), w.bits).reshape(-1)
+    if zw.numel() != w.n or sw.numel() != w.n:
+        raise ValueError(f"w_scale and w_zero need one value per output channel ({w.n})")
+    if bias is not None and tuple(bias.shape) != (w.n,):
+        raise ValueError(f"bias must have shape [{w.n}], got {tuple(bias.shape)}")
+    if w.fmt == "int8":
+        zw = zw - P.code_offset(w.bits)
+    sa = _scalar("activation step s", a_qp.s, a)
+    za = P.signed_zero_point(_scalar("activation zero point z", a_qp.z, a), a_qp.bits)
+    rq_s = rq_zr = None
+    rq_bits = 8.0
+    if requant is not None:
+        rq_s, rq_zr = _act_qparams(a, requant)
+        rq_bits = float(requant.bits)
+    planes = [w.planes[name] for name, _ in packing.FORMATS[w.fmt].planes]
+    return L.packed_linear(a, planes, w.fmt, w.k, weight_colsum(w), sa, za, sw, zw.to(torch.int32).contiguous(),
+                           None if bias is None else bias.contiguous(), bool(gelu), out_dtype, rq_s, rq_zr, rq_bits)
+
+
+# ---------------------------------------------------------------------------------------------- attention
 
 
 def quant_attention(q: Tensor, k: Tensor, v: Tensor, q_qp: QParams, k_qp: QParams, v_qp: QParams, scale: float,
                     p_qp: Optional[QParams] = None, rel_bias: Optional[Tensor] = None,
                     mask: Optional[Tensor] = None) -> Tensor:
     """Attention on int8 codes (see :func:`kernels.reference.quant_attention`)."""
-    return R.quant_attention(q, k, v, q_qp, k_qp, v_qp, scale, p_qp, rel_bias, mask)
+    if not triton_enabled(q):
+        return R.quant_attention(q, k, v, q_qp, k_qp, v_qp, scale, p_qp, rel_bias, mask)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not torch.is_tensor(t) or t.dtype != torch.int8 or t.dim() != 4:
+            raise TypeError(f"{name} must be int8 codes of shape [B, H, L, D], got "
+                            f"{t.dtype if torch.is_tensor(t) else type(t).__name__} {tuple(getattr(t, 'shape', ()))}")
+    if q.shape != k.shape or k.shape != v.shape:
+        raise ValueError(f"q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    _same_device(q, k=k, v=v, rel_bias=rel_bias, mask=mask)
+    b, h, l, d = q.shape
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"head dim must be a power of two >= 16 for the Triton kernel, got {d}")
+    if rel_bias is not None and tuple(rel_bias.shape) != (h, l, l):
+        raise ValueError(f"rel_bias must be [H, L, L] = {(h, l, l)}, got {tuple(rel_bias.shape)}")
+    if mask is not None and (mask.dim() != 3 or tuple(mask.shape[1:]) != (l, l) or b % mask.shape[0]):
+        raise ValueError(f"mask must be [nW, L, L] with B divisible by nW, got {tuple(mask.shape)} for B={b}")
+    if p_qp is None:
+        p_qp = QParams(torch.tensor(1.0 / P.qmax(q_qp.bits)), torch.tensor(0.0), q_qp.bits)
+    for qp in (q_qp, k_qp, v_qp, p_qp):
+        P.check_bits(qp.bits)
+    sq, sk, sv = (_scalar("step size s", qp.s, q) for qp in (q_qp, k_qp, v_qp))
+    zq, zk, zv = (P.signed_zero_point(_scalar("zero point z", qp.z, q), qp.bits) for qp in (q_qp, k_qp, v_qp))
+    sp, zp = _act_qparams(q, p_qp)
+    qk_scale = (sq.double() * float(scale) * sk.double()).float()
+    pv_scale = (sp.double() * sv.double()).float()
+    return L.quant_attention(q, k, v, rel_bias, mask, zq, zk, zv, qk_scale, sp, zp, pv_scale, float(p_qp.bits))

@@ -1,0 +1,99 @@
+"""Shared ``@triton.jit`` helpers: rounding, the uniform quantizer, unpacking of each packed format, the
+integer-GEMM epilogue. Every formula is the one of :mod:`quant.primitives`, evaluated in the same float32 order."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def rne(x):
+    """Round half to even (``torch.round``); ``libdevice.rint`` is unavailable under the interpreter."""
+    r = tl.floor(x + 0.5)
+    tie = (r - x) == 0.5
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where(tie & odd, r - 1.0, r)
+
+
+@triton.jit
+def quantize_signed(x, s, zr, QMAX: tl.constexpr, OFFSET: tl.constexpr):
+    """Signed int8 codes ``clamp(round(x / s) + zr, 0, QMAX) - OFFSET`` (``zr`` the rounded zero point)."""
+    q = rne(tl.math.div_rn(x, s)) + zr
+    q = tl.minimum(tl.maximum(q, 0.0), QMAX)
+    return (q - OFFSET).to(tl.int8)
+
+
+@triton.jit
+def rescale(x, r_ptr, shift_ptr, offs_c, mask_c, HAS_R: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    """``(x - shift[c]) / r[c]`` on a ``[BM, BC]`` float32 tile."""
+    if HAS_SHIFT:
+        sh = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        x = x - sh[None, :]
+    if HAS_R:
+        r = tl.load(r_ptr + offs_c, mask=mask_c, other=1.0).to(tl.float32)
+        x = tl.math.div_rn(x, r[None, :])
+    return x
+
+
+@triton.jit
+def gelu_erf(y):
+    """Exact GELU ``y / 2 * (1 + erf(y / sqrt(2)))``."""
+    return 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+
+
+@triton.jit
+def unpack_2bit_t(lo_ptr, offs_k, offs_n, stride_n, mask):
+    """Codes ``[BK, BN]`` (transposed) of the ``2bit`` plane: byte ``k // 4``, bits ``2 (k % 4)``."""
+    b = tl.load(lo_ptr + offs_n[None, :] * stride_n + (offs_k // 4)[:, None], mask=mask, other=0).to(tl.int32)
+    return (b >> ((offs_k % 4) * 2)[:, None]) & 3
+
+
+@triton.jit
+def unpack_int4_t(lo_ptr, offs_k, offs_n, stride_n, mask):
+    """Codes ``[BK, BN]`` of the ``int4`` plane: byte ``k // 2``, bits ``4 (k % 2)``."""
+    b = tl.load(lo_ptr + offs_n[None, :] * stride_n + (offs_k // 2)[:, None], mask=mask, other=0).to(tl.int32)
+    return (b >> ((offs_k % 2) * 4)[:, None]) & 15
+
+
+@triton.jit
+def unpack_int3_t(lo_ptr, hi_ptr, offs_k, offs_n, stride_lo, stride_hi, mask):
+    """Codes ``[BK, BN]`` of the ``int3`` planes: ``lo`` (2bit layout) ``| hi bit (k % 8) of byte k // 8 << 2``."""
+    lo = unpack_2bit_t(lo_ptr, offs_k, offs_n, stride_lo, mask)
+    h = tl.load(hi_ptr + offs_n[None, :] * stride_hi + (offs_k // 8)[:, None], mask=mask, other=0).to(tl.int32)
+    return lo | (((h >> (offs_k % 8)[:, None]) & 1) << 2)
+
+
+@triton.jit
+def load_act_tile(a_ptr, offs_m, offs_k, stride_m, M, K):
+    """int8 activation codes ``[BM, BK]`` (zeros outside ``M x K``)."""
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    return tl.load(a_ptr + offs_m[:, None] * stride_m + offs_k[None, :], mask=mask, other=0)
+
+
+@triton.jit
+def gemm_epilogue(acc, rowsum, offs_m, offs_n, M, N, K, out_ptr, stride_om, colsum_ptr, sa_ptr, za_ptr,
+                  sw_ptr, zw_ptr, bias_ptr, rq_s_ptr, rq_z_ptr,
+                  HAS_BIAS: tl.constexpr, GELU: tl.constexpr, REQUANT: tl.constexpr,
+                  RQ_QMAX: tl.constexpr, RQ_OFFSET: tl.constexpr):
+    """Zero-point algebra of ``quant.primitives.int_gemm``, scales, bias, GELU; store float or requantized codes.
+
+    ``y = (sa * sw[n]) * (acc - zw[n] rowsum[m] - za colsum[n] + K za zw[n]) + bias[n]``.
+    """
+    mask_n = offs_n < N
+    za = tl.load(za_ptr).to(tl.int32)
+    sa = tl.load(sa_ptr).to(tl.float32)
+    zw = tl.load(zw_ptr + offs_n, mask=mask_n, other=0).to(tl.int32)
+    colsum = tl.load(colsum_ptr + offs_n, mask=mask_n, other=0)
+    sw = tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    acc = acc - zw[None, :] * rowsum[:, None] - za * colsum[None, :] + (K * za) * zw[None, :]
+    y = acc.to(tl.float32) * (sa * sw)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if GELU:
+        y = gelu_erf(y)
+    out_mask = (offs_m[:, None] < M) & mask_n[None, :]
+    ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    if REQUANT:
+        rs = tl.load(rq_s_ptr).to(tl.float32)
+        rz = tl.load(rq_z_ptr).to(tl.float32)
+        tl.store(ptrs, quantize_signed(y, rs, rz, RQ_QMAX, RQ_OFFSET), mask=out_mask)
+    else:
+        tl.store(ptrs, y.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=out_mask)

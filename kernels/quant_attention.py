@@ -1,0 +1,88 @@
+"""Quantized attention on int8 codes, two passes over the keys (the ``[L, L]`` matrix is never stored).
+
+``S = qk_scale * (Q K^T - zk rowsum(Q) - zq colsum(K) + D zq zk) + rel_bias[h] + mask[b % nW]`` (int32 -> fp32);
+pass 1 keeps the running row max ``m`` and sum ``l = sum exp(S - m)``; pass 2 recomputes ``S``, forms the exact
+normalised ``P = exp(S - m) / l``, quantizes it (``clamp(round(P / sp) + zp, 0, qmax) - offset``) and accumulates
+``O = pv_scale * (Pq V - zv rowsum(Pq) - zp colsum(V) + L zp zv)`` in int32.
+"""
+import triton
+import triton.language as tl
+
+from ._helpers import quantize_signed
+
+
+@triton.jit
+def _scores(q, rowsum_q, k_base, bias_base, mask_base, offs_m, offs_n, offs_d, L, zq, zk, qk_scale,
+            D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr):
+    """fp32 scores ``[BM, BN]`` for keys ``offs_n``; ``-inf`` for keys ``>= L``."""
+    valid_n = offs_n < L
+    kt = tl.load(k_base + offs_n[None, :] * D + offs_d[:, None], mask=valid_n[None, :], other=0)
+    acc = tl.dot(q, kt, out_dtype=tl.int32)
+    colsum_k = tl.sum(kt.to(tl.int32), axis=0)
+    acc = acc - zk * rowsum_q[:, None] - zq * colsum_k[None, :] + D * zq * zk
+    s = acc.to(tl.float32) * qk_scale
+    lm = (offs_m[:, None] < L) & valid_n[None, :]
+    if HAS_BIAS:
+        s = s + tl.load(bias_base + offs_m[:, None] * L + offs_n[None, :], mask=lm, other=0.0).to(tl.float32)
+    if HAS_MASK:
+        s = s + tl.load(mask_base + offs_m[:, None] * L + offs_n[None, :], mask=lm, other=0.0).to(tl.float32)
+    return tl.where(valid_n[None, :], s, float("-inf"))
+
+
+@triton.jit
+def quant_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bias_ptr, mask_ptr, zq_ptr, zk_ptr, zv_ptr, qk_scale_ptr,
+                           sp_ptr, zp_ptr, pv_scale_ptr, H, L, NW,
+                           D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, P_QMAX: tl.constexpr,
+                           P_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Contiguous ``q, k, v [B, H, L, D]`` int8 -> ``out [B, H, L, D]`` float32; grid ``(cdiv(L, BLOCK_M), B * H)``.
+    ``zq, zk, zv`` are signed zero points, ``zp`` the rounded unsigned zero point of the P quantizer."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    base = pid_bh.to(tl.int64) * L * D
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    valid_m = offs_m < L
+    q = tl.load(q_ptr + base + offs_m[:, None] * D + offs_d[None, :], mask=valid_m[:, None], other=0)
+    rowsum_q = tl.sum(q.to(tl.int32), axis=1)
+    zq = tl.load(zq_ptr).to(tl.int32)
+    zk = tl.load(zk_ptr).to(tl.int32)
+    zv = tl.load(zv_ptr).to(tl.int32)
+    qk_scale = tl.load(qk_scale_ptr)
+    sp = tl.load(sp_ptr)
+    zp = tl.load(zp_ptr)
+    k_base = k_ptr + base
+    v_base = v_ptr + base
+    bias_base = bias_ptr + h.to(tl.int64) * L * L
+    mask_base = mask_ptr + (b % NW).to(tl.int64) * L * L
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    for n0 in range(0, L, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        s = _scores(q, rowsum_q, k_base, bias_base, mask_base, offs_m, offs_n, offs_d, L, zq, zk, qk_scale,
+                    D, HAS_BIAS, HAS_MASK)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+        m_i = m_new
+
+    acc = tl.zeros((BLOCK_M, D), tl.int32)
+    rowsum_p = tl.zeros((BLOCK_M,), tl.int32)
+    colsum_v = tl.zeros((D,), tl.int32)
+    zp_s = zp.to(tl.int32) - P_OFFSET
+    for n0 in range(0, L, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        valid_n = offs_n < L
+        s = _scores(q, rowsum_q, k_base, bias_base, mask_base, offs_m, offs_n, offs_d, L, zq, zk, qk_scale,
+                    D, HAS_BIAS, HAS_MASK)
+        p = tl.math.div_rn(tl.exp(s - m_i[:, None]), l_i[:, None])
+        pc = quantize_signed(p, sp, zp, P_QMAX, P_OFFSET)
+        pc = tl.where(valid_n[None, :], pc, 0).to(tl.int8)
+        v = tl.load(v_base + offs_n[:, None] * D + offs_d[None, :], mask=valid_n[:, None], other=0)
+        acc += tl.dot(pc, v, out_dtype=tl.int32)
+        rowsum_p += tl.sum(pc.to(tl.int32), axis=1)
+        colsum_v += tl.sum(v.to(tl.int32), axis=0)
+    acc = acc - zv * rowsum_p[:, None] - zp_s * colsum_v[None, :] + L * zp_s * zv
+    o = acc.to(tl.float32) * tl.load(pv_scale_ptr)
+    tl.store(out_ptr + base + offs_m[:, None] * D + offs_d[None, :], o, mask=valid_m[:, None])

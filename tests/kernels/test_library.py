@@ -1,0 +1,100 @@
+"""torch.library registration: schemas, fake (meta) impls and autograd wiring of the ``lowbit`` ops, and a
+graph-break-free ``torch.compile`` through the dispatch functions."""
+import pytest
+import torch
+
+from kernels import library as L
+from kernels import ops
+from kernels import reference as R
+from quant import packing
+from quant import primitives as P
+from quant.primitives import QParams
+
+from ._triton_util import triton_path
+
+TESTS = ("test_schema", "test_faketensor", "test_autograd_registration")
+
+
+def _f(*v):
+    return torch.tensor(v, dtype=torch.float32)
+
+
+def test_opcheck_quantize_ops(gen):
+    x = torch.randn(3, 20, generator=gen)
+    r, sh = torch.rand(20, generator=gen) + 0.5, torch.randn(20, generator=gen)
+    torch.library.opcheck(L.rescale_quantize, (x, r, sh, _f(0.1), _f(7.0), 4.0), test_utils=TESTS)
+    torch.library.opcheck(L.layernorm_quantize, (x, r, sh, 1e-6, None, None, _f(0.1), _f(7.0), 4.0),
+                          test_utils=TESTS)
+    torch.library.opcheck(L.fake_quantize_fwd, (x, r, sh, _f(0.1), _f(7.0), 4.0), test_utils=TESTS)
+    torch.library.opcheck(L.fake_quantize_bwd, (torch.randn(3, 20, generator=gen), x, r, None, _f(0.1), _f(7.0),
+                                                4.0), test_utils=TESTS)
+
+
+@pytest.mark.parametrize("bits", [1.58, 3, 4, 8])
+def test_opcheck_packed_linear(gen, bits):
+    a = torch.randint(-8, 8, (3, 24), dtype=torch.int8, generator=gen)
+    pw = packing.pack(torch.randint(0, P.qmax(bits) + 1, (5, 24), generator=gen), bits)
+    planes = [pw.planes[n] for n, _ in packing.FORMATS[pw.fmt].planes]
+    args = (a, planes, pw.fmt, 24, ops.weight_colsum(pw), _f(0.1), _f(-1.0), torch.rand(5, generator=gen) + 0.1,
+            torch.ones(5, dtype=torch.int32), torch.randn(5, generator=gen), True, torch.float16, None, None, 8.0)
+    torch.library.opcheck(L.packed_linear, args, test_utils=TESTS)
+    torch.library.opcheck(L.packed_linear, args[:-3] + (_f(0.05), _f(100.0), 8.0), test_utils=TESTS)
+
+
+def test_opcheck_quant_attention(gen):
+    q, k, v = (torch.randint(-5, 5, (1, 2, 9, 16), dtype=torch.int8, generator=gen) for _ in range(3))
+    args = (q, k, v, torch.randn(2, 9, 9, generator=gen), None, _f(0), _f(1), _f(-1), _f(0.01), _f(1 / 255),
+            _f(0), _f(0.001), 8.0)
+    torch.library.opcheck(L.quant_attention, args, test_utils=TESTS)
+
+
+def test_compile_fullgraph_through_dispatch(gen):
+    """Quantize -> packed linear -> requant, and fake-quant forward+backward, traced without graph breaks."""
+    x = torch.randn(4, 32, generator=gen)
+    w = torch.randn(6, 32, generator=gen)
+    qp = QParams(*P.init_act_qparams(x, 8), 8)
+    sw, zw = P.init_weight_qparams(w, 4)
+    pw = packing.pack(P.quantize(w, sw, zw, 4), 4)
+    rq = QParams(torch.tensor(0.05), torch.tensor(128.0), 8)
+
+    def infer(x):
+        a = ops.quantize(x, qp)
+        return ops.packed_linear(a, qp, pw, sw, zw, gelu=True, requant=rq)
+
+    s = qp.s.clone().requires_grad_()
+
+    def train(x):
+        return ops.fake_quantize(x, QParams(s, qp.z, 8)).square().sum()
+
+    with triton_path():
+        eager = infer(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(infer, fullgraph=True, backend="aot_eager")(x)
+        assert torch.equal(compiled, eager)
+        xg = x.clone().requires_grad_()
+        torch.compile(train, fullgraph=True, backend="aot_eager")(xg).backward()
+    xr = x.clone().requires_grad_()
+    sr = qp.s.clone().requires_grad_()
+    R.rescale_fake_quantize(xr, QParams(sr, qp.z, 8)).square().sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad)
+    torch.testing.assert_close(s.grad, sr.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_dispatch_switch(gen, monkeypatch):
+    """CPU tensors take the reference by default, the Triton ops under LOWBIT_TRITON=1 or use_triton(True)."""
+    calls = []
+    real = L.rescale_quantize
+    monkeypatch.setattr(L, "rescale_quantize", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(2, 16, generator=gen)
+    qp = QParams(torch.tensor(0.1), torch.tensor(8.0), 4)
+    monkeypatch.delenv("LOWBIT_TRITON", raising=False)
+    ops.quantize(x, qp)
+    assert calls == []
+    monkeypatch.setenv("LOWBIT_TRITON", "1")
+    assert torch.equal(ops.quantize(x, qp), R.rescale_quantize(x, qp)) and calls == [1]
+    ops.use_triton(False)
+    try:
+        ops.quantize(x, qp)
+    finally:
+        ops.use_triton(None)
+    assert calls == [1]

@@ -1,0 +1,84 @@
+"""Triton quantized attention against kernels.reference.quant_attention (interpreter on CPU).
+
+The kernel normalises P with its own (online) sums, so a probability code may differ from the reference's by
+one where ``P / sp`` sits within 1e-3 of a rounding tie; each such flip moves an output by at most
+``sp * sv * max|v - zv|``. Everything else must agree to float32 rounding.
+"""
+import pytest
+import torch
+
+from kernels import ops
+from kernels import reference as R
+from quant import primitives as P
+from quant.primitives import QParams
+
+from ._triton_util import run_poisoned, triton_path
+
+
+def _codes(gen, shape, bits):
+    xs = [torch.randn(*shape, generator=gen) * (1.0 + i) for i in range(3)]
+    qps = [QParams(*P.init_act_qparams(t, bits), bits) for t in xs]
+    return [P.quantize(t, qp.s, qp.z, bits, signed=True) for t, qp in zip(xs, qps)], qps
+
+
+@pytest.mark.parametrize("b,h,l,bits,swin", [
+    (4, 2, 49, 8, True),
+    (2, 3, 50, 4, False),
+    (1, 2, 197, 8, False),
+    (2, 1, 197, 3, False),
+    (1, 1, 577, 8, False),
+])
+def test_quant_attention_matches_reference(gen, b, h, l, bits, swin):
+    d = 64
+    (q, k, v), qps = _codes(gen, (b, h, l, d), bits)
+    scale = d ** -0.5
+    bias = torch.randn(h, l, l, generator=gen) if swin else None
+    mask = torch.where(torch.rand(2, l, l, generator=gen) < 0.3, -100.0, 0.0) if swin else None
+    ref, pc = R.quant_attention(q, k, v, *qps, scale=scale, rel_bias=bias, mask=mask, return_codes=True)
+    with triton_path():
+        out = run_poisoned(lambda: ops.quant_attention(q, k, v, *qps, scale=scale, rel_bias=bias, mask=mask))
+    assert out.dtype == torch.float32 and out.shape == (b, h, l, d)
+
+    # near-ties of the reference's P / sp, counted per query row
+    zq, zk = (P.signed_zero_point(qp.z, bits) for qp in qps[:2])
+    sc = P.int_gemm(q, k, zq, zk).float() * (scale * float(qps[0].s) * float(qps[1].s))
+    if swin:
+        sc = sc + bias[None]
+        sc = (sc.view(b // 2, 2, h, l, l) + mask[None, :, None]).view(b, h, l, l)
+    pre = torch.softmax(sc.double(), -1) * P.qmax(bits)
+    ties = ((pre - torch.floor(pre) - 0.5).abs() < 1e-3).sum(-1, keepdim=True).double()
+    sv, zv = float(qps[2].s), P.signed_zero_point(qps[2].z, bits)
+    flip = (v.double() - float(zv)).abs().amax(-2, keepdim=True) * sv / P.qmax(bits)
+    fp = 1e-5 * (ref.abs().double() + sv)
+    err = (out.double() - ref.double()).abs()
+    assert bool((err <= ties * flip + fp).all()), f"max error {float(err.max()):.3g} beyond tie flips"
+    assert float((err > fp).double().mean()) < 0.02
+
+
+def test_quant_attention_custom_p_quantizer(gen):
+    (q, k, v), qps = _codes(gen, (2, 2, 50, 64), 8)
+    p_qp = QParams(torch.tensor(1.0 / 200), torch.tensor(3.0), 8)
+    ref = R.quant_attention(q, k, v, *qps, scale=0.125, p_qp=p_qp)
+    with triton_path():
+        out = ops.quant_attention(q, k, v, *qps, scale=0.125, p_qp=p_qp)
+    assert float((out - ref).abs().max()) <= 0.05 * float(ref.abs().max())
+    assert float((out - ref).abs().gt(1e-5 * (ref.abs() + 1)).double().mean()) < 0.02
+
+
+def test_quant_attention_bad_input(gen):
+    (q, k, v), qps = _codes(gen, (2, 2, 49, 64), 4)
+    with triton_path():
+        with pytest.raises(TypeError, match="int8"):
+            ops.quant_attention(q.float(), k, v, *qps, scale=0.125)
+        with pytest.raises(ValueError, match="shapes differ"):
+            ops.quant_attention(q, k[:, :, :10], v, *qps, scale=0.125)
+        with pytest.raises(ValueError, match="head dim"):
+            ops.quant_attention(q[..., :48], k[..., :48], v[..., :48], *qps, scale=0.125)
+        with pytest.raises(ValueError, match="rel_bias"):
+            ops.quant_attention(q, k, v, *qps, scale=0.125, rel_bias=torch.zeros(2, 49, 50))
+        with pytest.raises(ValueError, match="mask"):
+            ops.quant_attention(q, k, v, *qps, scale=0.125, mask=torch.zeros(3, 49, 49))
+        with pytest.raises(ValueError, match="bits must be one of"):
+            ops.quant_attention(q, k, v, qps[0], qps[1], QParams(qps[2].s, qps[2].z, 10), scale=0.125)
+        with pytest.raises(ValueError, match="is on meta"):
+            ops.quant_attention(q, k, v, *qps, scale=0.125, rel_bias=torch.zeros(2, 49, 49, device="meta"))
