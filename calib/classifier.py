@@ -41,7 +41,7 @@ def load_classifier(name: str, checkpoint: str | None = None) -> torch.nn.Module
 class Preprocess(torch.nn.Module):
     """timm's eval transform on ``[B, 3, H, W]`` images in [0, 1], differentiable.
 
-    ``center``: resize the shorter side to ``floor(size / crop_pct)``, center-crop ``size``; ``squash``: resize both
+    ``center``: resize the shorter side to ``floor(size / crop_pct)`` (longer side truncated, as torchvision), center-crop ``size``; ``squash``: resize both
     sides to ``floor(size / crop_pct)``, center-crop; then ``(x - mean) / std``. Config from
     ``timm.data.resolve_data_config(model=...)``.
     """
@@ -65,7 +65,7 @@ class Preprocess(torch.nn.Module):
             new = (math.floor(th / self.crop_pct), math.floor(tw / self.crop_pct))
         else:
             short = math.floor(min(th, tw) / self.crop_pct)
-            new = (short, round(w * short / h)) if h <= w else (round(h * short / w), short)
+            new = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
         if new != (h, w):
             x = F.interpolate(x, size=new, mode=self.mode, align_corners=False, antialias=True)
         top, left = round((new[0] - th) / 2), round((new[1] - tw) / 2)

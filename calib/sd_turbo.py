@@ -73,12 +73,15 @@ def load_sd_turbo(path: str = DEFAULT_SD) -> SDTurbo:
 
 
 def prompt_input_ids(tokenizer, n_tokens: int, batch: int) -> tuple[torch.Tensor, int]:
-    """Token ids ``[batch, L]`` of the layout in the module docstring (placeholders are PAD) and the EOS index."""
+    """Token ids ``[batch, L]`` of the layout in the module docstring and the EOS index.
+
+    Placeholders at 1..T are BOS ids: never equal to EOS (PAD may be) and below it, so CLIP's own pooling (first EOS,
+    or argmax id for legacy configs) lands on position T + 1."""
     length = tokenizer.model_max_length
     if n_tokens + 2 > length:
         raise ValueError(f"{n_tokens} prompt tokens + BOS + EOS exceed the text encoder's {length} positions")
     ids = torch.full((length,), tokenizer.pad_token_id, dtype=torch.long)
-    ids[0] = tokenizer.bos_token_id
+    ids[: n_tokens + 1] = tokenizer.bos_token_id
     ids[n_tokens + 1] = tokenizer.eos_token_id
     return ids.expand(batch, length).clone(), n_tokens + 1
 
