@@ -2,6 +2,7 @@
 writes."""
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch
 from timm.data import ImageNetInfo
 
 
+@functools.lru_cache(maxsize=None)
 def imagenet_info() -> ImageNetInfo:
     return ImageNetInfo("imagenet-1k")
 
