@@ -103,3 +103,26 @@ def test_learning_resumes_per_class(sd, vit, tmp_path):
     assert learn_all(sd, vit, [0, 2], tmp_path, cfg) == [0]
     assert prompt_path(tmp_path, 2).stat().st_mtime_ns == before and prompt_path(tmp_path, 0).exists()
     assert learn_all(sd, vit, [0, 2], tmp_path, cfg, rank=1, world=2) == []
+
+
+def test_bf16_and_gradient_checkpointing_path(tmp_path, vit, gen):
+    """The GPU setting (bf16 UNet/VAE, checkpointing; prompts and losses fp32) gives fp32 prompt gradients that
+    point the same way as the fp32 ones (run on CPU here)."""
+    from calib.sd_turbo import SDTurbo
+    from tests.calib.tiny_sd import tiny_pipeline
+
+    sd = SDTurbo.from_pipeline(tiny_pipeline(tmp_path))
+    p0, noise, pre = init_prompts(sd, "tench", CFG, gen), torch.randn(1, 4, 8, 8, generator=gen), Preprocess(vit)
+    grads = []
+    for half in (False, True):
+        if half:
+            sd.to("cpu", torch.bfloat16)
+            sd.enable_gradient_checkpointing()
+        p = p0.clone().requires_grad_(True)
+        losses = prompt_losses(sd, vit, pre, p, 0, noise, CFG)
+        assert losses["total"].dtype == torch.float32
+        (losses["ce"] - losses["var_img"]).backward()
+        grads.append(p.grad)
+    assert sd.unet.dtype == torch.bfloat16 and sd.text_encoder.dtype == torch.float32
+    assert grads[1].dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(grads[0].flatten(), grads[1].flatten(), dim=0) > 0.9
