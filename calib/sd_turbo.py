@@ -12,6 +12,7 @@ that layer, as for ordinary tokens. The pooled (EOS) embedding is the final hidd
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -135,7 +136,9 @@ def one_step_sigma(scheduler) -> tuple[float, int]:
     from diffusers import EulerDiscreteScheduler
 
     sched = EulerDiscreteScheduler.from_config(scheduler.config, timestep_spacing="trailing")
-    sched.set_timesteps(1)
+    with warnings.catch_warnings():  # diffusers' np.array(tensor) trips numpy 2's copy-keyword deprecation
+        warnings.simplefilter("ignore", DeprecationWarning)
+        sched.set_timesteps(1)
     return float(sched.sigmas[0]), int(sched.timesteps[0])
 
 
