@@ -52,6 +52,13 @@ class PromptConfig:
     width: int = 512
     seed: int = 0
 
+    def __post_init__(self):
+        if self.k < 1 or self.steps < 0 or self.reinit_patience < 1:
+            raise ValueError(f"need k >= 1, steps >= 0, reinit_patience >= 1; got k={self.k}, steps={self.steps}, "
+                             f"reinit_patience={self.reinit_patience}")
+        if not 0 <= self.n_desc <= self.n_tokens:
+            raise ValueError(f"need 0 <= n_desc <= n_tokens, got n_desc={self.n_desc}, n_tokens={self.n_tokens}")
+
 
 def token_norm_range(sd: S.SDTurbo) -> tuple[float, float]:
     """5 % and 95 % quantiles of the text encoder's token-embedding norms."""

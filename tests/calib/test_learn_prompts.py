@@ -26,6 +26,13 @@ def test_init_prompts_layout(sd, gen):
     assert short.shape == (3, 20, sd.token_dim) and (short[0, 2:] - short[1, 2:]).abs().min() > 0
 
 
+def test_bad_config_raises():
+    with pytest.raises(ValueError, match="n_desc"):
+        PromptConfig(n_desc=21)
+    with pytest.raises(ValueError, match="k="):
+        PromptConfig(k=0)
+
+
 def test_loss_terms_on_known_inputs(gen):
     e = torch.eye(4)[:3] * 5
     assert orthogonality(e) == 0
