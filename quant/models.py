@@ -1,0 +1,139 @@
+"""Model aliases, loading (hub or local checkpoint) and per-model evaluation preprocessing.
+
+Aliases map to the timm checkpoints the literature uses (FP top-1 in ``fp_top1``); any other timm model name is
+accepted as well. :func:`register_model` adds an alias with its own loader (e.g. an embedded demo model).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+import timm
+
+from quant.errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """``loader(checkpoint, model_args) -> nn.Module`` builds the float model (None: timm by ``timm_name``)."""
+
+    alias: str
+    timm_name: str
+    fp_top1: Optional[float] = None
+    crop_pct: float = 0.9
+    loader: Optional[Callable[[Optional[str], dict], nn.Module]] = None
+
+
+_REGISTRY: Dict[str, ModelSpec] = {}
+
+
+def register_model(alias: str, timm_name: str = "", fp_top1: Optional[float] = None, crop_pct: float = 0.9,
+                   loader: Optional[Callable[[Optional[str], dict], nn.Module]] = None) -> ModelSpec:
+    """Register (or replace) ``alias``; give ``loader`` for models that do not come from the timm hub."""
+    if not timm_name and loader is None:
+        raise ValueError("register_model needs a timm_name or a loader")
+    spec = ModelSpec(alias, timm_name or alias, fp_top1, crop_pct, loader)
+    _REGISTRY[alias] = spec
+    return spec
+
+
+for _a, _n, _t, _c in (
+    ("vit_s", "vit_small_patch16_224.augreg_in21k_ft_in1k", 81.39, 0.9),
+    ("vit_b", "vit_base_patch16_224.augreg_in21k_ft_in1k", 84.54, 0.9),
+    ("deit_t", "deit_tiny_patch16_224.fb_in1k", 72.21, 0.875),
+    ("deit_s", "deit_small_patch16_224.fb_in1k", 79.85, 0.875),
+    ("deit_b", "deit_base_patch16_224.fb_in1k", 81.80, 0.875),
+    ("swin_t", "swin_tiny_patch4_window7_224.ms_in1k", 81.39, 0.9),
+    ("swin_s", "swin_small_patch4_window7_224.ms_in1k", 83.23, 0.9),
+    ("swin_b", "swin_base_patch4_window7_224.ms_in22k_ft_in1k", 85.27, 0.9),
+):
+    register_model(_a, _n, _t, _c)
+
+
+def aliases() -> Dict[str, ModelSpec]:
+    return dict(_REGISTRY)
+
+
+def resolve(name: str) -> ModelSpec:
+    """The spec of an alias or of any timm model name; :class:`UserError` listing the aliases otherwise."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    base = name.split(".")[0]
+    if timm.is_model(base):
+        return ModelSpec(name, name, None, 0.875 if base.startswith("deit") else 0.9)
+    raise UserError(f"unknown model {name!r}; use one of the aliases {', '.join(sorted(_REGISTRY))} "
+                    f"or a timm model name (see timm.list_models())")
+
+
+def load_state_dict_file(path: str) -> dict:
+    """A state dict from ``.safetensors`` or a torch file (optionally wrapped under ``model``/``state_dict``)."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint file {path!r} does not exist; pass --checkpoint PATH to a local weights file")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader failure is a bad file for the user
+        raise UserError(f"cannot read checkpoint {path!r} ({type(e).__name__}: {e}); pass a .pth/.pt state dict "
+                        f"or a .safetensors file") from None
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise UserError(f"checkpoint {path!r} does not hold a state dict of tensors")
+    return sd
+
+
+def load_model(name: str, checkpoint: Optional[str] = None, model_args: Optional[dict] = None) -> nn.Module:
+    """Float model in eval mode: the spec's loader, or ``timm.create_model`` with hub weights or ``checkpoint``."""
+    spec = resolve(name)
+    model_args = dict(model_args or {})
+    if spec.loader is not None:
+        model = spec.loader(checkpoint, model_args)
+        return model.eval()
+    if checkpoint is not None:
+        sd = load_state_dict_file(checkpoint)
+        try:
+            model = timm.create_model(spec.timm_name, pretrained=False, **model_args)
+        except TypeError as e:
+            raise UserError(f"bad --model-args for {spec.timm_name}: {e}") from None
+        try:
+            model.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            raise UserError(f"checkpoint {checkpoint!r} does not match {spec.timm_name} "
+                            f"{model_args or ''}: {str(e).splitlines()[0]} ...; pass weights of this model "
+                            f"(and the same --model-args it was built with)") from None
+        return model.eval()
+    try:
+        model = timm.create_model(spec.timm_name, pretrained=True, **model_args)
+    except TypeError as e:
+        raise UserError(f"bad --model-args for {spec.timm_name}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - hub/network failures come in many types
+        raise UserError(f"cannot fetch the pretrained weights of {spec.timm_name} ({type(e).__name__}); the hub is "
+                        f"not reachable (offline?). Download them elsewhere and pass --checkpoint PATH "
+                        f"(a .pth or .safetensors state dict)") from None
+    return model.eval()
+
+
+def input_size(model: nn.Module) -> int:
+    """Square input resolution of ``model`` (from its patch embedding)."""
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is None:
+        size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-2:]
+    return int(size[0])
+
+
+def eval_transform(model: nn.Module, spec: ModelSpec):
+    """Eval preprocessing: resize to ``size / crop_pct`` (bicubic), centre crop ``size``, model mean/std."""
+    from timm.data import create_transform
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    size = input_size(model)
+    return create_transform(input_size=(3, size, size), is_training=False, interpolation="bicubic",
+                            crop_pct=spec.crop_pct, mean=cfg.get("mean", (0.485, 0.456, 0.406)),
+                            std=cfg.get("std", (0.229, 0.224, 0.225)))
