@@ -110,15 +110,33 @@ def load_model(name: str, checkpoint: Optional[str] = None, model_args: Optional
                             f"{model_args or ''}: {str(e).splitlines()[0]} ...; pass weights of this model "
                             f"(and the same --model-args it was built with)") from None
         return model.eval()
+    from huggingface_hub import constants as hf
+    offline_before = hf.HF_HUB_OFFLINE
+    if not offline_before and not _hub_reachable(hf.ENDPOINT):
+        hf.HF_HUB_OFFLINE = True  # use the local cache only instead of minutes of retries
     try:
         model = timm.create_model(spec.timm_name, pretrained=True, **model_args)
     except TypeError as e:
         raise UserError(f"bad --model-args for {spec.timm_name}: {e}") from None
     except Exception as e:  # noqa: BLE001 - hub/network failures come in many types
-        raise UserError(f"cannot fetch the pretrained weights of {spec.timm_name} ({type(e).__name__}); the hub is "
-                        f"not reachable (offline?). Download them elsewhere and pass --checkpoint PATH "
-                        f"(a .pth or .safetensors state dict)") from None
+        raise UserError(f"cannot fetch the pretrained weights of {spec.timm_name} ({type(e).__name__}): the hub is "
+                        f"not reachable (offline?) and they are not in the local cache. Download them elsewhere "
+                        f"and pass --checkpoint PATH (a .pth or .safetensors state dict)") from None
+    finally:
+        hf.HF_HUB_OFFLINE = offline_before
     return model.eval()
+
+
+def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub ``endpoint`` opens within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlparse
+    u = urlparse(endpoint)
+    try:
+        with socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def input_size(model: nn.Module) -> int:
