@@ -27,6 +27,15 @@ def images(n: int, seed: int = 1, size: int = 32) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
+def cifar_images(n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` real 32x32 CIFAR-10 training images (seeded subset), normalised to [-1, 1]."""
+    from calib import data as D
+    folder = D.scan(str(SHARED / "data" / "cifar10" / "train"))
+    tf = lambda im: (torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)  # noqa: E731
+                     .view(im.size[1], im.size[0], 3).permute(2, 0, 1).float() / 127.5 - 1)
+    return D.load_subset(folder, tf, n, seed)[0]
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny models run far faster on one intra-op thread (and do not fight parallel test runs for cores)."""
