@@ -26,17 +26,21 @@ class ModelSpec:
     fp_top1: Optional[float] = None
     crop_pct: float = 0.9
     loader: Optional[Callable[[Optional[str], dict], nn.Module]] = None
+    mean: Optional[tuple] = None
+    std: Optional[tuple] = None
 
 
 _REGISTRY: Dict[str, ModelSpec] = {}
 
 
 def register_model(alias: str, timm_name: str = "", fp_top1: Optional[float] = None, crop_pct: float = 0.9,
-                   loader: Optional[Callable[[Optional[str], dict], nn.Module]] = None) -> ModelSpec:
-    """Register (or replace) ``alias``; give ``loader`` for models that do not come from the timm hub."""
+                   loader: Optional[Callable[[Optional[str], dict], nn.Module]] = None,
+                   mean: Optional[tuple] = None, std: Optional[tuple] = None) -> ModelSpec:
+    """Register (or replace) ``alias``; give ``loader(checkpoint, model_args) -> nn.Module`` for models that do not
+    come from the timm hub, and ``mean``/``std`` when the model has no timm ``pretrained_cfg``."""
     if not timm_name and loader is None:
         raise ValueError("register_model needs a timm_name or a loader")
-    spec = ModelSpec(alias, timm_name or alias, fp_top1, crop_pct, loader)
+    spec = ModelSpec(alias, timm_name or alias, fp_top1, crop_pct, loader, mean, std)
     _REGISTRY[alias] = spec
     return spec
 
@@ -153,5 +157,5 @@ def eval_transform(model: nn.Module, spec: ModelSpec):
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     size = input_size(model)
     return create_transform(input_size=(3, size, size), is_training=False, interpolation="bicubic",
-                            crop_pct=spec.crop_pct, mean=cfg.get("mean", (0.485, 0.456, 0.406)),
-                            std=cfg.get("std", (0.229, 0.224, 0.225)))
+                            crop_pct=spec.crop_pct, mean=spec.mean or cfg.get("mean", (0.485, 0.456, 0.406)),
+                            std=spec.std or cfg.get("std", (0.229, 0.224, 0.225)))
