@@ -159,3 +159,21 @@ def eval_transform(model: nn.Module, spec: ModelSpec):
     return create_transform(input_size=(3, size, size), is_training=False, interpolation="bicubic",
                             crop_pct=spec.crop_pct, mean=spec.mean or cfg.get("mean", (0.485, 0.456, 0.406)),
                             std=spec.std or cfg.get("std", (0.229, 0.224, 0.225)))
+
+
+def load_quantized(path: str) -> nn.Module:
+    """Rebuild the fake-quant model saved by ``python -m quant.run`` (``<out>/quantized.pt``), in ``quant`` mode."""
+    from quant.modules import set_mode
+    from quant.surgery import quantize_model
+    if not os.path.isfile(path):
+        raise UserError(f"quantized model {path!r} does not exist; point to <out>/quantized.pt of a quant.run")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    spec = resolve(saved["model"])
+    if spec.loader is not None:
+        model = spec.loader(None, dict(saved["model_args"]))
+    else:
+        model = timm.create_model(spec.timm_name, pretrained=False, **saved["model_args"])
+    model = quantize_model(model.eval(), saved["bits"], rescale=saved["rescale"])
+    model.load_state_dict(saved["state_dict"], strict=True)
+    set_mode(model, "quant")
+    return model

@@ -7,7 +7,9 @@ import timm
 import torch
 
 from quant import models as M
-from quant.run import main, state_path
+from calib import data as D
+from quant.modules import set_mode
+from quant.run import evaluate, main, state_path
 
 from .ptq_utils import IMAGENET_SAMPLE, one_thread  # noqa: F401
 
@@ -47,6 +49,18 @@ def test_cli_end_to_end(tmp_path, checkpoint, capsys):
     assert "quantized top-1 / top-5" in table and table == (out / "report.txt").read_text()
     saved = torch.load(out / "quantized.pt", weights_only=False)
     assert saved["bits"] == "w4a4" and any(k.endswith("dW") for k in saved["state_dict"])
+    rebuilt = M.load_quantized(str(out / "quantized.pt"))
+    folder = D.scan(str(IMAGENET_SAMPLE))
+    acc = evaluate(rebuilt, folder, M.eval_transform(rebuilt, M.resolve("deit_t")), 8, torch.device("cpu"), 16, 0)
+    assert acc == rep["quantized"]
+    sd = rebuilt.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in saved["state_dict"].items())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        yq = rebuilt(x)
+        set_mode(rebuilt, "float")
+        yf = rebuilt(x)
+    assert torch.isfinite(yq).all() and not torch.allclose(yq, yf, atol=1e-4)
 
 
 def _offline(monkeypatch):
@@ -111,7 +125,8 @@ def test_registry_and_preprocessing(tmp_path):
         tf = M.eval_transform(model, M.resolve("tiny_test"))
         from PIL import Image
         x = tf(Image.new("RGB", (50, 40), (255, 0, 128)))
-        assert x.shape == (3, 32, 32) and torch.allclose(x[:, 5, 5], torch.tensor([1.0, -1.0, (128 / 255 - 0.5) / 0.5]), atol=1e-2)
+        assert x.shape == (3, 32, 32)
+        assert torch.allclose(x[:, 5, 5], torch.tensor([1.0, -1.0, (128 / 255 - 0.5) / 0.5]), atol=1e-2)
     finally:
         M._REGISTRY.pop("tiny_test")
     with pytest.raises(M.UserError, match="does not match"):
