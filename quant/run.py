@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast during optimisation (CUDA only)")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: never)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint <out>.state.pt")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop after this many steps, leaving the checkpoint for --resume (time-sliced jobs)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -158,8 +160,9 @@ def run(args: argparse.Namespace) -> dict:
     if args.bf16 and device.type != "cuda":
         raise UserError("--bf16 needs --device cuda (bf16 autocast is a GPU option)")
     for flag, v, lo in (("--calib-size", args.calib_size, 1), ("--init-size", args.init_size, 1),
-                        ("--batch-size", args.batch_size, 1), ("--iters", args.iters, 0)):
-        if v < lo:
+                        ("--batch-size", args.batch_size, 1), ("--iters", args.iters, 0),
+                        ("--save-every", args.save_every, 0), ("--stop-after", args.stop_after, 1)):
+        if v is not None and v < lo:
             raise UserError(f"{flag} must be >= {lo}, got {v}")
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not args.overwrite:
@@ -174,6 +177,8 @@ def run(args: argparse.Namespace) -> dict:
     val_folder = D.scan(args.val, "--val") if args.val else None
     if val_folder is not None and not val_folder.classes:
         raise UserError(f"--val folder {args.val!r} has no class sub-folders; lay it out as root/<class>/<img>")
+    if args.stop_after is not None and not args.save_every:
+        raise UserError("--stop-after needs checkpoints: pass --save-every N (N > 0)")
     if args.resume and not os.path.isfile(state_path(out)):
         raise UserError(f"--resume: no checkpoint at {state_path(out)!r}; run without --resume to start afresh")
 
@@ -192,12 +197,12 @@ def run(args: argparse.Namespace) -> dict:
     ocfg = OptimConfig(method=args.method, iters=args.iters, batch_size=args.batch_size, lr_q=args.lr_q,
                        lr_w=args.lr_w, warmup=args.warmup, temperature=args.temperature, l2=args.l2,
                        seed=args.seed, save_every=args.save_every, state_path=state_path(out), resume=args.resume,
-                       bf16=args.bf16, progress=not args.no_progress)
+                       bf16=args.bf16, progress=not args.no_progress, stop_after=args.stop_after)
     fingerprint = {"model": args.model, "bits": cfg_bits.name, "calib_size": args.calib_size,
                    "model_args": model_args, "rescale": not args.no_rescale}
     history = optimize(student, fp_model, images, ocfg, fingerprint)
     if not history["completed"]:
-        return {"completed": False, "steps": history["steps"]}
+        return {"completed": False, "steps": history["steps"], "state_path": ocfg.state_path}
     fp_acc = q_acc = None
     if val_folder is not None:
         fp_acc = evaluate(fp_model, val_folder, transform, args.batch_size, device, args.val_size, args.seed)
@@ -248,6 +253,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if report.get("completed"):
         print(format_table(report), end="")
+    else:
+        print(f"stopped after {report['steps']} steps; checkpoint {report['state_path']}; continue with the same "
+              f"flags and --resume", file=sys.stderr)
     return 0
 
 

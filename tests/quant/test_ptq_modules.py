@@ -48,6 +48,9 @@ def test_quant_linear_matches_formula_and_integer_form(gen, w_bits, a_bits):
     assert d["codes"].dtype == torch.uint8 and d["codes"].shape == (24, 40)
     assert int(d["codes"].max()) <= P.qmax(w_bits)
     a = ops.quantize(x, d["input"], d["r"], d["shift"])
+    z_a = P.round_zero_point(m.act.z.detach(), a_bits)
+    assert torch.equal(a.int() + P.code_offset(a_bits), (torch.round(x_hat / m.act.s.detach()) + z_a).int())
+    assert torch.equal(d["codes"].int(), (torch.round(w_hat / m.ws.detach()) + d["w_zero"][:, None]).int())
     y_int = ops.packed_linear(a, d["input"], packing.pack(d["codes"], w_bits), d["w_scale"], d["w_zero"], d["bias"])
     assert torch.allclose(y_int, y.detach(), atol=1e-4, rtol=1e-4)
 

@@ -133,3 +133,19 @@ def test_registry_and_preprocessing(tmp_path):
         bad = tmp_path / "bad.pth"
         torch.save({"foo": torch.zeros(1)}, bad)
         M.load_model("deit_t", str(bad), SMALL)
+
+
+def test_cli_stop_and_resume_equals_uninterrupted(tmp_path, checkpoint, capsys):
+    ref, out = tmp_path / "ref", tmp_path / "resumed"
+    flags = ["--iters", "5", "--save-every", "2", "--method", "e2e"]
+    assert main(_args(ref, checkpoint, *flags)) == 0
+    assert main(_args(out, checkpoint, *flags, "--stop-after", "2")) == 0
+    assert "continue with the same flags and --resume" in capsys.readouterr().err
+    assert not out.exists() and os.path.isfile(state_path(str(out)))
+    assert main(_args(out, checkpoint, *flags, "--resume")) == 0
+    assert not os.path.exists(state_path(str(out)))
+    a = torch.load(ref / "quantized.pt", weights_only=False)["state_dict"]
+    b = torch.load(out / "quantized.pt", weights_only=False)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = (json.loads((d / "report.json").read_text()) for d in (ref, out))
+    assert ra["losses"] == rb["losses"] and rb["steps"] == 5
