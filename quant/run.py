@@ -98,20 +98,23 @@ def evaluate(model: nn.Module, folder: D.ImageFolder, transform, batch_size: int
     return {"top1": 100.0 * top1 / max(n, 1), "top5": 100.0 * top5 / max(n, 1), "images": n}
 
 
-def model_size(model: nn.Module) -> dict:
-    """Bytes of the float model (fp32) and of the deployed one (packed weight codes + fp32 ``s``, uint8 ``z``)."""
-    fp = sum(p.numel() * 4 for n, p in model.named_parameters() if not n.endswith(".dW"))
+def model_size(fp_model: nn.Module, student: nn.Module) -> dict:
+    """Bytes of the float model (fp32) and of the deployed one: packed weight codes, fp32 scale + uint8 zero point
+    per output channel, fp32 input step + uint8 zero point per activation quantizer, fp32 ``r``/``shift``, and every
+    other float parameter (biases, norms, embeddings) in fp32."""
+    fp = sum(p.numel() * 4 for p in fp_model.parameters())
     q = fp
-    for m in quant_modules(model):
+    for m in quant_modules(student):
         if isinstance(m, (QuantLinear, QuantConv2dPatch)):
             n, k = m.weight.shape[0], m.weight[0].numel()
             fmt = packing.FORMATS[packing.format_for_bits(m.w_bits)]
             kp = packing.padded_k(k, fmt.name)
-            packed = sum(n * kp // per_byte for _, per_byte in fmt.planes)
-            qparams = sum(p.numel() * 4 for name, p in m.named_parameters() if name not in ("weight", "bias", "dW"))
-            q += packed + n * 5 - m.weight.numel() * 4 + qparams
+            q += sum(n * kp // per_byte for _, per_byte in fmt.planes) + n * 5 - m.weight.numel() * 4
+            q += 5 * int(m.act.enabled)
+            if getattr(m, "rescale", False):
+                q += 8 * k
         else:
-            q += sum(p.numel() * 4 for p in m.parameters())
+            q += 5 * sum(int(a.enabled) for a in (m.q_quant, m.k_quant, m.v_quant, m.p_quant))
     return {"fp32_bytes": fp, "quantized_bytes": q}
 
 
@@ -192,7 +195,10 @@ def run(args: argparse.Namespace) -> dict:
     transform = eval_transform(fp_model, spec)
     images, _ = D.load_subset(calib_folder, transform, args.calib_size, args.seed, "--data")
     fp_model.to(device)
-    student = quantize_model(copy.deepcopy(fp_model), cfg_bits, rescale=not args.no_rescale)
+    try:
+        student = quantize_model(copy.deepcopy(fp_model), cfg_bits, rescale=not args.no_rescale)
+    except ValueError as e:
+        raise UserError(f"--model {args.model}: {e}") from None
     calibrate(student, images[:args.init_size].to(device))
     ocfg = OptimConfig(method=args.method, iters=args.iters, batch_size=args.batch_size, lr_q=args.lr_q,
                        lr_w=args.lr_w, warmup=args.warmup, temperature=args.temperature, l2=args.l2,
@@ -215,7 +221,7 @@ def run(args: argparse.Namespace) -> dict:
         "skipped_images": {"calib": len(calib_folder.skipped), "val": 0 if val_folder is None else len(val_folder.skipped)},
         "steps": history["steps"], "iters": args.iters, "batch_size": args.batch_size, "seed": args.seed,
         "losses": {"first": losses[0], "last": losses[-1]} if losses else None,
-        "time_s": time.time() - t0, "peak_memory": peak_memory(device), "size": model_size(student),
+        "time_s": time.time() - t0, "peak_memory": peak_memory(device), "size": model_size(fp_model, student),
         "device": str(device), "completed": True,
     }
     parent = os.path.dirname(out)

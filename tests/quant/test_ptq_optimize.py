@@ -41,14 +41,16 @@ def test_e2e_lowers_distillation_loss_below_rtn(bits):
 def test_loss_terms_and_refinement_l2():
     fp, q, x = _setup("swin", "w4a4")
     cfg = OptimConfig(progress=False, l2=0.5)
-    terms = e2e_loss(q, fp, x[:8], cfg)
+    with torch.no_grad():
+        terms = e2e_loss(q, fp, x[:8], cfg)
     assert float(terms["mse"]) > 0 and float(terms["kl"]) > 0 and float(terms["l2"]) == 0
     for n, p in q.named_parameters():
         if n.endswith("dW"):
             with torch.no_grad():
                 p.fill_(0.01)
             break
-    terms2 = e2e_loss(q, fp, x[:8], cfg)
+    with torch.no_grad():
+        terms2 = e2e_loss(q, fp, x[:8], cfg)
     assert torch.isclose(terms2["l2"], torch.tensor(p.numel() * 1e-4))
     assert torch.isclose(terms2["total"], terms2["mse"] + terms2["kl"] + 0.5 * terms2["l2"])
 

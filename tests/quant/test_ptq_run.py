@@ -149,3 +149,20 @@ def test_cli_stop_and_resume_equals_uninterrupted(tmp_path, checkpoint, capsys):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ra, rb = (json.loads((d / "report.json").read_text()) for d in (ref, out))
     assert ra["losses"] == rb["losses"] and rb["steps"] == 5
+
+
+def test_model_size_counts_packed_codes():
+    from quant.modules import QuantConv2dPatch, QuantLinear, quant_modules
+    from quant.run import model_size
+    from quant.surgery import quantize_model
+    from .ptq_utils import make_model
+    fp = make_model("vit")
+    sizes = {b: model_size(fp, quantize_model(make_model("vit"), b)) for b in ("w8a8", "w4a4", "w1.58a8", "w4a16")}
+    assert len({s["fp32_bytes"] for s in sizes.values()}) == 1
+    weights = [m.weight for m in quant_modules(quantize_model(make_model("vit"), "w4a4"))
+               if isinstance(m, (QuantLinear, QuantConv2dPatch))]
+    nk = sum(w.numel() for w in weights)
+    assert sizes["w8a8"]["quantized_bytes"] - sizes["w4a4"]["quantized_bytes"] == nk // 2
+    assert sizes["w4a4"]["quantized_bytes"] - sizes["w1.58a8"]["quantized_bytes"] == nk // 4
+    assert sizes["w8a8"]["quantized_bytes"] < sizes["w8a8"]["fp32_bytes"] / 3
+    assert sizes["w4a16"]["quantized_bytes"] < sizes["w4a4"]["quantized_bytes"]  # no activation quantizers
