@@ -90,22 +90,36 @@ def load_subset(folder: ImageFolder, transform: Callable, size: Optional[int], s
     return torch.stack(xs), torch.tensor(ys, dtype=torch.long)
 
 
-def stream(folder: ImageFolder, transform: Callable, batch_size: int, size: Optional[int] = None,
-           seed: int = 0) -> Iterator[Tuple[Tensor, Tensor]]:
-    """Batches ``(images, labels)`` of all decodable images (or the first ``size`` of :func:`subset_order`),
-    decoded on the fly; undecodable files are skipped and recorded in ``folder.skipped``."""
-    order = range(len(folder)) if size is None else subset_order(len(folder), seed)[:size]
-    xs, ys = [], []
-    for i in order:
-        path, label = folder.items[i]
+class _Decoded(torch.utils.data.Dataset):
+    def __init__(self, folder: ImageFolder, transform: Callable, order):
+        self.folder, self.transform, self.order = folder, transform, list(order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i):
+        path, label = self.folder.items[self.order[i]]
         im = load_rgb(path)
-        if im is None:
-            folder.skipped.append(path)
-            continue
-        xs.append(transform(im))
-        ys.append(label)
-        if len(xs) == batch_size:
-            yield torch.stack(xs), torch.tensor(ys, dtype=torch.long)
-            xs, ys = [], []
-    if xs:
-        yield torch.stack(xs), torch.tensor(ys, dtype=torch.long)
+        return (None if im is None else self.transform(im)), label, path
+
+
+def _collate(items):
+    ok = [(x, y) for x, y, _ in items if x is not None]
+    bad = [p for x, _, p in items if x is None]
+    if not ok:
+        return None, None, bad
+    return torch.stack([x for x, _ in ok]), torch.tensor([y for _, y in ok], dtype=torch.long), bad
+
+
+def stream(folder: ImageFolder, transform: Callable, batch_size: int, size: Optional[int] = None,
+           seed: int = 0, workers: int = 0) -> Iterator[Tuple[Tensor, Tensor]]:
+    """Batches ``(images, labels)`` of all decodable images (or the first ``size`` of :func:`subset_order`),
+    decoded on the fly by ``workers`` processes (0: in this one); undecodable files are skipped and recorded in
+    ``folder.skipped`` (a batch may then be short)."""
+    order = range(len(folder)) if size is None else subset_order(len(folder), seed)[:size]
+    loader = torch.utils.data.DataLoader(_Decoded(folder, transform, order), batch_size=batch_size,
+                                         num_workers=workers, collate_fn=_collate)
+    for x, y, bad in loader:
+        folder.skipped += bad
+        if x is not None:
+            yield x, y

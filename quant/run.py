@@ -18,7 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint <out>.state.pt")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many steps, leaving the checkpoint for --resume (time-sliced jobs)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1) // 2,
+                   help="image-decoding processes for --val (0: decode in the main process)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -84,18 +86,21 @@ def _check_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, folder: D.ImageFolder, transform, batch_size: int, device, size: Optional[int],
-             seed: int) -> dict:
-    """Top-1/top-5 accuracy (%) over the labelled images of ``folder``."""
-    n = top1 = top5 = 0
-    for x, y in D.stream(folder, transform, batch_size, size, seed):
-        logits = model(x.to(device)).float().cpu()
-        k = min(5, logits.shape[-1])
-        pred = logits.topk(k, dim=-1).indices
-        top1 += int((pred[:, 0] == y).sum())
-        top5 += int((pred == y[:, None]).any(-1).sum())
+def evaluate(models: Dict[str, nn.Module], folder: D.ImageFolder, transform, batch_size: int, device,
+             size: Optional[int] = None, seed: int = 0, workers: int = 0) -> Dict[str, dict]:
+    """Top-1/top-5 accuracy (%) of each model over the labelled images of ``folder`` (each batch decoded once)."""
+    hits = {name: [0, 0] for name in models}
+    n = 0
+    for x, y in D.stream(folder, transform, batch_size, size, seed, workers):
+        x = x.to(device)
+        for name, model in models.items():
+            logits = model(x).float().cpu()
+            pred = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+            hits[name][0] += int((pred[:, 0] == y).sum())
+            hits[name][1] += int((pred == y[:, None]).any(-1).sum())
         n += y.numel()
-    return {"top1": 100.0 * top1 / max(n, 1), "top5": 100.0 * top5 / max(n, 1), "images": n}
+    return {name: {"top1": 100.0 * t1 / max(n, 1), "top5": 100.0 * t5 / max(n, 1), "images": n}
+            for name, (t1, t5) in hits.items()}
 
 
 def model_size(fp_model: nn.Module, student: nn.Module) -> dict:
@@ -164,7 +169,7 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError("--bf16 needs --device cuda (bf16 autocast is a GPU option)")
     for flag, v, lo in (("--calib-size", args.calib_size, 1), ("--init-size", args.init_size, 1),
                         ("--batch-size", args.batch_size, 1), ("--iters", args.iters, 0),
-                        ("--save-every", args.save_every, 0), ("--stop-after", args.stop_after, 1)):
+                        ("--save-every", args.save_every, 0), ("--workers", args.workers, 0), ("--stop-after", args.stop_after, 1)):
         if v is not None and v < lo:
             raise UserError(f"{flag} must be >= {lo}, got {v}")
     out = os.path.abspath(args.out)
@@ -211,8 +216,9 @@ def run(args: argparse.Namespace) -> dict:
         return {"completed": False, "steps": history["steps"], "state_path": ocfg.state_path}
     fp_acc = q_acc = None
     if val_folder is not None:
-        fp_acc = evaluate(fp_model, val_folder, transform, args.batch_size, device, args.val_size, args.seed)
-        q_acc = evaluate(student, val_folder, transform, args.batch_size, device, args.val_size, args.seed)
+        accs = evaluate({"fp": fp_model, "quantized": student}, val_folder, transform, args.batch_size, device,
+                        args.val_size, args.seed, args.workers)
+        fp_acc, q_acc = accs["fp"], accs["quantized"]
     losses = history["losses"]
     report = {
         "model": args.model, "timm_name": spec.timm_name, "bits": cfg_bits.name, "method": args.method,

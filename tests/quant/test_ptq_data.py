@@ -63,3 +63,11 @@ def test_errors(tmp_path):
     (bad / "x.jpg").write_bytes(b"nope")
     with pytest.raises(UserError, match="could be decoded"):
         D.load_subset(D.scan(str(bad)), _to_tensor, 4)
+
+
+def test_stream_with_worker_processes_matches_in_process(folder):
+    f0, f1 = D.scan(folder), D.scan(folder)
+    a = list(D.stream(f0, _to_tensor, batch_size=2, workers=0))
+    b = list(D.stream(f1, _to_tensor, batch_size=2, workers=2))
+    assert len(a) == len(b) and all(torch.equal(x[0], z[0]) and torch.equal(x[1], z[1]) for x, z in zip(a, b))
+    assert sorted(f0.skipped) == sorted(f1.skipped) and len(f1.skipped) == 2

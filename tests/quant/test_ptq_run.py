@@ -27,7 +27,7 @@ def checkpoint(tmp_path_factory):
 def _args(out, checkpoint, *extra):
     return ["--model", "deit_t", "--bits", "w4a4", "--data", str(IMAGENET_SAMPLE), "--out", str(out),
             "--checkpoint", checkpoint, "--model-args", json.dumps(SMALL), "--calib-size", "16", "--init-size", "8",
-            "--iters", "4", "--batch-size", "8", "--no-progress", *extra]
+            "--iters", "4", "--batch-size", "8", "--no-progress", "--workers", "0", *extra]
 
 
 def test_cli_end_to_end(tmp_path, checkpoint, capsys):
@@ -51,8 +51,8 @@ def test_cli_end_to_end(tmp_path, checkpoint, capsys):
     assert saved["bits"] == "w4a4" and any(k.endswith("dW") for k in saved["state_dict"])
     rebuilt = M.load_quantized(str(out / "quantized.pt"))
     folder = D.scan(str(IMAGENET_SAMPLE))
-    acc = evaluate(rebuilt, folder, M.eval_transform(rebuilt, M.resolve("deit_t")), 8, torch.device("cpu"), 16, 0)
-    assert acc == rep["quantized"]
+    acc = evaluate({"q": rebuilt}, folder, M.eval_transform(rebuilt, M.resolve("deit_t")), 8, torch.device("cpu"), 16)
+    assert acc["q"] == rep["quantized"]
     sd = rebuilt.state_dict()
     assert all(torch.equal(sd[k], v) for k, v in saved["state_dict"].items())
     x = torch.randn(2, 3, 32, 32)
