@@ -34,7 +34,8 @@ class ImageFolder:
 def scan(root: str, what: str = "--data") -> ImageFolder:
     """Index an image folder; :class:`UserError` when it is missing or holds no images."""
     if not root or not os.path.isdir(root):
-        raise UserError(f"{what} folder {root!r} does not exist or is not a folder; pass a folder of images (root/<class>/<img>)")
+        raise UserError(f"{what} folder {root!r} does not exist or is not a folder; pass a folder of images "
+                        f"(root/<class>/<img>)")
     entries = sorted(os.listdir(root))
     classes = [e for e in entries if os.path.isdir(os.path.join(root, e))]
     items: List[Tuple[str, int]] = []

@@ -97,7 +97,7 @@ class QuantLinear(_Moded):
     Fake-quant forward (``W [N, K]``, ``x [..., K]``)::
 
         x_hat      = fake_quantize((x - shift) / r, s_a, z_a, a_bits)            per tensor
-        W', b'     = fold_rescale(W + dW, b, r, shift)                          W' = (W + dW) * r, b' = b + (W + dW) @ shift
+        W', b'     = fold_rescale(W + dW, b, r, shift)     i.e. W' = (W + dW) * r, b' = b + (W + dW) @ shift
         W_hat      = fake_quantize(W', s_w, z_w, w_bits)                         per output channel, s_w, z_w [N, 1]
         y          = x_hat @ W_hat^T + b'
 

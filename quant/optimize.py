@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import os
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from quant.errors import UserError
-from quant.modules import QuantAttentionCore, QuantConv2dPatch, QuantLinear, quant_modules
+from quant.modules import QuantConv2dPatch, QuantLinear, quant_modules
 from quant.surgery import blocks
 
 METHODS = ("rtn", "blockwise", "e2e")

@@ -133,11 +133,13 @@ def peak_memory(device: torch.device) -> dict:
 def format_table(report: dict) -> str:
     """The report as an aligned two-column text table."""
     fp, q = report.get("fp") or {}, report.get("quantized") or {}
+    lit = report["fp_top1_literature"]
+    mem = " / ".join(f"{k.split('_')[0]} {v / 2**20:.0f}" for k, v in report["peak_memory"].items())
     acc = lambda d, k: f"{d[k]:.2f}" if k in d else "-"  # noqa: E731
     rows = [
         ("model", f"{report['model']} ({report['timm_name']})"),
         ("bits / method", f"{report['bits']} / {report['method']}"),
-        ("FP top-1 (literature)", "-" if report["fp_top1_literature"] is None else f"{report['fp_top1_literature']:.2f}"),
+        ("FP top-1 (literature)", "-" if lit is None else f"{lit:.2f}"),
         ("FP top-1 / top-5", f"{acc(fp, 'top1')} / {acc(fp, 'top5')}"),
         ("quantized top-1 / top-5", f"{acc(q, 'top1')} / {acc(q, 'top5')}"),
         ("val images (skipped)", f"{q.get('images', '-')} ({report['skipped_images']['val']})"),
@@ -145,7 +147,7 @@ def format_table(report: dict) -> str:
         ("loss first -> last", "-" if not report["losses"] else
          f"{report['losses']['first']:.4g} -> {report['losses']['last']:.4g} ({report['steps']} steps)"),
         ("time (s)", f"{report['time_s']:.1f}"),
-        ("peak memory (MiB)", " / ".join(f"{k.split('_')[0]} {v / 2**20:.0f}" for k, v in report["peak_memory"].items())),
+        ("peak memory (MiB)", mem),
         ("model size fp32 -> quantized (MiB)",
          f"{report['size']['fp32_bytes'] / 2**20:.2f} -> {report['size']['quantized_bytes'] / 2**20:.2f}"),
     ]
@@ -169,7 +171,8 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError("--bf16 needs --device cuda (bf16 autocast is a GPU option)")
     for flag, v, lo in (("--calib-size", args.calib_size, 1), ("--init-size", args.init_size, 1),
                         ("--batch-size", args.batch_size, 1), ("--iters", args.iters, 0),
-                        ("--save-every", args.save_every, 0), ("--workers", args.workers, 0), ("--stop-after", args.stop_after, 1)):
+                        ("--save-every", args.save_every, 0), ("--workers", args.workers, 0),
+                        ("--stop-after", args.stop_after, 1)):
         if v is not None and v < lo:
             raise UserError(f"{flag} must be >= {lo}, got {v}")
     out = os.path.abspath(args.out)
@@ -224,7 +227,8 @@ def run(args: argparse.Namespace) -> dict:
         "model": args.model, "timm_name": spec.timm_name, "bits": cfg_bits.name, "method": args.method,
         "fp_top1_literature": spec.fp_top1, "fp": fp_acc, "quantized": q_acc,
         "calib_images": int(images.shape[0]), "init_images": min(args.init_size, int(images.shape[0])),
-        "skipped_images": {"calib": len(calib_folder.skipped), "val": 0 if val_folder is None else len(val_folder.skipped)},
+        "skipped_images": {"calib": len(calib_folder.skipped),
+                           "val": 0 if val_folder is None else len(val_folder.skipped)},
         "steps": history["steps"], "iters": args.iters, "batch_size": args.batch_size, "seed": args.seed,
         "losses": {"first": losses[0], "last": losses[-1]} if losses else None,
         "time_s": time.time() - t0, "peak_memory": peak_memory(device), "size": model_size(fp_model, student),

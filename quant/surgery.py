@@ -115,8 +115,8 @@ def quantize_model(model: nn.Module, bits, rescale: bool = True) -> nn.Module:
     pe.proj = QuantConv2dPatch(pe.proj, cfg.w_bits, 16 if cfg.act_float else PATCH_INPUT_BITS)
     for n in names:
         m = model.get_submodule(n)
-        new = QuantWindowAttention(m, cfg.a_bits) if isinstance(m, WindowAttention) else QuantViTAttention(m, cfg.a_bits)
-        _set(model, n, new)
+        cls = QuantWindowAttention if isinstance(m, WindowAttention) else QuantViTAttention
+        _set(model, n, cls(m, cfg.a_bits))
     for p in model.parameters():
         p.requires_grad_(False)
     for m in quant_modules(model):

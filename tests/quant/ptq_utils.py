@@ -6,7 +6,8 @@ import timm
 import torch
 
 CONFIGS = {
-    "vit": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)),
+    "vit": ("vit_tiny_patch16_224",
+            dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)),
     "deit": ("deit_tiny_distilled_patch16_224",
              dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)),
     "swin": ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=2, window_size=4, embed_dim=24,

@@ -91,7 +91,8 @@ def test_interrupt_and_resume_is_bit_exact(tmp_path, method, iters, stop):
 def test_resume_rejects_other_run(tmp_path):
     fp, q, x = _setup("vit", "w4a4", n=8)
     state = str(tmp_path / "s.pt")
-    optimize(copy.deepcopy(q), fp, x, OptimConfig(iters=2, batch_size=4, progress=False, save_every=1, state_path=state))
+    cfg = OptimConfig(iters=2, batch_size=4, progress=False, save_every=1, state_path=state)
+    optimize(copy.deepcopy(q), fp, x, cfg)
     with pytest.raises(UserError, match="different run"):
         optimize(q, fp, x, OptimConfig(iters=3, batch_size=4, progress=False, state_path=state, resume=True))
     with pytest.raises(UserError, match="no checkpoint"):
