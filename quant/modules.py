@@ -30,11 +30,20 @@ ACT_PERCENTILES = (0.01, 99.99)
 
 class _Moded(nn.Module):
     mode: str = "float"
+    _checked: bool = False
 
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
+
+    def _check_initialised(self) -> None:
+        """Fake-quant with uninitialised quantizers (``s = 1``) would be silently wrong: refuse it (checked once)."""
+        if not self._checked:
+            if not bool(self.initialised):
+                raise RuntimeError(f"{type(self).__name__} used in 'quant' mode before initialisation; run "
+                                   f"quant.calibrate.calibrate(model, images) first")
+            self._checked = True
 
 
 class ActQuantizer(_Moded):
@@ -79,12 +88,14 @@ class ActQuantizer(_Moded):
             self.init_from(P.apply_rescale(x.float(), r, shift))
         if self.mode != "quant" or not self.enabled:
             return P.apply_rescale(x, r, shift)
+        self._check_initialised()
         return ops.fake_quantize(x, QParams(self.s, self.z, self.bits), r, shift)
 
 
 def _weight_qparams_init(module, w: Tensor) -> None:
     s, z = P.init_weight_qparams(w.detach().float(), module.w_bits)
     module.log_ws.data.copy_(s.log())
+    module.initialised.fill_(True)
     if isinstance(module.wz, nn.Parameter):
         module.wz.data.copy_(z)
     else:
@@ -120,6 +131,7 @@ class QuantLinear(_Moded):
             self.register_buffer("wz", torch.ones(n, 1))
         else:
             self.wz = nn.Parameter(torch.zeros(n, 1))
+        self.register_buffer("initialised", torch.tensor(False))
         self.act = ActQuantizer(a_bits)
         self.rescale = rescale
         if rescale:
@@ -169,6 +181,7 @@ class QuantLinear(_Moded):
         xq = self.act(x, self.r, self.shift)
         w, b = self.folded()
         if self.mode == "quant":
+            self._check_initialised()
             w = ops.fake_quantize_weight(w, self.ws, self.wz, self.w_bits)
         return F.linear(xq, w.to(xq.dtype), b.to(xq.dtype))
 
@@ -216,6 +229,7 @@ class QuantConv2dPatch(_Moded):
             self.register_buffer("wz", torch.ones(n, 1))
         else:
             self.wz = nn.Parameter(torch.zeros(n, 1))
+        self.register_buffer("initialised", torch.tensor(False))
         self.act = ActQuantizer(input_bits)
 
     def set_mode(self, mode: str) -> None:
@@ -238,6 +252,7 @@ class QuantConv2dPatch(_Moded):
         xq = self.act(x)
         w = self.weight_2d()
         if self.mode == "quant":
+            self._check_initialised()
             w = ops.fake_quantize_weight(w, self.ws, self.wz, self.w_bits)
         return F.conv2d(xq, w.reshape(self.weight.shape).to(xq.dtype), self.bias, self.stride)
 

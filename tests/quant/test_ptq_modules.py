@@ -149,3 +149,6 @@ def test_quantize_model_rejects_bad_input():
         quantize_model(q, "w4a4")
     with pytest.raises(ValueError, match="mode must be"):
         ActQuantizer(8).set_mode("fast")
+    set_mode(q, "quant")
+    with pytest.raises(RuntimeError, match="before initialisation"):
+        q(images(2))
