@@ -1,0 +1,179 @@
+"""Model aliases, loading (hub or local checkpoint) and per-model evaluation preprocessing.
+
+Aliases map to the timm checkpoints the literature uses (FP top-1 in ``fp_top1``); any other timm model name is
+accepted as well. :func:`register_model` adds an alias with its own loader (e.g. an embedded demo model).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+import timm
+
+from quant.errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """``loader(checkpoint, model_args) -> nn.Module`` builds the float model (None: timm by ``timm_name``)."""
+
+    alias: str
+    timm_name: str
+    fp_top1: Optional[float] = None
+    crop_pct: float = 0.9
+    loader: Optional[Callable[[Optional[str], dict], nn.Module]] = None
+    mean: Optional[tuple] = None
+    std: Optional[tuple] = None
+
+
+_REGISTRY: Dict[str, ModelSpec] = {}
+
+
+def register_model(alias: str, timm_name: str = "", fp_top1: Optional[float] = None, crop_pct: float = 0.9,
+                   loader: Optional[Callable[[Optional[str], dict], nn.Module]] = None,
+                   mean: Optional[tuple] = None, std: Optional[tuple] = None) -> ModelSpec:
+    """Register (or replace) ``alias``; give ``loader(checkpoint, model_args) -> nn.Module`` for models that do not
+    come from the timm hub, and ``mean``/``std`` when the model has no timm ``pretrained_cfg``."""
+    if not timm_name and loader is None:
+        raise ValueError("register_model needs a timm_name or a loader")
+    spec = ModelSpec(alias, timm_name or alias, fp_top1, crop_pct, loader, mean, std)
+    _REGISTRY[alias] = spec
+    return spec
+
+
+for _a, _n, _t, _c in (
+    ("vit_s", "vit_small_patch16_224.augreg_in21k_ft_in1k", 81.39, 0.9),
+    ("vit_b", "vit_base_patch16_224.augreg_in21k_ft_in1k", 84.54, 0.9),
+    ("deit_t", "deit_tiny_patch16_224.fb_in1k", 72.21, 0.875),
+    ("deit_s", "deit_small_patch16_224.fb_in1k", 79.85, 0.875),
+    ("deit_b", "deit_base_patch16_224.fb_in1k", 81.80, 0.875),
+    ("swin_t", "swin_tiny_patch4_window7_224.ms_in1k", 81.39, 0.9),
+    ("swin_s", "swin_small_patch4_window7_224.ms_in1k", 83.23, 0.9),
+    ("swin_b", "swin_base_patch4_window7_224.ms_in22k_ft_in1k", 85.27, 0.9),
+):
+    register_model(_a, _n, _t, _c)
+
+
+def aliases() -> Dict[str, ModelSpec]:
+    return dict(_REGISTRY)
+
+
+def resolve(name: str) -> ModelSpec:
+    """The spec of an alias or of any timm model name; :class:`UserError` listing the aliases otherwise."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    base = name.split(".")[0]
+    if timm.is_model(base):
+        return ModelSpec(name, name, None, 0.875 if base.startswith("deit") else 0.9)
+    raise UserError(f"unknown model {name!r}; use one of the aliases {', '.join(sorted(_REGISTRY))} "
+                    f"or a timm model name (see timm.list_models())")
+
+
+def load_state_dict_file(path: str) -> dict:
+    """A state dict from ``.safetensors`` or a torch file (optionally wrapped under ``model``/``state_dict``)."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint file {path!r} does not exist; pass --checkpoint PATH to a local weights file")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader failure is a bad file for the user
+        raise UserError(f"cannot read checkpoint {path!r} ({type(e).__name__}: {e}); pass a .pth/.pt state dict "
+                        f"or a .safetensors file") from None
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise UserError(f"checkpoint {path!r} does not hold a state dict of tensors")
+    return sd
+
+
+def load_model(name: str, checkpoint: Optional[str] = None, model_args: Optional[dict] = None) -> nn.Module:
+    """Float model in eval mode: the spec's loader, or ``timm.create_model`` with hub weights or ``checkpoint``."""
+    spec = resolve(name)
+    model_args = dict(model_args or {})
+    if spec.loader is not None:
+        model = spec.loader(checkpoint, model_args)
+        return model.eval()
+    if checkpoint is not None:
+        sd = load_state_dict_file(checkpoint)
+        try:
+            model = timm.create_model(spec.timm_name, pretrained=False, **model_args)
+        except TypeError as e:
+            raise UserError(f"bad --model-args for {spec.timm_name}: {e}") from None
+        try:
+            model.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            raise UserError(f"checkpoint {checkpoint!r} does not match {spec.timm_name} "
+                            f"{model_args or ''}: {str(e).splitlines()[0]} ...; pass weights of this model "
+                            f"(and the same --model-args it was built with)") from None
+        return model.eval()
+    from huggingface_hub import constants as hf
+    offline_before = hf.HF_HUB_OFFLINE
+    if not offline_before and not _hub_reachable(hf.ENDPOINT):
+        hf.HF_HUB_OFFLINE = True  # use the local cache only instead of minutes of retries
+    try:
+        model = timm.create_model(spec.timm_name, pretrained=True, **model_args)
+    except TypeError as e:
+        raise UserError(f"bad --model-args for {spec.timm_name}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - hub/network failures come in many types
+        raise UserError(f"cannot fetch the pretrained weights of {spec.timm_name} ({type(e).__name__}): the hub is "
+                        f"not reachable (offline?) and they are not in the local cache. Download them elsewhere "
+                        f"and pass --checkpoint PATH (a .pth or .safetensors state dict)") from None
+    finally:
+        hf.HF_HUB_OFFLINE = offline_before
+    return model.eval()
+
+
+def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub ``endpoint`` opens within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlparse
+    u = urlparse(endpoint)
+    try:
+        with socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def input_size(model: nn.Module) -> int:
+    """Square input resolution of ``model`` (from its patch embedding)."""
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is None:
+        size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-2:]
+    return int(size[0])
+
+
+def eval_transform(model: nn.Module, spec: ModelSpec):
+    """Eval preprocessing: resize to ``size / crop_pct`` (bicubic), centre crop ``size``, model mean/std."""
+    from timm.data import create_transform
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    size = input_size(model)
+    return create_transform(input_size=(3, size, size), is_training=False, interpolation="bicubic",
+                            crop_pct=spec.crop_pct, mean=spec.mean or cfg.get("mean", (0.485, 0.456, 0.406)),
+                            std=spec.std or cfg.get("std", (0.229, 0.224, 0.225)))
+
+
+def load_quantized(path: str) -> nn.Module:
+    """Rebuild the fake-quant model saved by ``python -m quant.run`` (``<out>/quantized.pt``), in ``quant`` mode."""
+    from quant.modules import set_mode
+    from quant.surgery import quantize_model
+    if not os.path.isfile(path):
+        raise UserError(f"quantized model {path!r} does not exist; point to <out>/quantized.pt of a quant.run")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    spec = resolve(saved["model"])
+    if spec.loader is not None:
+        model = spec.loader(None, dict(saved["model_args"]))
+    else:
+        model = timm.create_model(spec.timm_name, pretrained=False, **saved["model_args"])
+    model = quantize_model(model.eval(), saved["bits"], rescale=saved["rescale"])
+    model.load_state_dict(saved["state_dict"], strict=True)
+    set_mode(model, "quant")
+    return model

@@ -1,0 +1,326 @@
+"""Quantized building blocks (fake-quant for optimisation; integer forms for export).
+
+All quantization math goes through :mod:`quant.primitives` and the dispatch of :mod:`kernels.ops`.
+
+Parametrisation
+---------------
+* Step sizes are learned in the log domain (``s = exp(log_s)``) so that they stay positive and Adam's
+  learning rate acts as a relative change; zero points ``z`` are learned directly (rounded in the forward,
+  straight-through); ternary weights keep ``z = 1`` fixed (a buffer).
+* Channel rescale ``r`` is learned as ``log_r`` (``r = exp(log_r)``), ``shift`` directly.
+
+Every module has three modes (``mode`` attribute): ``"float"`` (exact FP forward), ``"calib"`` (FP forward while
+initialising the quantizers from the batch it sees, see :mod:`quant.calibrate`), ``"quant"`` (fake-quant).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kernels import ops
+from quant import primitives as P
+from quant.primitives import QParams
+
+MODES = ("float", "calib", "quant")
+ACT_PERCENTILES = (0.01, 99.99)
+
+
+class _Moded(nn.Module):
+    mode: str = "float"
+    _checked: bool = False
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+
+    def _check_initialised(self) -> None:
+        """Fake-quant with uninitialised quantizers (``s = 1``) would be silently wrong: refuse it (checked once)."""
+        if not self._checked:
+            if not bool(self.initialised):
+                raise RuntimeError(f"{type(self).__name__} used in 'quant' mode before initialisation; run "
+                                   f"quant.calibrate.calibrate(model, images) first")
+            self._checked = True
+
+
+class ActQuantizer(_Moded):
+    """Per-tensor activation quantizer ``x_hat = fake_quantize((x - shift) / r, s, z, bits)``.
+
+    ``bits == 16`` leaves activations in float (the quantizer is the identity). ``r``/``shift`` are not owned here:
+    the caller passes them (see :class:`QuantLinear`).
+    """
+
+    def __init__(self, bits, percentiles=ACT_PERCENTILES):
+        super().__init__()
+        self.bits = bits
+        self.percentiles = tuple(percentiles)
+        self.log_s = nn.Parameter(torch.zeros(()))
+        self.z = nn.Parameter(torch.zeros(()))
+        self.register_buffer("initialised", torch.tensor(False))
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits != 16
+
+    @property
+    def s(self) -> Tensor:
+        return self.log_s.exp()
+
+    def qparams(self) -> QParams:
+        """Deployable per-tensor quantizer: ``s`` (0-d), integer unsigned ``z`` (0-d), bits."""
+        return QParams(self.s.detach().clone(), P.round_zero_point(self.z.detach(), self.bits), self.bits)
+
+    @torch.no_grad()
+    def init_from(self, x: Tensor) -> None:
+        """``(s, z)`` from the percentile range of ``x`` (already rescaled)."""
+        if not self.enabled:
+            return
+        s, z = P.init_act_qparams(x.detach().float(), self.bits, self.percentiles)
+        self.log_s.copy_(s.log())
+        self.z.copy_(z)
+        self.initialised.fill_(True)
+
+    def forward(self, x: Tensor, r: Optional[Tensor] = None, shift: Optional[Tensor] = None) -> Tensor:
+        if self.mode == "calib":
+            self.init_from(P.apply_rescale(x.float(), r, shift))
+        if self.mode != "quant" or not self.enabled:
+            return P.apply_rescale(x, r, shift)
+        self._check_initialised()
+        return ops.fake_quantize(x, QParams(self.s, self.z, self.bits), r, shift)
+
+
+def _weight_qparams_init(module, w: Tensor) -> None:
+    s, z = P.init_weight_qparams(w.detach().float(), module.w_bits)
+    module.log_ws.data.copy_(s.log())
+    module.initialised.fill_(True)
+    if isinstance(module.wz, nn.Parameter):
+        module.wz.data.copy_(z)
+    else:
+        module.wz.copy_(z)
+
+
+class QuantLinear(_Moded):
+    """Quantized ``y = W x + b`` with weight refinement and optional channel rescale/shift.
+
+    Fake-quant forward (``W [N, K]``, ``x [..., K]``)::
+
+        x_hat      = fake_quantize((x - shift) / r, s_a, z_a, a_bits)            per tensor
+        W', b'     = fold_rescale(W + dW, b, r, shift)     i.e. W' = (W + dW) * r, b' = b + (W + dW) @ shift
+        W_hat      = fake_quantize(W', s_w, z_w, w_bits)                         per output channel, s_w, z_w [N, 1]
+        y          = x_hat @ W_hat^T + b'
+
+    The refinement ``dW`` lives in the original weight domain and is applied *before* the fold, so the deployed
+    weight codes are ``quantize((W + dW) * r)``. ``W`` and ``b`` are frozen; ``dW`` starts at zero.
+    ``rescale=True`` creates ``r = exp(log_r)`` and ``shift`` (used on post-LayerNorm linears).
+    """
+
+    def __init__(self, linear: nn.Linear, w_bits, a_bits, rescale: bool = False):
+        super().__init__()
+        P.check_bits(w_bits)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.w_bits, self.a_bits = w_bits, a_bits
+        self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.dW = nn.Parameter(torch.zeros_like(self.weight))
+        n = self.out_features
+        self.log_ws = nn.Parameter(torch.zeros(n, 1))
+        if w_bits == P.TERNARY:
+            self.register_buffer("wz", torch.ones(n, 1))
+        else:
+            self.wz = nn.Parameter(torch.zeros(n, 1))
+        self.register_buffer("initialised", torch.tensor(False))
+        self.act = ActQuantizer(a_bits)
+        self.rescale = rescale
+        if rescale:
+            self.log_r = nn.Parameter(torch.zeros(self.in_features))
+            self.shift = nn.Parameter(torch.zeros(self.in_features))
+        else:
+            self.log_r = self.shift = None
+
+    def set_mode(self, mode: str) -> None:
+        super().set_mode(mode)
+        self.act.set_mode(mode)
+
+    @property
+    def r(self) -> Optional[Tensor]:
+        return None if self.log_r is None else self.log_r.exp()
+
+    @property
+    def ws(self) -> Tensor:
+        return self.log_ws.exp()
+
+    def folded(self):
+        """``(W', b') = fold_rescale(W + dW, b, r, shift)``."""
+        return P.fold_rescale(self.weight + self.dW, self.bias, self.r, self.shift)
+
+    @torch.no_grad()
+    def init_rescale(self, x: Tensor, alpha: float = 0.5, percentiles=ACT_PERCENTILES) -> None:
+        """SmoothQuant-style ``(r, shift)`` from per-channel percentile ranges of ``x [..., K]``."""
+        x2 = x.detach().float().reshape(-1, self.in_features)
+        lo = P.percentile(x2, percentiles[0], dim=0).reshape(-1)
+        hi = P.percentile(x2, percentiles[1], dim=0).reshape(-1)
+        r, shift = P.smooth_rescale_shift(lo, hi, self.weight + self.dW, alpha)
+        self.log_r.copy_(r.log())
+        self.shift.copy_(shift)
+
+    @torch.no_grad()
+    def init_weight_qparams(self) -> None:
+        """Per-channel ``(s_w, z_w)`` of the folded weight (``primitives.init_weight_qparams``)."""
+        _weight_qparams_init(self, self.folded()[0])
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "float":
+            return F.linear(x, self.weight + self.dW, self.bias)
+        if self.mode == "calib":
+            if self.rescale and self.act.enabled:
+                self.init_rescale(x)
+            self.init_weight_qparams()
+        xq = self.act(x, self.r, self.shift)
+        w, b = self.folded()
+        if self.mode == "quant":
+            self._check_initialised()
+            w = ops.fake_quantize_weight(w, self.ws, self.wz, self.w_bits)
+        return F.linear(xq, w.to(xq.dtype), b.to(xq.dtype))
+
+    @torch.no_grad()
+    def deploy(self) -> Dict[str, object]:
+        """Integer form: ``codes [N, K] uint8 = quantize(W', s_w, z_w)``, ``w_scale [N]``, ``w_zero [N]`` (unsigned
+        integer), ``bias [N]`` (= b'), ``input`` (:class:`QParams`, or None for A16), ``r [K]``/``shift [K]`` (or None),
+        ``w_bits``. Then ``y = int_linear(quantize((x - shift) / r), codes) + bias``.
+        """
+        w, b = self.folded()
+        return {
+            "codes": P.quantize(w.float(), self.ws, self.wz, self.w_bits),
+            "w_scale": self.ws.detach().reshape(-1).clone(),
+            "w_zero": P.round_zero_point(self.wz.detach(), self.w_bits).reshape(-1),
+            "bias": b.detach().float().clone(),
+            "input": self.act.qparams() if self.act.enabled else None,
+            "r": None if self.log_r is None else self.r.detach().clone(),
+            "shift": None if self.shift is None else self.shift.detach().clone(),
+            "w_bits": self.w_bits,
+        }
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, w_bits={self.w_bits}, a_bits={self.a_bits}, "
+                f"rescale={self.rescale}")
+
+
+class QuantConv2dPatch(_Moded):
+    """Quantized patch-embedding convolution (kernel == stride, no padding).
+
+    Weight ``[D, C, p, p]`` is quantized per output channel as ``[D, C*p*p]`` at ``w_bits`` with refinement ``dW``;
+    the input image is quantized per tensor at ``input_bits`` (8; 16 = float).
+    """
+
+    def __init__(self, conv: nn.Conv2d, w_bits, input_bits=8):
+        super().__init__()
+        if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding not in ((0, 0), 0, "valid"):
+            raise ValueError("quantized patch embedding needs a plain conv (groups=1, dilation=1, no padding)")
+        self.stride, self.w_bits = conv.stride, w_bits
+        self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        self.dW = nn.Parameter(torch.zeros_like(self.weight))
+        n = self.weight.shape[0]
+        self.log_ws = nn.Parameter(torch.zeros(n, 1))
+        if w_bits == P.TERNARY:
+            self.register_buffer("wz", torch.ones(n, 1))
+        else:
+            self.wz = nn.Parameter(torch.zeros(n, 1))
+        self.register_buffer("initialised", torch.tensor(False))
+        self.act = ActQuantizer(input_bits)
+
+    def set_mode(self, mode: str) -> None:
+        super().set_mode(mode)
+        self.act.set_mode(mode)
+
+    @property
+    def ws(self) -> Tensor:
+        return self.log_ws.exp()
+
+    def weight_2d(self) -> Tensor:
+        w = self.weight + self.dW
+        return w.reshape(w.shape[0], -1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "calib":
+            _weight_qparams_init(self, self.weight_2d())
+        if self.mode == "float":
+            return F.conv2d(x, self.weight + self.dW, self.bias, self.stride)
+        xq = self.act(x)
+        w = self.weight_2d()
+        if self.mode == "quant":
+            self._check_initialised()
+            w = ops.fake_quantize_weight(w, self.ws, self.wz, self.w_bits)
+        return F.conv2d(xq, w.reshape(self.weight.shape).to(xq.dtype), self.bias, self.stride)
+
+    @torch.no_grad()
+    def deploy(self) -> Dict[str, object]:
+        """Integer form: ``codes [D, C*p*p] uint8`` (im2col order C, kh, kw), ``w_scale [D]``, ``w_zero [D]``,
+        ``bias [D]``, ``input`` QParams (None for float input), ``kernel_shape`` ``(D, C, p, p)``, ``stride``."""
+        return {
+            "codes": P.quantize(self.weight_2d().float(), self.ws, self.wz, self.w_bits),
+            "w_scale": self.ws.detach().reshape(-1).clone(),
+            "w_zero": P.round_zero_point(self.wz.detach(), self.w_bits).reshape(-1),
+            "bias": None if self.bias is None else self.bias.detach().clone(),
+            "input": self.act.qparams() if self.act.enabled else None,
+            "kernel_shape": tuple(self.weight.shape),
+            "stride": tuple(self.stride),
+            "w_bits": self.w_bits,
+        }
+
+
+class QuantAttentionCore(_Moded):
+    """Quantized ``softmax(scale * Q K^T + bias + mask) V`` on ``q, k, v [B, H, L, D]``.
+
+    ``q_hat, k_hat, v_hat`` are per-tensor fake-quantized at ``a_bits`` (``q`` before the scale, as in
+    :func:`kernels.reference.quant_attention`); relative-position bias and mask are added in float; the
+    probabilities ``P`` are fake-quantized with a learnable uniform quantizer at ``a_bits``; softmax is float.
+    """
+
+    def __init__(self, a_bits):
+        super().__init__()
+        self.q_quant, self.k_quant = ActQuantizer(a_bits), ActQuantizer(a_bits)
+        self.v_quant, self.p_quant = ActQuantizer(a_bits), ActQuantizer(a_bits)
+
+    def set_mode(self, mode: str) -> None:
+        super().set_mode(mode)
+        for m in (self.q_quant, self.k_quant, self.v_quant, self.p_quant):
+            m.set_mode(mode)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, scale: float, rel_bias: Optional[Tensor] = None,
+                mask: Optional[Tensor] = None) -> Tensor:
+        """``rel_bias [H, L, L]``; ``mask [nW, L, L]`` with windows fastest in the batch (Swin) or a
+        broadcastable additive mask (ViT ``attn_mask``)."""
+        q, k, v = self.q_quant(q), self.k_quant(k), self.v_quant(v)
+        attn = (q * scale) @ k.transpose(-2, -1)
+        if rel_bias is not None:
+            attn = attn + rel_bias.unsqueeze(0)
+        if mask is not None:
+            b, h, n, _ = attn.shape
+            if mask.dim() == 3:
+                nw = mask.shape[0]
+                attn = (attn.view(b // nw, nw, h, n, n) + mask.unsqueeze(1).unsqueeze(0)).view(b, h, n, n)
+            else:
+                attn = attn + mask
+        attn = attn.softmax(dim=-1)
+        attn = self.p_quant(attn)
+        return attn @ v
+
+    def deploy(self) -> Dict[str, Optional[QParams]]:
+        """Per-tensor QParams for ``q``, ``k``, ``v`` and the probabilities ``p`` (None each under A16)."""
+        return {name: (m.qparams() if m.enabled else None)
+                for name, m in (("q", self.q_quant), ("k", self.k_quant), ("v", self.v_quant), ("p", self.p_quant))}
+
+
+def quant_modules(model: nn.Module):
+    """All moded quantized modules of ``model`` (top-level ones, i.e. not their inner activation quantizers)."""
+    return [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2dPatch, QuantAttentionCore))]
+
+
+def set_mode(model: nn.Module, mode: str) -> None:
+    """Put every quantized module of ``model`` in ``mode`` (``float``, ``calib`` or ``quant``)."""
+    for m in quant_modules(model):
+        m.set_mode(mode)

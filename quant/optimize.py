@@ -1,0 +1,358 @@
+"""Optimisation of a calibrated quantized model against its frozen float teacher (no labels).
+
+Methods
+-------
+``rtn``        initialisation only (:mod:`quant.calibrate`), no training.
+``e2e``        the paper's joint optimisation: every quantization parameter, rescale/shift and refinement of the
+               whole network at once, ``iters`` steps, loss::
+
+                   L = sum_l mean((F_l^q - F_l)^2) + T^2 KL(softmax(z / T) || softmax(z^q / T)) + lambda sum ||dW||^2
+
+               (``F_l`` the output of transformer block ``l``, ``z`` the logits; the teacher runs on the fly).
+``blockwise``  block-by-block reconstruction with the same quantizers (the design the paper argues against):
+               unit ``i`` = block ``i`` plus the layers run between block ``i-1`` and it (patch embedding,
+               patch merging), trained ``iters`` steps on ``mean((F_i^q - F_i)^2) + lambda ||dW||^2`` with every
+               other unit frozen; a final unit (the head) is trained on the KL term.
+
+Adam with lr ``lr_q`` (1e-3) for step sizes, zero points, rescale and shift and ``lr_w`` (1e-4) for the
+refinements ``dW``; per unit a linear warm-up over ``warmup`` steps (default 5/24 of ``iters``, the paper's
+5k of 24k) then cosine decay to zero. Batches are drawn without replacement from a seeded permutation per epoch.
+Checkpoints (trainable parameters, optimiser, scheduler, RNG states, sampler position) are written atomically
+every ``save_every`` steps; ``resume=True`` continues from one bit-exactly.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from quant.errors import UserError
+from quant.modules import QuantConv2dPatch, QuantLinear, quant_modules
+from quant.surgery import blocks
+
+METHODS = ("rtn", "blockwise", "e2e")
+
+
+@dataclass
+class OptimConfig:
+    method: str = "e2e"
+    iters: int = 24000
+    batch_size: int = 32
+    lr_q: float = 1e-3
+    lr_w: float = 1e-4
+    warmup: Optional[int] = None
+    temperature: float = 4.0
+    l2: float = 1e-5
+    seed: int = 0
+    save_every: int = 0
+    state_path: Optional[str] = None
+    resume: bool = False
+    bf16: bool = False
+    progress: bool = True
+    stop_after: Optional[int] = None
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise UserError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
+        if self.iters < 0 or self.batch_size < 1:
+            raise UserError(f"iters must be >= 0 and batch size >= 1, got {self.iters} and {self.batch_size}")
+        if (self.save_every or self.resume) and not self.state_path:
+            raise UserError("checkpointing/resume needs a state_path")
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(round(self.iters * 5 / 24)) if self.warmup is None else self.warmup
+
+    def fingerprint(self) -> dict:
+        keep = ("method", "iters", "batch_size", "lr_q", "lr_w", "warmup", "temperature", "l2", "seed", "bf16")
+        return {k: v for k, v in asdict(self).items() if k in keep}
+
+
+class EpochSampler:
+    """Index batches drawn without replacement from ``randperm(n, seed + epoch)``; ``state_dict`` = position."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.epoch, self.pos = 0, 0
+        self._perm = self._make_perm()
+
+    def _make_perm(self) -> Tensor:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
+
+    def next(self) -> Tensor:
+        out = []
+        need = self.batch_size
+        while need:
+            if self.pos == self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._perm = self._make_perm()
+            take = min(need, self.n - self.pos)
+            out.append(self._perm[self.pos:self.pos + take])
+            self.pos += take
+            need -= take
+        return torch.cat(out)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.epoch, self.pos = int(sd["epoch"]), int(sd["pos"])
+        self._perm = self._make_perm()
+
+
+class _Capture:
+    """Forward hooks storing each block's output (``outputs[i]``); raises :class:`_Stop` after block ``stop_at``."""
+
+    class _Stop(Exception):
+        pass
+
+    def __init__(self, block_list: List[nn.Module], stop_at: Optional[int] = None):
+        self.outputs: List[Optional[Tensor]] = [None] * len(block_list)
+        self.handles = [b.register_forward_hook(self._hook(i, i == stop_at)) for i, b in enumerate(block_list)]
+
+    def _hook(self, i, stop):
+        def fn(module, inputs, output):
+            self.outputs[i] = output
+            if stop:
+                raise _Capture._Stop()
+        return fn
+
+    def run(self, model: nn.Module, x: Tensor):
+        try:
+            return model(x)
+        except _Capture._Stop:
+            return None
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def refinement_l2(modules) -> Tensor:
+    return sum((m.dW.float() ** 2).sum() for m in modules if isinstance(m, (QuantLinear, QuantConv2dPatch)))
+
+
+def kl_logits(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """``T^2 KL(softmax(teacher / T) || softmax(student / T))``, mean over the batch."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student.float() / t, -1), F.log_softmax(teacher.float() / t, -1),
+                    reduction="batchmean", log_target=True) * t * t
+
+
+def e2e_loss(student: nn.Module, teacher: nn.Module, x: Tensor, cfg: OptimConfig) -> Dict[str, Tensor]:
+    """The e2e loss terms on batch ``x``: ``mse`` (sum over blocks), ``kl``, ``l2`` and ``total``."""
+    sb, tb = blocks(student), blocks(teacher)
+    with torch.no_grad(), _Capture(tb) as tc:
+        t_logits = teacher(x)
+    with _Capture(sb) as sc:
+        s_logits = student(x)
+    mse = sum(F.mse_loss(s.float(), t.float()) for s, t in zip(sc.outputs, tc.outputs))
+    kl = kl_logits(s_logits, t_logits, cfg.temperature)
+    l2 = refinement_l2(quant_modules(student))
+    return {"mse": mse, "kl": kl, "l2": l2, "total": mse + kl + cfg.l2 * l2}
+
+
+@torch.no_grad()
+def evaluate_loss(student: nn.Module, teacher: nn.Module, images: Tensor, cfg: OptimConfig,
+                  batch_size: int = 32) -> float:
+    """Mean e2e loss ``total`` over ``images`` (no gradient): the distillation loss used to compare methods."""
+    tot, n = 0.0, 0
+    for i in range(0, images.shape[0], batch_size):
+        x = images[i:i + batch_size]
+        tot += float(e2e_loss(student, teacher, x, cfg)["total"]) * x.shape[0]
+        n += x.shape[0]
+    return tot / n
+
+
+@dataclass
+class _Unit:
+    params: Dict[str, nn.Parameter]
+    block: Optional[int]  # index of the block whose output is reconstructed; None = the logits (KL)
+
+
+def _units(student: nn.Module, cfg: OptimConfig, example: Tensor) -> List[_Unit]:
+    trainable = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    if cfg.method == "e2e":
+        return [_Unit(trainable, None)]
+    blist = blocks(student)
+    order: List[object] = []
+    qmods = [m for m in quant_modules(student)]
+    hooks = [m.register_forward_pre_hook(lambda mod, _i, k=("q", id(m)): order.append(k)) for m in qmods]
+    hooks += [b.register_forward_pre_hook(lambda mod, _i, k=("b", i): order.append(k)) for i, b in enumerate(blist)]
+    with torch.no_grad():
+        student(example[:1])
+    for h in hooks:
+        h.remove()
+    inside = {id(m): i for i, b in enumerate(blist) for m in b.modules()}
+    owner, pending = {}, []
+    for kind, key in order:
+        if kind == "b":
+            for mid in pending:
+                owner[mid] = key
+            pending = []
+        elif key not in inside and key not in owner:
+            pending.append(key)
+    for mid in pending:
+        owner[mid] = None
+    by_unit: Dict[Optional[int], Dict[str, nn.Parameter]] = {i: {} for i in range(len(blist))}
+    by_unit[None] = {}
+    names = {id(m): n for n, m in student.named_modules()}
+    for m in qmods:
+        u = inside.get(id(m), owner.get(id(m)))
+        for pn, p in m.named_parameters():
+            if p.requires_grad:
+                by_unit[u][f"{names[id(m)]}.{pn}"] = p
+    return [_Unit(by_unit[i], i) for i in range(len(blist))] + [_Unit(by_unit[None], None)]
+
+
+def _make_optim(unit: _Unit, cfg: OptimConfig):
+    ref = [p for n, p in unit.params.items() if n.endswith("dW")]
+    rest = [p for n, p in unit.params.items() if not n.endswith("dW")]
+    groups = [g for g in ({"params": rest, "lr": cfg.lr_q}, {"params": ref, "lr": cfg.lr_w}) if g["params"]]
+    opt = torch.optim.Adam(groups)
+    warm, total = cfg.warmup_steps, cfg.iters
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, total - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save_state(path: str, state: dict) -> None:
+    """``torch.save`` to ``path`` atomically (temp file in the same folder, then ``os.replace``)."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _unit_loss(student, teacher, x, unit: _Unit, cfg: OptimConfig) -> Tensor:
+    if unit.block is None and cfg.method == "e2e":
+        return e2e_loss(student, teacher, x, cfg)["total"]
+    mods = quant_modules(student)
+    own = {id(p) for p in unit.params.values()}
+    mods = [m for m in mods if any(id(p) in own for p in m.parameters())]
+    l2 = cfg.l2 * refinement_l2(mods) if mods else 0.0
+    if unit.block is None:
+        with torch.no_grad():
+            t_logits = teacher(x)
+        return kl_logits(student(x), t_logits, cfg.temperature) + l2
+    with torch.no_grad(), _Capture(blocks(teacher), stop_at=unit.block) as tc:
+        tc.run(teacher, x)
+    with _Capture(blocks(student), stop_at=unit.block) as sc:
+        sc.run(student, x)
+    return F.mse_loss(sc.outputs[unit.block].float(), tc.outputs[unit.block].float()) + l2
+
+
+def optimize(student: nn.Module, teacher: nn.Module, images: Tensor, cfg: OptimConfig,
+             fingerprint: Optional[dict] = None) -> dict:
+    """Train the calibrated ``student`` against ``teacher`` on ``images [N, 3, H, W]`` (on the student's device).
+
+    Returns ``{"losses": [per-step loss], "steps": int, "completed": bool}``. ``fingerprint`` (e.g. model and bits)
+    is stored in checkpoints and must match on resume.
+    """
+    history = {"losses": [], "steps": 0, "completed": True}
+    if cfg.method == "rtn" or cfg.iters == 0:
+        return history
+    device = next(student.parameters()).device
+    teacher.eval().requires_grad_(False)
+    student.eval()
+    units = _units(student, cfg, images[:1].to(device))
+    total = cfg.iters * len(units)
+    fp = {"config": cfg.fingerprint(), **(fingerprint or {})}
+    sampler = EpochSampler(images.shape[0], cfg.batch_size, cfg.seed)
+    step, opt, sched, st = 0, None, None, None
+    if cfg.resume:
+        if not os.path.isfile(cfg.state_path):
+            raise UserError(f"--resume: no checkpoint at {cfg.state_path!r}; run without --resume to start afresh")
+        st = torch.load(cfg.state_path, map_location="cpu", weights_only=False)
+        if st["fingerprint"] != fp:
+            raise UserError(f"--resume: checkpoint {cfg.state_path!r} was written by a different run "
+                            f"({st['fingerprint']} vs {fp}); use the same flags or start afresh")
+        params = dict(student.named_parameters())
+        with torch.no_grad():
+            for n, t in st["params"].items():
+                params[n].copy_(t)
+        step = st["step"]
+        history["losses"] = list(st["losses"])
+        sampler.load_state_dict(st["sampler"])
+        _set_rng_state(st["rng"])
+    for p in student.parameters():
+        p.requires_grad_(False)
+    trainable = {n: p for u in units for n, p in u.params.items()}
+    bar = tqdm(total=total, initial=step, desc=f"{cfg.method} PTQ", disable=not cfg.progress, dynamic_ncols=True)
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    try:
+        while step < total:
+            ui, local = divmod(step, cfg.iters)
+            unit = units[ui]
+            if opt is None or local == 0:
+                for p in student.parameters():
+                    p.requires_grad_(False)
+                for p in unit.params.values():
+                    p.requires_grad_(True)
+                opt, sched = _make_optim(unit, cfg)
+                if st is not None and local != 0:
+                    opt.load_state_dict(st["optimizer"])
+                    sched.load_state_dict(st["scheduler"])
+                st = None
+            x = images[sampler.next()].to(device)
+            with autocast:
+                loss = _unit_loss(student, teacher, x, unit, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            lv = loss.item()
+            history["losses"].append(lv)
+            bar.update(1)
+            bar.set_postfix(loss=f"{lv:.4g}")
+            if cfg.save_every and (step % cfg.save_every == 0 or step == total):
+                save_state(cfg.state_path, {
+                    "fingerprint": fp, "step": step, "losses": history["losses"],
+                    "params": {n: p.detach().cpu().clone() for n, p in trainable.items()},
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "sampler": sampler.state_dict(), "rng": _rng_state()})
+            if cfg.stop_after is not None and step >= cfg.stop_after and step < total:
+                history["completed"] = False
+                break
+    finally:
+        bar.close()
+        for n, p in student.named_parameters():
+            p.requires_grad_(n in trainable)
+    history["steps"] = step
+    return history

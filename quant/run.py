@@ -1,0 +1,279 @@
+"""``python -m quant.run``: quantize a timm ViT/DeiT/Swin and report FP vs quantized accuracy.
+
+Pipeline: load the float model (hub or ``--checkpoint``), draw ``--calib-size`` images from ``--data``,
+initialise the quantizers on the first ``--init-size`` (32) of them, optimise (``--method``), evaluate FP and
+quantized top-1/top-5 on ``--val``, write ``report.json``, ``report.txt`` and ``quantized.pt`` into ``--out``.
+
+Everything is validated before work starts; outputs are written into a temporary folder renamed to ``--out`` at
+the very end, so a failed run leaves no partial output. Exit status 2 and ``error: ...`` on bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from calib import data as D
+from quant import packing
+from quant.bits import parse_bits
+from quant.calibrate import calibrate
+from quant.errors import UserError
+from quant.models import eval_transform, load_model, resolve
+from quant.modules import QuantConv2dPatch, QuantLinear, quant_modules
+from quant.optimize import METHODS, OptimConfig, optimize
+from quant.surgery import quantize_model
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m quant.run", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="alias (vit_s, vit_b, deit_t/s/b, swin_t/s/b) or any timm name")
+    p.add_argument("--bits", required=True, help="w<W>a<A>, e.g. w1.58a8, w3a3, w4a4, w6a6, w8a8")
+    p.add_argument("--data", required=True, help="ImageFolder of calibration images (labels unused)")
+    p.add_argument("--val", default=None, help="ImageFolder (root/<class>/<img>, sorted class order) for top-1/top-5")
+    p.add_argument("--val-size", type=int, default=None, help="evaluate on this many images of --val (seeded)")
+    p.add_argument("--calib-size", type=int, default=1024, help="calibration images drawn from --data (seeded)")
+    p.add_argument("--init-size", type=int, default=32, help="images used to initialise the quantizers")
+    p.add_argument("--iters", type=int, default=24000, help="optimisation steps (blockwise: per block)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--method", default="e2e", choices=METHODS)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--checkpoint", default=None, help="local weights (.pth/.safetensors) instead of the hub")
+    p.add_argument("--model-args", default=None, help='JSON kwargs for timm.create_model, e.g. \'{"img_size": 64}\'')
+    p.add_argument("--lr-q", type=float, default=1e-3, help="lr of step sizes, zero points, rescale/shift")
+    p.add_argument("--lr-w", type=float, default=1e-4, help="lr of the weight refinement")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 5/24 of --iters)")
+    p.add_argument("--temperature", type=float, default=4.0, help="KL temperature T")
+    p.add_argument("--l2", type=float, default=1e-5, help="weight of the refinement L2 term")
+    p.add_argument("--no-rescale", action="store_true", help="disable the channel rescale/shift")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast during optimisation (CUDA only)")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: never)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint <out>.state.pt")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop after this many steps, leaving the checkpoint for --resume (time-sliced jobs)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1) // 2,
+                   help="image-decoding processes for --val (0: decode in the main process)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def _check_device(name: str) -> torch.device:
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}; use cpu or cuda[:N]") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} asked for but CUDA is not available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif dev.type != "cpu":
+        raise UserError(f"unsupported --device {name!r}; use cpu or cuda[:N]")
+    return dev
+
+
+@torch.no_grad()
+def evaluate(models: Dict[str, nn.Module], folder: D.ImageFolder, transform, batch_size: int, device,
+             size: Optional[int] = None, seed: int = 0, workers: int = 0) -> Dict[str, dict]:
+    """Top-1/top-5 accuracy (%) of each model over the labelled images of ``folder`` (each batch decoded once)."""
+    hits = {name: [0, 0] for name in models}
+    n = 0
+    for x, y in D.stream(folder, transform, batch_size, size, seed, workers):
+        x = x.to(device)
+        for name, model in models.items():
+            logits = model(x).float().cpu()
+            pred = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+            hits[name][0] += int((pred[:, 0] == y).sum())
+            hits[name][1] += int((pred == y[:, None]).any(-1).sum())
+        n += y.numel()
+    return {name: {"top1": 100.0 * t1 / max(n, 1), "top5": 100.0 * t5 / max(n, 1), "images": n}
+            for name, (t1, t5) in hits.items()}
+
+
+def model_size(fp_model: nn.Module, student: nn.Module) -> dict:
+    """Bytes of the float model (fp32) and of the deployed one: packed weight codes, fp32 scale + uint8 zero point
+    per output channel, fp32 input step + uint8 zero point per activation quantizer, fp32 ``r``/``shift``, and every
+    other float parameter (biases, norms, embeddings) in fp32."""
+    fp = sum(p.numel() * 4 for p in fp_model.parameters())
+    q = fp
+    for m in quant_modules(student):
+        if isinstance(m, (QuantLinear, QuantConv2dPatch)):
+            n, k = m.weight.shape[0], m.weight[0].numel()
+            fmt = packing.FORMATS[packing.format_for_bits(m.w_bits)]
+            kp = packing.padded_k(k, fmt.name)
+            q += sum(n * kp // per_byte for _, per_byte in fmt.planes) + n * 5 - m.weight.numel() * 4
+            q += 5 * int(m.act.enabled)
+            if getattr(m, "rescale", False):
+                q += 8 * k
+        else:
+            q += 5 * sum(int(a.enabled) for a in (m.q_quant, m.k_quant, m.v_quant, m.p_quant))
+    return {"fp32_bytes": fp, "quantized_bytes": q}
+
+
+def peak_memory(device: torch.device) -> dict:
+    out = {"cpu_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.type == "cuda":
+        out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    return out
+
+
+def format_table(report: dict) -> str:
+    """The report as an aligned two-column text table."""
+    fp, q = report.get("fp") or {}, report.get("quantized") or {}
+    lit = report["fp_top1_literature"]
+    mem = " / ".join(f"{k.split('_')[0]} {v / 2**20:.0f}" for k, v in report["peak_memory"].items())
+    acc = lambda d, k: f"{d[k]:.2f}" if k in d else "-"  # noqa: E731
+    rows = [
+        ("model", f"{report['model']} ({report['timm_name']})"),
+        ("bits / method", f"{report['bits']} / {report['method']}"),
+        ("FP top-1 (literature)", "-" if lit is None else f"{lit:.2f}"),
+        ("FP top-1 / top-5", f"{acc(fp, 'top1')} / {acc(fp, 'top5')}"),
+        ("quantized top-1 / top-5", f"{acc(q, 'top1')} / {acc(q, 'top5')}"),
+        ("val images (skipped)", f"{q.get('images', '-')} ({report['skipped_images']['val']})"),
+        ("calib images (skipped)", f"{report['calib_images']} ({report['skipped_images']['calib']})"),
+        ("loss first -> last", "-" if not report["losses"] else
+         f"{report['losses']['first']:.4g} -> {report['losses']['last']:.4g} ({report['steps']} steps)"),
+        ("time (s)", f"{report['time_s']:.1f}"),
+        ("peak memory (MiB)", mem),
+        ("model size fp32 -> quantized (MiB)",
+         f"{report['size']['fp32_bytes'] / 2**20:.2f} -> {report['size']['quantized_bytes'] / 2**20:.2f}"),
+    ]
+    w = max(len(r[0]) for r in rows)
+    return "\n".join(f"{a.ljust(w)}  {b}" for a, b in rows) + "\n"
+
+
+def state_path(out: str) -> str:
+    return os.path.abspath(out).rstrip(os.sep) + ".state.pt"
+
+
+def run(args: argparse.Namespace) -> dict:
+    t0 = time.time()
+    try:
+        cfg_bits = parse_bits(args.bits)
+    except ValueError as e:
+        raise UserError(f"--bits: {e}") from None
+    spec = resolve(args.model)
+    device = _check_device(args.device)
+    if args.bf16 and device.type != "cuda":
+        raise UserError("--bf16 needs --device cuda (bf16 autocast is a GPU option)")
+    for flag, v, lo in (("--calib-size", args.calib_size, 1), ("--init-size", args.init_size, 1),
+                        ("--batch-size", args.batch_size, 1), ("--iters", args.iters, 0),
+                        ("--save-every", args.save_every, 0), ("--workers", args.workers, 0),
+                        ("--stop-after", args.stop_after, 1)):
+        if v is not None and v < lo:
+            raise UserError(f"{flag} must be >= {lo}, got {v}")
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not args.overwrite:
+        raise UserError(f"--out {args.out!r} already exists; pick another folder or pass --overwrite")
+    try:
+        model_args = json.loads(args.model_args) if args.model_args else {}
+        if not isinstance(model_args, dict):
+            raise ValueError("not an object")
+    except ValueError as e:
+        raise UserError(f"--model-args must be a JSON object such as '{{\"img_size\": 64}}' ({e})") from None
+    calib_folder = D.scan(args.data, "--data")
+    val_folder = D.scan(args.val, "--val") if args.val else None
+    if val_folder is not None and not val_folder.classes:
+        raise UserError(f"--val folder {args.val!r} has no class sub-folders; lay it out as root/<class>/<img>")
+    if args.stop_after is not None and not args.save_every:
+        raise UserError("--stop-after needs checkpoints: pass --save-every N (N > 0)")
+    if args.resume and not os.path.isfile(state_path(out)):
+        raise UserError(f"--resume: no checkpoint at {state_path(out)!r}; run without --resume to start afresh")
+
+    torch.manual_seed(args.seed)
+    fp_model = load_model(args.model, args.checkpoint, model_args)
+    if val_folder is not None:
+        n_cls = getattr(fp_model, "num_classes", None)
+        if n_cls is not None and len(val_folder.classes) > n_cls:
+            raise UserError(f"--val has {len(val_folder.classes)} class folders but the model predicts {n_cls} "
+                            f"classes; pass a validation folder of this model's classes")
+    transform = eval_transform(fp_model, spec)
+    images, _ = D.load_subset(calib_folder, transform, args.calib_size, args.seed, "--data")
+    fp_model.to(device)
+    try:
+        student = quantize_model(copy.deepcopy(fp_model), cfg_bits, rescale=not args.no_rescale)
+    except ValueError as e:
+        raise UserError(f"--model {args.model}: {e}") from None
+    calibrate(student, images[:args.init_size].to(device))
+    ocfg = OptimConfig(method=args.method, iters=args.iters, batch_size=args.batch_size, lr_q=args.lr_q,
+                       lr_w=args.lr_w, warmup=args.warmup, temperature=args.temperature, l2=args.l2,
+                       seed=args.seed, save_every=args.save_every, state_path=state_path(out), resume=args.resume,
+                       bf16=args.bf16, progress=not args.no_progress, stop_after=args.stop_after)
+    fingerprint = {"model": args.model, "bits": cfg_bits.name, "calib_size": args.calib_size,
+                   "model_args": model_args, "rescale": not args.no_rescale}
+    history = optimize(student, fp_model, images, ocfg, fingerprint)
+    if not history["completed"]:
+        return {"completed": False, "steps": history["steps"], "state_path": ocfg.state_path}
+    fp_acc = q_acc = None
+    if val_folder is not None:
+        accs = evaluate({"fp": fp_model, "quantized": student}, val_folder, transform, args.batch_size, device,
+                        args.val_size, args.seed, args.workers)
+        fp_acc, q_acc = accs["fp"], accs["quantized"]
+    losses = history["losses"]
+    report = {
+        "model": args.model, "timm_name": spec.timm_name, "bits": cfg_bits.name, "method": args.method,
+        "fp_top1_literature": spec.fp_top1, "fp": fp_acc, "quantized": q_acc,
+        "calib_images": int(images.shape[0]), "init_images": min(args.init_size, int(images.shape[0])),
+        "skipped_images": {"calib": len(calib_folder.skipped),
+                           "val": 0 if val_folder is None else len(val_folder.skipped)},
+        "steps": history["steps"], "iters": args.iters, "batch_size": args.batch_size, "seed": args.seed,
+        "losses": {"first": losses[0], "last": losses[-1]} if losses else None,
+        "time_s": time.time() - t0, "peak_memory": peak_memory(device), "size": model_size(fp_model, student),
+        "device": str(device), "completed": True,
+    }
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        torch.save({"model": args.model, "timm_name": spec.timm_name, "bits": cfg_bits.name,
+                    "model_args": model_args, "rescale": not args.no_rescale,
+                    "state_dict": {k: v.detach().cpu() for k, v in student.state_dict().items()}},
+                   os.path.join(tmp, "quantized.pt"))
+        with open(os.path.join(tmp, "report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        with open(os.path.join(tmp, "report.txt"), "w") as f:
+            f.write(format_table(report))
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(ocfg.state_path):
+        os.remove(ocfg.state_path)
+    return report
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        report = run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if report.get("completed"):
+        print(format_table(report), end="")
+    else:
+        print(f"stopped after {report['steps']} steps; checkpoint {report['state_path']}; continue with the same "
+              f"flags and --resume", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
