@@ -52,7 +52,8 @@ def model_io(model) -> dict:
     from timm.data import resolve_data_config
 
     cfg = resolve_data_config({}, model=model)
-    return {"input_size": tuple(cfg["input_size"]), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None) or cfg["input_size"][-2:]
+    return {"input_size": (3, int(size[0]), int(size[1])), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
 
 
 def _block_tokens(model) -> List[torch.nn.Module]:

@@ -28,6 +28,7 @@ class ModelSpec:
     loader: Optional[Callable[[Optional[str], dict], nn.Module]] = None
     mean: Optional[tuple] = None
     std: Optional[tuple] = None
+    run_defaults: Optional[dict] = None
 
 
 _REGISTRY: Dict[str, ModelSpec] = {}
@@ -35,12 +36,14 @@ _REGISTRY: Dict[str, ModelSpec] = {}
 
 def register_model(alias: str, timm_name: str = "", fp_top1: Optional[float] = None, crop_pct: float = 0.9,
                    loader: Optional[Callable[[Optional[str], dict], nn.Module]] = None,
-                   mean: Optional[tuple] = None, std: Optional[tuple] = None) -> ModelSpec:
+                   mean: Optional[tuple] = None, std: Optional[tuple] = None,
+                   run_defaults: Optional[dict] = None) -> ModelSpec:
     """Register (or replace) ``alias``; give ``loader(checkpoint, model_args) -> nn.Module`` for models that do not
-    come from the timm hub, and ``mean``/``std`` when the model has no timm ``pretrained_cfg``."""
+    come from the timm hub, ``mean``/``std`` when the model has no timm ``pretrained_cfg``, and ``run_defaults``
+    (``quant.run`` flag -> value, e.g. ``{"iters": 300}``) for flags the user leaves unset."""
     if not timm_name and loader is None:
         raise ValueError("register_model needs a timm_name or a loader")
-    spec = ModelSpec(alias, timm_name or alias, fp_top1, crop_pct, loader, mean, std)
+    spec = ModelSpec(alias, timm_name or alias, fp_top1, crop_pct, loader, mean, std, run_defaults)
     _REGISTRY[alias] = spec
     return spec
 
@@ -56,6 +59,30 @@ for _a, _n, _t, _c in (
     ("swin_b", "swin_base_patch4_window7_224.ms_in22k_ft_in1k", 85.27, 0.9),
 ):
     register_model(_a, _n, _t, _c)
+
+
+def _load_demo(checkpoint: Optional[str], model_args: dict) -> nn.Module:
+    from quant.zoo.demo import load_demo
+
+    if model_args:
+        raise UserError("--model demo takes no --model-args (its architecture is fixed by quant/zoo/demo_vit.json)")
+    try:
+        return load_demo(checkpoint)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+
+
+def _register_demo() -> None:
+    from quant.zoo.cifar import CIFAR_MEAN, CIFAR_STD
+    from quant.zoo.demo import demo_card
+
+    card = demo_card()
+    register_model("demo", "demo_vit", None if card is None else round(100 * card["test_top1"], 2), 1.0, _load_demo,
+                   CIFAR_MEAN, CIFAR_STD,
+                   run_defaults={"iters": 300, "calib_size": 128, "batch_size": 32, "val_size": 2000})
+
+
+_register_demo()
 
 
 def aliases() -> Dict[str, ModelSpec]:

@@ -34,22 +34,34 @@ from quant.optimize import METHODS, OptimConfig, optimize
 from quant.surgery import quantize_model
 
 
+INVERT = "invert"
+RUN_DEFAULTS = {"iters": 24000, "calib_size": 1024, "batch_size": 32, "val_size": None, "invert_steps": 200}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m quant.run", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="alias (vit_s, vit_b, deit_t/s/b, swin_t/s/b) or any timm name")
     p.add_argument("--bits", required=True, help="w<W>a<A>, e.g. w1.58a8, w3a3, w4a4, w6a6, w8a8")
-    p.add_argument("--data", required=True, help="ImageFolder of calibration images (labels unused)")
+    p.add_argument("--data", default=INVERT,
+                   help=f"ImageFolder of calibration images (labels unused), or '{INVERT}': classifier-only data-free "
+                        f"images synthesized from the FP model (calib.invert)")
     p.add_argument("--val", default=None, help="ImageFolder (root/<class>/<img>, sorted class order) for top-1/top-5")
-    p.add_argument("--val-size", type=int, default=None, help="evaluate on this many images of --val (seeded)")
-    p.add_argument("--calib-size", type=int, default=1024, help="calibration images drawn from --data (seeded)")
+    p.add_argument("--val-size", type=int, default=None,
+                   help="evaluate on this many images of --val (seeded; default all, demo: 2000)")
+    p.add_argument("--calib-size", type=int, default=None,
+                   help="calibration images drawn from --data (seeded; default 1024, demo: 128)")
     p.add_argument("--init-size", type=int, default=32, help="images used to initialise the quantizers")
-    p.add_argument("--iters", type=int, default=24000, help="optimisation steps (blockwise: per block)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--iters", type=int, default=None,
+                   help="optimisation steps (blockwise: per block; default 24000, demo: 300)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 32")
+    p.add_argument("--invert-steps", type=int, default=None,
+                   help=f"optimisation steps per batch of --data {INVERT} images (default 200, demo: 100)")
     p.add_argument("--method", default="e2e", choices=METHODS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--out", default=None,
+                   help="output folder (must not exist unless --overwrite; default runs/<model>-<bits>-<method>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--checkpoint", default=None, help="local weights (.pth/.safetensors) instead of the hub")
     p.add_argument("--model-args", default=None, help='JSON kwargs for timm.create_model, e.g. \'{"img_size": 64}\'')
@@ -155,6 +167,25 @@ def format_table(report: dict) -> str:
     return "\n".join(f"{a.ljust(w)}  {b}" for a, b in rows) + "\n"
 
 
+def synthesize_calibration(fp_model: nn.Module, folder: str, args: argparse.Namespace) -> D.ImageFolder:
+    """``--data invert``: classifier-only data-free images in ``folder`` (resumable: finished classes are kept)."""
+    import math
+
+    from calib.invert import InvertConfig, write_image_folder
+
+    n_cls = int(getattr(fp_model, "num_classes", 0) or 0)
+    if n_cls < 1:
+        raise UserError(f"--data {INVERT} needs a classifier with a head (num_classes > 0)")
+    if args.calib_size >= n_cls:
+        per_class, classes = math.ceil(args.calib_size / n_cls), None
+    else:
+        gen = torch.Generator().manual_seed(args.seed)
+        per_class, classes = 1, sorted(torch.randperm(n_cls, generator=gen)[: args.calib_size].tolist())
+    write_image_folder(fp_model, folder, per_class, classes, cfg=InvertConfig(steps=args.invert_steps),
+                       seed=args.seed, progress=not args.no_progress)
+    return D.scan(folder, "--data")
+
+
 def state_path(out: str) -> str:
     return os.path.abspath(out).rstrip(os.sep) + ".state.pt"
 
@@ -166,13 +197,18 @@ def run(args: argparse.Namespace) -> dict:
     except ValueError as e:
         raise UserError(f"--bits: {e}") from None
     spec = resolve(args.model)
+    for k, v in {**RUN_DEFAULTS, **(spec.run_defaults or {})}.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.out is None:
+        args.out = os.path.join("runs", f"{args.model.replace('/', '_')}-{cfg_bits.name}-{args.method}")
     device = _check_device(args.device)
     if args.bf16 and device.type != "cuda":
         raise UserError("--bf16 needs --device cuda (bf16 autocast is a GPU option)")
     for flag, v, lo in (("--calib-size", args.calib_size, 1), ("--init-size", args.init_size, 1),
                         ("--batch-size", args.batch_size, 1), ("--iters", args.iters, 0),
                         ("--save-every", args.save_every, 0), ("--workers", args.workers, 0),
-                        ("--stop-after", args.stop_after, 1)):
+                        ("--stop-after", args.stop_after, 1), ("--invert-steps", args.invert_steps, 1)):
         if v is not None and v < lo:
             raise UserError(f"{flag} must be >= {lo}, got {v}")
     out = os.path.abspath(args.out)
@@ -184,7 +220,7 @@ def run(args: argparse.Namespace) -> dict:
             raise ValueError("not an object")
     except ValueError as e:
         raise UserError(f"--model-args must be a JSON object such as '{{\"img_size\": 64}}' ({e})") from None
-    calib_folder = D.scan(args.data, "--data")
+    calib_folder = None if args.data == INVERT else D.scan(args.data, "--data")
     val_folder = D.scan(args.val, "--val") if args.val else None
     if val_folder is not None and not val_folder.classes:
         raise UserError(f"--val folder {args.val!r} has no class sub-folders; lay it out as root/<class>/<img>")
@@ -201,8 +237,10 @@ def run(args: argparse.Namespace) -> dict:
             raise UserError(f"--val has {len(val_folder.classes)} class folders but the model predicts {n_cls} "
                             f"classes; pass a validation folder of this model's classes")
     transform = eval_transform(fp_model, spec)
-    images, _ = D.load_subset(calib_folder, transform, args.calib_size, args.seed, "--data")
     fp_model.to(device)
+    if calib_folder is None:
+        calib_folder = synthesize_calibration(fp_model, out + ".invert", args)
+    images, _ = D.load_subset(calib_folder, transform, args.calib_size, args.seed, "--data")
     try:
         student = quantize_model(copy.deepcopy(fp_model), cfg_bits, rescale=not args.no_rescale)
     except ValueError as e:
@@ -212,7 +250,7 @@ def run(args: argparse.Namespace) -> dict:
                        lr_w=args.lr_w, warmup=args.warmup, temperature=args.temperature, l2=args.l2,
                        seed=args.seed, save_every=args.save_every, state_path=state_path(out), resume=args.resume,
                        bf16=args.bf16, progress=not args.no_progress, stop_after=args.stop_after)
-    fingerprint = {"model": args.model, "bits": cfg_bits.name, "calib_size": args.calib_size,
+    fingerprint = {"model": args.model, "bits": cfg_bits.name, "calib_size": args.calib_size, "data": args.data,
                    "model_args": model_args, "rescale": not args.no_rescale}
     history = optimize(student, fp_model, images, ocfg, fingerprint)
     if not history["completed"]:
@@ -225,6 +263,7 @@ def run(args: argparse.Namespace) -> dict:
     losses = history["losses"]
     report = {
         "model": args.model, "timm_name": spec.timm_name, "bits": cfg_bits.name, "method": args.method,
+        "data": args.data,
         "fp_top1_literature": spec.fp_top1, "fp": fp_acc, "quantized": q_acc,
         "calib_images": int(images.shape[0]), "init_images": min(args.init_size, int(images.shape[0])),
         "skipped_images": {"calib": len(calib_folder.skipped),
@@ -257,6 +296,7 @@ def run(args: argparse.Namespace) -> dict:
         raise
     if os.path.exists(ocfg.state_path):
         os.remove(ocfg.state_path)
+    shutil.rmtree(out + ".invert", ignore_errors=True)
     return report
 
 

@@ -42,6 +42,11 @@ def build_demo_model(cfg: DemoConfig = DemoConfig(), **overrides) -> VisionTrans
     return model
 
 
+def demo_card() -> "dict | None":
+    """The shipped demo card (config, recipe, accuracy), or None before the demo has been trained."""
+    return json.loads(CARD.read_text()) if CARD.exists() else None
+
+
 def load_demo(path: "str | Path | None" = None) -> VisionTransformer:
     """The trained demo ViT in float32 eval mode, from the shipped weights (or ``path``)."""
     from safetensors.torch import load_file
@@ -50,7 +55,8 @@ def load_demo(path: "str | Path | None" = None) -> VisionTransformer:
     if not path.exists():
         raise FileNotFoundError(f"demo weights not found at {path}; train them with "
                                 f"`python -m quant.zoo.train_demo --data ../shared/data/cifar10`")
-    cfg = DemoConfig(**json.loads(CARD.read_text())["config"]) if CARD.exists() and path == WEIGHTS else DemoConfig()
+    card = demo_card() if path == WEIGHTS else None
+    cfg = DemoConfig(**card["config"]) if card else DemoConfig()
     model = build_demo_model(cfg)
     state = {k: v.float() for k, v in load_file(str(path)).items()}
     model.load_state_dict(state)

@@ -1,0 +1,40 @@
+"""``quant.run`` with the default data-free calibration (``--data invert``) and per-model run defaults."""
+import json
+import os
+
+import pytest
+import timm
+import torch
+
+from quant import models as M
+from quant.run import main
+
+from .ptq_utils import one_thread  # noqa: F401
+
+SMALL = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3, "num_classes": 10}
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "vit_random.pth"
+    torch.save(timm.create_model("vit_small_patch16_224", pretrained=False, **SMALL).state_dict(), path)
+    return str(path)
+
+
+def test_data_free_default(tmp_path, checkpoint, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc = main(["--model", "vit_s", "--bits", "w4a4", "--checkpoint", checkpoint, "--model-args", json.dumps(SMALL),
+               "--calib-size", "6", "--init-size", "4", "--iters", "2", "--batch-size", "4", "--invert-steps", "3",
+               "--no-progress", "--workers", "0"])
+    assert rc == 0
+    out = tmp_path / "runs" / "vit_s-w4a4-e2e"  # default --out
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["data"] == "invert" and rep["calib_images"] == 6 and rep["steps"] == 2
+    assert sorted(os.listdir(tmp_path / "runs")) == ["vit_s-w4a4-e2e"]  # synthesized folder cleaned up
+
+
+def test_demo_run_defaults():
+    spec = M.resolve("demo")
+    assert spec.run_defaults["iters"] < 24000 and spec.crop_pct == 1.0
+    assert spec.mean is not None and spec.std is not None
