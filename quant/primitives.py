@@ -404,10 +404,10 @@ def sulq_quantize(p: Tensor, eta, s, z, bits, signed: bool = False) -> Tensor:
 def sulq_table(eta, s, z, bits) -> Tensor:
     """Dequantization table, float32 ``[n_levels]`` indexed by the unsigned code:
     ``table[q] = 2^(-(q - z) s) - eta``."""
-    q = torch.arange(n_levels(bits), dtype=torch.float32)
-    t = dequantize(q.to(torch.int32), torch.as_tensor(s, dtype=torch.float32).cpu(),
-                   torch.as_tensor(z, dtype=torch.float32).cpu(), bits)
-    return torch.exp2(-t) - torch.as_tensor(eta, dtype=torch.float32).cpu()
+    s = torch.as_tensor(s, dtype=torch.float32)
+    q = torch.arange(n_levels(bits), dtype=torch.int32, device=s.device)
+    t = dequantize(q, s.reshape(-1)[:1], torch.as_tensor(z, dtype=torch.float32, device=s.device).reshape(-1)[:1], bits)
+    return torch.exp2(-t) - torch.as_tensor(eta, dtype=torch.float32, device=s.device).reshape(-1)[:1]
 
 
 def sulq_dequantize(q: Tensor, eta, s, z, bits) -> Tensor:
