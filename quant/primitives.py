@@ -313,6 +313,27 @@ def fold_rescale(weight: Tensor, bias: Optional[Tensor], r: Optional[Tensor] = N
     return w, b
 
 
+def fold_into_layernorm(ln_weight: Tensor, ln_bias: Tensor, r: Tensor, shift: Tensor) -> Tuple[Tensor, Tensor]:
+    """LayerNorm affine that emits :func:`apply_rescale` of its output: ``gamma' = gamma / r``,
+    ``beta' = (beta - shift) / r``, so ``LN'(x) = (LN(x) - shift) / r`` (RepQ-ViT / I&S-ViT reparameterisation)."""
+    c = ln_weight.shape[0]
+    for name, t in (("ln_bias", ln_bias), ("r", r), ("shift", shift)):
+        if t is None or tuple(t.shape) != (c,):
+            raise ValueError(f"{name} must have shape [{c}] (one per LayerNorm channel), got "
+                             f"{None if t is None else tuple(t.shape)}")
+    return ln_weight / r.to(ln_weight.dtype), (ln_bias - shift.to(ln_bias.dtype)) / r.to(ln_bias.dtype)
+
+
+def channelwise_to_layerwise(s: Tensor, z: Tensor, bits) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """RepQ-ViT's reparameterisation of a per-channel quantizer ``(s[c], z[c])`` (integer ``z``) into a layer-wise
+    ``(s~, z~) = (mean s, round(mean z))`` on the rescaled input ``(x - shift) / r`` with ``r = s / s~`` and
+    ``shift = -s (z - z~)``: ``round(x'/s~) + z~ == round(x/s[c]) + z[c]`` (same codes). Returns
+    ``(s~, z~, r, shift)``."""
+    st = s.mean()
+    zt = round_zero_point(z.mean(), bits)
+    return st, zt, s / st, -s * (z - zt)
+
+
 def smooth_rescale_shift(x_lo: Tensor, x_hi: Tensor, weight: Tensor, alpha: float = 0.5,
                          eps: float = 1e-5) -> Tuple[Tensor, Tensor]:
     """SmoothQuant-style initial ``(r, shift)`` from per-channel activation ranges ``[x_lo, x_hi]``.

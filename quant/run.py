@@ -29,7 +29,7 @@ from quant.bits import parse_bits
 from quant.calibrate import calibrate
 from quant.errors import UserError
 from quant.models import eval_transform, load_model, resolve
-from quant.modules import QuantConv2dPatch, QuantLinear, quant_modules
+from quant.modules import SOFTMAX_QUANTIZERS, QuantConv2dPatch, QuantLinear, quant_modules
 from quant.optimize import METHODS, OptimConfig, optimize
 from quant.surgery import quantize_model
 
@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=4.0, help="KL temperature T")
     p.add_argument("--l2", type=float, default=1e-5, help="weight of the refinement L2 term")
     p.add_argument("--no-rescale", action="store_true", help="disable the channel rescale/shift")
+    p.add_argument("--softmax-quantizer", default="uniform", choices=SOFTMAX_QUANTIZERS,
+                   help="quantizer of the attention probabilities: uniform (integer P V) or sulq (I&S-ViT)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast during optimisation (CUDA only)")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: never)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint <out>.state.pt")
@@ -204,7 +206,8 @@ def run(args: argparse.Namespace) -> dict:
     images, _ = D.load_subset(calib_folder, transform, args.calib_size, args.seed, "--data")
     fp_model.to(device)
     try:
-        student = quantize_model(copy.deepcopy(fp_model), cfg_bits, rescale=not args.no_rescale)
+        student = quantize_model(copy.deepcopy(fp_model), cfg_bits, rescale=not args.no_rescale,
+                                 softmax_quantizer=args.softmax_quantizer)
     except ValueError as e:
         raise UserError(f"--model {args.model}: {e}") from None
     calibrate(student, images[:args.init_size].to(device))
@@ -213,7 +216,8 @@ def run(args: argparse.Namespace) -> dict:
                        seed=args.seed, save_every=args.save_every, state_path=state_path(out), resume=args.resume,
                        bf16=args.bf16, progress=not args.no_progress, stop_after=args.stop_after)
     fingerprint = {"model": args.model, "bits": cfg_bits.name, "calib_size": args.calib_size,
-                   "model_args": model_args, "rescale": not args.no_rescale}
+                   "model_args": model_args, "rescale": not args.no_rescale,
+                   "softmax_quantizer": args.softmax_quantizer}
     history = optimize(student, fp_model, images, ocfg, fingerprint)
     if not history["completed"]:
         return {"completed": False, "steps": history["steps"], "state_path": ocfg.state_path}
@@ -243,6 +247,7 @@ def run(args: argparse.Namespace) -> dict:
         os.chmod(tmp, 0o777 & ~umask)
         torch.save({"model": args.model, "timm_name": spec.timm_name, "bits": cfg_bits.name,
                     "model_args": model_args, "rescale": not args.no_rescale,
+                    "softmax_quantizer": args.softmax_quantizer,
                     "state_dict": {k: v.detach().cpu() for k, v in student.state_dict().items()}},
                    os.path.join(tmp, "quantized.pt"))
         with open(os.path.join(tmp, "report.json"), "w") as f:

@@ -1,0 +1,110 @@
+"""The seed papers' other methods: SULQ in the attention core (I&S-ViT), SOS (``--method is-vit``)."""
+import copy
+
+import pytest
+import torch
+
+from kernels import ops
+from kernels import reference as R
+from quant import primitives as P
+from quant.calibrate import calibrate
+from quant.errors import UserError
+from quant.modules import QuantAttentionCore, QuantLinear, SULQuantizer, set_mode
+from quant.optimize import OptimConfig, evaluate_loss, optimize
+from quant.sos import fold_into_layernorms, init_channelwise, post_ln_pairs
+from quant.surgery import quantize_model
+
+from .ptq_utils import cifar_images, images, make_model, one_thread  # noqa: F401
+
+
+def test_sulq_attention_core_matches_integer_reference(gen):
+    core = QuantAttentionCore(4, softmax_quantizer="sulq")
+    assert isinstance(core.p_quant, SULQuantizer)
+    q, k, v = (torch.randn(2, 3, 16, 8, generator=gen) for _ in range(3))
+    bias = torch.randn(3, 16, 16, generator=gen)
+    core.set_mode("calib")
+    core(q, k, v, 0.35, rel_bias=bias)
+    core.set_mode("quant")
+    o = core(q, k, v, 0.35, rel_bias=bias)
+    qp = core.deploy()
+    assert isinstance(qp["p"], P.SULQParams) and float(qp["p"].eta) > 0
+    codes = [ops.quantize(t, qp[n]) for t, n in ((q, "q"), (k, "k"), (v, "v"))]
+    ref = R.quant_attention(*codes, qp["q"], qp["k"], qp["v"], 0.35, p_qp=qp["p"], rel_bias=bias)
+    table = P.sulq_table(*qp["p"])
+    step = float((table[:-1] - table[1:]).abs().max() * qp["v"].s) * 4 * 16  # a few tie flips at most
+    assert (o.detach() - ref).abs().max() <= step
+    assert (o.detach() - ref).abs().mean() < 1e-4
+    o.sum().backward()
+    assert core.p_quant.log_s.grad is not None and float(core.p_quant.log_s.grad.abs()) > 0
+
+
+def test_sulq_model_and_bad_choice():
+    fp = make_model("swin")
+    q = calibrate(quantize_model(copy.deepcopy(fp), "w4a4", softmax_quantizer="sulq"), images(8))
+    cores = [m for m in q.modules() if isinstance(m, QuantAttentionCore)]
+    assert cores and all(isinstance(c.p_quant, SULQuantizer) and bool(c.p_quant.initialised) for c in cores)
+    with torch.no_grad():
+        assert torch.isfinite(q(images(2))).all()
+    with pytest.raises(ValueError, match="softmax quantizer must be one of"):
+        quantize_model(copy.deepcopy(fp), "w4a4", softmax_quantizer="log2")
+
+
+@pytest.mark.parametrize("kind", ["vit", "swin"])
+def test_sos_fold_preserves_float_output_exactly(kind):
+    fp = make_model(kind).double()
+    q = quantize_model(copy.deepcopy(fp), "w4a4")
+    x = images(4).double()
+    init_channelwise(q, x)
+    pairs = post_ln_pairs(q)
+    assert len(pairs) == (9 if kind == "swin" else 4)
+    assert any(not torch.allclose(m.r, torch.ones_like(m.r)) for _, m in pairs)
+    gammas = [ln.weight.detach().clone() for ln, _ in pairs]
+    with torch.no_grad():
+        ref = fp(x)
+        fold_into_layernorms(q)
+        out = q(x)
+    assert (out - ref).abs().max() <= 1e-12 * ref.abs().max()
+    assert all(not torch.equal(g, ln.weight) for g, (ln, _) in zip(gammas, pairs))
+    assert all(torch.equal(m.r, torch.ones_like(m.r)) and torch.equal(m.shift, torch.zeros_like(m.shift))
+               for _, m in pairs)
+
+
+def test_sos_fold_keeps_fake_quant_output():
+    fp = make_model("vit")
+    x = images(8)
+    q = calibrate(quantize_model(copy.deepcopy(fp), "w4a4"), x)
+    init_channelwise(q, x)
+    with torch.no_grad():
+        before = q(x)
+        fold_into_layernorms(q)
+        after = q(x)
+    assert (after - before).abs().max() <= 1e-4 * before.abs().max()
+
+
+def test_is_vit_method_lowers_loss_and_folds():
+    fp = make_model("vit")
+    data = cifar_images(32)
+    q = calibrate(quantize_model(copy.deepcopy(fp), "w4a4"), data)
+    cfg = OptimConfig(method="is-vit", iters=15, batch_size=8, progress=False)
+    before = evaluate_loss(q, fp, data, cfg)
+    hist = optimize(q, fp, data, cfg)
+    assert hist["stage_steps"] == [15 * 3, 15 * 3] and hist["completed"]
+    assert evaluate_loss(q, fp, data, cfg) < before
+    for _, m in post_ln_pairs(q):
+        assert torch.equal(m.r, torch.ones_like(m.r)) and not m.log_r.requires_grad
+        assert m.quantize_weights
+    set_mode(q, "float")
+    with torch.no_grad():
+        for n, p in q.named_parameters():
+            if n.endswith("dW"):
+                p.zero_()  # stage 3's refinement; the fold itself keeps the float model
+        torch.testing.assert_close(q(data[:4]), fp(data[:4]), rtol=1e-4, atol=1e-4)
+
+
+def test_is_vit_refuses_resume_and_no_rescale():
+    with pytest.raises(UserError, match="is-vit does not support"):
+        OptimConfig(method="is-vit", stop_after=3)
+    fp = make_model("vit")
+    q = calibrate(quantize_model(copy.deepcopy(fp), "w4a4", rescale=False), images(4))
+    with pytest.raises(UserError, match="drop --no-rescale"):
+        optimize(q, fp, images(4), OptimConfig(method="is-vit", iters=1, progress=False))
