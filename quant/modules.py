@@ -373,12 +373,32 @@ class QuantAttentionCore(_Moded):
                 for name, m in (("q", self.q_quant), ("k", self.k_quant), ("v", self.v_quant), ("p", self.p_quant))}
 
 
+class ActCorrection(_Moded):
+    """DFQ-ViT activation correction of a transformer block's output ``y [..., D]``: ``y' = y @ M^T`` with a learnable
+    ``M [D, D]`` (identity at init: output unchanged), applied in ``"quant"`` mode only (float/calib see ``y``)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.matrix = nn.Parameter(torch.eye(dim))
+
+    def forward(self, y: Tensor) -> Tensor:
+        if self.mode != "quant":
+            return y
+        return F.linear(y, self.matrix.to(y.dtype))
+
+    @torch.no_grad()
+    def deploy(self) -> Dict[str, object]:
+        """``matrix [D, D]`` float32: the block output becomes ``y @ matrix.T`` (last dim, after the residuals)."""
+        return {"matrix": self.matrix.detach().float().clone()}
+
+
 def quant_modules(model: nn.Module):
     """All moded quantized modules of ``model`` (top-level ones, i.e. not their inner activation quantizers)."""
     return [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2dPatch, QuantAttentionCore))]
 
 
 def set_mode(model: nn.Module, mode: str) -> None:
-    """Put every quantized module of ``model`` in ``mode`` (``float``, ``calib`` or ``quant``)."""
-    for m in quant_modules(model):
+    """Put every quantized module (and activation correction) of ``model`` in ``mode`` (``float``, ``calib``,
+    ``quant``)."""
+    for m in quant_modules(model) + [m for m in model.modules() if isinstance(m, ActCorrection)]:
         m.set_mode(mode)

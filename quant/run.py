@@ -28,9 +28,11 @@ from quant import packing
 from quant.bits import parse_bits
 from quant.calibrate import calibrate
 from quant.errors import UserError
-from quant.models import eval_transform, load_model, resolve
-from quant.modules import SOFTMAX_QUANTIZERS, QuantConv2dPatch, QuantLinear, quant_modules
+from quant.models import eval_transform, input_size, load_model, resolve
+from quant.modules import SOFTMAX_QUANTIZERS, ActCorrection, QuantConv2dPatch, QuantLinear, quant_modules
 from quant.optimize import METHODS, OptimConfig, optimize
+from quant.correction import add_act_correction, synthesize_easy_to_hard, train_act_correction
+from calib.invert import InvertConfig
 from quant.surgery import quantize_model
 
 
@@ -39,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="alias (vit_s, vit_b, deit_t/s/b, swin_t/s/b) or any timm name")
     p.add_argument("--bits", required=True, help="w<W>a<A>, e.g. w1.58a8, w3a3, w4a4, w6a6, w8a8")
-    p.add_argument("--data", required=True, help="ImageFolder of calibration images (labels unused)")
+    p.add_argument("--data", default=None,
+                   help="ImageFolder of calibration images (labels unused); required unless --act-correction, "
+                        "which then synthesizes data-free images (easy to hard, calib.invert)")
     p.add_argument("--val", default=None, help="ImageFolder (root/<class>/<img>, sorted class order) for top-1/top-5")
     p.add_argument("--val-size", type=int, default=None, help="evaluate on this many images of --val (seeded)")
     p.add_argument("--calib-size", type=int, default=1024, help="calibration images drawn from --data (seeded)")
@@ -59,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=4.0, help="KL temperature T")
     p.add_argument("--l2", type=float, default=1e-5, help="weight of the refinement L2 term")
     p.add_argument("--no-rescale", action="store_true", help="disable the channel rescale/shift")
+    p.add_argument("--act-correction", action="store_true",
+                   help="DFQ-ViT activation correction: a learned [D, D] matrix per block, trained after --method")
+    p.add_argument("--correction-iters", type=int, default=500, help="activation-correction steps")
+    p.add_argument("--correction-lr", type=float, default=1e-4, help="activation-correction Adam lr")
+    p.add_argument("--synth-steps", type=int, default=200,
+                   help="optimisation steps per synthesized batch when --data is absent")
     p.add_argument("--softmax-quantizer", default="uniform", choices=SOFTMAX_QUANTIZERS,
                    help="quantizer of the attention probabilities: uniform (integer P V) or sulq (I&S-ViT)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast during optimisation (CUDA only)")
@@ -122,6 +132,7 @@ def model_size(fp_model: nn.Module, student: nn.Module) -> dict:
                 q += 8 * k
         else:
             q += 5 * sum(int(a.enabled) for a in (m.q_quant, m.k_quant, m.v_quant, m.p_quant))
+    q += sum(m.matrix.numel() * 4 for m in student.modules() if isinstance(m, ActCorrection))
     return {"fp32_bytes": fp, "quantized_bytes": q}
 
 
@@ -174,7 +185,8 @@ def run(args: argparse.Namespace) -> dict:
     for flag, v, lo in (("--calib-size", args.calib_size, 1), ("--init-size", args.init_size, 1),
                         ("--batch-size", args.batch_size, 1), ("--iters", args.iters, 0),
                         ("--save-every", args.save_every, 0), ("--workers", args.workers, 0),
-                        ("--stop-after", args.stop_after, 1)):
+                        ("--stop-after", args.stop_after, 1), ("--correction-iters", args.correction_iters, 0),
+                        ("--synth-steps", args.synth_steps, 1)):
         if v is not None and v < lo:
             raise UserError(f"{flag} must be >= {lo}, got {v}")
     out = os.path.abspath(args.out)
@@ -186,7 +198,10 @@ def run(args: argparse.Namespace) -> dict:
             raise ValueError("not an object")
     except ValueError as e:
         raise UserError(f"--model-args must be a JSON object such as '{{\"img_size\": 64}}' ({e})") from None
-    calib_folder = D.scan(args.data, "--data")
+    if args.data is None and not args.act_correction:
+        raise UserError("--data is required (a calibration image folder); or pass --act-correction to synthesize "
+                        "data-free calibration images")
+    calib_folder = D.scan(args.data, "--data") if args.data is not None else None
     val_folder = D.scan(args.val, "--val") if args.val else None
     if val_folder is not None and not val_folder.classes:
         raise UserError(f"--val folder {args.val!r} has no class sub-folders; lay it out as root/<class>/<img>")
@@ -203,8 +218,13 @@ def run(args: argparse.Namespace) -> dict:
             raise UserError(f"--val has {len(val_folder.classes)} class folders but the model predicts {n_cls} "
                             f"classes; pass a validation folder of this model's classes")
     transform = eval_transform(fp_model, spec)
-    images, _ = D.load_subset(calib_folder, transform, args.calib_size, args.seed, "--data")
     fp_model.to(device)
+    if calib_folder is not None:
+        images, _ = D.load_subset(calib_folder, transform, args.calib_size, args.seed, "--data")
+    else:
+        images = synthesize_easy_to_hard(fp_model, args.calib_size, InvertConfig(steps=args.synth_steps,
+                                         batch_size=args.batch_size), args.seed, not args.no_progress,
+                                         size=input_size(fp_model))
     try:
         student = quantize_model(copy.deepcopy(fp_model), cfg_bits, rescale=not args.no_rescale,
                                  softmax_quantizer=args.softmax_quantizer)
@@ -221,6 +241,11 @@ def run(args: argparse.Namespace) -> dict:
     history = optimize(student, fp_model, images, ocfg, fingerprint)
     if not history["completed"]:
         return {"completed": False, "steps": history["steps"], "state_path": ocfg.state_path}
+    correction = None
+    if args.act_correction:
+        add_act_correction(student)
+        correction = train_act_correction(student, fp_model, images, args.correction_iters, args.batch_size,
+                                          args.correction_lr, progress=not args.no_progress)
     fp_acc = q_acc = None
     if val_folder is not None:
         accs = evaluate({"fp": fp_model, "quantized": student}, val_folder, transform, args.batch_size, device,
@@ -231,12 +256,15 @@ def run(args: argparse.Namespace) -> dict:
         "model": args.model, "timm_name": spec.timm_name, "bits": cfg_bits.name, "method": args.method,
         "fp_top1_literature": spec.fp_top1, "fp": fp_acc, "quantized": q_acc,
         "calib_images": int(images.shape[0]), "init_images": min(args.init_size, int(images.shape[0])),
-        "skipped_images": {"calib": len(calib_folder.skipped),
+        "skipped_images": {"calib": 0 if calib_folder is None else len(calib_folder.skipped),
                            "val": 0 if val_folder is None else len(val_folder.skipped)},
         "steps": history["steps"], "iters": args.iters, "batch_size": args.batch_size, "seed": args.seed,
         "losses": {"first": losses[0], "last": losses[-1]} if losses else None,
         "time_s": time.time() - t0, "peak_memory": peak_memory(device), "size": model_size(fp_model, student),
-        "device": str(device), "completed": True,
+        "device": str(device), "completed": True, "data_free": calib_folder is None,
+        "act_correction": None if correction is None else {
+            "steps": correction["steps"], "first": correction["losses"][0] if correction["losses"] else None,
+            "last": correction["losses"][-1] if correction["losses"] else None},
     }
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
@@ -247,7 +275,7 @@ def run(args: argparse.Namespace) -> dict:
         os.chmod(tmp, 0o777 & ~umask)
         torch.save({"model": args.model, "timm_name": spec.timm_name, "bits": cfg_bits.name,
                     "model_args": model_args, "rescale": not args.no_rescale,
-                    "softmax_quantizer": args.softmax_quantizer,
+                    "softmax_quantizer": args.softmax_quantizer, "act_correction": args.act_correction,
                     "state_dict": {k: v.detach().cpu() for k, v in student.state_dict().items()}},
                    os.path.join(tmp, "quantized.pt"))
         with open(os.path.join(tmp, "report.json"), "w") as f:

@@ -1,4 +1,5 @@
-"""The seed papers' other methods: SULQ in the attention core (I&S-ViT), SOS (``--method is-vit``)."""
+"""The seed papers' other methods: SULQ in the attention core and SOS (``--method is-vit``) of I&S-ViT; DFQ-ViT's
+activation correction."""
 import copy
 
 import pytest
@@ -7,7 +8,9 @@ import torch
 from kernels import ops
 from kernels import reference as R
 from quant import primitives as P
+from calib.invert import InvertConfig
 from quant.calibrate import calibrate
+from quant.correction import add_act_correction, intermediate_mse, synthesize_easy_to_hard, train_act_correction
 from quant.errors import UserError
 from quant.modules import QuantAttentionCore, QuantLinear, SULQuantizer, set_mode
 from quant.optimize import OptimConfig, evaluate_loss, optimize
@@ -108,3 +111,49 @@ def test_is_vit_refuses_resume_and_no_rescale():
     q = calibrate(quantize_model(copy.deepcopy(fp), "w4a4", rescale=False), images(4))
     with pytest.raises(UserError, match="drop --no-rescale"):
         optimize(q, fp, images(4), OptimConfig(method="is-vit", iters=1, progress=False))
+
+
+def test_act_correction_starts_as_identity_and_only_in_quant_mode():
+    fp = make_model("swin")
+    x = images(4)
+    q = calibrate(quantize_model(copy.deepcopy(fp), "w4a4"), x)
+    with torch.no_grad():
+        before = q(x)
+        corr = add_act_correction(q)
+        assert len(corr) == 4 and corr[-1].matrix.shape == (48, 48)
+        assert torch.equal(q(x), before)
+        corr[0].matrix.mul_(0.5)
+        assert not torch.allclose(q(x), before)
+        set_mode(q, "float")
+        torch.testing.assert_close(q(x), fp(x), rtol=1e-5, atol=1e-5)
+    dep = corr[0].deploy()
+    assert dep["matrix"].dtype == torch.float32 and torch.equal(dep["matrix"], corr[0].matrix.detach())
+    with pytest.raises(ValueError, match="already has"):
+        add_act_correction(q)
+
+
+def test_act_correction_reduces_intermediate_mse():
+    fp = make_model("vit")
+    data = cifar_images(48)
+    x, held = data[:32], data[32:]
+    q = calibrate(quantize_model(copy.deepcopy(fp), "w4a4"), x)
+    add_act_correction(q)
+    grads = {n: p.requires_grad for n, p in q.named_parameters()}
+    with torch.no_grad():
+        before, before_held = float(intermediate_mse(q, fp, x)), float(intermediate_mse(q, fp, held))
+    hist = train_act_correction(q, fp, x, iters=40, batch_size=8, lr=2e-3, progress=False)
+    assert hist["steps"] == 40 and len(hist["losses"]) == 40
+    with torch.no_grad():
+        after, after_held = float(intermediate_mse(q, fp, x)), float(intermediate_mse(q, fp, held))
+    assert after < 0.9 * before and after_held < before_held
+    assert grads == {n: p.requires_grad for n, p in q.named_parameters()}
+    assert any(not torch.equal(p, torch.eye(p.shape[0])) for n, p in q.named_parameters() if n.endswith("matrix"))
+
+
+def test_synthesize_easy_to_hard_gives_normalised_inputs():
+    fp = make_model("vit")
+    cfg = InvertConfig(steps=3, batch_size=4)
+    x = synthesize_easy_to_hard(fp, 6, cfg, seed=0, progress=False, size=32)
+    assert x.shape == (6, 3, 32, 32) and torch.isfinite(x).all()
+    assert fp.pretrained_cfg["input_size"] == (3, 224, 224)  # restored
+    torch.testing.assert_close(x, synthesize_easy_to_hard(fp, 6, cfg, seed=0, progress=False, size=32))
