@@ -157,3 +157,40 @@ def test_synthesize_easy_to_hard_gives_normalised_inputs():
     assert x.shape == (6, 3, 32, 32) and torch.isfinite(x).all()
     assert fp.pretrained_cfg["input_size"] == (3, 224, 224)  # restored
     torch.testing.assert_close(x, synthesize_easy_to_hard(fp, 6, cfg, seed=0, progress=False, size=32))
+
+
+def test_cli_data_free_is_vit_sulq_with_correction_reloads(tmp_path, capsys):
+    import json
+
+    import timm
+
+    from quant import models as M
+    from quant.modules import ActCorrection
+    from quant.run import main
+
+    small = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}
+    torch.manual_seed(0)
+    ckpt = tmp_path / "deit.pth"
+    torch.save(timm.create_model("deit_tiny_patch16_224", pretrained=False, **small).state_dict(), ckpt)
+    out = tmp_path / "run"
+    base = ["--model", "deit_t", "--bits", "w4a4", "--out", str(out), "--checkpoint", str(ckpt),
+            "--model-args", json.dumps(small), "--calib-size", "8", "--init-size", "8", "--iters", "2",
+            "--batch-size", "4", "--no-progress", "--workers", "0"]
+    assert main(base) == 2 and "--data is required" in capsys.readouterr().err
+    rc = main(base + ["--method", "is-vit", "--softmax-quantizer", "sulq", "--act-correction",
+                      "--correction-iters", "3", "--synth-steps", "2"])
+    assert rc == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["data_free"] and rep["method"] == "is-vit" and rep["act_correction"]["steps"] == 3
+    assert rep["steps"] == 2 * 2 * 3 and rep["calib_images"] == 8
+    saved = torch.load(out / "quantized.pt", weights_only=False)
+    assert saved["softmax_quantizer"] == "sulq" and saved["act_correction"]
+    rebuilt = M.load_quantized(str(out / "quantized.pt"))
+    sd = rebuilt.state_dict()
+    assert sd.keys() == saved["state_dict"].keys()
+    assert all(torch.equal(sd[k], v) for k, v in saved["state_dict"].items())
+    mats = [m.matrix for m in rebuilt.modules() if isinstance(m, ActCorrection)]
+    assert len(mats) == 2 and any(not torch.equal(m, torch.eye(48)) for m in mats)
+    assert all(isinstance(c.p_quant, SULQuantizer) for c in rebuilt.modules() if isinstance(c, QuantAttentionCore))
+    with torch.no_grad():
+        assert torch.isfinite(rebuilt(torch.randn(2, 3, 32, 32))).all()
