@@ -121,15 +121,17 @@ def sos(student: nn.Module, teacher: nn.Module, images: Tensor, cfg, init_size: 
 
     for m in qmods:
         m.quantize_weights = False
-    for m in qmods:
         for n, p in m.named_parameters():
             p.requires_grad_(n not in ("weight", "bias") and not _weight_param(n))
-    h1 = optimize(student, teacher, images, stage_cfg)
+    try:
+        h1 = optimize(student, teacher, images, stage_cfg)
+    finally:
+        for m in qmods:
+            m.quantize_weights = True
 
     fold_into_layernorms(student)
     folded = {id(m) for _, m in pairs}
     for m in qmods:
-        m.quantize_weights = True
         if id(m) in folded:
             m.init_weight_qparams()
         for n, p in m.named_parameters():
