@@ -21,6 +21,7 @@ from .gemm_int8 import gemm_int8_kernel
 from .gemm_ternary import gemm_ternary_kernel
 from .layernorm_quantize import layernorm_quantize_kernel
 from .quant_attention import quant_attention_kernel
+from .quant_attention_sulq import quant_attention_sulq_kernel
 from .rescale_quantize import rescale_quantize_kernel
 
 
@@ -224,4 +225,29 @@ def quant_attention(q: Tensor, k: Tensor, v: Tensor, rel_bias: Optional[Tensor],
 
 @quant_attention.register_fake
 def _(q, k, v, rel_bias, mask, zq, zk, zv, qk_scale, sp, zp, pv_scale, p_bits):
+    return torch.empty(q.shape, dtype=torch.float32, device=q.device)
+
+
+@torch.library.custom_op("lowbit::quant_attention_sulq", mutates_args=())
+def quant_attention_sulq(q: Tensor, k: Tensor, v: Tensor, rel_bias: Optional[Tensor], mask: Optional[Tensor],
+                         zq: Tensor, zk: Tensor, zv: Tensor, qk_scale: Tensor, eta: Tensor, sp: Tensor, zp: Tensor,
+                         table: Tensor, sv: Tensor, p_bits: float) -> Tensor:
+    """float32 ``O [B, H, L, D]`` with SULQ probability codes (see :mod:`kernels.quant_attention_sulq`)."""
+    b, h, l, d = q.shape
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty((b, h, l, d), dtype=torch.float32, device=q.device)
+    bm = 64
+    dummy = _dummy(q)
+    nw = mask.shape[0] if mask is not None else 1
+    if b and h and l:
+        quant_attention_sulq_kernel[(triton.cdiv(l, bm), b * h)](
+            q, k, v, out, rel_bias.contiguous() if rel_bias is not None else dummy,
+            mask.contiguous() if mask is not None else dummy, zq, zk, zv, qk_scale, eta, sp, zp, table.contiguous(),
+            sv, h, l, nw, D=d, HAS_BIAS=rel_bias is not None, HAS_MASK=mask is not None, P_QMAX=P.qmax(p_bits),
+            P_OFFSET=P.code_offset(p_bits), BLOCK_M=bm, BLOCK_N=64)
+    return out
+
+
+@quant_attention_sulq.register_fake
+def _(q, k, v, rel_bias, mask, zq, zk, zv, qk_scale, eta, sp, zp, table, sv, p_bits):
     return torch.empty(q.shape, dtype=torch.float32, device=q.device)

@@ -10,14 +10,14 @@ traces through them without graph breaks (argument checks that need host values 
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
 from quant import packing
 from quant import primitives as P
-from quant.primitives import QParams
+from quant.primitives import QParams, SULQParams
 
 from . import reference as R
 
@@ -262,9 +262,10 @@ def packed_linear(a: Tensor, a_qp: QParams, w: packing.PackedWeight, w_scale: Te
 
 
 def quant_attention(q: Tensor, k: Tensor, v: Tensor, q_qp: QParams, k_qp: QParams, v_qp: QParams, scale: float,
-                    p_qp: Optional[QParams] = None, rel_bias: Optional[Tensor] = None,
+                    p_qp: Optional[Union[QParams, SULQParams]] = None, rel_bias: Optional[Tensor] = None,
                     mask: Optional[Tensor] = None) -> Tensor:
-    """Attention on int8 codes (see :func:`kernels.reference.quant_attention`)."""
+    """Attention on int8 codes (see :func:`kernels.reference.quant_attention`); ``p_qp`` a uniform
+    :class:`QParams` (integer ``P V``) or :class:`SULQParams` (table-dequantized ``P``, float ``P V``)."""
     if not triton_enabled(q):
         return R.quant_attention(q, k, v, q_qp, k_qp, v_qp, scale, p_qp, rel_bias, mask)
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -287,7 +288,15 @@ def quant_attention(q: Tensor, k: Tensor, v: Tensor, q_qp: QParams, k_qp: QParam
         P.check_bits(qp.bits)
     sq, sk, sv = (_scalar("step size s", qp.s, q) for qp in (q_qp, k_qp, v_qp))
     zq, zk, zv = (P.signed_zero_point(_scalar("zero point z", qp.z, q), qp.bits) for qp in (q_qp, k_qp, v_qp))
-    sp, zp = _act_qparams(q, p_qp)
     qk_scale = (sq.double() * float(scale) * sk.double()).float()
+    if isinstance(p_qp, SULQParams):
+        eta = _scalar("SULQ shift eta", p_qp.eta, q)
+        if _checking() and not bool((eta > 0).all()):
+            raise ValueError(f"SULQ shift eta must be > 0, got {float(eta)}; re-initialise the quantizer")
+        sp, zp = _act_qparams(q, QParams(p_qp.s, p_qp.z, p_qp.bits))
+        table = P.sulq_table(eta, sp, zp, p_qp.bits).to(q.device)
+        return L.quant_attention_sulq(q, k, v, rel_bias, mask, zq, zk, zv.float(), qk_scale, eta, sp, zp, table, sv,
+                                      float(p_qp.bits))
+    sp, zp = _act_qparams(q, p_qp)
     pv_scale = (sp.double() * sv.double()).float()
     return L.quant_attention(q, k, v, rel_bias, mask, zq, zk, zv, qk_scale, sp, zp, pv_scale, float(p_qp.bits))

@@ -30,6 +30,23 @@ def _scores(q, rowsum_q, k_base, bias_base, mask_base, offs_m, offs_n, offs_d, L
 
 
 @triton.jit
+def row_max_sum(q, rowsum_q, k_base, bias_base, mask_base, offs_m, offs_d, L, zq, zk, qk_scale,
+                D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """Pass 1: running row max ``m`` and ``l = sum exp(S - m)`` over all keys."""
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    for n0 in range(0, L, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        s = _scores(q, rowsum_q, k_base, bias_base, mask_base, offs_m, offs_n, offs_d, L, zq, zk, qk_scale,
+                    D, HAS_BIAS, HAS_MASK)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+        m_i = m_new
+    return m_i, l_i
+
+
+@triton.jit
 def quant_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bias_ptr, mask_ptr, zq_ptr, zk_ptr, zv_ptr, qk_scale_ptr,
                            sp_ptr, zp_ptr, pv_scale_ptr, H, L, NW,
                            D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, P_QMAX: tl.constexpr,
@@ -57,15 +74,8 @@ def quant_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bias_ptr, mask_ptr, zq_
     bias_base = bias_ptr + h.to(tl.int64) * L * L
     mask_base = mask_ptr + (b % NW).to(tl.int64) * L * L
 
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
-    for n0 in range(0, L, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        s = _scores(q, rowsum_q, k_base, bias_base, mask_base, offs_m, offs_n, offs_d, L, zq, zk, qk_scale,
-                    D, HAS_BIAS, HAS_MASK)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
-        m_i = m_new
+    m_i, l_i = row_max_sum(q, rowsum_q, k_base, bias_base, mask_base, offs_m, offs_d, L, zq, zk, qk_scale,
+                           D, HAS_BIAS, HAS_MASK, BLOCK_M, BLOCK_N)
 
     acc = tl.zeros((BLOCK_M, D), tl.int32)
     rowsum_p = tl.zeros((BLOCK_M,), tl.int32)

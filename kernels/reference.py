@@ -6,8 +6,7 @@ zero points. Float work is done in float32.
 """
 from __future__ import annotations
 
-import math
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +14,7 @@ from torch import Tensor
 
 from quant import packing
 from quant import primitives as P
-from quant.primitives import QParams
+from quant.primitives import QParams, SULQParams
 
 
 def _check_act_input(x: Tensor, name: str = "x") -> None:
@@ -103,13 +102,15 @@ def packed_linear(a: Tensor, a_qp: QParams, w: packing.PackedWeight, w_scale: Te
 
 
 def quant_attention(q: Tensor, k: Tensor, v: Tensor, q_qp: QParams, k_qp: QParams, v_qp: QParams,
-                    scale: float, p_qp: Optional[QParams] = None, rel_bias: Optional[Tensor] = None,
-                    mask: Optional[Tensor] = None, return_codes: bool = False):
+                    scale: float, p_qp: Optional[Union[QParams, SULQParams]] = None,
+                    rel_bias: Optional[Tensor] = None, mask: Optional[Tensor] = None, return_codes: bool = False):
     """Attention on int8 codes ``q, k, v [B, H, L, D]`` with per-tensor quantizers.
 
     ``S = scale * sq * sk * sum_d (qq - zq)(qk - zk) + rel_bias[h] + mask[b % nW]``, ``P = softmax(S)`` (float32),
     ``qp = quantize(P)`` with ``p_qp`` (default: ``s = 1/qmax(bits of q)``, ``z = 0``), and
-    ``O = sp * sv * sum_j (qp - zp)(qv - zv)``. ``rel_bias`` is ``[H, L, L]``, ``mask`` ``[nW, L, L]`` (Swin's
+    ``O = sp * sv * sum_j (qp - zp)(qv - zv)``. With a :class:`SULQParams` ``p_qp`` the codes are SULQ's
+    (``clamp(round(-log2(P + eta) / sp) + zp, 0, qmax)``) and ``O = sv * sum_j table[qp] (qv - zv)`` in float32
+    (``table = primitives.sulq_table``). ``rel_bias`` is ``[H, L, L]``, ``mask`` ``[nW, L, L]`` (Swin's
     shifted-window mask, windows ordered with the window index fastest). Returns float32 ``O [B, H, L, D]``
     (and the probability codes when ``return_codes``).
     """
@@ -135,8 +136,13 @@ def quant_attention(q: Tensor, k: Tensor, v: Tensor, q_qp: QParams, k_qp: QParam
             raise ValueError(f"mask must be [nW, L, L] with B divisible by nW, got {tuple(mask.shape)} for B={b}")
         s = (s.view(b // nw, nw, h, l, l) + mask.float()[None, :, None]).view(b, h, l, l)
     p = torch.softmax(s, dim=-1)
+    zv = P.signed_zero_point(v_qp.z, v_qp.bits)
+    if isinstance(p_qp, SULQParams):
+        pc = P.sulq_quantize(p, p_qp.eta, p_qp.s, p_qp.z, p_qp.bits, signed=True)
+        ph = P.sulq_dequantize(pc, p_qp.eta, p_qp.s, p_qp.z, p_qp.bits)
+        o = (ph @ (v.float() - zv)) * float(v_qp.s)
+        return (o, pc) if return_codes else o
     pc = P.quantize(p, p_qp.s, p_qp.z, p_qp.bits, signed=True)
     zp = P.signed_zero_point(p_qp.z, p_qp.bits)
-    zv = P.signed_zero_point(v_qp.z, v_qp.bits)
     o = P.int_gemm(pc, v.transpose(-1, -2), zp, zv).float() * (float(p_qp.s) * float(v_qp.s))
     return (o, pc) if return_codes else o

@@ -200,7 +200,11 @@ def load_quantized(path: str) -> nn.Module:
         model = spec.loader(None, dict(saved["model_args"]))
     else:
         model = timm.create_model(spec.timm_name, pretrained=False, **saved["model_args"])
-    model = quantize_model(model.eval(), saved["bits"], rescale=saved["rescale"])
+    model = quantize_model(model.eval(), saved["bits"], rescale=saved["rescale"],
+                           softmax_quantizer=saved.get("softmax_quantizer", "uniform"))
+    if saved.get("act_correction"):
+        from quant.correction import add_act_correction
+        add_act_correction(model)
     model.load_state_dict(saved["state_dict"], strict=True)
     set_mode(model, "quant")
     return model

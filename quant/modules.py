@@ -22,15 +22,17 @@ from torch import Tensor, nn
 
 from kernels import ops
 from quant import primitives as P
-from quant.primitives import QParams
+from quant.primitives import QParams, SULQParams
 
 MODES = ("float", "calib", "quant")
+SOFTMAX_QUANTIZERS = ("uniform", "sulq")
 ACT_PERCENTILES = (0.01, 99.99)
 
 
 class _Moded(nn.Module):
     mode: str = "float"
     _checked: bool = False
+    quantize_weights: bool = True  # False: weights stay float in "quant" mode (I&S-ViT SOS stage 1)
 
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
@@ -90,6 +92,55 @@ class ActQuantizer(_Moded):
             return P.apply_rescale(x, r, shift)
         self._check_initialised()
         return ops.fake_quantize(x, QParams(self.s, self.z, self.bits), r, shift)
+
+
+class SULQuantizer(_Moded):
+    """Per-tensor SULQ of post-softmax probabilities (I&S-ViT):
+    ``p_hat = 2^(-fake_quantize(-log2(p + eta), s, z, bits)) - eta``.
+
+    The shift ``eta`` and the initial log-domain ``(s, z)`` are grid-searched on the calibration batch
+    (:func:`quant.primitives.init_sulq_params`, smallest ``mean((p_hat - p)^2)``); afterwards ``eta`` stays fixed
+    (a buffer) while ``s`` (as ``log_s``) and ``z`` are learned with the LSQ/STE gradients like every other quantizer.
+    """
+
+    def __init__(self, bits):
+        super().__init__()
+        self.bits = bits
+        self.log_s = nn.Parameter(torch.zeros(()))
+        self.z = nn.Parameter(torch.zeros(()))
+        self.register_buffer("eta", torch.tensor(1.0))
+        self.register_buffer("initialised", torch.tensor(False))
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits != 16
+
+    @property
+    def s(self) -> Tensor:
+        return self.log_s.exp()
+
+    def qparams(self) -> SULQParams:
+        """Deployable quantizer: ``eta``, log-domain ``s``, integer unsigned ``z`` (0-d each), bits."""
+        return SULQParams(self.eta.detach().clone(), self.s.detach().clone(),
+                          P.round_zero_point(self.z.detach(), self.bits), self.bits)
+
+    @torch.no_grad()
+    def init_from(self, p: Tensor) -> None:
+        if not self.enabled:
+            return
+        sp = P.init_sulq_params(p.detach().float(), self.bits)
+        self.eta.copy_(sp.eta)
+        self.log_s.copy_(sp.s.log())
+        self.z.copy_(sp.z)
+        self.initialised.fill_(True)
+
+    def forward(self, p: Tensor) -> Tensor:
+        if self.mode == "calib":
+            self.init_from(p)
+        if self.mode != "quant" or not self.enabled:
+            return p
+        self._check_initialised()
+        return P.sulq_fake_quantize(p, self.eta, self.s, self.z, self.bits)
 
 
 def _weight_qparams_init(module, w: Tensor) -> None:
@@ -180,7 +231,7 @@ class QuantLinear(_Moded):
             self.init_weight_qparams()
         xq = self.act(x, self.r, self.shift)
         w, b = self.folded()
-        if self.mode == "quant":
+        if self.mode == "quant" and self.quantize_weights:
             self._check_initialised()
             w = ops.fake_quantize_weight(w, self.ws, self.wz, self.w_bits)
         return F.linear(xq, w.to(xq.dtype), b.to(xq.dtype))
@@ -251,7 +302,7 @@ class QuantConv2dPatch(_Moded):
             return F.conv2d(x, self.weight + self.dW, self.bias, self.stride)
         xq = self.act(x)
         w = self.weight_2d()
-        if self.mode == "quant":
+        if self.mode == "quant" and self.quantize_weights:
             self._check_initialised()
             w = ops.fake_quantize_weight(w, self.ws, self.wz, self.w_bits)
         return F.conv2d(xq, w.reshape(self.weight.shape).to(xq.dtype), self.bias, self.stride)
@@ -277,13 +328,19 @@ class QuantAttentionCore(_Moded):
 
     ``q_hat, k_hat, v_hat`` are per-tensor fake-quantized at ``a_bits`` (``q`` before the scale, as in
     :func:`kernels.reference.quant_attention`); relative-position bias and mask are added in float; the
-    probabilities ``P`` are fake-quantized with a learnable uniform quantizer at ``a_bits``; softmax is float.
+    probabilities ``P`` are fake-quantized at ``a_bits`` by a learnable ``softmax_quantizer``: ``"uniform"``
+    (:class:`ActQuantizer`, integer ``P V``) or ``"sulq"`` (:class:`SULQuantizer`, table-dequantized ``P``, float
+    ``P V``; see :mod:`kernels.quant_attention_sulq`); softmax is float.
     """
 
-    def __init__(self, a_bits):
+    def __init__(self, a_bits, softmax_quantizer: str = "uniform"):
         super().__init__()
+        if softmax_quantizer not in SOFTMAX_QUANTIZERS:
+            raise ValueError(f"softmax_quantizer must be one of {SOFTMAX_QUANTIZERS}, got {softmax_quantizer!r}")
+        self.softmax_quantizer = softmax_quantizer
         self.q_quant, self.k_quant = ActQuantizer(a_bits), ActQuantizer(a_bits)
-        self.v_quant, self.p_quant = ActQuantizer(a_bits), ActQuantizer(a_bits)
+        self.v_quant = ActQuantizer(a_bits)
+        self.p_quant = SULQuantizer(a_bits) if softmax_quantizer == "sulq" else ActQuantizer(a_bits)
 
     def set_mode(self, mode: str) -> None:
         super().set_mode(mode)
@@ -310,9 +367,29 @@ class QuantAttentionCore(_Moded):
         return attn @ v
 
     def deploy(self) -> Dict[str, Optional[QParams]]:
-        """Per-tensor QParams for ``q``, ``k``, ``v`` and the probabilities ``p`` (None each under A16)."""
+        """Per-tensor QParams for ``q``, ``k``, ``v`` and the probabilities ``p`` (None each under A16); ``p`` is a
+        :class:`SULQParams` under ``softmax_quantizer="sulq"`` (``kernels.ops.quant_attention`` takes either)."""
         return {name: (m.qparams() if m.enabled else None)
                 for name, m in (("q", self.q_quant), ("k", self.k_quant), ("v", self.v_quant), ("p", self.p_quant))}
+
+
+class ActCorrection(_Moded):
+    """DFQ-ViT activation correction of a transformer block's output ``y [..., D]``: ``y' = y @ M^T`` with a learnable
+    ``M [D, D]`` (identity at init: output unchanged), applied in ``"quant"`` mode only (float/calib see ``y``)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.matrix = nn.Parameter(torch.eye(dim))
+
+    def forward(self, y: Tensor) -> Tensor:
+        if self.mode != "quant":
+            return y
+        return F.linear(y, self.matrix.to(y.dtype))
+
+    @torch.no_grad()
+    def deploy(self) -> Dict[str, object]:
+        """``matrix [D, D]`` float32: the block output becomes ``y @ matrix.T`` (last dim, after the residuals)."""
+        return {"matrix": self.matrix.detach().float().clone()}
 
 
 def quant_modules(model: nn.Module):
@@ -321,6 +398,7 @@ def quant_modules(model: nn.Module):
 
 
 def set_mode(model: nn.Module, mode: str) -> None:
-    """Put every quantized module of ``model`` in ``mode`` (``float``, ``calib`` or ``quant``)."""
-    for m in quant_modules(model):
+    """Put every quantized module (and activation correction) of ``model`` in ``mode`` (``float``, ``calib``,
+    ``quant``)."""
+    for m in quant_modules(model) + [m for m in model.modules() if isinstance(m, ActCorrection)]:
         m.set_mode(mode)

@@ -13,6 +13,9 @@ Methods
                unit ``i`` = block ``i`` plus the layers run between block ``i-1`` and it (patch embedding,
                patch merging), trained ``iters`` steps on ``mean((F_i^q - F_i)^2) + lambda ||dW||^2`` with every
                other unit frozen; a final unit (the head) is trained on the KL term.
+``is-vit``     I&S-ViT's three-stage smooth optimisation (:mod:`quant.sos`): channel-wise post-LayerNorm
+               activations with float weights, exact fold into LayerNorm, then layer-wise ``blockwise``
+               (``iters`` steps per block in each of the two trained stages; no checkpoint/resume).
 
 Adam with lr ``lr_q`` (1e-3) for step sizes, zero points, rescale and shift and ``lr_w`` (1e-4) for the
 refinements ``dW``; per unit a linear warm-up over ``warmup`` steps (default 5/24 of ``iters``, the paper's
@@ -38,7 +41,7 @@ from quant.errors import UserError
 from quant.modules import QuantConv2dPatch, QuantLinear, quant_modules
 from quant.surgery import blocks
 
-METHODS = ("rtn", "blockwise", "e2e")
+METHODS = ("rtn", "blockwise", "e2e", "is-vit")
 
 
 @dataclass
@@ -66,6 +69,8 @@ class OptimConfig:
             raise UserError(f"iters must be >= 0 and batch size >= 1, got {self.iters} and {self.batch_size}")
         if (self.save_every or self.resume) and not self.state_path:
             raise UserError("checkpointing/resume needs a state_path")
+        if self.method == "is-vit" and (self.resume or self.stop_after is not None):
+            raise UserError("--method is-vit does not support --resume/--stop-after; run it in one go")
 
     @property
     def warmup_steps(self) -> int:
@@ -285,6 +290,9 @@ def optimize(student: nn.Module, teacher: nn.Module, images: Tensor, cfg: OptimC
     is stored in checkpoints and must match on resume.
     """
     history = {"losses": [], "steps": 0, "completed": True}
+    if cfg.method == "is-vit":
+        from quant.sos import sos
+        return sos(student, teacher, images, cfg)
     if cfg.method == "rtn" or cfg.iters == 0:
         return history
     device = next(student.parameters()).device

@@ -35,7 +35,6 @@ A linear ``y = W x + b`` whose input is normalised per channel ``x' = (x - shift
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -313,6 +312,27 @@ def fold_rescale(weight: Tensor, bias: Optional[Tensor], r: Optional[Tensor] = N
     return w, b
 
 
+def fold_into_layernorm(ln_weight: Tensor, ln_bias: Tensor, r: Tensor, shift: Tensor) -> Tuple[Tensor, Tensor]:
+    """LayerNorm affine that emits :func:`apply_rescale` of its output: ``gamma' = gamma / r``,
+    ``beta' = (beta - shift) / r``, so ``LN'(x) = (LN(x) - shift) / r`` (RepQ-ViT / I&S-ViT reparameterisation)."""
+    c = ln_weight.shape[0]
+    for name, t in (("ln_bias", ln_bias), ("r", r), ("shift", shift)):
+        if t is None or tuple(t.shape) != (c,):
+            raise ValueError(f"{name} must have shape [{c}] (one per LayerNorm channel), got "
+                             f"{None if t is None else tuple(t.shape)}")
+    return ln_weight / r.to(ln_weight.dtype), (ln_bias - shift.to(ln_bias.dtype)) / r.to(ln_bias.dtype)
+
+
+def channelwise_to_layerwise(s: Tensor, z: Tensor, bits) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """RepQ-ViT's reparameterisation of a per-channel quantizer ``(s[c], z[c])`` (integer ``z``) into a layer-wise
+    ``(s~, z~) = (mean s, round(mean z))`` on the rescaled input ``(x - shift) / r`` with ``r = s / s~`` and
+    ``shift = -s (z - z~)``: ``round(x'/s~) + z~ == round(x/s[c]) + z[c]`` (same codes). Returns
+    ``(s~, z~, r, shift)``."""
+    st = s.mean()
+    zt = round_zero_point(z.mean(), bits)
+    return st, zt, s / st, -s * (z - zt)
+
+
 def smooth_rescale_shift(x_lo: Tensor, x_hi: Tensor, weight: Tensor, alpha: float = 0.5,
                          eps: float = 1e-5) -> Tuple[Tensor, Tensor]:
     """SmoothQuant-style initial ``(r, shift)`` from per-channel activation ranges ``[x_lo, x_hi]``.
@@ -362,3 +382,103 @@ def int_linear(a: Tensor, sa, za, w: Tensor, sw: Tensor, zw: Tensor, bias: Optio
 def signed_zero_point(z, bits) -> Tensor:
     """The zero point of the signed int8 storage form: ``round(z) - offset(bits)``."""
     return round_zero_point(torch.as_tensor(z, dtype=torch.float32), bits) - code_offset(bits)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SULQ: shift-uniform-log2 quantizer for post-softmax probabilities (I&S-ViT)
+
+
+class SULQParams(NamedTuple):
+    """Shift-uniform-log2 quantizer of probabilities: shift ``eta > 0`` and the uniform ``(s, z, bits)`` of the
+    log domain ``t = -log2(p + eta)`` (all per tensor)."""
+
+    eta: Tensor
+    s: Tensor
+    z: Tensor
+    bits: float
+
+
+def sulq_log(p: Tensor, eta) -> Tensor:
+    """The log domain of SULQ: ``t = -log2(p + eta)`` (float32 or float64)."""
+    dt = torch.promote_types(p.dtype, torch.float32)
+    return -torch.log2(p.to(dt) + torch.as_tensor(eta, device=p.device).to(dt))
+
+
+def check_sulq(p: Tensor, eta) -> None:
+    _check_finite("probabilities", p)
+    eta = torch.as_tensor(eta, dtype=torch.float32)
+    if eta.numel() != 1 or not float(eta) > 0:
+        raise ValueError(f"SULQ shift eta must be one value > 0, got {eta.tolist()}; re-initialise the quantizer")
+    if p.numel() and float(p.min()) < 0:
+        raise ValueError(f"SULQ quantizes probabilities in [0, 1], got a minimum of {float(p.min()):.3g}; apply it "
+                         f"after the softmax")
+
+
+def sulq_quantize(p: Tensor, eta, s, z, bits, signed: bool = False) -> Tensor:
+    """SULQ codes of probabilities ``p``: ``q = clamp(round(-log2(p + eta) / s) + z, 0, qmax)`` (uint8, or the
+    signed int8 storage ``q - offset`` when ``signed``)."""
+    check_sulq(p, eta)
+    return quantize(sulq_log(p.float(), eta), s, z, bits, signed=signed)
+
+
+def sulq_table(eta, s, z, bits) -> Tensor:
+    """Dequantization table, float32 ``[n_levels]`` indexed by the unsigned code:
+    ``table[q] = 2^(-(q - z) s) - eta``."""
+    s = torch.as_tensor(s, dtype=torch.float32)
+    q = torch.arange(n_levels(bits), dtype=torch.int32, device=s.device)
+    t = dequantize(q, s.reshape(-1)[:1], torch.as_tensor(z, dtype=torch.float32, device=s.device).reshape(-1)[:1], bits)
+    return torch.exp2(-t) - torch.as_tensor(eta, dtype=torch.float32, device=s.device).reshape(-1)[:1]
+
+
+def sulq_dequantize(q: Tensor, eta, s, z, bits) -> Tensor:
+    """``2^(-(q - z) s) - eta`` in float32 by lookup in :func:`sulq_table`; ``q`` unsigned (uint8) or signed (int8)."""
+    table = sulq_table(eta, s, z, bits).to(q.device)
+    if q.dtype == torch.int8:
+        idx = q.long() + code_offset(bits)
+    elif q.dtype in (torch.uint8, torch.int16, torch.int32, torch.int64):
+        idx = q.long()
+    else:
+        raise TypeError(f"codes must be an integer tensor (uint8 unsigned or int8 signed), got {q.dtype}")
+    return table[idx]
+
+
+def sulq_fake_quantize(p: Tensor, eta, s: Tensor, z: Tensor, bits, check: bool = True) -> Tensor:
+    """Differentiable ``2^(-fake_quantize(-log2(p + eta), s, z)) - eta``: STE through the rounding, so
+    ``d/dp = (p_hat + eta) / (p + eta)`` inside the range; LSQ gradients for ``s`` and ``z``."""
+    if check:
+        check_sulq(p.detach(), eta)
+    t = sulq_log(p, eta)
+    th = fake_quantize(t, s, z, bits, check=check)
+    return torch.exp2(-th) - torch.as_tensor(eta, device=p.device).to(th.dtype)
+
+
+def sulq_range(eta, frac: float = 1.0) -> Tuple[Tensor, Tensor]:
+    """Log-domain range ``[-log2(1 + eta), frac * -log2(eta)]`` of probabilities in ``[0, 1]``."""
+    eta = torch.as_tensor(eta, dtype=torch.float32)
+    return -torch.log2(1 + eta), -torch.log2(eta) * frac
+
+
+def init_sulq_params(p: Tensor, bits, etas: Optional[Sequence[float]] = None,
+                     fracs: Sequence[float] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+                     max_samples: int = 1 << 20) -> SULQParams:
+    """Grid search of the shift ``eta`` and the log-domain range on calibration probabilities ``p``.
+
+    For each ``eta`` in ``etas`` (default ``2^-k, k = 1..16``) and each range fraction ``f``, ``(s, z) =
+    qparams_from_range(sulq_range(eta, f))``; the pair with the smallest ``mean((p_hat - p)^2)`` wins. At most
+    ``max_samples`` evenly strided elements of ``p`` are used.
+    """
+    check_bits(bits)
+    flat = p.detach().float().reshape(-1)
+    check_sulq(flat, 1.0)
+    if flat.numel() > max_samples:
+        flat = flat[:: -(-flat.numel() // max_samples)]
+    etas = [2.0 ** -k for k in range(1, 17)] if etas is None else list(etas)
+    best, best_err = None, float("inf")
+    for eta in etas:
+        for f in fracs:
+            lo, hi = sulq_range(eta, f)
+            s, z = qparams_from_range(lo, hi, bits)
+            err = float((sulq_fake_quantize(flat, eta, s, z, bits, check=False) - flat).pow(2).mean())
+            if err < best_err:
+                best_err, best = err, SULQParams(torch.tensor(float(eta)), s, z, bits)
+    return best

@@ -29,8 +29,9 @@ from quant.bits import parse_bits
 from quant.calibrate import calibrate
 from quant.errors import UserError
 from quant.models import eval_transform, load_model, resolve
-from quant.modules import QuantConv2dPatch, QuantLinear, quant_modules
+from quant.modules import SOFTMAX_QUANTIZERS, ActCorrection, QuantConv2dPatch, QuantLinear, quant_modules
 from quant.optimize import METHODS, OptimConfig, optimize
+from quant.correction import add_act_correction, train_act_correction
 from quant.surgery import quantize_model
 
 
@@ -71,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=4.0, help="KL temperature T")
     p.add_argument("--l2", type=float, default=1e-5, help="weight of the refinement L2 term")
     p.add_argument("--no-rescale", action="store_true", help="disable the channel rescale/shift")
+    p.add_argument("--act-correction", action="store_true",
+                   help="DFQ-ViT activation correction: a learned [D, D] matrix per block, trained after --method")
+    p.add_argument("--correction-iters", type=int, default=500, help="activation-correction steps")
+    p.add_argument("--correction-lr", type=float, default=1e-4, help="activation-correction Adam lr")
+    p.add_argument("--softmax-quantizer", default="uniform", choices=SOFTMAX_QUANTIZERS,
+                   help="quantizer of the attention probabilities: uniform (integer P V) or sulq (I&S-ViT)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast during optimisation (CUDA only)")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: never)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint <out>.state.pt")
@@ -132,6 +139,7 @@ def model_size(fp_model: nn.Module, student: nn.Module) -> dict:
                 q += 8 * k
         else:
             q += 5 * sum(int(a.enabled) for a in (m.q_quant, m.k_quant, m.v_quant, m.p_quant))
+    q += sum(m.matrix.numel() * 4 for m in student.modules() if isinstance(m, ActCorrection))
     return {"fp32_bytes": fp, "quantized_bytes": q}
 
 
@@ -208,7 +216,8 @@ def run(args: argparse.Namespace) -> dict:
     for flag, v, lo in (("--calib-size", args.calib_size, 1), ("--init-size", args.init_size, 1),
                         ("--batch-size", args.batch_size, 1), ("--iters", args.iters, 0),
                         ("--save-every", args.save_every, 0), ("--workers", args.workers, 0),
-                        ("--stop-after", args.stop_after, 1), ("--invert-steps", args.invert_steps, 1)):
+                        ("--stop-after", args.stop_after, 1), ("--invert-steps", args.invert_steps, 1),
+                        ("--correction-iters", args.correction_iters, 0)):
         if v is not None and v < lo:
             raise UserError(f"{flag} must be >= {lo}, got {v}")
     out = os.path.abspath(args.out)
@@ -242,7 +251,8 @@ def run(args: argparse.Namespace) -> dict:
         calib_folder = synthesize_calibration(fp_model, out + ".invert", args)
     images, _ = D.load_subset(calib_folder, transform, args.calib_size, args.seed, "--data")
     try:
-        student = quantize_model(copy.deepcopy(fp_model), cfg_bits, rescale=not args.no_rescale)
+        student = quantize_model(copy.deepcopy(fp_model), cfg_bits, rescale=not args.no_rescale,
+                                 softmax_quantizer=args.softmax_quantizer)
     except ValueError as e:
         raise UserError(f"--model {args.model}: {e}") from None
     calibrate(student, images[:args.init_size].to(device))
@@ -251,10 +261,16 @@ def run(args: argparse.Namespace) -> dict:
                        seed=args.seed, save_every=args.save_every, state_path=state_path(out), resume=args.resume,
                        bf16=args.bf16, progress=not args.no_progress, stop_after=args.stop_after)
     fingerprint = {"model": args.model, "bits": cfg_bits.name, "calib_size": args.calib_size, "data": args.data,
-                   "model_args": model_args, "rescale": not args.no_rescale}
+                   "model_args": model_args, "rescale": not args.no_rescale,
+                   "softmax_quantizer": args.softmax_quantizer}
     history = optimize(student, fp_model, images, ocfg, fingerprint)
     if not history["completed"]:
         return {"completed": False, "steps": history["steps"], "state_path": ocfg.state_path}
+    correction = None
+    if args.act_correction:
+        add_act_correction(student)
+        correction = train_act_correction(student, fp_model, images, args.correction_iters, args.batch_size,
+                                          args.correction_lr, progress=not args.no_progress)
     fp_acc = q_acc = None
     if val_folder is not None:
         accs = evaluate({"fp": fp_model, "quantized": student}, val_folder, transform, args.batch_size, device,
@@ -266,12 +282,15 @@ def run(args: argparse.Namespace) -> dict:
         "data": args.data,
         "fp_top1_literature": spec.fp_top1, "fp": fp_acc, "quantized": q_acc,
         "calib_images": int(images.shape[0]), "init_images": min(args.init_size, int(images.shape[0])),
-        "skipped_images": {"calib": len(calib_folder.skipped),
+        "skipped_images": {"calib": 0 if calib_folder is None else len(calib_folder.skipped),
                            "val": 0 if val_folder is None else len(val_folder.skipped)},
         "steps": history["steps"], "iters": args.iters, "batch_size": args.batch_size, "seed": args.seed,
         "losses": {"first": losses[0], "last": losses[-1]} if losses else None,
         "time_s": time.time() - t0, "peak_memory": peak_memory(device), "size": model_size(fp_model, student),
-        "device": str(device), "completed": True,
+        "device": str(device), "completed": True, "data_free": args.data == INVERT,
+        "act_correction": None if correction is None else {
+            "steps": correction["steps"], "first": correction["losses"][0] if correction["losses"] else None,
+            "last": correction["losses"][-1] if correction["losses"] else None},
     }
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
@@ -282,6 +301,7 @@ def run(args: argparse.Namespace) -> dict:
         os.chmod(tmp, 0o777 & ~umask)
         torch.save({"model": args.model, "timm_name": spec.timm_name, "bits": cfg_bits.name,
                     "model_args": model_args, "rescale": not args.no_rescale,
+                    "softmax_quantizer": args.softmax_quantizer, "act_correction": args.act_correction,
                     "state_dict": {k: v.detach().cpu() for k, v in student.state_dict().items()}},
                    os.path.join(tmp, "quantized.pt"))
         with open(os.path.join(tmp, "report.json"), "w") as f:

@@ -21,7 +21,7 @@ from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
 from timm.models.vision_transformer import Block
 
 from quant.bits import BitConfig, parse_bits
-from quant.modules import QuantAttentionCore, QuantConv2dPatch, QuantLinear, quant_modules
+from quant.modules import SOFTMAX_QUANTIZERS, QuantAttentionCore, QuantConv2dPatch, QuantLinear, quant_modules
 
 POST_LN_LINEARS = ("attn.qkv", "mlp.fc1", "downsample.reduction")
 PATCH_INPUT_BITS = 8
@@ -30,7 +30,7 @@ PATCH_INPUT_BITS = 8
 class QuantViTAttention(nn.Module):
     """timm ``Attention`` (ViT/DeiT) with quantized matmuls; ``qkv``/``proj`` are :class:`QuantLinear`."""
 
-    def __init__(self, attn: Attention, a_bits):
+    def __init__(self, attn: Attention, a_bits, softmax_quantizer: str = "uniform"):
         super().__init__()
         if getattr(attn, "gate", None) is not None:
             raise NotImplementedError("gated timm Attention is not supported by the quantized attention")
@@ -38,7 +38,7 @@ class QuantViTAttention(nn.Module):
         self.scale = attn.scale
         self.qkv, self.proj = attn.qkv, attn.proj
         self.q_norm, self.k_norm, self.norm = attn.q_norm, attn.k_norm, attn.norm
-        self.core = QuantAttentionCore(a_bits)
+        self.core = QuantAttentionCore(a_bits, softmax_quantizer)
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         if is_causal:
@@ -58,14 +58,14 @@ class QuantViTAttention(nn.Module):
 class QuantWindowAttention(nn.Module):
     """Swin ``WindowAttention`` with quantized matmuls; bias table and index are the timm module's own."""
 
-    def __init__(self, attn: WindowAttention, a_bits):
+    def __init__(self, attn: WindowAttention, a_bits, softmax_quantizer: str = "uniform"):
         super().__init__()
         self.num_heads, self.scale = attn.num_heads, attn.scale
         self.window_size, self.window_area = attn.window_size, attn.window_area
         self.relative_position_bias_table = attn.relative_position_bias_table
         self.register_buffer("relative_position_index", attn.relative_position_index.clone(), persistent=False)
         self.qkv, self.proj = attn.qkv, attn.proj
-        self.core = QuantAttentionCore(a_bits)
+        self.core = QuantAttentionCore(a_bits, softmax_quantizer)
 
     def rel_pos_bias(self) -> Tensor:
         """``[H, L, L]``: ``table[index].view(L, L, H).permute(2, 0, 1)``."""
@@ -91,13 +91,15 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def quantize_model(model: nn.Module, bits, rescale: bool = True) -> nn.Module:
+def quantize_model(model: nn.Module, bits, rescale: bool = True, softmax_quantizer: str = "uniform") -> nn.Module:
     """Replace the layers of a timm ViT/DeiT/Swin ``model`` by quantized ones (in place) and return it.
 
     ``bits``: a spec (``"w4a4"``) or :class:`BitConfig`. ``rescale``: learnable rescale/shift on post-LayerNorm
-    linears (always off under A16). The model starts in ``"float"`` mode; calibrate it next
-    (:func:`quant.calibrate.calibrate`).
+    linears (always off under A16). ``softmax_quantizer``: ``"uniform"`` or ``"sulq"`` for the attention
+    probabilities. The model starts in ``"float"`` mode; calibrate it next (:func:`quant.calibrate.calibrate`).
     """
+    if softmax_quantizer not in SOFTMAX_QUANTIZERS:
+        raise ValueError(f"softmax quantizer must be one of {', '.join(SOFTMAX_QUANTIZERS)}, got {softmax_quantizer!r}")
     cfg: BitConfig = parse_bits(bits)
     if quant_modules(model):
         raise ValueError("model is already quantized")
@@ -116,7 +118,7 @@ def quantize_model(model: nn.Module, bits, rescale: bool = True) -> nn.Module:
     for n in names:
         m = model.get_submodule(n)
         cls = QuantWindowAttention if isinstance(m, WindowAttention) else QuantViTAttention
-        _set(model, n, cls(m, cfg.a_bits))
+        _set(model, n, cls(m, cfg.a_bits, softmax_quantizer))
     for p in model.parameters():
         p.requires_grad_(False)
     for m in quant_modules(model):

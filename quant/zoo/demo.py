@@ -9,7 +9,6 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from .cifar import CIFAR_MEAN, CIFAR_STD

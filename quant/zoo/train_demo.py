@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .cifar import cache_dir, load_split, normalize
-from .demo import CARD, WEIGHTS, DemoConfig, build_demo_model
+from .demo import WEIGHTS, DemoConfig, build_demo_model
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -64,6 +64,8 @@ def main(argv=None):
     ap.add_argument("--work", default=str(cache_dir() / "train_demo"), help="checkpoint folder")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoint in --work")
     ap.add_argument("--out", default=str(WEIGHTS), help="where to write the fp16 weights (.safetensors)")
+    ap.add_argument("--export-only", action="store_true",
+                    help="write --out from the checkpoint in --work as it stands (card marks unfinished training)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -92,6 +94,17 @@ def main(argv=None):
         gen.set_state(st["gen"])
         epoch0, elapsed, history = st["epoch"], st["elapsed"], st["history"]
         print(f"resumed from {ckpt} at epoch {epoch0}")
+    if args.export_only:
+        if not ckpt.exists():
+            raise SystemExit(f"error: no checkpoint at {ckpt}; train first")
+        if not args.resume:
+            st = torch.load(ckpt, weights_only=False)
+            model.load_state_dict(st["model"])
+            epoch0, elapsed, history = st["epoch"], st["elapsed"], st["history"]
+        acc = evaluate(model, xte, yte)
+        write_result(model, cfg, args, acc, elapsed, history, len(xtr), Path(args.out), epochs_done=epoch0)
+        print(f"test top-1 {acc * 100:.2f}% after {epoch0}/{args.epochs} epochs; wrote {args.out}")
+        return
 
     for epoch in range(epoch0, args.epochs):
         model.train()
@@ -126,14 +139,16 @@ def main(argv=None):
     print(f"test top-1 {acc * 100:.2f}% after {args.epochs} epochs, {elapsed / 60:.1f} min; wrote {args.out}")
 
 
-def write_result(model, cfg, args, acc, elapsed, history, n_train, out: Path):
+def write_result(model, cfg, args, acc, elapsed, history, n_train, out: Path, epochs_done: "int | None" = None):
     from safetensors.torch import save_file
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     os.replace(tmp, out)
-    card = {"config": asdict(cfg), "test_top1": acc, "train_images": n_train, "train_time_min": round(elapsed / 60, 1),
+    done = args.epochs if epochs_done is None else epochs_done
+    card = {"config": asdict(cfg), "test_top1": acc, "epochs_done": done, "finished": done >= args.epochs,
+            "train_images": n_train, "train_time_min": round(elapsed / 60, 1),
             "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
             "torch": torch.__version__,
             "recipe": {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",

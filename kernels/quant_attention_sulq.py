@@ -1,0 +1,73 @@
+"""Quantized attention with SULQ probability codes (I&S-ViT), two passes over the keys like
+:mod:`kernels.quant_attention`.
+
+Pass 2 forms the exact normalised ``P``, its SULQ codes ``clamp(round(-log2(P + eta) / sp) + zp, 0, qmax) - offset``
+and dequantizes them through the ``2^bits``-entry table ``table[q] = 2^(-(q - zp) sp) - eta`` (a gather), then
+``O = sv * sum_j P_hat[j] (v[j] - zv)``. ``P_hat`` is not an integer grid, so ``P V`` is a float dot: ``P_hat`` is
+split into fp16 ``hi + lo`` halves and ``v - zv`` (integers up to 255, exact in fp16) multiplies both on the fp16
+tensor cores with fp32 accumulation (about fp32 accuracy). Cost against the uniform kernel's single int8 ``tl.dot``:
+two fp16 dots (each half the int8 rate on Ampere/Hopper, so ~4x the P V tensor-core time), the table gather and a
+``log2`` per score; ``Q K^T`` and pass 1 are unchanged.
+"""
+import triton
+import triton.language as tl
+
+from ._helpers import quantize_signed
+from .quant_attention import _scores, row_max_sum
+
+
+@triton.jit
+def split_dot_f16(a, b16):
+    """``a @ b16`` for float32 ``a`` and exactly-fp16 ``b16``: ``a = hi + lo`` (fp16 each), two fp16 dots, fp32 sum."""
+    hi = a.to(tl.float16)
+    lo = (a - hi.to(tl.float32)).to(tl.float16)
+    return tl.dot(hi, b16, out_dtype=tl.float32) + tl.dot(lo, b16, out_dtype=tl.float32)
+
+
+@triton.jit
+def quant_attention_sulq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bias_ptr, mask_ptr, zq_ptr, zk_ptr, zv_ptr,
+                                qk_scale_ptr, eta_ptr, sp_ptr, zp_ptr, table_ptr, sv_ptr, H, L, NW,
+                                D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+                                P_QMAX: tl.constexpr, P_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr):
+    """Contiguous ``q, k, v [B, H, L, D]`` int8 -> ``out [B, H, L, D]`` float32; grid ``(cdiv(L, BLOCK_M), B * H)``.
+    ``zq, zk, zv`` signed zero points; ``eta, sp, zp`` (rounded, unsigned) the SULQ quantizer; ``table [2^bits]``."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    base = pid_bh.to(tl.int64) * L * D
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    valid_m = offs_m < L
+    q = tl.load(q_ptr + base + offs_m[:, None] * D + offs_d[None, :], mask=valid_m[:, None], other=0)
+    rowsum_q = tl.sum(q.to(tl.int32), axis=1)
+    zq = tl.load(zq_ptr).to(tl.int32)
+    zk = tl.load(zk_ptr).to(tl.int32)
+    zv = tl.load(zv_ptr)
+    qk_scale = tl.load(qk_scale_ptr)
+    eta = tl.load(eta_ptr)
+    sp = tl.load(sp_ptr)
+    zp = tl.load(zp_ptr)
+    k_base = k_ptr + base
+    v_base = v_ptr + base
+    bias_base = bias_ptr + h.to(tl.int64) * L * L
+    mask_base = mask_ptr + (b % NW).to(tl.int64) * L * L
+
+    m_i, l_i = row_max_sum(q, rowsum_q, k_base, bias_base, mask_base, offs_m, offs_d, L, zq, zk, qk_scale,
+                           D, HAS_BIAS, HAS_MASK, BLOCK_M, BLOCK_N)
+
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    for n0 in range(0, L, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        valid_n = offs_n < L
+        s = _scores(q, rowsum_q, k_base, bias_base, mask_base, offs_m, offs_n, offs_d, L, zq, zk, qk_scale,
+                    D, HAS_BIAS, HAS_MASK)
+        p = tl.math.div_rn(tl.exp(s - m_i[:, None]), l_i[:, None])
+        pc = quantize_signed(-tl.log2(p + eta), sp, zp, P_QMAX, P_OFFSET)
+        ph = tl.load(table_ptr + (pc.to(tl.int32) + P_OFFSET))
+        ph = tl.where(valid_n[None, :], ph, 0.0)
+        v = tl.load(v_base + offs_n[:, None] * D + offs_d[None, :], mask=valid_n[:, None], other=0)
+        acc += split_dot_f16(ph, (v.to(tl.float32) - zv).to(tl.float16))
+    o = acc * tl.load(sv_ptr)
+    tl.store(out_ptr + base + offs_m[:, None] * D + offs_d[None, :], o, mask=valid_m[:, None])

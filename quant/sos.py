@@ -1,0 +1,141 @@
+"""I&S-ViT's three-stage smooth optimisation (SOS), ``--method is-vit``.
+
+Stage 1  post-LayerNorm activations (inputs of ``attn.qkv``, ``mlp.fc1``, Swin's ``downsample.reduction``) are
+         quantized channel-wise: ``(s[c], z[c])`` from per-channel percentile ranges, held in the layer-wise form of
+         :func:`quant.primitives.channelwise_to_layerwise` (``r = s / s~``, ``shift = -s (z - z~)``, same codes);
+         every other activation layer-wise; **weights stay in float**. Block-wise reconstruction (``iters`` steps
+         per block, the ``blockwise`` machinery of :mod:`quant.optimize`) trains the activation quantizers, the
+         channel-wise ones through ``r`` and ``shift``.
+Stage 2  the channel-wise part is folded exactly into the LayerNorm affine (``gamma' = gamma / r``,
+         ``beta' = (beta - shift) / r``) and the next linear (``W' = (W + dW) r``, ``b' = b + (W + dW) shift``);
+         ``r = 1``, ``shift = 0`` stay frozen, so post-LN activations are now quantized layer-wise by ``(s~, z~)``.
+         Weight quantizers are (re)initialised on the folded weights and switched on.
+Stage 3  layer-wise block-wise reconstruction of every quantizer and refinement (the ``blockwise`` method).
+
+Checkpoint/resume is not supported for this method (each stage is short; rerun it).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from quant import primitives as P
+from quant.errors import UserError
+from quant.modules import ACT_PERCENTILES, QuantLinear, quant_modules, set_mode
+
+LN_OF = {"attn.qkv": "norm1", "mlp.fc1": "norm2", "downsample.reduction": "downsample.norm"}
+
+
+def post_ln_pairs(model: nn.Module) -> List[Tuple[nn.LayerNorm, QuantLinear]]:
+    """``(LayerNorm, QuantLinear)`` for every rescaled post-LayerNorm linear (the LayerNorm feeds only it)."""
+    pairs = []
+    for name, m in model.named_modules():
+        if not (isinstance(m, QuantLinear) and m.rescale):
+            continue
+        suffix = next((k for k in LN_OF if name.endswith(k)), None)
+        if suffix is None:
+            raise ValueError(f"{name}: rescaled linear without a known LayerNorm (expected {', '.join(LN_OF)})")
+        ln_name = name[: -len(suffix)] + LN_OF[suffix]
+        ln = model.get_submodule(ln_name)
+        if not isinstance(ln, nn.LayerNorm) or ln.weight is None or ln.bias is None:
+            raise ValueError(f"{ln_name} must be an affine nn.LayerNorm to fold the channel-wise quantizer into it")
+        pairs.append((ln, m))
+    return pairs
+
+
+@torch.no_grad()
+def init_channelwise(model: nn.Module, images: Tensor, percentiles=ACT_PERCENTILES) -> None:
+    """Stage-1 initialisation: per-channel ``(s[c], z[c])`` of each post-LN input from ``images`` (float forward),
+    written as layer-wise ``(s~, z~)`` plus ``r``, ``shift``."""
+    pairs = post_ln_pairs(model)
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a: inputs.__setitem__(id(mod), a[0].detach()))
+             for _, m in pairs]
+    modes = {id(m): m.mode for m in quant_modules(model)}
+    set_mode(model, "float")
+    try:
+        model(images)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m in quant_modules(model):
+            m.set_mode(modes[id(m)])
+    for _, m in pairs:
+        x = inputs[id(m)].float().reshape(-1, m.in_features)
+        lo = P.percentile(x, percentiles[0], dim=0).reshape(-1)
+        hi = P.percentile(x, percentiles[1], dim=0).reshape(-1)
+        s, z = P.qparams_from_range(lo, hi, m.a_bits)
+        st, zt, r, shift = P.channelwise_to_layerwise(s, z, m.a_bits)
+        m.log_r.copy_(r.log())
+        m.shift.copy_(shift)
+        m.act.log_s.copy_(st.log())
+        m.act.z.copy_(zt)
+        m.act.initialised.fill_(True)
+
+
+@torch.no_grad()
+def fold_into_layernorms(model: nn.Module) -> None:
+    """Stage 2: fold each post-LN linear's ``r``, ``shift`` into its LayerNorm and weight; ``r = 1``, ``shift = 0``
+    frozen. The float output is unchanged; the fake-quant output too (same codes, same folded weight)."""
+    for ln, m in post_ln_pairs(model):
+        r, shift = m.r.detach().to(ln.weight.dtype), m.shift.detach().to(ln.weight.dtype)
+        g, b = P.fold_into_layernorm(ln.weight, ln.bias, r, shift)
+        w, bias = m.folded()
+        ln.weight.copy_(g)
+        ln.bias.copy_(b)
+        m.weight.copy_(w)
+        if m.bias is None:
+            m.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        else:
+            m.bias.copy_(bias)
+        m.dW.zero_()
+        m.log_r.zero_()
+        m.shift.zero_()
+        m.log_r.requires_grad_(False)
+        m.shift.requires_grad_(False)
+
+
+def _weight_param(name: str) -> bool:
+    return name.endswith(("dW", "log_ws", "wz"))
+
+
+def sos(student: nn.Module, teacher: nn.Module, images: Tensor, cfg, init_size: int = 32) -> dict:
+    """Run the three SOS stages on a calibrated ``student`` (``cfg`` an :class:`quant.optimize.OptimConfig` with
+    ``method="is-vit"``; ``iters`` per block and stage). Returns the history of :func:`quant.optimize.optimize`."""
+    from quant.optimize import optimize
+
+    if cfg.resume or cfg.stop_after is not None:
+        raise UserError("--method is-vit does not support --resume/--stop-after; run it in one go")
+    bits = getattr(student, "quant_bits", None)
+    pairs = post_ln_pairs(student)
+    if not pairs and bits is not None and not bits.act_float:
+        raise UserError("--method is-vit needs the channel rescale of post-LayerNorm linears; drop --no-rescale")
+    stage_cfg = dataclasses.replace(cfg, method="blockwise", save_every=0, state_path=None, resume=False,
+                                    stop_after=None)
+    qmods = quant_modules(student)
+    device = next(student.parameters()).device
+    init_channelwise(student, images[:init_size].to(device))
+
+    for m in qmods:
+        m.quantize_weights = False
+        for n, p in m.named_parameters():
+            p.requires_grad_(n not in ("weight", "bias") and not _weight_param(n))
+    try:
+        h1 = optimize(student, teacher, images, stage_cfg)
+    finally:
+        for m in qmods:
+            m.quantize_weights = True
+
+    fold_into_layernorms(student)
+    folded = {id(m) for _, m in pairs}
+    for m in qmods:
+        if id(m) in folded:
+            m.init_weight_qparams()
+        for n, p in m.named_parameters():
+            p.requires_grad_(n not in ("weight", "bias") and not (id(m) in folded and n in ("log_r", "shift")))
+    h3 = optimize(student, teacher, images, stage_cfg)
+    return {"losses": h1["losses"] + h3["losses"], "steps": h1["steps"] + h3["steps"], "completed": True,
+            "stage_steps": [h1["steps"], h3["steps"]]}

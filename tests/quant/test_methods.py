@@ -1,0 +1,186 @@
+"""The seed papers' other methods: SULQ in the attention core and SOS (``--method is-vit``) of I&S-ViT; DFQ-ViT's
+activation correction."""
+import copy
+
+import pytest
+import torch
+
+from kernels import ops
+from kernels import reference as R
+from quant import primitives as P
+from calib.invert import InvertConfig
+from quant.calibrate import calibrate
+from quant.correction import add_act_correction, intermediate_mse, train_act_correction
+from quant.errors import UserError
+from quant.modules import QuantAttentionCore, QuantLinear, SULQuantizer, set_mode
+from quant.optimize import OptimConfig, evaluate_loss, optimize
+from quant.sos import fold_into_layernorms, init_channelwise, post_ln_pairs
+from quant.surgery import quantize_model
+
+from .ptq_utils import cifar_images, images, make_model, one_thread  # noqa: F401
+
+
+def test_sulq_attention_core_matches_integer_reference(gen):
+    core = QuantAttentionCore(4, softmax_quantizer="sulq")
+    assert isinstance(core.p_quant, SULQuantizer)
+    q, k, v = (torch.randn(2, 3, 16, 8, generator=gen) for _ in range(3))
+    bias = torch.randn(3, 16, 16, generator=gen)
+    core.set_mode("calib")
+    core(q, k, v, 0.35, rel_bias=bias)
+    core.set_mode("quant")
+    o = core(q, k, v, 0.35, rel_bias=bias)
+    qp = core.deploy()
+    assert isinstance(qp["p"], P.SULQParams) and float(qp["p"].eta) > 0
+    codes = [ops.quantize(t, qp[n]) for t, n in ((q, "q"), (k, "k"), (v, "v"))]
+    ref = R.quant_attention(*codes, qp["q"], qp["k"], qp["v"], 0.35, p_qp=qp["p"], rel_bias=bias)
+    table = P.sulq_table(*qp["p"])
+    step = float((table[:-1] - table[1:]).abs().max() * qp["v"].s) * 4 * 16  # a few tie flips at most
+    assert (o.detach() - ref).abs().max() <= step
+    assert (o.detach() - ref).abs().mean() < 1e-4
+    o.sum().backward()
+    assert core.p_quant.log_s.grad is not None and float(core.p_quant.log_s.grad.abs()) > 0
+
+
+def test_sulq_model_and_bad_choice():
+    fp = make_model("swin")
+    q = calibrate(quantize_model(copy.deepcopy(fp), "w4a4", softmax_quantizer="sulq"), images(8))
+    cores = [m for m in q.modules() if isinstance(m, QuantAttentionCore)]
+    assert cores and all(isinstance(c.p_quant, SULQuantizer) and bool(c.p_quant.initialised) for c in cores)
+    with torch.no_grad():
+        assert torch.isfinite(q(images(2))).all()
+    with pytest.raises(ValueError, match="softmax quantizer must be one of"):
+        quantize_model(copy.deepcopy(fp), "w4a4", softmax_quantizer="log2")
+
+
+@pytest.mark.parametrize("kind", ["vit", "swin"])
+def test_sos_fold_preserves_float_output_exactly(kind):
+    fp = make_model(kind).double()
+    q = quantize_model(copy.deepcopy(fp), "w4a4")
+    x = images(4).double()
+    init_channelwise(q, x)
+    pairs = post_ln_pairs(q)
+    assert len(pairs) == (9 if kind == "swin" else 4)
+    assert any(not torch.allclose(m.r, torch.ones_like(m.r)) for _, m in pairs)
+    gammas = [ln.weight.detach().clone() for ln, _ in pairs]
+    with torch.no_grad():
+        ref = fp(x)
+        fold_into_layernorms(q)
+        out = q(x)
+    assert (out - ref).abs().max() <= 1e-12 * ref.abs().max()
+    assert all(not torch.equal(g, ln.weight) for g, (ln, _) in zip(gammas, pairs))
+    assert all(torch.equal(m.r, torch.ones_like(m.r)) and torch.equal(m.shift, torch.zeros_like(m.shift))
+               for _, m in pairs)
+
+
+def test_sos_fold_keeps_fake_quant_output():
+    fp = make_model("vit")
+    x = images(8)
+    q = calibrate(quantize_model(copy.deepcopy(fp), "w4a4"), x)
+    init_channelwise(q, x)
+    with torch.no_grad():
+        before = q(x)
+        fold_into_layernorms(q)
+        after = q(x)
+    assert (after - before).abs().max() <= 1e-4 * before.abs().max()
+
+
+def test_is_vit_method_lowers_loss_and_folds():
+    fp = make_model("vit")
+    data = cifar_images(32)
+    q = calibrate(quantize_model(copy.deepcopy(fp), "w4a4"), data)
+    cfg = OptimConfig(method="is-vit", iters=15, batch_size=8, progress=False)
+    before = evaluate_loss(q, fp, data, cfg)
+    hist = optimize(q, fp, data, cfg)
+    assert hist["stage_steps"] == [15 * 3, 15 * 3] and hist["completed"]
+    assert evaluate_loss(q, fp, data, cfg) < before
+    for _, m in post_ln_pairs(q):
+        assert torch.equal(m.r, torch.ones_like(m.r)) and not m.log_r.requires_grad
+        assert m.quantize_weights
+    set_mode(q, "float")
+    with torch.no_grad():
+        for n, p in q.named_parameters():
+            if n.endswith("dW"):
+                p.zero_()  # stage 3's refinement; the fold itself keeps the float model
+        torch.testing.assert_close(q(data[:4]), fp(data[:4]), rtol=1e-4, atol=1e-4)
+
+
+def test_is_vit_refuses_resume_and_no_rescale():
+    with pytest.raises(UserError, match="is-vit does not support"):
+        OptimConfig(method="is-vit", stop_after=3)
+    fp = make_model("vit")
+    q = calibrate(quantize_model(copy.deepcopy(fp), "w4a4", rescale=False), images(4))
+    with pytest.raises(UserError, match="drop --no-rescale"):
+        optimize(q, fp, images(4), OptimConfig(method="is-vit", iters=1, progress=False))
+
+
+def test_act_correction_starts_as_identity_and_only_in_quant_mode():
+    fp = make_model("swin")
+    x = images(4)
+    q = calibrate(quantize_model(copy.deepcopy(fp), "w4a4"), x)
+    with torch.no_grad():
+        before = q(x)
+        corr = add_act_correction(q)
+        assert len(corr) == 4 and corr[-1].matrix.shape == (48, 48)
+        assert torch.equal(q(x), before)
+        corr[0].matrix.mul_(0.5)
+        assert not torch.allclose(q(x), before)
+        set_mode(q, "float")
+        torch.testing.assert_close(q(x), fp(x), rtol=1e-5, atol=1e-5)
+    dep = corr[0].deploy()
+    assert dep["matrix"].dtype == torch.float32 and torch.equal(dep["matrix"], corr[0].matrix.detach())
+    with pytest.raises(ValueError, match="already has"):
+        add_act_correction(q)
+
+
+def test_act_correction_reduces_intermediate_mse():
+    fp = make_model("vit")
+    data = cifar_images(48)
+    x, held = data[:32], data[32:]
+    q = calibrate(quantize_model(copy.deepcopy(fp), "w4a4"), x)
+    add_act_correction(q)
+    grads = {n: p.requires_grad for n, p in q.named_parameters()}
+    with torch.no_grad():
+        before, before_held = float(intermediate_mse(q, fp, x)), float(intermediate_mse(q, fp, held))
+    hist = train_act_correction(q, fp, x, iters=40, batch_size=8, lr=2e-3, progress=False)
+    assert hist["steps"] == 40 and len(hist["losses"]) == 40
+    with torch.no_grad():
+        after, after_held = float(intermediate_mse(q, fp, x)), float(intermediate_mse(q, fp, held))
+    assert after < 0.9 * before and after_held < before_held
+    assert grads == {n: p.requires_grad for n, p in q.named_parameters()}
+    assert any(not torch.equal(p, torch.eye(p.shape[0])) for n, p in q.named_parameters() if n.endswith("matrix"))
+
+
+def test_cli_data_free_is_vit_sulq_with_correction_reloads(tmp_path, capsys):
+    import json
+
+    import timm
+
+    from quant import models as M
+    from quant.modules import ActCorrection
+    from quant.run import main
+
+    small = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}
+    torch.manual_seed(0)
+    ckpt = tmp_path / "deit.pth"
+    torch.save(timm.create_model("deit_tiny_patch16_224", pretrained=False, **small).state_dict(), ckpt)
+    out = tmp_path / "run"
+    base = ["--model", "deit_t", "--bits", "w4a4", "--out", str(out), "--checkpoint", str(ckpt),
+            "--model-args", json.dumps(small), "--calib-size", "8", "--init-size", "8", "--iters", "2",
+            "--batch-size", "4", "--no-progress", "--workers", "0"]
+    rc = main(base + ["--method", "is-vit", "--softmax-quantizer", "sulq", "--act-correction",
+                      "--correction-iters", "3", "--invert-steps", "2"])
+    assert rc == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["data_free"] and rep["method"] == "is-vit" and rep["act_correction"]["steps"] == 3
+    assert rep["steps"] == 2 * 2 * 3 and rep["calib_images"] == 8
+    saved = torch.load(out / "quantized.pt", weights_only=False)
+    assert saved["softmax_quantizer"] == "sulq" and saved["act_correction"]
+    rebuilt = M.load_quantized(str(out / "quantized.pt"))
+    sd = rebuilt.state_dict()
+    assert sd.keys() == saved["state_dict"].keys()
+    assert all(torch.equal(sd[k], v) for k, v in saved["state_dict"].items())
+    mats = [m.matrix for m in rebuilt.modules() if isinstance(m, ActCorrection)]
+    assert len(mats) == 2 and any(not torch.equal(m, torch.eye(48)) for m in mats)
+    assert all(isinstance(c.p_quant, SULQuantizer) for c in rebuilt.modules() if isinstance(c, QuantAttentionCore))
+    with torch.no_grad():
+        assert torch.isfinite(rebuilt(torch.randn(2, 3, 32, 32))).all()

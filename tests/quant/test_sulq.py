@@ -1,0 +1,78 @@
+"""SULQ (I&S-ViT shift-uniform-log2 quantizer) against plain per-element Python math."""
+import math
+
+import pytest
+import torch
+
+from quant import primitives as P
+
+
+def _probs(gen, shape=(6, 40), temp=3.0):
+    return torch.softmax(torch.randn(*shape, generator=gen) * temp, -1)
+
+
+def _plain_code(p, eta, s, z, bits):
+    v = -math.log2(p + eta) / s
+    return min(max(round(v) + z, 0), P.qmax(bits)), v
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_sulq_codes_and_values_match_plain_math(gen, bits):
+    p = _probs(gen)
+    eta, s, z = 2.0 ** -6, 0.37, 1.0
+    codes = P.sulq_quantize(p, eta, s, z, bits)
+    signed = P.sulq_quantize(p, eta, s, z, bits, signed=True)
+    assert codes.dtype == torch.uint8 and signed.dtype == torch.int8
+    assert torch.equal(signed.int(), codes.int() - P.code_offset(bits))
+    checked = 0
+    for pv, c in zip(p.double().flatten().tolist(), codes.flatten().tolist()):
+        want, pre = _plain_code(pv, eta, s, int(z), bits)
+        if abs(pre - math.floor(pre) - 0.5) > 1e-4:
+            assert c == want
+            checked += 1
+    assert checked > 0.99 * p.numel()
+    deq = P.sulq_dequantize(signed, eta, s, z, bits)
+    plain = torch.tensor([2.0 ** (-(c - z) * s) - eta for c in codes.flatten().tolist()]).view_as(p)
+    torch.testing.assert_close(deq, plain.float(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(P.sulq_dequantize(codes, eta, s, z, bits), deq, rtol=0, atol=0)
+    table = P.sulq_table(eta, s, z, bits)
+    assert table.shape == (P.n_levels(bits),)
+    torch.testing.assert_close(table, torch.tensor([2.0 ** (-(q - z) * s) - eta for q in range(P.n_levels(bits))],
+                                                   dtype=torch.float32), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(P.sulq_fake_quantize(p, eta, torch.tensor(s), torch.tensor(z), bits), deq,
+                               rtol=1e-6, atol=1e-7)
+
+
+def test_sulq_fake_quantize_gradients(gen):
+    p = _probs(gen).double().requires_grad_()
+    s = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    z = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
+    eta, bits = 0.01, 4
+    ph = P.sulq_fake_quantize(p, eta, s, z, bits)
+    g = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+    (ph * g).sum().backward()
+    t = -torch.log2(p.detach() + eta) / 0.4
+    inside = (torch.round(t) >= 0) & (torch.round(t) <= P.qmax(bits))
+    want = torch.where(inside, g * (ph.detach() + eta) / (p.detach() + eta), torch.zeros_like(g))
+    torch.testing.assert_close(p.grad, want)
+    assert float(s.grad.abs()) > 0
+
+
+def test_sulq_search_beats_uniform_on_softmax(gen):
+    p = _probs(gen, (64, 64), temp=4.0)
+    sp = P.init_sulq_params(p, 4)
+    assert isinstance(sp, P.SULQParams) and float(sp.eta) > 0
+    s_u, z_u = P.init_act_qparams(p, 4)
+    err_sulq = float((P.sulq_fake_quantize(p, sp.eta, sp.s, sp.z, 4) - p).pow(2).mean())
+    err_unif = float((P.fake_quantize(p, s_u, z_u, 4) - p).pow(2).mean())
+    assert err_sulq < err_unif
+
+
+def test_sulq_bad_input(gen):
+    p = _probs(gen)
+    with pytest.raises(ValueError, match="after the softmax"):
+        P.sulq_quantize(p - 0.5, 0.01, 0.3, 0, 4)
+    with pytest.raises(ValueError, match="eta must be"):
+        P.sulq_quantize(p, 0.0, 0.3, 0, 4)
+    with pytest.raises(TypeError, match="integer"):
+        P.sulq_dequantize(p, 0.01, 0.3, 0, 4)
