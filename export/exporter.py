@@ -214,6 +214,11 @@ def export_model(qmodel: nn.Module, path: "str | os.PathLike", arch: str, config
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    raw = [n for n, m in qmodel.named_modules() if isinstance(getattr(m, "initialised", None), Tensor)
+           and getattr(m, "enabled", True) and not bool(m.initialised)]
+    if raw:
+        raise ValueError(f"quantizers of {raw[:3]} are not initialised; run quant.calibrate.calibrate(model, images) "
+                         f"before exporting")
     with torch.no_grad():
         tensors, modules = collect(qmodel)
     meta = {"architecture": arch, "timm_name": spec.timm_name, "model_args": dict(config or {}), "bits": cfg.name,

@@ -68,9 +68,7 @@ def _packed_linear(e: dict, read: _Reader, model: nn.Module, path) -> PackedLine
         target = _get(model, name, path)
         tn, tk = getattr(target, "out_features", None), getattr(target, "in_features", None)
         if (tn, tk) != (n, k):
-            raise CheckpointError(f"{path}: layer {name} is [{n}, {k}] in the checkpoint but {[tn, tk]} in the model; "
-                                  f"the checkpoint was written for another architecture/config "
-                                  f"({read.arch})")
+            raise _mismatch(path, f"layer {name} is [{n}, {k}] in the checkpoint but {[tn, tk]} in the model", read)
     planes = {}
     for plane, per in packing.FORMATS[fmt_name].planes:
         dtype = torch.int8 if fmt_name == "int8" else torch.uint8
@@ -85,6 +83,11 @@ def _packed_linear(e: dict, read: _Reader, model: nn.Module, path) -> PackedLine
         r, shift = read(f"{name}.r", (k,)), read(f"{name}.shift", (k,))
     return PackedLinear(pw, read(f"{name}.w_scale", (n,)), read(f"{name}.w_zero", (n,), torch.uint8), bias, in_qp,
                         ln=ln, r=r, shift=shift)
+
+
+def _mismatch(path, what: str, read: "_Reader") -> CheckpointError:
+    return CheckpointError(f"{path}: {what}; the checkpoint was written for another architecture/config "
+                           f"({read.arch}): load it without model= or with a skeleton built like that")
 
 
 def _get(model: nn.Module, name: str, path) -> nn.Module:
@@ -104,8 +107,8 @@ def _attention(e: dict, read: _Reader, model: nn.Module, path) -> nn.Module:
     name = e["name"]
     old = _get(model, name, path)
     if getattr(old, "num_heads", None) != e["num_heads"]:
-        raise CheckpointError(f"{path}: {name} has {e['num_heads']} heads in the checkpoint but "
-                              f"{getattr(old, 'num_heads', None)} in the model ({read.arch})")
+        raise _mismatch(path, f"{name} has {e['num_heads']} heads in the checkpoint but "
+                              f"{getattr(old, 'num_heads', None)} in the model", read)
     qkv, proj = _packed_linear(e["qkv"], read, model, path), _packed_linear(e["proj"], read, model, path)
     bits = e["qkv"]["a_bits"]
     qps = {k: QParams(read(f"{name}.{k}_s", ()), read(f"{name}.{k}_z", ()), bits) for k in "qkvp"}
@@ -130,7 +133,7 @@ def build(tensors: Dict[str, Tensor], manifest: dict, model: Optional[nn.Module]
             fused = [e["qkv"].get("fused_norm")]
         elif kind == "mlp":
             if not isinstance(_get(model, name, path), Mlp):
-                raise CheckpointError(f"{path}: {name} is not an Mlp in the model ({read.arch})")
+                raise _mismatch(path, f"{name} is not an Mlp in the model", read)
             new = PackedMlp(_packed_linear(e["fc1"], read, model, path), _packed_linear(e["fc2"], read, model, path))
             fused = []
         elif kind == "linear":
@@ -139,9 +142,8 @@ def build(tensors: Dict[str, Tensor], manifest: dict, model: Optional[nn.Module]
         elif kind == "patch":
             old = _get(model, name, path)
             if tuple(getattr(old, "weight", torch.empty(0)).shape) != tuple(e["kernel_shape"]):
-                raise CheckpointError(f"{path}: patch embedding {name} is {e['kernel_shape']} in the checkpoint but "
-                                      f"{list(getattr(old, 'weight', torch.empty(0)).shape)} in the model "
-                                      f"({read.arch})")
+                raise _mismatch(path, f"patch embedding {name} is {e['kernel_shape']} in the checkpoint but "
+                                      f"{list(getattr(old, 'weight', torch.empty(0)).shape)} in the model", read)
             new = PackedPatchEmbed(_packed_linear(e, read, model, path), e["kernel_shape"])
         else:
             raise CheckpointError(f"{path}: unknown module kind {kind!r} for {name!r}; written by a newer version?")
@@ -159,7 +161,7 @@ def build(tensors: Dict[str, Tensor], manifest: dict, model: Optional[nn.Module]
         model.load_state_dict(floats, strict=True)
     except RuntimeError as e:
         lines = " ".join(str(e).split())[:400]
-        raise CheckpointError(f"{path}: the float tensors do not fit {read.arch}: {lines}; the checkpoint was "
+        raise CheckpointError(f"{path}: the float tensors do not fit the model: {lines}; the checkpoint was "
                               f"written for another architecture/config") from None
     model.lowbit_manifest = manifest
     return model.eval()

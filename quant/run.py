@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and --export file)")
+    p.add_argument("--export", default=None, metavar="PATH",
+                   help="also write the packed checkpoint here (export.load, python -m export.infer)")
     p.add_argument("--checkpoint", default=None, help="local weights (.pth/.safetensors) instead of the hub")
     p.add_argument("--model-args", default=None, help='JSON kwargs for timm.create_model, e.g. \'{"img_size": 64}\'')
     p.add_argument("--lr-q", type=float, default=1e-3, help="lr of step sizes, zero points, rescale/shift")
@@ -155,6 +157,15 @@ def format_table(report: dict) -> str:
     return "\n".join(f"{a.ljust(w)}  {b}" for a, b in rows) + "\n"
 
 
+def _check_export(path: str, overwrite: bool, bits) -> None:
+    if os.path.exists(path) and not overwrite:
+        raise UserError(f"--export {path!r} already exists; pick another path or pass --overwrite")
+    if os.path.isdir(path):
+        raise UserError(f"--export {path!r} is a folder; give a file path such as model.lowbit")
+    if bits.act_float:
+        raise UserError(f"--export needs quantized activations; {bits.name} keeps them in float (A16)")
+
+
 def state_path(out: str) -> str:
     return os.path.abspath(out).rstrip(os.sep) + ".state.pt"
 
@@ -178,6 +189,8 @@ def run(args: argparse.Namespace) -> dict:
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not args.overwrite:
         raise UserError(f"--out {args.out!r} already exists; pick another folder or pass --overwrite")
+    if args.export:
+        _check_export(args.export, args.overwrite, cfg_bits)
     try:
         model_args = json.loads(args.model_args) if args.model_args else {}
         if not isinstance(model_args, dict):
@@ -249,6 +262,11 @@ def run(args: argparse.Namespace) -> dict:
             json.dump(report, f, indent=2)
         with open(os.path.join(tmp, "report.txt"), "w") as f:
             f.write(format_table(report))
+        if args.export:
+            from export import export_model
+            os.makedirs(os.path.dirname(os.path.abspath(args.export)), exist_ok=True)
+            export_model(student, args.export, arch=args.model, config=model_args, bits=cfg_bits.name,
+                         overwrite=args.overwrite)
         if os.path.exists(out):
             shutil.rmtree(out)
         os.replace(tmp, out)
