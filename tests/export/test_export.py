@@ -170,3 +170,22 @@ def test_triton_path_matches_reference(tmp_path):
         finally:
             ops.use_triton(None)
     assert torch.allclose(tri, ref, atol=1e-3 * float(ref.max() - ref.min()))
+
+
+@pytest.mark.parametrize("bits,limit", [("w1.58a8", 1 / 6), ("w4a4", 1 / 3.5)])
+def test_vit_b_size_ratio(tmp_path, bits, limit):
+    """Real ViT-B/16 (random init) checkpoint size vs its fp16 state dict. Sizes depend on shapes only, so the
+    quantizers are marked initialised instead of calibrated (the codes are not checked here)."""
+    import copy
+
+    import timm
+    from quant.surgery import quantize_model
+    fp = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
+    q = quantize_model(copy.deepcopy(fp), bits)
+    for m in q.modules():
+        if hasattr(m, "initialised"):
+            m.initialised.fill_(True)
+    path = export.export_model(q, tmp_path / "vit_b.lowbit", arch="vit_base_patch16_224", config={}, bits=bits)
+    ratio = path.stat().st_size / E.fp16_state_bytes(fp)
+    assert ratio <= limit, ratio
+    assert ratio >= {"w1.58a8": 0.125, "w4a4": 0.25}[bits]  # the packed weights alone: 2 / 16 and 4 / 16 bits
