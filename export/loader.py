@@ -22,6 +22,8 @@ from . import format as fmt
 from .exporter import FLOAT, QUANT
 from .runtime import PackedLinear, PackedMlp, PackedPatchEmbed, PackedViTAttention, PackedWindowAttention
 
+CheckpointError = fmt.CheckpointError
+
 
 def _skeleton(manifest: dict, path) -> nn.Module:
     from quant.models import resolve
@@ -36,8 +38,6 @@ def _skeleton(manifest: dict, path) -> nn.Module:
         raise CheckpointError(f"{path}: cannot build architecture {arch!r} with {args} ({type(e).__name__}: {e}); "
                               f"the manifest names a model this installation does not have") from None
 
-
-CheckpointError = fmt.CheckpointError
 
 
 class _Reader:
