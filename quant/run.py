@@ -50,9 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and --export file)")
-    p.add_argument("--export", default=None, metavar="PATH",
-                   help="also write the packed checkpoint here (export.load, python -m export.infer)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--checkpoint", default=None, help="local weights (.pth/.safetensors) instead of the hub")
     p.add_argument("--model-args", default=None, help='JSON kwargs for timm.create_model, e.g. \'{"img_size": 64}\'')
     p.add_argument("--lr-q", type=float, default=1e-3, help="lr of step sizes, zero points, rescale/shift")
@@ -69,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1) // 2,
                    help="image-decoding processes for --val (0: decode in the main process)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--export", default=None, metavar="PATH", help="also write the packed checkpoint here "
+                   "(export.load, python -m export.infer); an existing file needs --overwrite")
     return p
 
 
@@ -155,15 +155,6 @@ def format_table(report: dict) -> str:
     ]
     w = max(len(r[0]) for r in rows)
     return "\n".join(f"{a.ljust(w)}  {b}" for a, b in rows) + "\n"
-
-
-def _check_export(path: str, overwrite: bool, bits) -> None:
-    if os.path.exists(path) and not overwrite:
-        raise UserError(f"--export {path!r} already exists; pick another path or pass --overwrite")
-    if os.path.isdir(path):
-        raise UserError(f"--export {path!r} is a folder; give a file path such as model.lowbit")
-    if bits.act_float:
-        raise UserError(f"--export needs quantized activations; {bits.name} keeps them in float (A16)")
 
 
 def state_path(out: str) -> str:
@@ -276,6 +267,15 @@ def run(args: argparse.Namespace) -> dict:
     if os.path.exists(ocfg.state_path):
         os.remove(ocfg.state_path)
     return report
+
+
+def _check_export(path: str, overwrite: bool, bits) -> None:
+    if os.path.exists(path) and not overwrite:
+        raise UserError(f"--export {path!r} already exists; pick another path or pass --overwrite")
+    if os.path.isdir(path):
+        raise UserError(f"--export {path!r} is a folder; give a file path such as model.lowbit")
+    if bits.act_float:
+        raise UserError(f"--export needs quantized activations; {bits.name} keeps them in float (A16)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
