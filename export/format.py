@@ -42,7 +42,7 @@ def _package_version() -> str:
 
 def tensor_digest(t: Tensor) -> str:
     t = t.detach().contiguous().cpu()
-    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()
+    return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()
 
 
 def save(path: "str | os.PathLike", tensors: Dict[str, Tensor], meta: dict, overwrite: bool = False) -> Path:

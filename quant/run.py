@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1) // 2,
                    help="image-decoding processes for --val (0: decode in the main process)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--export", default=None, metavar="PATH", help="also write the packed checkpoint here "
+                   "(export.load, python -m export.infer); an existing file needs --overwrite")
     return p
 
 
@@ -223,6 +225,8 @@ def run(args: argparse.Namespace) -> dict:
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not args.overwrite:
         raise UserError(f"--out {args.out!r} already exists; pick another folder or pass --overwrite")
+    if args.export:
+        _check_export(args.export, args.overwrite, cfg_bits)
     try:
         model_args = json.loads(args.model_args) if args.model_args else {}
         if not isinstance(model_args, dict):
@@ -308,6 +312,11 @@ def run(args: argparse.Namespace) -> dict:
             json.dump(report, f, indent=2)
         with open(os.path.join(tmp, "report.txt"), "w") as f:
             f.write(format_table(report))
+        if args.export:
+            from export import export_model
+            os.makedirs(os.path.dirname(os.path.abspath(args.export)), exist_ok=True)
+            export_model(student, args.export, arch=args.model, config=model_args, bits=cfg_bits.name,
+                         overwrite=args.overwrite)
         if os.path.exists(out):
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -318,6 +327,15 @@ def run(args: argparse.Namespace) -> dict:
         os.remove(ocfg.state_path)
     shutil.rmtree(out + ".invert", ignore_errors=True)
     return report
+
+
+def _check_export(path: str, overwrite: bool, bits) -> None:
+    if os.path.exists(path) and not overwrite:
+        raise UserError(f"--export {path!r} already exists; pick another path or pass --overwrite")
+    if os.path.isdir(path):
+        raise UserError(f"--export {path!r} is a folder; give a file path such as model.lowbit")
+    if bits.act_float:
+        raise UserError(f"--export needs quantized activations; {bits.name} keeps them in float (A16)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

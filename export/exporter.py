@@ -1,0 +1,238 @@
+"""Write a quantized timm ViT/DeiT/Swin (from :func:`quant.surgery.quantize_model`) as a packed checkpoint.
+
+Tensors (see :mod:`export.format` for the file and its manifest):
+
+* ``quant.<layer>.w.<plane>``: packed weight codes (``quant.packing``: ``2bit`` ternary, ``int3`` lo/hi planes,
+  ``int4`` nibbles, ``int8`` signed for 6/8 bits) of the folded weight ``W' = (W + dW) * r``;
+  ``quant.<layer>.w_scale`` fp32 ``[N]``, ``w_zero`` uint8 ``[N]`` (unsigned), ``bias`` fp32 ``[N]``
+  (``b' = b + (W + dW) @ shift``), ``in_s``/``in_z`` fp32 0-d (the input's per-tensor quantizer);
+* a LayerNorm feeding only one linear (ViT/Swin ``norm1 -> attn.qkv``, ``norm2 -> mlp.fc1``, Swin
+  ``downsample.norm -> reduction``) is fused into it with the rescale folded into its affine map:
+  ``gamma' = gamma / r``, ``beta' = (beta - shift) / r`` (``quant.<layer>.ln_weight``/``ln_bias``, fp32) since
+  ``(LN(x) - shift) / r`` is then exactly ``LN'(x)``; where that is not exact (Swin blocks whose windows pad the
+  input) ``r``/``shift`` are stored (``quant.<layer>.r``/``shift``) and the LayerNorm stays a float tensor;
+* ``quant.<attention>.{q,k,v,p}_s``/``_z``: per-tensor quantizers of Q, K, V and the probabilities;
+* ``float.<name>``: every other tensor of the model's state dict (LayerNorms, position embedding, class/distillation
+  tokens, Swin relative position tables) in fp16.
+
+Manifest fields: ``architecture`` (alias or timm name), ``timm_name``, ``model_args`` (constructor kwargs),
+``bits``, ``modules`` (the layer list: kind, name, shapes, formats, fused norms), ``preprocess`` (eval transform).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from timm.layers import Mlp
+from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock
+from timm.models.vision_transformer import Block
+
+from quant import packing
+from quant.bits import parse_bits
+from quant.modules import QuantAttentionCore, QuantConv2dPatch, QuantLinear
+from quant.surgery import QuantViTAttention, QuantWindowAttention
+
+from . import format as fmt
+
+QUANT, FLOAT = "quant.", "float."
+
+
+def _fusable_norm(model: nn.Module, name: str) -> Optional[str]:
+    """Name of the LayerNorm that feeds only the linear ``name`` and can be fused into it exactly, else None."""
+    parent, _, leaf = name.rpartition(".")
+    owner_name, _, sub = parent.rpartition(".")
+    try:
+        owner = model.get_submodule(owner_name)
+    except AttributeError:
+        return None
+    if leaf == "qkv" and sub == "attn" and isinstance(owner, (Block, SwinTransformerBlock)):
+        if isinstance(owner, SwinTransformerBlock):
+            res, ws = owner.input_resolution, owner.window_size
+            if any(int(r) % int(w) for r, w in zip(res, ws)):
+                return None  # the window padding follows the norm: zeros must stay zeros
+        norm = f"{owner_name}.norm1"
+    elif leaf == "fc1" and sub == "mlp" and isinstance(owner, (Block, SwinTransformerBlock)):
+        norm = f"{owner_name}.norm2"
+    elif leaf == "reduction" and isinstance(model.get_submodule(parent), PatchMerging):
+        norm = f"{parent}.norm"
+    else:
+        return None
+    ln = model.get_submodule(norm)
+    if not isinstance(ln, nn.LayerNorm) or ln.weight is None or ln.bias is None or len(ln.normalized_shape) != 1:
+        return None
+    return norm
+
+
+def _linear(model: nn.Module, name: str, m: QuantLinear, tensors: Dict[str, Tensor]) -> dict:
+    d = m.deploy()
+    if d["input"] is None:
+        raise ValueError(f"layer {name}: activations in float (A16) cannot be exported: the packed kernels take "
+                         f"int8 activations; quantize with an activation bit-width (e.g. w4a8)")
+    pw = packing.pack(d["codes"], m.w_bits)
+    p = QUANT + name
+    for plane, t in pw.planes.items():
+        tensors[f"{p}.w.{plane}"] = t
+    tensors[f"{p}.w_scale"] = d["w_scale"].float()
+    tensors[f"{p}.w_zero"] = d["w_zero"].to(torch.uint8)
+    tensors[f"{p}.bias"] = d["bias"].float()
+    tensors[f"{p}.in_s"] = d["input"].s.float().reshape(())
+    tensors[f"{p}.in_z"] = d["input"].z.float().reshape(())
+    entry = {"name": name, "n": pw.n, "k": pw.k, "w_bits": m.w_bits, "a_bits": m.a_bits, "format": pw.fmt,
+             "fused_norm": None, "ln_eps": None, "rescale": d["r"] is not None}
+    norm = _fusable_norm(model, name)
+    if norm is not None:
+        ln = model.get_submodule(norm)
+        g, b = ln.weight.detach().double(), ln.bias.detach().double()
+        if d["r"] is not None:
+            r, shift = d["r"].double(), d["shift"].double()
+            g, b = g / r, (b - shift) / r
+        tensors[f"{p}.ln_weight"], tensors[f"{p}.ln_bias"] = g.float(), b.float()
+        entry.update(fused_norm=norm, ln_eps=float(ln.eps))
+    elif d["r"] is not None:
+        tensors[f"{p}.r"], tensors[f"{p}.shift"] = d["r"].float(), d["shift"].float()
+    return entry
+
+
+def _attention(model: nn.Module, name: str, m: nn.Module, tensors: Dict[str, Tensor]) -> dict:
+    core: QuantAttentionCore = m.core
+    qps = core.deploy()
+    if any(qp is None for qp in qps.values()):
+        raise ValueError(f"{name}: attention in float (A16) cannot be exported; quantize activations")
+    for k, qp in qps.items():
+        tensors[f"{QUANT}{name}.{k}_s"] = qp.s.float().reshape(())
+        tensors[f"{QUANT}{name}.{k}_z"] = qp.z.float().reshape(())
+    entry = {"name": name, "num_heads": int(m.num_heads), "scale": float(m.scale),
+             "qkv": _linear(model, f"{name}.qkv", m.qkv, tensors),
+             "proj": _linear(model, f"{name}.proj", m.proj, tensors)}
+    if isinstance(m, QuantWindowAttention):
+        entry.update(kind="window_attention", window_area=int(m.window_area))
+    else:
+        if not isinstance(m.q_norm, nn.Identity) or not isinstance(m.k_norm, nn.Identity) or \
+                not isinstance(m.norm, nn.Identity):
+            raise ValueError(f"{name}: q/k norms inside attention are not supported by the packed runtime")
+        entry.update(kind="vit_attention", head_dim=int(m.head_dim))
+    return entry
+
+
+def _mlp(model: nn.Module, name: str, m: Mlp, tensors: Dict[str, Tensor]) -> dict:
+    act = m.act
+    if not (isinstance(act, nn.GELU) and act.approximate == "none") or not isinstance(m.norm, nn.Identity):
+        raise ValueError(f"{name}: only Mlp(fc1 -> exact GELU -> fc2) is supported by the packed runtime, got "
+                         f"act={type(act).__name__}, norm={type(m.norm).__name__}")
+    return {"name": name, "kind": "mlp", "fc1": _linear(model, f"{name}.fc1", m.fc1, tensors),
+            "fc2": _linear(model, f"{name}.fc2", m.fc2, tensors)}
+
+
+def _patch(name: str, m: QuantConv2dPatch, tensors: Dict[str, Tensor]) -> dict:
+    d = m.deploy()
+    ks, stride = d["kernel_shape"], d["stride"]
+    if tuple(stride) != tuple(ks[2:]):
+        raise ValueError(f"{name}: patch conv stride {stride} != kernel {ks[2:]}; only non-overlapping patches")
+    if d["input"] is None:
+        raise ValueError(f"{name}: float image input (A16) cannot be exported")
+    pw = packing.pack(d["codes"], m.w_bits)
+    p = QUANT + name
+    for plane, t in pw.planes.items():
+        tensors[f"{p}.w.{plane}"] = t
+    tensors[f"{p}.w_scale"] = d["w_scale"].float()
+    tensors[f"{p}.w_zero"] = d["w_zero"].to(torch.uint8)
+    if d["bias"] is not None:
+        tensors[f"{p}.bias"] = d["bias"].float()
+    tensors[f"{p}.in_s"] = d["input"].s.float().reshape(())
+    tensors[f"{p}.in_z"] = d["input"].z.float().reshape(())
+    return {"name": name, "kind": "patch", "n": pw.n, "k": pw.k, "w_bits": m.w_bits, "a_bits": d["input"].bits,
+            "format": pw.fmt, "kernel_shape": list(ks), "has_bias": d["bias"] is not None}
+
+
+def collect(qmodel: nn.Module) -> Tuple[Dict[str, Tensor], List[dict]]:
+    """``(tensors, modules)``: every checkpoint tensor of ``qmodel`` and the layer list of the manifest."""
+    tensors: Dict[str, Tensor] = {}
+    modules: List[dict] = []
+    done: List[str] = []
+    named = list(qmodel.named_modules())
+
+    def inside(n: str) -> bool:
+        return any(n == d or n.startswith(d + ".") for d in done)
+
+    for name, m in named:
+        if isinstance(m, (QuantViTAttention, QuantWindowAttention)):
+            modules.append(_attention(qmodel, name, m, tensors))
+            done.append(name)
+        elif isinstance(m, Mlp) and isinstance(m.fc1, QuantLinear) and isinstance(m.fc2, QuantLinear):
+            modules.append(_mlp(qmodel, name, m, tensors))
+            done.append(name)
+    for name, m in named:
+        if isinstance(m, QuantLinear) and not inside(name):
+            e = _linear(qmodel, name, m, tensors)
+            e["kind"] = "linear"
+            modules.append(e)
+        elif isinstance(m, QuantConv2dPatch):
+            modules.append(_patch(name, m, tensors))
+    quant_prefixes = [n for n, m in named if isinstance(m, (QuantLinear, QuantConv2dPatch, QuantAttentionCore))]
+    fused = set()
+    for e in modules:
+        for sub in (e, e.get("qkv"), e.get("fc1")):
+            if sub and sub.get("fused_norm"):
+                fused.add(sub["fused_norm"])
+    if not modules:
+        raise ValueError("model has no quantized layers; run quant.surgery.quantize_model (and calibrate) first")
+    for k, v in qmodel.state_dict().items():
+        owner = k.rpartition(".")[0]
+        if any(k.startswith(p + ".") for p in quant_prefixes) or owner in fused:
+            continue
+        tensors[FLOAT + k] = v.detach().half() if v.is_floating_point() else v.detach()
+    return tensors, modules
+
+
+def default_preprocess(qmodel: nn.Module, arch: str) -> dict:
+    """Eval transform fields as :func:`quant.models.eval_transform` builds them (bicubic, crop, mean/std)."""
+    from quant.models import input_size, resolve
+    spec = resolve(arch)
+    cfg = getattr(qmodel, "pretrained_cfg", {}) or {}
+    return {"input_size": input_size(qmodel), "crop_pct": spec.crop_pct, "interpolation": "bicubic",
+            "mean": list(spec.mean or cfg.get("mean", (0.485, 0.456, 0.406))),
+            "std": list(spec.std or cfg.get("std", (0.229, 0.224, 0.225)))}
+
+
+def export_model(qmodel: nn.Module, path: "str | os.PathLike", arch: str, config: Optional[dict] = None,
+                 bits=None, overwrite: bool = False, preprocess: Optional[dict] = None) -> Path:
+    """Write ``qmodel`` (a quantized, calibrated timm ViT/DeiT/Swin) to ``path`` atomically.
+
+    ``arch``: alias or timm name the skeleton is rebuilt from (``quant.models.resolve``); ``config``: its
+    constructor kwargs; ``bits``: the spec (default ``qmodel.quant_bits``). Refuses an existing ``path`` unless
+    ``overwrite``.
+    """
+    from quant.models import resolve
+    spec = resolve(arch)
+    cfg = parse_bits(bits if bits is not None else getattr(qmodel, "quant_bits", None) or "")
+    if cfg.act_float:
+        raise ValueError(f"bits {cfg.name}: A16 (float activations) cannot be exported; the packed kernels take "
+                         f"int8 activations")
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    raw = [n for n, m in qmodel.named_modules() if isinstance(getattr(m, "initialised", None), Tensor)
+           and getattr(m, "enabled", True) and not bool(m.initialised)]
+    if raw:
+        raise ValueError(f"quantizers of {raw[:3]} are not initialised; run quant.calibrate.calibrate(model, images) "
+                         f"before exporting")
+    with torch.no_grad():
+        tensors, modules = collect(qmodel)
+    meta = {"architecture": arch, "timm_name": spec.timm_name, "model_args": dict(config or {}), "bits": cfg.name,
+            "modules": modules, "preprocess": preprocess or default_preprocess(qmodel, arch),
+            "layouts": {name: {"k_multiple": f.k_multiple, "planes": [list(p) for p in f.planes]}
+                        for name, f in packing.FORMATS.items()}}
+    return fmt.save(path, tensors, meta, overwrite=overwrite)
+
+
+def checkpoint_bytes(tensors: Dict[str, Tensor]) -> int:
+    """Tensor data bytes of a checkpoint (the file adds only its JSON header)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def fp16_state_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s float state dict stored in fp16 (the size baseline)."""
+    return sum(v.numel() * 2 for v in model.state_dict().values() if v.is_floating_point())

@@ -1,0 +1,190 @@
+"""``load(path)``: rebuild the inference model of a packed checkpoint (weights stay packed in memory).
+
+The float skeleton comes from the manifest (``quant.models.resolve(architecture)``: the registry loader or
+``timm.create_model(timm_name, pretrained=False, **model_args)``) or from the caller (``model=``); its quantized
+layers are replaced by :mod:`export.runtime` modules built from the packed tensors, fused LayerNorms become
+``nn.Identity``, and the remaining float tensors (fp16 in the file) load into it strictly. Any disagreement between
+file and skeleton raises :class:`export.format.CheckpointError` naming it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor, nn
+from timm.layers import Mlp
+
+from quant import packing
+from quant.primitives import QParams
+
+from . import format as fmt
+from .exporter import FLOAT, QUANT
+from .runtime import PackedLinear, PackedMlp, PackedPatchEmbed, PackedViTAttention, PackedWindowAttention
+
+CheckpointError = fmt.CheckpointError
+
+
+def _skeleton(manifest: dict, path) -> nn.Module:
+    from quant.models import resolve
+    arch, args = manifest.get("architecture"), manifest.get("model_args", {})
+    try:
+        spec = resolve(arch)
+        if spec.loader is not None:
+            return spec.loader(None, dict(args))
+        import timm
+        return timm.create_model(spec.timm_name, pretrained=False, **args)
+    except Exception as e:  # noqa: BLE001 - unknown name, bad kwargs: the manifest does not describe a model here
+        raise CheckpointError(f"{path}: cannot build architecture {arch!r} with {args} ({type(e).__name__}: {e}); "
+                              f"the manifest names a model this installation does not have") from None
+
+
+
+class _Reader:
+    def __init__(self, tensors: Dict[str, Tensor], path):
+        self.tensors, self.path, self.used = tensors, path, set()
+
+    def __call__(self, key: str, shape=None, dtype=None) -> Tensor:
+        t = self.tensors.get(QUANT + key)
+        if t is None:
+            raise CheckpointError(f"{self.path}: tensor {QUANT + key!r} is missing; the file is incomplete, "
+                                  f"re-export it")
+        if (shape is not None and tuple(t.shape) != tuple(shape)) or (dtype is not None and t.dtype != dtype):
+            raise CheckpointError(f"{self.path}: tensor {QUANT + key!r} is {t.dtype} {list(t.shape)}, the layer "
+                                  f"needs {dtype} {list(shape) if shape is not None else ''}")
+        self.used.add(QUANT + key)
+        return t
+
+    def has(self, key: str) -> bool:
+        return QUANT + key in self.tensors
+
+
+def _packed_linear(e: dict, read: _Reader, model: nn.Module, path) -> PackedLinear:
+    name, n, k = e["name"], e["n"], e["k"]
+    fmt_name = packing.format_for_bits(e["w_bits"])
+    if fmt_name != e["format"]:
+        raise CheckpointError(f"{path}: layer {name}: format {e['format']!r} does not match {e['w_bits']}-bit weights")
+    if e.get("kind") != "patch":
+        target = _get(model, name, path)
+        tn, tk = getattr(target, "out_features", None), getattr(target, "in_features", None)
+        if (tn, tk) != (n, k):
+            raise _mismatch(path, f"layer {name} is [{n}, {k}] in the checkpoint but {[tn, tk]} in the model", read)
+    planes = {}
+    for plane, per in packing.FORMATS[fmt_name].planes:
+        dtype = torch.int8 if fmt_name == "int8" else torch.uint8
+        planes[plane] = read(f"{name}.w.{plane}", (n, packing.padded_k(k, fmt_name) // per), dtype)
+    pw = packing.PackedWeight(fmt_name, e["w_bits"], n, k, planes)
+    in_qp = QParams(read(f"{name}.in_s", ()), read(f"{name}.in_z", ()), e["a_bits"])
+    bias = read(f"{name}.bias", (n,)) if e.get("has_bias", True) else None
+    ln = r = shift = None
+    if e.get("fused_norm"):
+        ln = {"weight": read(f"{name}.ln_weight", (k,)), "bias": read(f"{name}.ln_bias", (k,)), "eps": e["ln_eps"]}
+    elif e.get("rescale"):
+        r, shift = read(f"{name}.r", (k,)), read(f"{name}.shift", (k,))
+    return PackedLinear(pw, read(f"{name}.w_scale", (n,)), read(f"{name}.w_zero", (n,), torch.uint8), bias, in_qp,
+                        ln=ln, r=r, shift=shift)
+
+
+def _mismatch(path, what: str, read: "_Reader") -> CheckpointError:
+    return CheckpointError(f"{path}: {what}; the checkpoint was written for another architecture/config "
+                           f"({read.arch}): load it without model= or with a skeleton built like that")
+
+
+def _get(model: nn.Module, name: str, path) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise CheckpointError(f"{path}: the model has no module {name!r}; the checkpoint was written for another "
+                              f"architecture/config") from None
+
+
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _attention(e: dict, read: _Reader, model: nn.Module, path) -> nn.Module:
+    name = e["name"]
+    old = _get(model, name, path)
+    if getattr(old, "num_heads", None) != e["num_heads"]:
+        raise _mismatch(path, f"{name} has {e['num_heads']} heads in the checkpoint but "
+                              f"{getattr(old, 'num_heads', None)} in the model", read)
+    qkv, proj = _packed_linear(e["qkv"], read, model, path), _packed_linear(e["proj"], read, model, path)
+    bits = e["qkv"]["a_bits"]
+    qps = {k: QParams(read(f"{name}.{k}_s", ()), read(f"{name}.{k}_z", ()), bits) for k in "qkvp"}
+    if e["kind"] == "window_attention":
+        return PackedWindowAttention(qkv, proj, e["num_heads"], e["scale"], e["window_area"],
+                                     old.relative_position_bias_table, old.relative_position_index, qps)
+    return PackedViTAttention(qkv, proj, e["num_heads"], e["head_dim"], e["scale"], qps)
+
+
+def build(tensors: Dict[str, Tensor], manifest: dict, model: Optional[nn.Module] = None, path="<memory>") -> nn.Module:
+    """The inference model of a checkpoint's ``(tensors, manifest)`` on the skeleton ``model`` (built if None)."""
+    model = _skeleton(manifest, path) if model is None else model
+    read = _Reader(tensors, path)
+    read.arch = f"{manifest.get('architecture')} {manifest.get('model_args', {})}"
+    mods = manifest.get("modules")
+    if not isinstance(mods, list) or not mods:
+        raise CheckpointError(f"{path}: manifest lists no quantized modules; re-export the model")
+    for e in mods:
+        kind, name = e.get("kind"), e.get("name")
+        if kind in ("vit_attention", "window_attention"):
+            new = _attention(e, read, model, path)
+            fused = [e["qkv"].get("fused_norm")]
+        elif kind == "mlp":
+            if not isinstance(_get(model, name, path), Mlp):
+                raise _mismatch(path, f"{name} is not an Mlp in the model", read)
+            new = PackedMlp(_packed_linear(e["fc1"], read, model, path), _packed_linear(e["fc2"], read, model, path))
+            fused = []
+        elif kind == "linear":
+            new = _packed_linear(e, read, model, path)
+            fused = [e.get("fused_norm")]
+        elif kind == "patch":
+            old = _get(model, name, path)
+            if tuple(getattr(old, "weight", torch.empty(0)).shape) != tuple(e["kernel_shape"]):
+                raise _mismatch(path, f"patch embedding {name} is {e['kernel_shape']} in the checkpoint but "
+                                      f"{list(getattr(old, 'weight', torch.empty(0)).shape)} in the model", read)
+            new = PackedPatchEmbed(_packed_linear(e, read, model, path), e["kernel_shape"])
+        else:
+            raise CheckpointError(f"{path}: unknown module kind {kind!r} for {name!r}; written by a newer version?")
+        _set(model, name, new)
+        for n in (e.get("fc1", {}).get("fused_norm"), *fused):
+            if n:
+                _get(model, n, path)
+                _set(model, n, nn.Identity())
+    unused = sorted(k for k in tensors if k.startswith(QUANT) and k not in read.used)
+    if unused:
+        raise CheckpointError(f"{path}: tensors {unused[:5]} belong to no layer of the manifest; the file and its "
+                              f"manifest disagree")
+    floats = {k[len(FLOAT):]: v for k, v in tensors.items() if k.startswith(FLOAT)}
+    try:
+        model.load_state_dict(floats, strict=True)
+    except RuntimeError as e:
+        lines = " ".join(str(e).split())[:400]
+        raise CheckpointError(f"{path}: the float tensors do not fit the model: {lines}; the checkpoint was "
+                              f"written for another architecture/config") from None
+    model.lowbit_manifest = manifest
+    return model.eval()
+
+
+def load(path: "str | os.PathLike", device: "str | torch.device" = "cpu", model: Optional[nn.Module] = None,
+         verify: bool = True) -> nn.Module:
+    """Inference ``nn.Module`` of the checkpoint at ``path`` on ``device`` (eval mode, weights packed).
+
+    ``model``: a float skeleton to load into instead of the one the manifest describes (checked against it).
+    """
+    tensors, manifest = fmt.load(path, "cpu", verify=verify)
+    with torch.no_grad():
+        m = build(tensors, manifest, model, path)
+    return m.to(device)
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer of ``model`` (shared tensors counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t is None or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total

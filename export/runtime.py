@@ -1,0 +1,172 @@
+"""Inference modules whose weights stay packed in memory; every quantized op goes through :mod:`kernels.ops`.
+
+They replace the matching modules of a float timm skeleton (see :func:`export.loader.load`):
+
+* :class:`PackedLinear`: ``y = act(sa * sw[n] * sum_k (a - za)(w[n, k] - zw[n]) + bias[n])`` with
+  ``a = quantize(LN'(x))`` (LayerNorm fused, rescale/shift folded into its affine), ``a = quantize((x - shift) / r)``
+  or ``a = quantize(x)``; ``w`` a :class:`quant.packing.PackedWeight`.
+* :class:`PackedMlp`: ``fc2(GELU(fc1(x)))`` with fc1's output requantized to fc2's input codes in the kernel.
+* :class:`PackedViTAttention` / :class:`PackedWindowAttention`: qkv -> per-tensor int8 Q, K, V ->
+  :func:`kernels.ops.quant_attention` (Swin: relative position bias and shifted-window mask in float) -> proj.
+* :class:`PackedPatchEmbed`: the patch convolution as im2col (order C, kh, kw) + packed linear, NCHW output.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from kernels import ops
+from quant import packing
+from quant.primitives import QParams
+
+
+class PackedLinear(nn.Module):
+    """Integer linear on a packed ``[N, K]`` weight; tensors are buffers (``w_<plane>``, ``w_scale [N]`` fp32,
+    ``w_zero [N]`` uint8, ``bias [N]`` fp32, ``in_s``/``in_z`` 0-d fp32, optional ``ln_weight``/``ln_bias`` or
+    ``r``/``shift [K]`` fp32)."""
+
+    def __init__(self, pw: packing.PackedWeight, w_scale: Tensor, w_zero: Tensor, bias: Optional[Tensor],
+                 in_qp: QParams, ln: Optional[dict] = None, r: Optional[Tensor] = None,
+                 shift: Optional[Tensor] = None):
+        super().__init__()
+        self.fmt, self.w_bits, self.out_features, self.in_features = pw.fmt, pw.bits, pw.n, pw.k
+        self.plane_names = tuple(pw.planes)
+        for name, t in pw.planes.items():
+            self.register_buffer(f"w_{name}", t, persistent=False)
+        self.register_buffer("w_scale", w_scale.float(), persistent=False)
+        self.register_buffer("w_zero", w_zero.to(torch.uint8), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.float(), persistent=False)
+        self.a_bits = in_qp.bits
+        self.register_buffer("in_s", torch.as_tensor(in_qp.s, dtype=torch.float32).reshape(()), persistent=False)
+        self.register_buffer("in_z", torch.as_tensor(in_qp.z, dtype=torch.float32).reshape(()), persistent=False)
+        self.ln_eps = None if ln is None else float(ln["eps"])
+        self.register_buffer("ln_weight", None if ln is None else ln["weight"].float(), persistent=False)
+        self.register_buffer("ln_bias", None if ln is None else ln["bias"].float(), persistent=False)
+        self.register_buffer("r", None if r is None else r.float(), persistent=False)
+        self.register_buffer("shift", None if shift is None else shift.float(), persistent=False)
+        self._pw: Optional[packing.PackedWeight] = None
+
+    @property
+    def in_qp(self) -> QParams:
+        return QParams(self.in_s, self.in_z, self.a_bits)
+
+    def packed(self) -> packing.PackedWeight:
+        """The :class:`PackedWeight` over the current plane buffers (kept, so the kernels' column-sum cache holds)."""
+        planes = {n: getattr(self, f"w_{n}") for n in self.plane_names}
+        if self._pw is None or any(self._pw.planes[n] is not t for n, t in planes.items()):
+            self._pw = packing.PackedWeight(self.fmt, self.w_bits, self.out_features, self.in_features, planes)
+        return self._pw
+
+    def quantize_input(self, x: Tensor) -> Tensor:
+        """int8 codes of ``LN'(x)`` (fused LayerNorm), ``(x - shift) / r`` or ``x``."""
+        if self.ln_eps is not None:
+            return ops.layernorm_quantize(x, self.ln_weight, self.ln_bias, self.ln_eps, self.in_qp)
+        return ops.quantize(x, self.in_qp, self.r, self.shift)
+
+    def linear_codes(self, a: Tensor, gelu: bool = False, requant: Optional[QParams] = None) -> Tensor:
+        return ops.packed_linear(a, self.in_qp, self.packed(), self.w_scale, self.w_zero, self.bias, gelu=gelu,
+                                 requant=requant)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear_codes(self.quantize_input(x))
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, fmt={self.fmt}, w_bits={self.w_bits}, "
+                f"a_bits={self.a_bits}, layernorm_fused={self.ln_eps is not None}")
+
+
+class PackedMlp(nn.Module):
+    """``fc2(GELU(fc1(x)))``; fc1's kernel applies the exact-erf GELU and emits fc2's int8 input codes."""
+
+    def __init__(self, fc1: PackedLinear, fc2: PackedLinear):
+        super().__init__()
+        self.fc1, self.fc2 = fc1, fc2
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc1.linear_codes(self.fc1.quantize_input(x), gelu=True, requant=self.fc2.in_qp)
+        return self.fc2.linear_codes(h)
+
+
+def _qp_buffers(module: nn.Module, qps: Dict[str, QParams]) -> None:
+    module.attn_bits = {}
+    for name, qp in qps.items():
+        module.register_buffer(f"{name}_s", torch.as_tensor(qp.s, dtype=torch.float32).reshape(()), persistent=False)
+        module.register_buffer(f"{name}_z", torch.as_tensor(qp.z, dtype=torch.float32).reshape(()), persistent=False)
+        module.attn_bits[name] = qp.bits
+
+
+class _PackedAttention(nn.Module):
+    def qp(self, name: str) -> QParams:
+        return QParams(getattr(self, f"{name}_s"), getattr(self, f"{name}_z"), self.attn_bits[name])
+
+    def _attend(self, qkv: Tensor, rel_bias: Optional[Tensor], mask: Optional[Tensor]) -> Tensor:
+        """``qkv [3, B, H, L, D]`` float -> float ``[B, L, H*D]``."""
+        q, k, v = (ops.quantize(t.contiguous(), self.qp(n)) for t, n in zip(qkv.unbind(0), "qkv"))
+        o = ops.quant_attention(q, k, v, self.qp("q"), self.qp("k"), self.qp("v"), self.scale, self.qp("p"),
+                                rel_bias=rel_bias, mask=mask)
+        b, h, l, d = o.shape
+        return o.transpose(1, 2).reshape(b, l, h * d)
+
+
+class PackedViTAttention(_PackedAttention):
+    """timm ``Attention`` (ViT/DeiT) on packed ``qkv``/``proj``; Q, K, V, P quantized per tensor."""
+
+    def __init__(self, qkv: PackedLinear, proj: PackedLinear, num_heads: int, head_dim: int, scale: float,
+                 qps: Dict[str, QParams]):
+        super().__init__()
+        self.qkv, self.proj = qkv, proj
+        self.num_heads, self.head_dim, self.scale = num_heads, head_dim, float(scale)
+        _qp_buffers(self, qps)
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("attention masks are not supported by the packed ViT attention")
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return self.proj(self._attend(qkv, None, None))
+
+
+class PackedWindowAttention(_PackedAttention):
+    """Swin ``WindowAttention`` on packed ``qkv``/``proj``; relative position bias ``table[index]`` in float."""
+
+    def __init__(self, qkv: PackedLinear, proj: PackedLinear, num_heads: int, scale: float, window_area: int,
+                 table: nn.Parameter, index: Tensor, qps: Dict[str, QParams]):
+        super().__init__()
+        self.qkv, self.proj = qkv, proj
+        self.num_heads, self.scale, self.window_area = num_heads, float(scale), window_area
+        self.relative_position_bias_table = table
+        self.register_buffer("relative_position_index", index, persistent=False)
+        _qp_buffers(self, qps)
+
+    def rel_pos_bias(self) -> Tensor:
+        a = self.window_area
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(a, a, -1)
+        return bias.permute(2, 0, 1).float().contiguous()
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        b_, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b_, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        return self.proj(self._attend(qkv, self.rel_pos_bias(), None if mask is None else mask.float()))
+
+
+class PackedPatchEmbed(nn.Module):
+    """Patch convolution (kernel == stride ``p``, no padding) as ``packed_linear`` over im2col patches
+    ``[B, H/p * W/p, C*p*p]`` (order C, kh, kw); the image is quantized per tensor; output NCHW ``[B, D, H/p, W/p]``."""
+
+    def __init__(self, linear: PackedLinear, kernel_shape):
+        super().__init__()
+        self.linear = linear
+        self.kernel_shape = tuple(int(v) for v in kernel_shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        d, c, ph, pw = self.kernel_shape
+        b, cx, h, w = x.shape
+        if cx != c:
+            raise ValueError(f"input has {cx} channels, the patch embedding expects {c}")
+        hp, wp = h // ph, w // pw
+        x = x[:, :, : hp * ph, : wp * pw]
+        patches = x.reshape(b, c, hp, ph, wp, pw).permute(0, 2, 4, 1, 3, 5).reshape(b, hp * wp, c * ph * pw)
+        y = self.linear(patches)
+        return y.reshape(b, hp, wp, d).permute(0, 3, 1, 2)

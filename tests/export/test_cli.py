@@ -1,0 +1,74 @@
+"""``quant.run --export`` and ``python -m export.infer`` end to end on a tiny random-init model and real images."""
+import json
+import os
+
+import pytest
+import timm
+import torch
+
+import export
+from export import format as fmt
+from export.infer import main as infer_main
+from quant.models import load_quantized
+from quant.run import main as run_main
+from tests.quant.ptq_utils import IMAGENET_SAMPLE, one_thread  # noqa: F401
+
+SMALL = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "deit_tiny_random.pth"
+    torch.save(timm.create_model("deit_tiny_patch16_224", pretrained=False, **SMALL).state_dict(), path)
+    return str(path)
+
+
+def _run(out, weights, *extra):
+    return run_main(["--model", "deit_t", "--bits", "w4a8", "--data", str(IMAGENET_SAMPLE), "--out", str(out),
+                     "--checkpoint", weights, "--model-args", json.dumps(SMALL), "--calib-size", "8",
+                     "--init-size", "8", "--iters", "2", "--batch-size", "8", "--no-progress", "--workers", "0",
+                     *extra])
+
+
+def test_run_export_then_infer(tmp_path, weights, capsys):
+    ck = tmp_path / "ckpt" / "deit.lowbit"
+    assert _run(tmp_path / "run", weights, "--export", str(ck)) == 0
+    assert os.listdir(ck.parent) == ["deit.lowbit"]  # atomic: no temp file left
+    man = fmt.read_manifest(ck)
+    assert man["architecture"] == "deit_t" and man["bits"] == "w4a8" and man["model_args"] == SMALL
+    assert man["preprocess"]["crop_pct"] == 0.875
+    q = load_quantized(str(tmp_path / "run" / "quantized.pt"))
+    m = export.load(ck)
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = q(x), m(x)
+    # the run's float tensors are fp32, the file keeps them in fp16: close, not bit-equal (see test_export)
+    assert (a.argmax(1) == b.argmax(1)).all() and ((a - b).abs().max() / (a.max() - a.min())) < 2e-2
+
+    capsys.readouterr()
+    assert infer_main(["--checkpoint", str(ck), "--val", str(IMAGENET_SAMPLE), "--val-size", "48",
+                       "--batch-size", "16", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "top-1" in out and "on 48 images" in out and "images/s" in out
+    top1 = float(out.split("top-1 ")[1].split("%")[0])
+    assert 0.0 <= top1 <= 100.0
+
+
+def test_run_export_refuses_existing(tmp_path, weights, capsys):
+    ck = tmp_path / "deit.lowbit"
+    ck.write_bytes(b"keep me")
+    assert _run(tmp_path / "run", weights, "--export", str(ck)) == 2
+    assert "--export" in capsys.readouterr().err and ck.read_bytes() == b"keep me"
+    assert not (tmp_path / "run").exists()  # refused before any work
+    assert _run(tmp_path / "run", weights, "--export", str(ck), "--overwrite") == 0
+    assert fmt.read_manifest(ck)["bits"] == "w4a8"
+
+
+def test_infer_errors(tmp_path, capsys):
+    assert infer_main(["--checkpoint", str(tmp_path / "none.lowbit"), "--val", str(IMAGENET_SAMPLE)]) == 2
+    assert "not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.lowbit"
+    bad.write_bytes(b"\x00" * 64)
+    assert infer_main(["--checkpoint", str(bad), "--val", str(IMAGENET_SAMPLE)]) == 2
+    assert "truncated or corrupt" in capsys.readouterr().err
