@@ -32,7 +32,7 @@ from timm.models.vision_transformer import Block
 
 from quant import packing
 from quant.bits import parse_bits
-from quant.modules import QuantAttentionCore, QuantConv2dPatch, QuantLinear
+from quant.modules import ActCorrection, QuantAttentionCore, QuantConv2dPatch, QuantLinear, SULQuantizer
 from quant.surgery import QuantViTAttention, QuantWindowAttention
 
 from . import format as fmt
@@ -219,6 +219,11 @@ def export_model(qmodel: nn.Module, path: "str | os.PathLike", arch: str, config
     if raw:
         raise ValueError(f"quantizers of {raw[:3]} are not initialised; run quant.calibrate.calibrate(model, images) "
                          f"before exporting")
+    unsupported = [n for n, m in qmodel.named_modules() if isinstance(m, (ActCorrection, SULQuantizer))]
+    if unsupported:
+        raise ValueError(f"{unsupported[0]}: the packed runtime does not run activation correction or SULQ softmax "
+                         f"quantizers yet; export a model quantized without --act-correction / --softmax-quantizer "
+                         f"sulq")
     with torch.no_grad():
         tensors, modules = collect(qmodel)
     meta = {"architecture": arch, "timm_name": spec.timm_name, "model_args": dict(config or {}), "bits": cfg.name,

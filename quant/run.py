@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> dict:
     if os.path.exists(out) and not args.overwrite:
         raise UserError(f"--out {args.out!r} already exists; pick another folder or pass --overwrite")
     if args.export:
-        _check_export(args.export, args.overwrite, cfg_bits)
+        _check_export(args.export, args.overwrite, cfg_bits, args)
     try:
         model_args = json.loads(args.model_args) if args.model_args else {}
         if not isinstance(model_args, dict):
@@ -329,7 +329,10 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
-def _check_export(path: str, overwrite: bool, bits) -> None:
+def _check_export(path: str, overwrite: bool, bits, args: argparse.Namespace) -> None:
+    if args.act_correction or args.softmax_quantizer != "uniform":
+        raise UserError("--export does not support --act-correction or --softmax-quantizer sulq yet (the packed "
+                        "runtime has no kernels for them); drop those flags or --export")
     if os.path.exists(path) and not overwrite:
         raise UserError(f"--export {path!r} already exists; pick another path or pass --overwrite")
     if os.path.isdir(path):

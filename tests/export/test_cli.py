@@ -72,3 +72,11 @@ def test_infer_errors(tmp_path, capsys):
     bad.write_bytes(b"\x00" * 64)
     assert infer_main(["--checkpoint", str(bad), "--val", str(IMAGENET_SAMPLE)]) == 2
     assert "truncated or corrupt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--act-correction"], ["--softmax-quantizer", "sulq"]])
+def test_run_export_refuses_unsupported_options_before_work(tmp_path, weights, capsys, flags):
+    ck = tmp_path / "deit.lowbit"
+    assert _run(tmp_path / "run", weights, "--export", str(ck), *flags) == 2
+    assert "does not support" in capsys.readouterr().err
+    assert not ck.exists() and not (tmp_path / "run").exists()
