@@ -79,7 +79,8 @@ def _register_demo() -> None:
     card = demo_card()
     register_model("demo", "demo_vit", None if card is None else round(100 * card["test_top1"], 2), 1.0, _load_demo,
                    CIFAR_MEAN, CIFAR_STD,
-                   run_defaults={"iters": 300, "calib_size": 128, "batch_size": 32, "val_size": 2000})
+                   run_defaults={"iters": 300, "calib_size": 128, "batch_size": 32, "val_size": 2000,
+                                 "invert_steps": 100, "export": "<out>/model.lowbit"})
 
 
 _register_demo()

@@ -36,7 +36,8 @@ from quant.surgery import quantize_model
 
 
 INVERT = "invert"
-RUN_DEFAULTS = {"iters": 24000, "calib_size": 1024, "batch_size": 32, "val_size": None, "invert_steps": 200}
+RUN_DEFAULTS = {"iters": 24000, "calib_size": 1024, "batch_size": 32, "val_size": None, "invert_steps": 200,
+                "export": None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image-decoding processes for --val (0: decode in the main process)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--export", default=None, metavar="PATH", help="also write the packed checkpoint here "
-                   "(export.load, python -m export.infer); an existing file needs --overwrite")
+                   "(export.load, python -m export.infer); an existing file needs --overwrite; '<out>' stands for "
+                   "--out (demo default: <out>/model.lowbit)")
     return p
 
 
@@ -207,11 +209,14 @@ def run(args: argparse.Namespace) -> dict:
     except ValueError as e:
         raise UserError(f"--bits: {e}") from None
     spec = resolve(args.model)
+    export_given = args.export is not None
     for k, v in {**RUN_DEFAULTS, **(spec.run_defaults or {})}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.out is None:
         args.out = os.path.join("runs", f"{args.model.replace('/', '_')}-{cfg_bits.name}-{args.method}")
+    if args.export is not None:
+        args.export = args.export.replace("<out>", args.out)
     device = _check_device(args.device)
     if args.bf16 and device.type != "cuda":
         raise UserError("--bf16 needs --device cuda (bf16 autocast is a GPU option)")
@@ -226,7 +231,10 @@ def run(args: argparse.Namespace) -> dict:
     if os.path.exists(out) and not args.overwrite:
         raise UserError(f"--out {args.out!r} already exists; pick another folder or pass --overwrite")
     if args.export:
-        _check_export(args.export, args.overwrite, cfg_bits, args)
+        if not export_given and (cfg_bits.act_float or args.act_correction or args.softmax_quantizer != "uniform"):
+            args.export = None  # the model's default export does not apply to this configuration
+        else:
+            _check_export(args.export, args.overwrite, cfg_bits, args)
     try:
         model_args = json.loads(args.model_args) if args.model_args else {}
         if not isinstance(model_args, dict):
@@ -303,6 +311,15 @@ def run(args: argparse.Namespace) -> dict:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
+        if args.export:
+            from export import export_model
+            path = os.path.abspath(args.export)
+            if path.startswith(out + os.sep):
+                path = os.path.join(tmp, os.path.relpath(path, out))
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            export_model(student, path, arch=args.model, config=model_args, bits=cfg_bits.name,
+                         overwrite=args.overwrite)
+            report["export"] = {"path": os.path.abspath(args.export), "bytes": os.path.getsize(path)}
         torch.save({"model": args.model, "timm_name": spec.timm_name, "bits": cfg_bits.name,
                     "model_args": model_args, "rescale": not args.no_rescale,
                     "softmax_quantizer": args.softmax_quantizer, "act_correction": args.act_correction,
@@ -312,11 +329,6 @@ def run(args: argparse.Namespace) -> dict:
             json.dump(report, f, indent=2)
         with open(os.path.join(tmp, "report.txt"), "w") as f:
             f.write(format_table(report))
-        if args.export:
-            from export import export_model
-            os.makedirs(os.path.dirname(os.path.abspath(args.export)), exist_ok=True)
-            export_model(student, args.export, arch=args.model, config=model_args, bits=cfg_bits.name,
-                         overwrite=args.overwrite)
         if os.path.exists(out):
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -22,6 +22,9 @@ from .cifar import cache_dir, load_split, normalize
 from .demo import WEIGHTS, DemoConfig, build_demo_model
 
 
+SUBSET = 500
+
+
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random crop with 4-pixel zero padding and random horizontal flip on uint8 ``[B, 3, 32, 32]``."""
     b, _, h, w = x.shape
@@ -102,7 +105,8 @@ def main(argv=None):
             model.load_state_dict(st["model"])
             epoch0, elapsed, history = st["epoch"], st["elapsed"], st["history"]
         acc = evaluate(model, xte, yte)
-        write_result(model, cfg, args, acc, elapsed, history, len(xtr), Path(args.out), epochs_done=epoch0)
+        write_result(model, cfg, args, acc, subset_accuracy(model, xte, yte), elapsed, history, len(xtr),
+                     Path(args.out), epochs_done=epoch0)
         print(f"test top-1 {acc * 100:.2f}% after {epoch0}/{args.epochs} epochs; wrote {args.out}")
         return
 
@@ -135,11 +139,20 @@ def main(argv=None):
         os.replace(tmp, ckpt)
 
     acc = evaluate(model, xte, yte)
-    write_result(model, cfg, args, acc, elapsed, history, len(xtr), Path(args.out))
+    write_result(model, cfg, args, acc, subset_accuracy(model, xte, yte), elapsed, history, len(xtr), Path(args.out))
     print(f"test top-1 {acc * 100:.2f}% after {args.epochs} epochs, {elapsed / 60:.1f} min; wrote {args.out}")
 
 
-def write_result(model, cfg, args, acc, elapsed, history, n_train, out: Path, epochs_done: "int | None" = None):
+def subset_accuracy(model, x: torch.Tensor, y: torch.Tensor, n: int = SUBSET) -> float:
+    """Top-1 on the fixed ``n``-image subset that ``quant.run --val-size n --seed 0`` evaluates."""
+    from calib.data import subset_order
+
+    idx = torch.tensor(subset_order(len(x), 0)[:n])
+    return evaluate(model, x[idx], y[idx])
+
+
+def write_result(model, cfg, args, acc, acc_subset, elapsed, history, n_train, out: Path,
+                 epochs_done: "int | None" = None):
     from safetensors.torch import save_file
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -147,7 +160,8 @@ def write_result(model, cfg, args, acc, elapsed, history, n_train, out: Path, ep
     save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     os.replace(tmp, out)
     done = args.epochs if epochs_done is None else epochs_done
-    card = {"config": asdict(cfg), "test_top1": acc, "epochs_done": done, "finished": done >= args.epochs,
+    card = {"config": asdict(cfg), "test_top1": acc, f"test{SUBSET}_top1": acc_subset, "epochs_done": done,
+            "finished": done >= args.epochs,
             "train_images": n_train, "train_time_min": round(elapsed / 60, 1),
             "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
             "torch": torch.__version__,
