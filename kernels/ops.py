@@ -268,12 +268,7 @@ def quant_attention(q: Tensor, k: Tensor, v: Tensor, q_qp: QParams, k_qp: QParam
     :class:`QParams` (integer ``P V``) or :class:`SULQParams` (table-dequantized ``P``, float ``P V``)."""
     if not triton_enabled(q):
         return R.quant_attention(q, k, v, q_qp, k_qp, v_qp, scale, p_qp, rel_bias, mask)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not torch.is_tensor(t) or t.dtype != torch.int8 or t.dim() != 4:
-            raise TypeError(f"{name} must be int8 codes of shape [B, H, L, D], got "
-                            f"{t.dtype if torch.is_tensor(t) else type(t).__name__} {tuple(getattr(t, 'shape', ()))}")
-    if q.shape != k.shape or k.shape != v.shape:
-        raise ValueError(f"q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    R.check_qkv(q, k, v)
     _same_device(q, k=k, v=v, rel_bias=rel_bias, mask=mask)
     b, h, l, d = q.shape
     if d < 16 or d & (d - 1):

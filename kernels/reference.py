@@ -101,6 +101,16 @@ def packed_linear(a: Tensor, a_qp: QParams, w: packing.PackedWeight, w_scale: Te
     return y.to(out_dtype)
 
 
+def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """``q, k, v`` must be int8 codes of one shape ``[B, H, L, D]``."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not torch.is_tensor(t) or t.dtype != torch.int8 or t.dim() != 4:
+            raise TypeError(f"{name} must be int8 codes of shape [B, H, L, D], got "
+                            f"{t.dtype if torch.is_tensor(t) else type(t).__name__} {tuple(getattr(t, 'shape', ()))}")
+    if q.shape != k.shape or k.shape != v.shape:
+        raise ValueError(f"q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+
+
 def quant_attention(q: Tensor, k: Tensor, v: Tensor, q_qp: QParams, k_qp: QParams, v_qp: QParams,
                     scale: float, p_qp: Optional[Union[QParams, SULQParams]] = None,
                     rel_bias: Optional[Tensor] = None, mask: Optional[Tensor] = None, return_codes: bool = False):
@@ -114,12 +124,7 @@ def quant_attention(q: Tensor, k: Tensor, v: Tensor, q_qp: QParams, k_qp: QParam
     shifted-window mask, windows ordered with the window index fastest). Returns float32 ``O [B, H, L, D]``
     (and the probability codes when ``return_codes``).
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not torch.is_tensor(t) or t.dtype != torch.int8 or t.dim() != 4:
-            raise TypeError(f"{name} must be int8 codes of shape [B, H, L, D], got "
-                            f"{t.dtype if torch.is_tensor(t) else type(t).__name__} {tuple(getattr(t, 'shape', ()))}")
-    if q.shape != k.shape or k.shape != v.shape:
-        raise ValueError(f"q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    check_qkv(q, k, v)
     b, h, l, d = q.shape
     if p_qp is None:
         p_qp = QParams(torch.tensor(1.0 / P.qmax(q_qp.bits)), torch.tensor(0.0), q_qp.bits)
