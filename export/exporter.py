@@ -11,12 +11,18 @@ Tensors (see :mod:`export.format` for the file and its manifest):
   ``gamma' = gamma / r``, ``beta' = (beta - shift) / r`` (``quant.<layer>.ln_weight``/``ln_bias``, fp32) since
   ``(LN(x) - shift) / r`` is then exactly ``LN'(x)``; where that is not exact (Swin blocks whose windows pad the
   input) ``r``/``shift`` are stored (``quant.<layer>.r``/``shift``) and the LayerNorm stays a float tensor;
-* ``quant.<attention>.{q,k,v,p}_s``/``_z``: per-tensor quantizers of Q, K, V and the probabilities;
+* ``quant.<attention>.{q,k,v,p}_s``/``_z``: per-tensor quantizers of Q, K, V and the probabilities; under a SULQ
+  probability quantizer (manifest ``p_quantizer: "sulq"``, ``p_bits``) also ``quant.<attention>.p_eta``: the
+  probabilities are ``2^(-dequant(codes of -log2(p + eta))) - eta`` with the log-domain ``(p_s, p_z)``;
+* ``quant.<block>.act_correction.matrix``: fp32 ``[D, D]`` DFQ-ViT activation correction of a block (manifest
+  ``act_correction``: the block paths), whose output ``y`` (after both residual additions) becomes ``y @ M^T``
+  over the last (channel) dim; kept in fp32, exact;
 * ``float.<name>``: every other tensor of the model's state dict (LayerNorms, position embedding, class/distillation
   tokens, Swin relative position tables) in fp16.
 
 Manifest fields: ``architecture`` (alias or timm name), ``timm_name``, ``model_args`` (constructor kwargs),
-``bits``, ``modules`` (the layer list: kind, name, shapes, formats, fused norms), ``preprocess`` (eval transform).
+``bits``, ``modules`` (the layer list: kind, name, shapes, formats, fused norms), ``act_correction`` (block paths),
+``preprocess`` (eval transform).
 """
 from __future__ import annotations
 
@@ -32,7 +38,8 @@ from timm.models.vision_transformer import Block
 
 from quant import packing
 from quant.bits import parse_bits
-from quant.modules import ActCorrection, QuantAttentionCore, QuantConv2dPatch, QuantLinear, SULQuantizer
+from quant.modules import ActCorrection, QuantAttentionCore, QuantConv2dPatch, QuantLinear
+from quant.primitives import SULQParams
 from quant.surgery import QuantViTAttention, QuantWindowAttention
 
 from . import format as fmt
@@ -104,9 +111,13 @@ def _attention(model: nn.Module, name: str, m: nn.Module, tensors: Dict[str, Ten
     for k, qp in qps.items():
         tensors[f"{QUANT}{name}.{k}_s"] = qp.s.float().reshape(())
         tensors[f"{QUANT}{name}.{k}_z"] = qp.z.float().reshape(())
+    p = qps["p"]
     entry = {"name": name, "num_heads": int(m.num_heads), "scale": float(m.scale),
              "qkv": _linear(model, f"{name}.qkv", m.qkv, tensors),
-             "proj": _linear(model, f"{name}.proj", m.proj, tensors)}
+             "proj": _linear(model, f"{name}.proj", m.proj, tensors),
+             "p_quantizer": "sulq" if isinstance(p, SULQParams) else "uniform", "p_bits": p.bits}
+    if isinstance(p, SULQParams):
+        tensors[f"{QUANT}{name}.p_eta"] = p.eta.float().reshape(())
     if isinstance(m, QuantWindowAttention):
         entry.update(kind="window_attention", window_area=int(m.window_area))
     else:
@@ -147,8 +158,20 @@ def _patch(name: str, m: QuantConv2dPatch, tensors: Dict[str, Tensor]) -> dict:
             "format": pw.fmt, "kernel_shape": list(ks), "has_bias": d["bias"] is not None}
 
 
-def collect(qmodel: nn.Module) -> Tuple[Dict[str, Tensor], List[dict]]:
-    """``(tensors, modules)``: every checkpoint tensor of ``qmodel`` and the layer list of the manifest."""
+def _act_corrections(qmodel: nn.Module, tensors: Dict[str, Tensor]) -> List[str]:
+    """Store every block's activation correction matrix (fp32); returns the block paths."""
+    out = []
+    for name, m in qmodel.named_modules():
+        if isinstance(m, ActCorrection):
+            block = name.rpartition(".")[0]
+            tensors[f"{QUANT}{name}.matrix"] = m.deploy()["matrix"]
+            out.append(block)
+    return out
+
+
+def collect(qmodel: nn.Module) -> Tuple[Dict[str, Tensor], List[dict], List[str]]:
+    """``(tensors, modules, corrected)``: every checkpoint tensor of ``qmodel``, the layer list of the manifest and
+    the paths of the blocks carrying an activation correction."""
     tensors: Dict[str, Tensor] = {}
     modules: List[dict] = []
     done: List[str] = []
@@ -171,7 +194,9 @@ def collect(qmodel: nn.Module) -> Tuple[Dict[str, Tensor], List[dict]]:
             modules.append(e)
         elif isinstance(m, QuantConv2dPatch):
             modules.append(_patch(name, m, tensors))
-    quant_prefixes = [n for n, m in named if isinstance(m, (QuantLinear, QuantConv2dPatch, QuantAttentionCore))]
+    corrected = _act_corrections(qmodel, tensors)
+    quant_prefixes = [n for n, m in named
+                      if isinstance(m, (QuantLinear, QuantConv2dPatch, QuantAttentionCore, ActCorrection))]
     fused = set()
     for e in modules:
         for sub in (e, e.get("qkv"), e.get("fc1")):
@@ -184,7 +209,7 @@ def collect(qmodel: nn.Module) -> Tuple[Dict[str, Tensor], List[dict]]:
         if any(k.startswith(p + ".") for p in quant_prefixes) or owner in fused:
             continue
         tensors[FLOAT + k] = v.detach().half() if v.is_floating_point() else v.detach()
-    return tensors, modules
+    return tensors, modules, corrected
 
 
 def default_preprocess(qmodel: nn.Module, arch: str) -> dict:
@@ -219,15 +244,10 @@ def export_model(qmodel: nn.Module, path: "str | os.PathLike", arch: str, config
     if raw:
         raise ValueError(f"quantizers of {raw[:3]} are not initialised; run quant.calibrate.calibrate(model, images) "
                          f"before exporting")
-    unsupported = [n for n, m in qmodel.named_modules() if isinstance(m, (ActCorrection, SULQuantizer))]
-    if unsupported:
-        raise ValueError(f"{unsupported[0]}: the packed runtime does not run activation correction or SULQ softmax "
-                         f"quantizers yet; export a model quantized without --act-correction / --softmax-quantizer "
-                         f"sulq")
     with torch.no_grad():
-        tensors, modules = collect(qmodel)
+        tensors, modules, corrected = collect(qmodel)
     meta = {"architecture": arch, "timm_name": spec.timm_name, "model_args": dict(config or {}), "bits": cfg.name,
-            "modules": modules, "preprocess": preprocess or default_preprocess(qmodel, arch),
+            "modules": modules, "act_correction": corrected, "preprocess": preprocess or default_preprocess(qmodel, arch),
             "layouts": {name: {"k_multiple": f.k_multiple, "planes": [list(p) for p in f.planes]}
                         for name, f in packing.FORMATS.items()}}
     return fmt.save(path, tensors, meta, overwrite=overwrite)

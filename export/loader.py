@@ -3,7 +3,8 @@
 The float skeleton comes from the manifest (``quant.models.resolve(architecture)``: the registry loader or
 ``timm.create_model(timm_name, pretrained=False, **model_args)``) or from the caller (``model=``); its quantized
 layers are replaced by :mod:`export.runtime` modules built from the packed tensors, fused LayerNorms become
-``nn.Identity``, and the remaining float tensors (fp16 in the file) load into it strictly. Any disagreement between
+``nn.Identity``, blocks listed in the manifest's ``act_correction`` get their fp32 correction matrix
+(:func:`export.runtime.attach_correction`), and the remaining float tensors (fp16 in the file) load into it strictly. Any disagreement between
 file and skeleton raises :class:`export.format.CheckpointError` naming it.
 """
 from __future__ import annotations
@@ -16,11 +17,12 @@ from torch import Tensor, nn
 from timm.layers import Mlp
 
 from quant import packing
-from quant.primitives import QParams
+from quant.primitives import QParams, SULQParams
 
 from . import format as fmt
 from .exporter import FLOAT, QUANT
-from .runtime import PackedLinear, PackedMlp, PackedPatchEmbed, PackedViTAttention, PackedWindowAttention
+from .runtime import (PackedLinear, PackedMlp, PackedPatchEmbed, PackedViTAttention, PackedWindowAttention,
+                      attach_correction)
 
 CheckpointError = fmt.CheckpointError
 
@@ -112,10 +114,28 @@ def _attention(e: dict, read: _Reader, model: nn.Module, path) -> nn.Module:
     qkv, proj = _packed_linear(e["qkv"], read, model, path), _packed_linear(e["proj"], read, model, path)
     bits = e["qkv"]["a_bits"]
     qps = {k: QParams(read(f"{name}.{k}_s", ()), read(f"{name}.{k}_z", ()), bits) for k in "qkvp"}
+    p_kind, p_bits = e.get("p_quantizer", "uniform"), e.get("p_bits", bits)
+    if p_kind == "sulq":
+        qps["p"] = SULQParams(read(f"{name}.p_eta", ()), qps["p"].s, qps["p"].z, p_bits)
+    elif p_kind == "uniform":
+        qps["p"] = qps["p"]._replace(bits=p_bits)
+    else:
+        raise CheckpointError(f"{path}: {name}: unknown probability quantizer {p_kind!r}; written by a newer version?")
     if e["kind"] == "window_attention":
         return PackedWindowAttention(qkv, proj, e["num_heads"], e["scale"], e["window_area"],
                                      old.relative_position_bias_table, old.relative_position_index, qps)
     return PackedViTAttention(qkv, proj, e["num_heads"], e["head_dim"], e["scale"], qps)
+
+
+def _correction(name: str, read: _Reader, model: nn.Module, path) -> None:
+    from timm.models.swin_transformer import SwinTransformerBlock
+    from timm.models.vision_transformer import Block
+    block = _get(model, name, path)
+    if not isinstance(block, (Block, SwinTransformerBlock)):
+        raise _mismatch(path, f"{name} carries an activation correction but is a {type(block).__name__} in the "
+                              f"model, not a ViT/Swin block", read)
+    d = block.norm1.normalized_shape[0]
+    attach_correction(block, read(f"{name}.act_correction.matrix", (d, d), torch.float32))
 
 
 def build(tensors: Dict[str, Tensor], manifest: dict, model: Optional[nn.Module] = None, path="<memory>") -> nn.Module:
@@ -126,6 +146,12 @@ def build(tensors: Dict[str, Tensor], manifest: dict, model: Optional[nn.Module]
     mods = manifest.get("modules")
     if not isinstance(mods, list) or not mods:
         raise CheckpointError(f"{path}: manifest lists no quantized modules; re-export the model")
+    corrected = manifest.get("act_correction") or []
+    if not isinstance(corrected, list):
+        raise CheckpointError(f"{path}: manifest field act_correction must be a list of block paths, got "
+                              f"{type(corrected).__name__}")
+    for name in corrected:
+        _correction(name, read, model, path)
     for e in mods:
         kind, name = e.get("kind"), e.get("name")
         if kind in ("vit_attention", "window_attention"):

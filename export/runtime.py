@@ -7,7 +7,9 @@ They replace the matching modules of a float timm skeleton (see :func:`export.lo
   or ``a = quantize(x)``; ``w`` a :class:`quant.packing.PackedWeight`.
 * :class:`PackedMlp`: ``fc2(GELU(fc1(x)))`` with fc1's output requantized to fc2's input codes in the kernel.
 * :class:`PackedViTAttention` / :class:`PackedWindowAttention`: qkv -> per-tensor int8 Q, K, V ->
-  :func:`kernels.ops.quant_attention` (Swin: relative position bias and shifted-window mask in float) -> proj.
+  :func:`kernels.ops.quant_attention` (Swin: relative position bias and shifted-window mask in float) -> proj;
+  probabilities quantized uniformly (:class:`QParams`) or by SULQ (:class:`SULQParams`, buffer ``p_eta``).
+* :class:`BlockCorrection` + :func:`attach_correction`: a block's output ``y`` becomes ``y @ M^T`` (DFQ-ViT).
 * :class:`PackedPatchEmbed`: the patch convolution as im2col (order C, kh, kw) + packed linear, NCHW output.
 """
 from __future__ import annotations
@@ -15,11 +17,12 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels import ops
 from quant import packing
-from quant.primitives import QParams
+from quant.primitives import QParams, SULQParams
 
 
 class PackedLinear(nn.Module):
@@ -89,17 +92,28 @@ class PackedMlp(nn.Module):
         return self.fc2.linear_codes(h)
 
 
-def _qp_buffers(module: nn.Module, qps: Dict[str, QParams]) -> None:
-    module.attn_bits = {}
+def _scalar_buffer(module: nn.Module, name: str, v) -> None:
+    module.register_buffer(name, torch.as_tensor(v, dtype=torch.float32).reshape(()), persistent=False)
+
+
+def _qp_buffers(module: nn.Module, qps: Dict[str, "QParams | SULQParams"]) -> None:
+    """Buffers ``<name>_s``/``_z`` (0-d fp32) per quantizer; a :class:`SULQParams` adds ``<name>_eta``."""
+    module.attn_bits, module.sulq = {}, set()
     for name, qp in qps.items():
-        module.register_buffer(f"{name}_s", torch.as_tensor(qp.s, dtype=torch.float32).reshape(()), persistent=False)
-        module.register_buffer(f"{name}_z", torch.as_tensor(qp.z, dtype=torch.float32).reshape(()), persistent=False)
+        _scalar_buffer(module, f"{name}_s", qp.s)
+        _scalar_buffer(module, f"{name}_z", qp.z)
+        if isinstance(qp, SULQParams):
+            _scalar_buffer(module, f"{name}_eta", qp.eta)
+            module.sulq.add(name)
         module.attn_bits[name] = qp.bits
 
 
 class _PackedAttention(nn.Module):
-    def qp(self, name: str) -> QParams:
-        return QParams(getattr(self, f"{name}_s"), getattr(self, f"{name}_z"), self.attn_bits[name])
+    def qp(self, name: str) -> "QParams | SULQParams":
+        s, z, bits = getattr(self, f"{name}_s"), getattr(self, f"{name}_z"), self.attn_bits[name]
+        if name in self.sulq:
+            return SULQParams(getattr(self, f"{name}_eta"), s, z, bits)
+        return QParams(s, z, bits)
 
     def _attend(self, qkv: Tensor, rel_bias: Optional[Tensor], mask: Optional[Tensor]) -> Tensor:
         """``qkv [3, B, H, L, D]`` float -> float ``[B, L, H*D]``."""
@@ -170,3 +184,28 @@ class PackedPatchEmbed(nn.Module):
         patches = x.reshape(b, c, hp, ph, wp, pw).permute(0, 2, 4, 1, 3, 5).reshape(b, hp * wp, c * ph * pw)
         y = self.linear(patches)
         return y.reshape(b, hp, wp, d).permute(0, 3, 1, 2)
+
+
+class BlockCorrection(nn.Module):
+    """DFQ-ViT activation correction ``y' = y @ matrix^T`` over the last dim of a block output (ViT ``[B, N, D]``,
+    Swin ``[B, H, W, C]``); ``matrix [D, D]`` an fp32 buffer."""
+
+    def __init__(self, matrix: Tensor):
+        super().__init__()
+        self.register_buffer("matrix", matrix.float(), persistent=False)
+
+    def forward(self, y: Tensor) -> Tensor:
+        return F.linear(y, self.matrix.to(y.dtype))
+
+
+def _correct_output(block: nn.Module, inputs, output: Tensor) -> Tensor:
+    return block.act_correction(output)
+
+
+def attach_correction(block: nn.Module, matrix: Tensor) -> BlockCorrection:
+    """Give ``block`` a :class:`BlockCorrection` ``block.act_correction`` and the forward hook applying it."""
+    if hasattr(block, "act_correction"):
+        raise ValueError(f"{type(block).__name__} already has an activation correction")
+    block.act_correction = BlockCorrection(matrix)
+    block.register_forward_hook(_correct_output, prepend=True)
+    return block.act_correction

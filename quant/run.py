@@ -342,9 +342,6 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _check_export(path: str, overwrite: bool, bits, args: argparse.Namespace) -> None:
-    if args.act_correction or args.softmax_quantizer != "uniform":
-        raise UserError("--export does not support --act-correction or --softmax-quantizer sulq yet (the packed "
-                        "runtime has no kernels for them); drop those flags or --export")
     if os.path.exists(path) and not overwrite:
         raise UserError(f"--export {path!r} already exists; pick another path or pass --overwrite")
     if os.path.isdir(path):
