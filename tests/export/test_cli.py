@@ -74,9 +74,22 @@ def test_infer_errors(tmp_path, capsys):
     assert "truncated or corrupt" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags", [["--act-correction"], ["--softmax-quantizer", "sulq"]])
-def test_run_export_refuses_unsupported_options_before_work(tmp_path, weights, capsys, flags):
+def test_run_export_with_act_correction_and_sulq(tmp_path, weights):
+    """``--act-correction --softmax-quantizer sulq --export``: the file carries the trained correction matrices
+    (fp32, bit-exact) and SULQ quantizers, loads, and matches the run's saved fake-quant model."""
     ck = tmp_path / "deit.lowbit"
-    assert _run(tmp_path / "run", weights, "--export", str(ck), *flags) == 2
-    assert "does not support" in capsys.readouterr().err
-    assert not ck.exists() and not (tmp_path / "run").exists()
+    assert _run(tmp_path / "run", weights, "--export", str(ck), "--act-correction", "--correction-iters", "3",
+                "--softmax-quantizer", "sulq") == 0
+    tensors, man = fmt.load(ck)
+    assert man["act_correction"] == ["blocks.0", "blocks.1"]
+    assert all(e["p_quantizer"] == "sulq" for e in man["modules"] if e["kind"] == "vit_attention")
+    q = load_quantized(str(tmp_path / "run" / "quantized.pt"))
+    for b in man["act_correction"]:
+        mat = q.get_submodule(b).act_correction.matrix.detach()
+        assert not torch.equal(mat, torch.eye(mat.shape[0]))  # trained
+        assert torch.equal(tensors[f"quant.{b}.act_correction.matrix"], mat)
+    m = export.load(ck)
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = q(x), m(x)
+    assert (a.argmax(1) == b.argmax(1)).all() and ((a - b).abs().max() / (a.max() - a.min())) < 2e-2

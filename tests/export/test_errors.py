@@ -131,21 +131,3 @@ def test_manifest_round_trip(ckpt):
     man = fmt.read_manifest(ckpt)
     assert man["preprocess"]["input_size"] == 32 and man["layouts"]["int3"]["planes"] == [["lo", 4], ["hi", 8]]
     assert {e["kind"] for e in man["modules"]} == {"vit_attention", "mlp", "linear", "patch"}
-
-
-def test_refuses_act_correction_and_sulq(tmp_path):
-    from quant.correction import add_act_correction
-
-    name, kw = arch("vit")
-    _, q = quantized("vit", "w4a4")
-    add_act_correction(q)
-    with pytest.raises(ValueError, match="activation correction or SULQ"):
-        export.export_model(q, tmp_path / "c.lowbit", arch=name, config=kw, bits="w4a4")
-    fp, _ = quantized("vit", "w4a4")
-    from quant.calibrate import calibrate
-    from tests.quant.ptq_utils import images
-
-    qs = calibrate(quantize_model(copy.deepcopy(fp), "w4a4", softmax_quantizer="sulq"), images(8, seed=3, size=32))
-    with pytest.raises(ValueError, match="activation correction or SULQ"):
-        export.export_model(qs, tmp_path / "s.lowbit", arch=name, config=kw, bits="w4a4")
-    assert not any(tmp_path.iterdir())

@@ -1,0 +1,137 @@
+"""Export -> load of the DFQ-ViT activation correction and the SULQ probability quantizer, against the
+fake-quant model (same parity criteria as ``test_export.test_parity_with_fake_quant``)."""
+import pytest
+import torch
+
+import export
+from export import CheckpointError
+from export import format as fmt
+from export.runtime import BlockCorrection
+from quant.modules import SULQuantizer
+from quant.primitives import SULQParams
+from quant.surgery import blocks
+from tests.quant.ptq_utils import one_thread  # noqa: F401
+
+from .export_utils import arch, corrected, quantized
+
+SWIN_IMAGES = 300
+
+
+def _export(tmp_path, kind, bits, correction, sulq):
+    _, q = quantized(kind, bits, softmax_quantizer="sulq" if sulq else "uniform")
+    if correction:
+        corrected(q)
+    name, kw = arch(kind)
+    path = export.export_model(q, tmp_path / f"{kind}.lowbit", arch=name, config=kw, bits=bits)
+    return q, path
+
+
+def _assert_parity(a, b):
+    agree = (a.argmax(1) == b.argmax(1)).float().mean().item()
+    per_image = (a - b).abs().amax(1) / (a.max() - a.min())
+    assert agree >= 0.999, f"top-1 agreement {agree}"
+    assert per_image.median() <= 1e-6
+    assert (per_image <= 1e-3).float().mean() >= 0.95
+
+
+@pytest.mark.parametrize("kind", ["vit", "swin"])
+@pytest.mark.parametrize("correction,sulq", [(True, False), (False, True), (True, True)],
+                         ids=["act_correction", "sulq", "both"])
+def test_parity_with_fake_quant(tmp_path, real_images, kind, correction, sulq):
+    q, path = _export(tmp_path, kind, "w4a4", correction, sulq)
+    m = export.load(path)
+    x = real_images[:SWIN_IMAGES] if kind == "swin" else real_images
+    with torch.no_grad():
+        a, b = q(x), m(x)
+    _assert_parity(a, b)
+
+
+@pytest.mark.parametrize("kind", ["vit", "swin"])
+def test_act_correction_survives_export_and_load(tmp_path, real_images, kind):
+    """The fp32 matrices are stored and loaded bit-exactly, one per block, and they matter: the loaded model with
+    its corrections reset to identity no longer matches the fake-quant model."""
+    q, path = _export(tmp_path, kind, "w4a4", correction=True, sulq=False)
+    names = [n for n, b in q.named_modules() if b in set(blocks(q))]
+    tensors, man = fmt.load(path)
+    assert man["act_correction"] == names and len(names) >= 2
+    m = export.load(path)
+    for n in names:
+        want = q.get_submodule(n).act_correction.matrix.detach()
+        assert not torch.equal(want, torch.eye(want.shape[0]))
+        t = tensors[f"quant.{n}.act_correction.matrix"]
+        assert t.dtype == torch.float32 and torch.equal(t, want)
+        got = m.get_submodule(n).act_correction
+        assert isinstance(got, BlockCorrection) and torch.equal(got.matrix, want)
+    assert f"float.{names[0]}.act_correction.matrix" not in tensors
+    x = real_images[:64]
+    with torch.no_grad():
+        a, b = q(x), m(x)
+        for n in names:
+            mat = m.get_submodule(n).act_correction.matrix
+            mat.copy_(torch.eye(mat.shape[0]))
+        c = m(x)
+    _assert_parity(a, b)
+    assert ((a - c).abs().amax(1) / (a.max() - a.min())).median() > 1e-3
+
+
+def test_sulq_params_reach_the_attention_kernel(tmp_path, monkeypatch):
+    q, path = _export(tmp_path, "vit", "w4a4", correction=False, sulq=True)
+    tensors, man = fmt.load(path)
+    sulq = {n.rpartition(".core.")[0]: mod for n, mod in q.named_modules() if isinstance(mod, SULQuantizer)}
+    assert len(sulq) == 2
+    attn = {e["name"]: e for e in man["modules"] if e["kind"] == "vit_attention"}
+    assert set(attn) == set(sulq)
+    for n, mod in sulq.items():
+        qp = mod.qparams()
+        assert attn[n]["p_quantizer"] == "sulq" and attn[n]["p_bits"] == qp.bits
+        for k in ("eta", "s", "z"):
+            assert torch.equal(tensors[f"quant.{n}.p_{k}"], getattr(qp, k).float().reshape(()))
+    from kernels import ops
+    seen = []
+    orig = ops.quant_attention
+
+    def spy(*a, **k):
+        seen.append(k.get("p_qp", a[7] if len(a) > 7 else None))
+        return orig(*a, **k)
+    monkeypatch.setattr(ops, "quant_attention", spy)
+    m = export.load(path)
+    with torch.no_grad():
+        m(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    etas = sorted(float(mod.eta) for mod in sulq.values())
+    assert len(seen) == 2 and all(isinstance(p, SULQParams) for p in seen)
+    assert sorted(float(p.eta) for p in seen) == etas
+
+
+def test_act_correction_manifest_errors(tmp_path):
+    from .test_errors import _rewrite
+    _, path = _export(tmp_path, "vit", "w4a4", correction=True, sulq=False)
+    bad = _rewrite(path, tmp_path / "a.lowbit", lambda m, t: m.update(act_correction=["head"]))
+    with pytest.raises(CheckpointError, match="not a ViT/Swin block"):
+        export.load(bad)
+    bad = _rewrite(path, tmp_path / "b.lowbit", lambda m, t: m.update(act_correction=[]))
+    with pytest.raises(CheckpointError, match="belong to no layer"):
+        export.load(bad)
+
+    def drop(m, t):
+        del t["quant.blocks.1.act_correction.matrix"]
+        del m["tensors"]["quant.blocks.1.act_correction.matrix"]
+    bad = _rewrite(path, tmp_path / "c.lowbit", drop)
+    with pytest.raises(CheckpointError, match="act_correction.matrix' is missing"):
+        export.load(bad)
+
+
+def test_triton_path_matches_reference(tmp_path):
+    """A loaded SULQ + activation-correction model through the Triton kernels (interpreter on CPU) and the
+    references."""
+    from kernels import ops
+    _, path = _export(tmp_path, "vit", "w4a8", correction=True, sulq=True)
+    m = export.load(path)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = m(x)
+        ops.use_triton(True)
+        try:
+            tri = m(x)
+        finally:
+            ops.use_triton(None)
+    assert torch.allclose(tri, ref, atol=1e-3 * float(ref.max() - ref.min()))
