@@ -234,7 +234,7 @@ def run(args: argparse.Namespace) -> dict:
         if not export_given and (cfg_bits.act_float or args.act_correction or args.softmax_quantizer != "uniform"):
             args.export = None  # the model's default export does not apply to this configuration
         else:
-            _check_export(args.export, args.overwrite, cfg_bits, args)
+            _check_export(args.export, args.overwrite, cfg_bits)
     try:
         model_args = json.loads(args.model_args) if args.model_args else {}
         if not isinstance(model_args, dict):
@@ -341,7 +341,7 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
-def _check_export(path: str, overwrite: bool, bits, args: argparse.Namespace) -> None:
+def _check_export(path: str, overwrite: bool, bits) -> None:
     if os.path.exists(path) and not overwrite:
         raise UserError(f"--export {path!r} already exists; pick another path or pass --overwrite")
     if os.path.isdir(path):
