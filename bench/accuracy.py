@@ -1,7 +1,8 @@
 """Accuracy table of the demo model: ``python -m bench.accuracy --data ../shared/data/cifar10 --out bench/``.
 
 Each cell (bits, method, calibration data) is one ``quant.run`` pipeline run, built from its own command line
-(``quant.run.build_parser().parse_args([...])``) and executed in-process, so a cell is exactly a user's CLI run:
+(``quant.run.build_parser().parse_args([...])``) and executed in-process, so a cell is exactly a user's CLI run
+(a sweep cell identical to a table cell reuses its result):
 
     --model demo --bits B --method M [--act-correction] --data <cifar10>/train|invert --calib-size N
     --val <cifar10>/test --val-size V --iters I --invert-steps S --seed 0 --out <temp folder>
@@ -53,6 +54,12 @@ class Cell:
     def key(self) -> str:
         return f"{self.kind}/{self.bits}/{self.method}/{self.source}/{self.calib_size}"
 
+    @property
+    def twin_key(self) -> str:
+        """The same run listed under the other kind (a sweep size equal to the table's ``--calib-size``)."""
+        return Cell("sweep" if self.kind == "table" else "table", self.bits, self.method, self.source,
+                    self.calib_size).key
+
 
 def _csv(values: str, allowed=None, what: str = "") -> List[str]:
     items = [v.strip() for v in values.split(",") if v.strip()]
@@ -98,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sources", type=lambda v: _csv(v, SOURCES, "--sources"), default=list(SOURCES),
                    help="calibration data: real (<data>/train) and/or free (data-free, --data invert)")
     p.add_argument("--iters", type=int, default=None, help="quant.run --iters (default: the model's, demo 300)")
-    p.add_argument("--val-size", type=int, default=None, help="test images evaluated (default: all of <data>/test)")
+    p.add_argument("--val-size", type=int, default=10000, help="cifar10/test images evaluated (seeded subset)")
     p.add_argument("--calib-size", type=int, default=1024, help="calibration images of the table")
     p.add_argument("--invert-steps", type=int, default=None, help="quant.run --invert-steps (default: the model's)")
     p.add_argument("--correction-iters", type=int, default=None, help="quant.run --correction-iters for e2e+ac")
@@ -116,11 +123,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def settings_of(args: argparse.Namespace) -> dict:
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill unset pass-through flags with what ``quant.run`` would use for ``--model`` (its ``run_defaults``)."""
     import torch
-    s = {k: getattr(args, k) for k in SETTING_KEYS}
-    s["device"] = s["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
-    return s
+
+    from quant.models import resolve
+    from quant.run import RUN_DEFAULTS, build_parser as run_parser
+    run_ns = run_parser().parse_args(["--model", args.model, "--bits", "w8a8"])
+    defaults = {**RUN_DEFAULTS, **(resolve(args.model).run_defaults or {}),
+                "correction_iters": run_ns.correction_iters, "workers": run_ns.workers,
+                "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    for k in ("iters", "invert_steps", "correction_iters", "batch_size", "workers", "device"):
+        if getattr(args, k) is None:
+            setattr(args, k, defaults[k])
+    return args
+
+
+def settings_of(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in SETTING_KEYS}
 
 
 def plan(args: argparse.Namespace) -> List[Cell]:
@@ -140,8 +160,9 @@ def cell_argv(cell: Cell, args: argparse.Namespace, out: str) -> List[str]:
             "--seed", str(args.seed), "--out", out, "--no-progress"]
     if ac:
         argv.append("--act-correction")
-    for flag, v in (("--iters", args.iters), ("--val-size", args.val_size), ("--invert-steps", args.invert_steps),
-                    ("--correction-iters", args.correction_iters), ("--batch-size", args.batch_size),
+    for flag, v in (("--iters", args.iters), ("--val-size", args.val_size),
+                    ("--invert-steps", args.invert_steps if cell.source == "free" else None),
+                    ("--correction-iters", args.correction_iters if ac else None), ("--batch-size", args.batch_size),
                     ("--device", args.device), ("--workers", args.workers)):
         if v is not None:
             argv += [flag, str(v)]
@@ -201,21 +222,18 @@ def synthesize_once(args: argparse.Namespace, folder: str) -> float:
     cell's run resolves to; returns the seconds it took (0 when ``folder`` is complete already)."""
     import torch
 
-    from quant.models import load_model, resolve
-    from quant.run import RUN_DEFAULTS, build_parser as run_parser, synthesize_calibration
+    from quant.models import load_model
+    from quant.run import build_parser as run_parser, synthesize_calibration
     done = folder + ".done"
     if os.path.exists(done):
         return 0.0
     ns = run_parser().parse_args(["--model", args.model, "--bits", "w8a8", "--data", "invert",
-                                  "--calib-size", str(args.calib_size), "--seed", str(args.seed)]
-                                 + (["--invert-steps", str(args.invert_steps)] if args.invert_steps else []))
-    for k, v in {**RUN_DEFAULTS, **(resolve(args.model).run_defaults or {})}.items():
-        if getattr(ns, k) is None:
-            setattr(ns, k, v)
+                                  "--calib-size", str(args.calib_size), "--seed", str(args.seed),
+                                  "--invert-steps", str(args.invert_steps)])
     ns.no_progress = args.no_progress
     t0 = time.time()
     torch.manual_seed(args.seed)
-    device = torch.device(settings_of(args)["device"])
+    device = torch.device(args.device)
     synthesize_calibration(load_model(args.model).to(device), folder, ns)
     open(done, "w").close()
     return time.time() - t0
@@ -245,7 +263,12 @@ def run_all(args: argparse.Namespace) -> dict:
             results.setdefault("invert_time_s", {})[str(args.calib_size)] = secs
             save_results(path, results)
     for cell in tqdm(cells, desc="accuracy cells", unit="cell", disable=args.no_progress):
-        results["cells"][cell.key] = run_cell(cell, args, workdir, cache)
+        twin = results["cells"].get(cell.twin_key)
+        if twin is not None:
+            rec = {**twin, "kind": cell.kind, "reused_from": cell.twin_key}
+        else:
+            rec = run_cell(cell, args, workdir, cache)
+        results["cells"][cell.key] = rec
         save_results(path, results)
     save_results(path, results)
     shutil.rmtree(workdir, ignore_errors=True)
@@ -314,13 +337,12 @@ def render_markdown(results: dict) -> str:
                 fmt_acc(sb[(b, m, n)]["top1"]) if (b, m, n) in sb else "-" for n in sizes) + " |")
     n_val = sorted({r["val_images"] for r in cells.values()})
     lines += ["", "## Settings", "",
-              f"- model `{st.get('model')}`; `quant.run` flags per cell: `--iters {st.get('iters') or 'default'}`, "
-              f"`--calib-size {size}` (sweep: the column), `--invert-steps {st.get('invert_steps') or 'default'}`, "
-              f"`--correction-iters {st.get('correction_iters') or 'default'}` (e2e+ac), "
-              f"`--batch-size {st.get('batch_size') or 'default'}`, `--seed {st.get('seed')}`, "
-              f"device `{st.get('device')}`",
-              f"- top-1 on {', '.join(map(str, n_val))} cifar10/test images (seeded subset of `--val-size "
-              f"{st.get('val_size') or 'all'}`); FP row: the float model on the same images",
+              f"- model `{st.get('model')}`; `quant.run` flags per cell: `--iters {st.get('iters')}`, "
+              f"`--calib-size {size}` (sweep: the column), `--invert-steps {st.get('invert_steps')}` (data-free), "
+              f"`--correction-iters {st.get('correction_iters')}` (e2e+ac), `--batch-size {st.get('batch_size')}`, "
+              f"`--val-size {st.get('val_size')}`, `--seed {st.get('seed')}`, `--device {st.get('device')}`",
+              f"- top-1 on {', '.join(map(str, n_val))} cifar10/test images (a seeded subset when fewer than "
+              f"10,000); FP row: the float model on the same images",
               "- methods: `rtn` (initialisation only), `blockwise`, `e2e` (the paper), `is-vit` (I&S-ViT SOS), "
               "`e2e+ac` (e2e then DFQ-ViT `--act-correction`)",
               "- time: wall seconds of one `quant.run` (load, calibration, optimisation, evaluation, export)"
@@ -393,7 +415,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.render_only:
         try:
-            run_all(args)
+            run_all(resolve_defaults(args))
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

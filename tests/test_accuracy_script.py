@@ -63,6 +63,9 @@ def test_accuracy_script_end_to_end(cifar_small, tmp_path, monkeypatch):
     assert cells["table/w4a4/rtn/free/16"]["argv"][cells["table/w4a4/rtn/free/16"]["argv"].index("--data") + 1] \
         == "invert"
     assert {r["calib_size"] for r in cells.values() if r["kind"] == "sweep"} == {8, 16}
+    twin = cells["sweep/w4a4/e2e/real/16"]
+    assert twin["reused_from"] == "table/w4a4/e2e/real/16" and twin["top1"] == cells[twin["reused_from"]]["top1"]
+    assert sum("reused_from" in r for r in cells.values()) == 1
     assert len({r["fp_top1"] for r in cells.values()}) == 1
     assert res["invert_time_s"]["16"] > 0
     assert not (out / ".accuracy-work").exists() and not (tmp_path / "runs").exists()
