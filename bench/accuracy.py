@@ -1,0 +1,432 @@
+"""Accuracy table of the demo model: ``python -m bench.accuracy --data ../shared/data/cifar10 --out bench/``.
+
+Each cell (bits, method, calibration data) is one ``quant.run`` pipeline run, built from its own command line
+(``quant.run.build_parser().parse_args([...])``) and executed in-process, so a cell is exactly a user's CLI run
+(a sweep cell identical to a table cell reuses its result):
+
+    --model demo --bits B --method M [--act-correction] --data <cifar10>/train|invert --calib-size N
+    --val <cifar10>/test --val-size V --iters I --invert-steps S --seed 0 --out <temp folder>
+
+Methods: ``rtn``, ``blockwise``, ``e2e``, ``is-vit`` and ``e2e+ac`` (``e2e`` with ``--act-correction``).
+Data: ``real`` (``--calib-size`` images of ``<data>/train``) and ``free`` (``--data invert``; the data-free images
+are synthesized once with ``quant.run.synthesize_calibration`` and copied into each cell's ``<out>.invert`` folder,
+which ``quant.run`` then finds complete, so the images are the ones a fresh CLI run makes). The calibration-size
+sweep runs ``--sweep-methods`` at ``--sweep-bits`` on real images for each of ``--sizes``.
+
+Results: ``<out>/accuracy.json`` = ``{"settings": {...}, "cells": {key: record}}``; each finished cell is added
+atomically (temp file + ``os.replace``) and skipped when the script runs again with the same settings.
+At the end (or with ``--render-only``) ``<out>/ACCURACY.md`` (FP row on top, top-1 % and seconds per run, the
+settings, date, versions, machine) and ``<out>/calib_size.png`` are generated from the JSON alone.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+METHODS = ("rtn", "blockwise", "e2e", "is-vit", "e2e+ac")
+SOURCES = ("real", "free")
+DEFAULT_BITS = ("w1.58a8", "w3a3", "w4a4", "w6a6")
+DEFAULT_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 5000, 10000)
+SETTING_KEYS = ("model", "iters", "val_size", "calib_size", "invert_steps", "correction_iters", "batch_size",
+                "seed", "device")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One table or sweep entry; ``key`` names it in the JSON."""
+
+    kind: str  # "table" or "sweep"
+    bits: str
+    method: str
+    source: str
+    calib_size: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}/{self.bits}/{self.method}/{self.source}/{self.calib_size}"
+
+    @property
+    def twin_key(self) -> str:
+        """The same run listed under the other kind (a sweep size equal to the table's ``--calib-size``)."""
+        return Cell("sweep" if self.kind == "table" else "table", self.bits, self.method, self.source,
+                    self.calib_size).key
+
+
+def _csv(values: str, allowed=None, what: str = "") -> List[str]:
+    items = [v.strip() for v in values.split(",") if v.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"{what}: give a comma-separated list")
+    if allowed is not None:
+        bad = [v for v in items if v not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(f"{what}: unknown {bad}; use some of {', '.join(allowed)}")
+    return items
+
+
+def _bits_list(v: str) -> List[str]:
+    from quant.bits import parse_bits
+    items = _csv(v, what="bits")
+    for b in items:
+        try:
+            parse_bits(b)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"bits {b!r}: {e}") from None
+    return items
+
+
+def _sizes(v: str) -> List[int]:
+    try:
+        sizes = [int(s) for s in _csv(v, what="--sizes")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sizes takes comma-separated integers, got {v!r}") from None
+    if min(sizes) < 1:
+        raise argparse.ArgumentTypeError("--sizes must be >= 1")
+    return sizes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default=None, help="CIFAR-10 root holding train/ and test/ (<class>/<img> folders)")
+    p.add_argument("--out", default="bench", help="folder of accuracy.json, ACCURACY.md and calib_size.png")
+    p.add_argument("--model", default="demo", help="quant.run --model")
+    p.add_argument("--bits", type=_bits_list, default=list(DEFAULT_BITS), help="table bit configs")
+    p.add_argument("--methods", type=lambda v: _csv(v, METHODS, "--methods"), default=list(METHODS),
+                   help="table methods (e2e+ac: e2e with --act-correction)")
+    p.add_argument("--sources", type=lambda v: _csv(v, SOURCES, "--sources"), default=list(SOURCES),
+                   help="calibration data: real (<data>/train) and/or free (data-free, --data invert)")
+    p.add_argument("--iters", type=int, default=None, help="quant.run --iters (default: the model's, demo 300)")
+    p.add_argument("--val-size", type=int, default=10000, help="cifar10/test images evaluated (seeded subset)")
+    p.add_argument("--calib-size", type=int, default=1024, help="calibration images of the table")
+    p.add_argument("--invert-steps", type=int, default=None, help="quant.run --invert-steps (default: the model's)")
+    p.add_argument("--correction-iters", type=int, default=None, help="quant.run --correction-iters for e2e+ac")
+    p.add_argument("--batch-size", type=int, default=None, help="quant.run --batch-size")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="quant.run --device (default: cuda if present)")
+    p.add_argument("--workers", type=int, default=None, help="quant.run --workers")
+    p.add_argument("--sizes", type=_sizes, default=list(DEFAULT_SIZES), help="calibration sizes of the sweep")
+    p.add_argument("--sweep-bits", type=_bits_list, default=["w4a4", "w1.58a8"], help="bit configs of the sweep")
+    p.add_argument("--sweep-methods", type=lambda v: _csv(v, METHODS, "--sweep-methods"),
+                   default=["e2e", "blockwise"], help="methods of the sweep")
+    p.add_argument("--no-sweep", action="store_true", help="skip the calibration-size sweep")
+    p.add_argument("--render-only", action="store_true", help="only write ACCURACY.md and calib_size.png")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    return p
+
+
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill unset pass-through flags with what ``quant.run`` would use for ``--model`` (its ``run_defaults``)."""
+    import torch
+
+    from quant.models import resolve
+    from quant.run import RUN_DEFAULTS, build_parser as run_parser
+    run_ns = run_parser().parse_args(["--model", args.model, "--bits", "w8a8"])
+    defaults = {**RUN_DEFAULTS, **(resolve(args.model).run_defaults or {}),
+                "correction_iters": run_ns.correction_iters, "workers": run_ns.workers,
+                "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    for k in ("iters", "invert_steps", "correction_iters", "batch_size", "workers", "device"):
+        if getattr(args, k) is None:
+            setattr(args, k, defaults[k])
+    return args
+
+
+def settings_of(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in SETTING_KEYS}
+
+
+def plan(args: argparse.Namespace) -> List[Cell]:
+    cells = [Cell("table", b, m, s, args.calib_size) for b in args.bits for m in args.methods for s in args.sources]
+    if not args.no_sweep:
+        cells += [Cell("sweep", b, m, "real", n) for b in args.sweep_bits for m in args.sweep_methods
+                  for n in args.sizes]
+    return cells
+
+
+def cell_argv(cell: Cell, args: argparse.Namespace, out: str) -> List[str]:
+    """The ``python -m quant.run`` command line of ``cell`` writing into ``out``."""
+    method, ac = (cell.method[:-3], True) if cell.method.endswith("+ac") else (cell.method, False)
+    data = os.path.join(args.data, "train") if cell.source == "real" else "invert"
+    argv = ["--model", args.model, "--bits", cell.bits, "--method", method, "--data", data,
+            "--calib-size", str(cell.calib_size), "--val", os.path.join(args.data, "test"),
+            "--seed", str(args.seed), "--out", out, "--no-progress"]
+    if ac:
+        argv.append("--act-correction")
+    for flag, v in (("--iters", args.iters), ("--val-size", args.val_size),
+                    ("--invert-steps", args.invert_steps if cell.source == "free" else None),
+                    ("--correction-iters", args.correction_iters if ac else None), ("--batch-size", args.batch_size),
+                    ("--device", args.device), ("--workers", args.workers)):
+        if v is not None:
+            argv += [flag, str(v)]
+    return argv
+
+
+def load_results(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {"settings": None, "cells": {}}
+    with open(path) as f:
+        return json.load(f)
+
+
+def save_results(path: str, results: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".accuracy-", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def record_of(cell: Cell, report: dict, argv: List[str], wall_s: float) -> dict:
+    return {"kind": cell.kind, "bits": cell.bits, "method": cell.method, "source": cell.source,
+            "calib_size": cell.calib_size, "top1": report["quantized"]["top1"], "top5": report["quantized"]["top5"],
+            "fp_top1": report["fp"]["top1"], "val_images": report["quantized"]["images"],
+            "calib_images": report["calib_images"], "steps": report["steps"], "time_s": wall_s,
+            "argv": argv}
+
+
+def run_cell(cell: Cell, args: argparse.Namespace, workdir: str, invert_cache: Optional[str]) -> dict:
+    """Run ``cell`` through ``quant.run.run`` in a temporary ``--out`` under ``workdir``; return its record."""
+    from quant.run import build_parser as run_parser, run
+    out = tempfile.mkdtemp(prefix="cell-", dir=workdir)
+    os.rmdir(out)
+    argv = cell_argv(cell, args, out)
+    if cell.source == "free" and invert_cache is not None:
+        shutil.copytree(invert_cache, out + ".invert")
+    t0 = time.time()
+    try:
+        report = run(run_parser().parse_args(argv))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(out + ".invert", ignore_errors=True)
+    wall = time.time() - t0
+    if not report.get("completed") or report.get("quantized") is None:
+        raise RuntimeError(f"cell {cell.key} did not complete: {report}")
+    return record_of(cell, report, argv, wall)
+
+
+def synthesize_once(args: argparse.Namespace, folder: str) -> float:
+    """The data-free images of ``--calib-size``, made by ``quant.run.synthesize_calibration`` with the arguments a
+    cell's run resolves to; returns the seconds it took (0 when ``folder`` is complete already)."""
+    import torch
+
+    from quant.models import load_model
+    from quant.run import build_parser as run_parser, synthesize_calibration
+    done = folder + ".done"
+    if os.path.exists(done):
+        return 0.0
+    ns = run_parser().parse_args(["--model", args.model, "--bits", "w8a8", "--data", "invert",
+                                  "--calib-size", str(args.calib_size), "--seed", str(args.seed),
+                                  "--invert-steps", str(args.invert_steps)])
+    ns.no_progress = args.no_progress
+    t0 = time.time()
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    synthesize_calibration(load_model(args.model).to(device), folder, ns)
+    open(done, "w").close()
+    return time.time() - t0
+
+
+def run_all(args: argparse.Namespace) -> dict:
+    """Run every planned cell not yet in ``<out>/accuracy.json``; returns the results."""
+    from tqdm import tqdm
+    if not args.data or not all(os.path.isdir(os.path.join(args.data, s)) for s in ("train", "test")):
+        raise SystemExit(f"error: --data {args.data!r} must be a CIFAR-10 root holding train/ and test/ "
+                         f"(e.g. --data ../shared/data/cifar10)")
+    path = os.path.join(args.out, "accuracy.json")
+    results = load_results(path)
+    settings = settings_of(args)
+    if results["settings"] is not None and results["settings"] != settings:
+        raise SystemExit(f"error: {path} was made with other settings {results['settings']}, not {settings}; "
+                         f"rerun with those flags, or pass another --out (or delete the file) to start afresh")
+    results["settings"] = settings
+    cells = [c for c in plan(args) if c.key not in results["cells"]]
+    workdir = os.path.join(args.out, ".accuracy-work")
+    os.makedirs(workdir, exist_ok=True)
+    cache = None
+    if any(c.source == "free" for c in cells):
+        cache = os.path.join(workdir, f"invert-{args.calib_size}-{args.invert_steps}-{args.seed}")
+        secs = synthesize_once(args, cache)
+        if secs:
+            results.setdefault("invert_time_s", {})[str(args.calib_size)] = secs
+            save_results(path, results)
+    for cell in tqdm(cells, desc="accuracy cells", unit="cell", disable=args.no_progress):
+        twin = results["cells"].get(cell.twin_key)
+        if twin is not None:
+            rec = {**twin, "kind": cell.kind, "reused_from": cell.twin_key}
+        else:
+            rec = run_cell(cell, args, workdir, cache)
+        results["cells"][cell.key] = rec
+        save_results(path, results)
+    save_results(path, results)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return results
+
+
+def _versions() -> str:
+    import torch
+    import timm
+    return f"python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}"
+
+
+def _machine(device: str) -> str:
+    import torch
+    cpu = platform.processor() or platform.machine()
+    s = f"{platform.system()} {platform.machine()} ({cpu}), {os.cpu_count()} CPU cores"
+    if device.startswith("cuda") and torch.cuda.is_available():
+        s += f", {torch.cuda.get_device_name(0)}"
+    return s
+
+
+def fmt_acc(x: float) -> str:
+    return f"{x:.2f}"
+
+
+def fmt_time(x: float) -> str:
+    return f"{x:.0f}" if x >= 10 else f"{x:.1f}"
+
+
+def render_markdown(results: dict) -> str:
+    """``ACCURACY.md`` from the results: FP row, then one row per (bits, method); a column pair (top-1 %, s) per
+    calibration source."""
+    st, cells = results["settings"] or {}, results["cells"]
+    table = [r for r in cells.values() if r["kind"] == "table"]
+    sources = [s for s in SOURCES if any(r["source"] == s for r in table)]
+    fps = sorted({round(r["fp_top1"], 6) for r in cells.values()})
+    size = st.get("calib_size")
+    head = {"real": f"real ({size} cifar10/train)", "free": f"data-free ({size} synthesized)"}
+    lines = [f"# Accuracy of the {st.get('model')} model (CIFAR-10 test top-1 %)", "",
+             "Generated by `python -m bench.accuracy` from `accuracy.json`; do not edit by hand.", ""]
+    cols = ["bits", "method"] + [c for s in sources for c in (f"{head[s]} top-1", "time (s)")]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    if fps:
+        lines.append("| FP32 | - | " + " | ".join(f"{fmt_acc(fps[0])} | -" for _ in sources) + " |")
+    order = {m: i for i, m in enumerate(METHODS)}
+    rows = sorted({(r["bits"], r["method"]) for r in table},
+                  key=lambda bm: (_bits_order(bm[0]), order[bm[1]]))
+    by = {(r["bits"], r["method"], r["source"]): r for r in table}
+    for b, m in rows:
+        vals = []
+        for s in sources:
+            r = by.get((b, m, s))
+            vals += ["-", "-"] if r is None else [fmt_acc(r["top1"]), fmt_time(r["time_s"])]
+        lines.append(f"| {b.upper()} | {m} | " + " | ".join(vals) + " |")
+    sweep = [r for r in cells.values() if r["kind"] == "sweep"]
+    if sweep:
+        lines += ["", "## Calibration-set size (real cifar10/train images)", "",
+                  "![e2e vs blockwise against calibration-set size](calib_size.png)", ""]
+        sizes = sorted({r["calib_size"] for r in sweep})
+        lines += ["| bits | method | " + " | ".join(str(n) for n in sizes) + " |",
+                  "|" + "---|" * (len(sizes) + 2)]
+        sb = {(r["bits"], r["method"], r["calib_size"]): r for r in sweep}
+        for b, m in sorted({(r["bits"], r["method"]) for r in sweep}, key=lambda bm: (_bits_order(bm[0]),
+                                                                                       order[bm[1]])):
+            lines.append(f"| {b.upper()} | {m} | " + " | ".join(
+                fmt_acc(sb[(b, m, n)]["top1"]) if (b, m, n) in sb else "-" for n in sizes) + " |")
+    n_val = sorted({r["val_images"] for r in cells.values()})
+    lines += ["", "## Settings", "",
+              f"- model `{st.get('model')}`; `quant.run` flags per cell: `--iters {st.get('iters')}`, "
+              f"`--calib-size {size}` (sweep: the column), `--invert-steps {st.get('invert_steps')}` (data-free), "
+              f"`--correction-iters {st.get('correction_iters')}` (e2e+ac), `--batch-size {st.get('batch_size')}`, "
+              f"`--val-size {st.get('val_size')}`, `--seed {st.get('seed')}`, `--device {st.get('device')}`",
+              f"- top-1 on {', '.join(map(str, n_val))} cifar10/test images (a seeded subset when fewer than "
+              f"10,000); FP row: the float model on the same images",
+              "- methods: `rtn` (initialisation only), `blockwise`, `e2e` (the paper), `is-vit` (I&S-ViT SOS), "
+              "`e2e+ac` (e2e then DFQ-ViT `--act-correction`)",
+              "- time: wall seconds of one `quant.run` (load, calibration, optimisation, evaluation, export)"
+              + (f"; the data-free images were synthesized once in "
+                 f"{fmt_time(sum(results['invert_time_s'].values()))} s and reused by every data-free cell"
+                 if results.get("invert_time_s") else ""),
+              f"- generated {results.get('generated', datetime.date.today().isoformat())}; {_versions()}; "
+              f"{_machine(st.get('device') or 'cpu')}", ""]
+    if len(fps) > 1:
+        lines.insert(-1, f"- note: FP top-1 differs between cells ({', '.join(fmt_acc(f) for f in fps)})")
+    return "\n".join(lines)
+
+
+def _bits_order(b: str):
+    from quant.bits import parse_bits
+    c = parse_bits(b)
+    return (c.w_bits, c.a_bits)
+
+
+def render_plot(results: dict, path: str) -> Optional[str]:
+    """``calib_size.png``: top-1 against calibration-set size (log x), one panel per bit config of the sweep."""
+    sweep = [r for r in results["cells"].values() if r["kind"] == "sweep"]
+    if not sweep:
+        return None
+    import matplotlib
+    import matplotlib.ticker
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    bits = sorted({r["bits"] for r in sweep}, key=_bits_order, reverse=True)
+    fp = next(iter(results["cells"].values()))["fp_top1"]
+    fig, axes = plt.subplots(1, len(bits), figsize=(5 * len(bits), 3.8), squeeze=False)
+    for ax, b in zip(axes[0], bits):
+        for m in [m for m in METHODS if any(r["method"] == m and r["bits"] == b for r in sweep)]:
+            pts = sorted((r["calib_size"], r["top1"]) for r in sweep if r["bits"] == b and r["method"] == m)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+        ax.axhline(fp, color="gray", ls="--", lw=1, label="FP32")
+        ax.set_xscale("log")
+        sizes = sorted({r["calib_size"] for r in sweep if r["bits"] == b})
+        ax.set_xticks(sizes, [f"{n:,}" for n in sizes], rotation=45 if len(sizes) > 5 else 0)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xlabel("calibration images")
+        ax.set_ylabel("top-1 (%)")
+        ax.set_title(f"{(results['settings'] or {}).get('model', '')}, CIFAR-10 test, {b.upper()}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def render(out: str) -> Dict[str, str]:
+    """Write ``ACCURACY.md`` and ``calib_size.png`` from ``<out>/accuracy.json``; returns their paths."""
+    path = os.path.join(out, "accuracy.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {path} does not exist; run python -m bench.accuracy --data ... first")
+    results = load_results(path)
+    results["generated"] = datetime.date.today().isoformat()
+    md = os.path.join(out, "ACCURACY.md")
+    with open(md + ".tmp", "w") as f:
+        f.write(render_markdown(results))
+    os.replace(md + ".tmp", md)
+    written = {"markdown": md}
+    png = render_plot(results, os.path.join(out, "calib_size.png"))
+    if png:
+        written["plot"] = png
+    return written
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from quant.errors import UserError
+    args = build_parser().parse_args(argv)
+    if not args.render_only:
+        try:
+            run_all(resolve_defaults(args))
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    for what, p in render(args.out).items():
+        print(f"wrote {what}: {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

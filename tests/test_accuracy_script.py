@@ -1,0 +1,132 @@
+"""``python -m bench.accuracy`` end to end on a tiny configuration: JSON, generated markdown, plot, resume."""
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import accuracy as A
+
+CIFAR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one intra-op thread (and leave the other core to parallel work)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def cifar_small(tmp_path):
+    """A CIFAR-10 root whose train/ links 3 images per class (fast to scan) and whose test/ is the real one."""
+    root = tmp_path / "cifar"
+    for cls in sorted(os.listdir(CIFAR / "train")):
+        (root / "train" / cls).mkdir(parents=True)
+        for name in sorted(os.listdir(CIFAR / "train" / cls))[:3]:
+            (root / "train" / cls / name).symlink_to((CIFAR / "train" / cls / name).resolve())
+    (root / "test").symlink_to((CIFAR / "test").resolve())
+    return root
+
+
+def _rows(md: str):
+    """``{(bits, method): [cells]}`` of the main table, and the FP row."""
+    table = md.split("\n## ")[0]
+    rows = {}
+    for line in table.splitlines():
+        if line.startswith("| ") and not line.startswith("| bits"):
+            c = [x.strip() for x in line.strip("|").split("|")]
+            rows[(c[0], c[1])] = c[2:]
+    return rows
+
+
+def test_accuracy_script_end_to_end(cifar_small, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "bench"
+    argv = ["--data", str(cifar_small), "--out", str(out), "--bits", "w4a4,w1.58a8", "--methods", "rtn,e2e",
+            "--iters", "2", "--val-size", "20", "--calib-size", "16", "--invert-steps", "2",
+            "--correction-iters", "2", "--batch-size", "8", "--workers", "0", "--device", "cpu",
+            "--sweep-bits", "w4a4", "--sweep-methods", "e2e,blockwise", "--sizes", "8,16", "--no-progress"]
+    assert A.main(argv) == 0
+    res = json.loads((out / "accuracy.json").read_text())
+    cells = res["cells"]
+    assert len(cells) == 2 * 2 * 2 + 1 * 2 * 2
+    for r in cells.values():
+        assert r["val_images"] == 20 and 0 <= r["top1"] <= 100 and r["time_s"] > 0
+        assert r["calib_images"] == r["calib_size"] and (r["steps"] == 0) == (r["method"] == "rtn")
+        assert "--val-size" in r["argv"] and r["argv"][r["argv"].index("--bits") + 1] == r["bits"]
+    assert all("--act-correction" not in r["argv"] for r in cells.values())
+    assert cells["table/w4a4/rtn/free/16"]["argv"][cells["table/w4a4/rtn/free/16"]["argv"].index("--data") + 1] \
+        == "invert"
+    assert {r["calib_size"] for r in cells.values() if r["kind"] == "sweep"} == {8, 16}
+    twin = cells["sweep/w4a4/e2e/real/16"]
+    assert twin["reused_from"] == "table/w4a4/e2e/real/16" and twin["top1"] == cells[twin["reused_from"]]["top1"]
+    assert sum("reused_from" in r for r in cells.values()) == 1
+    assert len({r["fp_top1"] for r in cells.values()}) == 1
+    assert res["invert_time_s"]["16"] > 0
+    assert not (out / ".accuracy-work").exists() and not (tmp_path / "runs").exists()
+
+    md = (out / "ACCURACY.md").read_text()
+    rows = _rows(md)
+    first = next(line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| bits"))
+    assert first.startswith("| FP32 |")
+    fp = next(iter(cells.values()))["fp_top1"]
+    assert rows[("FP32", "-")] == [f"{fp:.2f}", "-", f"{fp:.2f}", "-"]
+    for r in (r for r in cells.values() if r["kind"] == "table"):
+        c = rows[(r["bits"].upper(), r["method"])]
+        i = 0 if r["source"] == "real" else 2
+        assert c[i] == f"{r['top1']:.2f}" and c[i + 1] == A.fmt_time(r["time_s"])
+    assert len(rows) == 1 + 2 * 2
+    sweep = md.split("## Calibration-set size")[1]
+    for r in (r for r in cells.values() if r["kind"] == "sweep"):
+        line = next(x for x in sweep.splitlines() if x.startswith(f"| W4A4 | {r['method']} |"))
+        vals = [x.strip() for x in line.strip("|").split("|")][2:]
+        assert vals[[8, 16].index(r["calib_size"])] == f"{r['top1']:.2f}"
+    assert "--iters 2" in md and "torch" in md
+    png = (out / "calib_size.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+    # re-run: every cell is skipped (the JSON is unchanged), the outputs are regenerated
+    before = (out / "accuracy.json").read_text()
+    (out / "ACCURACY.md").unlink()
+    calls = []
+    monkeypatch.setattr(A, "run_cell", lambda *a: calls.append(a) or pytest.fail("finished cell re-run"))
+    assert A.main(argv) == 0
+    assert calls == [] and (out / "accuracy.json").read_text() == before and (out / "ACCURACY.md").exists()
+
+    # a new cell with the same settings: only that one runs, the table keeps the others
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    ran, real = [], A.run_cell
+    monkeypatch.setattr(A, "run_cell", lambda cell, *a: ran.append(cell.key) or real(cell, *a))
+    over = {"--bits": "w4a4", "--methods": "e2e+ac"}
+    argv2 = [over.get(argv[i - 1], a) if i else a for i, a in enumerate(argv)]
+    assert A.main(argv2 + ["--sources", "real", "--no-sweep"]) == 0
+    assert ran == ["table/w4a4/e2e+ac/real/16"]
+    res2 = json.loads((out / "accuracy.json").read_text())
+    assert len(res2["cells"]) == len(cells) + 1
+    assert all(res2["cells"][k] == v for k, v in cells.items())
+    ac = res2["cells"][ran[0]]["argv"]
+    assert "--act-correction" in ac and ac[ac.index("--method") + 1] == "e2e"
+    rows = _rows((out / "ACCURACY.md").read_text())
+    assert rows[("W4A4", "e2e+ac")][0] == f"{res2['cells'][ran[0]]['top1']:.2f}"
+    assert rows[("W4A4", "e2e+ac")][2:] == ["-", "-"] and len(rows) == 1 + 2 * 2 + 1
+
+
+def test_settings_mismatch_and_render_only(cifar_small, tmp_path, capsys):
+    out = tmp_path / "b"
+    with pytest.raises(SystemExit, match="does not exist"):
+        A.main(["--out", str(out), "--render-only"])
+    out.mkdir()
+    A.save_results(str(out / "accuracy.json"), {"settings": {"iters": 5}, "cells": {}})
+    with pytest.raises(SystemExit, match="other settings"):
+        A.main(["--data", str(cifar_small), "--out", str(out), "--iters", "2"])
+    with pytest.raises(SystemExit, match="train/ and test/"):
+        A.main(["--data", str(tmp_path), "--out", str(out)])
+    with pytest.raises(SystemExit):
+        A.build_parser().parse_args(["--methods", "rtn,foo"])
+    assert "unknown ['foo']" in capsys.readouterr().err
