@@ -163,7 +163,7 @@ def format_table(report: dict) -> str:
     rows = [
         ("model", f"{report['model']} ({report['timm_name']})"),
         ("bits / method", f"{report['bits']} / {report['method']}"),
-        ("FP top-1 (literature)", "-" if lit is None else f"{lit:.2f}"),
+        ("FP top-1 (reference)", "-" if lit is None else f"{lit:.2f}"),
         ("FP top-1 / top-5", f"{acc(fp, 'top1')} / {acc(fp, 'top5')}"),
         ("quantized top-1 / top-5", f"{acc(q, 'top1')} / {acc(q, 'top5')}"),
         ("val images (skipped)", f"{q.get('images', '-')} ({report['skipped_images']['val']})"),
