@@ -41,3 +41,15 @@ def test_newcomer_command_shortened(tmp_path, monkeypatch, capsys):
     acc = evaluate({"packed": loaded}, folder, M.eval_transform(M.load_model("demo"), M.resolve("demo")), 25,
                    torch.device("cpu"), size=50, seed=0)["packed"]
     assert abs(acc["top1"] - rep["quantized"]["top1"]) <= 2.0  # at most one of 50 images differs (integer path)
+
+
+def test_data_free_images_are_recognised_by_the_demo(tmp_path):
+    """Classifier-only synthesis (``--data invert``) makes images the FP demo labels as their target class."""
+    from calib.invert import InvertConfig, write_image_folder
+
+    model = M.load_model("demo")
+    out = write_image_folder(model, tmp_path / "syn", per_class=2, cfg=InvertConfig(steps=60, batch_size=20),
+                             progress=False)
+    folder = D.scan(str(out), "--data")
+    acc = evaluate({"fp": model}, folder, M.eval_transform(model, M.resolve("demo")), 20, torch.device("cpu"))["fp"]
+    assert acc["images"] == 20 and acc["top1"] > 80.0
