@@ -67,6 +67,7 @@ def main(argv=None):
     ap.add_argument("--work", default=str(cache_dir() / "train_demo"), help="checkpoint folder")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoint in --work")
     ap.add_argument("--out", default=str(WEIGHTS), help="where to write the fp16 weights (.safetensors)")
+    ap.add_argument("--note", default="", help="free text recorded in the card (e.g. a schedule change on resume)")
     ap.add_argument("--export-only", action="store_true",
                     help="write --out from the checkpoint in --work as it stands (card marks unfinished training)")
     args = ap.parse_args(argv)
@@ -169,6 +170,8 @@ def write_result(model, cfg, args, acc, acc_subset, elapsed, history, n_train, o
                                                      "label_smoothing", "seed")} | {
                 "optimizer": "AdamW", "schedule": "linear warm-up then cosine", "augment": "crop pad 4 + hflip"},
             "history": history}
+    if args.note:
+        card["note"] = args.note
     card_path = out.with_suffix(".json")
     tmp = card_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(card, indent=1))
