@@ -9,22 +9,15 @@ import timm
 import torch
 import torch.nn.functional as F
 
-ALIASES = {
-    "vit_s": "vit_small_patch16_224.augreg_in21k_ft_in1k",
-    "vit_b": "vit_base_patch16_224.augreg2_in21k_ft_in1k",
-    "deit_s": "deit_small_patch16_224.fb_in1k",
-    "deit_b": "deit_base_patch16_224.fb_in1k",
-    "swin_s": "swin_small_patch4_window7_224.ms_in22k_ft_in1k",
-    "swin_b": "swin_base_patch4_window7_224.ms_in22k_ft_in1k",
-}
-
 
 def load_classifier(name: str, checkpoint: str | None = None) -> torch.nn.Module:
-    """A frozen eval-mode timm model; ``name`` is a timm name or an alias in ``ALIASES``.
+    """A frozen eval-mode timm model; ``name`` is a timm name or an alias of :mod:`quant.models`' registry.
 
     ``checkpoint``: local weights file (timm/original format) used instead of downloading pretrained weights.
     """
-    arch = ALIASES.get(name, name)
+    from quant.models import resolve
+
+    arch = resolve(name).timm_name
     try:
         if checkpoint is not None:
             model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint)))

@@ -206,15 +206,13 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    from quant.zoo.demo import load_demo
+    from quant.errors import UserError
+    from quant.models import load_model
 
-    if args.model == "demo":
-        model = load_demo(args.checkpoint)
-    else:
-        import timm
-
-        model = timm.create_model(args.model, pretrained=args.checkpoint is None,
-                                  **({"checkpoint_path": args.checkpoint} if args.checkpoint else {}))
+    try:
+        model = load_model(args.model, args.checkpoint)
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
     classes = None if args.classes == "all" else [int(c) for c in args.classes.split(",")]
     cfg = InvertConfig(steps=args.steps, batch_size=args.batch_size)
     out = write_image_folder(model, args.out, args.per_class, classes, cfg, args.seed)
