@@ -128,18 +128,21 @@ def quantize(x: Tensor, s: Tensor, z: Tensor, bits, signed: bool = False) -> Ten
     return q.to(torch.uint8)
 
 
+def unsigned_codes(q: Tensor, bits) -> Tensor:
+    """int64 unsigned codes ``q`` from unsigned storage (uint8/wider ints) or signed int8 storage (``+ offset``)."""
+    if q.dtype == torch.int8:
+        return q.long() + code_offset(bits)
+    if q.dtype in (torch.uint8, torch.int16, torch.int32, torch.int64):
+        return q.long()
+    raise TypeError(f"codes must be an integer tensor (uint8 unsigned or int8 signed), got {q.dtype}")
+
+
 def dequantize(q: Tensor, s: Tensor, z: Tensor, bits) -> Tensor:
     """``(q - z) * s`` in float32; ``q`` may be unsigned (uint8) or signed storage (int8)."""
     check_bits(bits)
     s = torch.as_tensor(s, dtype=torch.float32, device=q.device)
     z = round_zero_point(torch.as_tensor(z, dtype=torch.float32, device=q.device), bits)
-    if q.dtype == torch.int8:
-        qu = q.float() + code_offset(bits)
-    elif q.dtype in (torch.uint8, torch.int16, torch.int32, torch.int64):
-        qu = q.float()
-    else:
-        raise TypeError(f"codes must be an integer tensor (uint8 unsigned or int8 signed), got {q.dtype}")
-    return (qu - z) * s
+    return (unsigned_codes(q, bits).float() - z) * s
 
 
 def _reduce_to(g: Tensor, shape: torch.Size) -> Tensor:
@@ -433,13 +436,7 @@ def sulq_table(eta, s, z, bits) -> Tensor:
 def sulq_dequantize(q: Tensor, eta, s, z, bits) -> Tensor:
     """``2^(-(q - z) s) - eta`` in float32 by lookup in :func:`sulq_table`; ``q`` unsigned (uint8) or signed (int8)."""
     table = sulq_table(eta, s, z, bits).to(q.device)
-    if q.dtype == torch.int8:
-        idx = q.long() + code_offset(bits)
-    elif q.dtype in (torch.uint8, torch.int16, torch.int32, torch.int64):
-        idx = q.long()
-    else:
-        raise TypeError(f"codes must be an integer tensor (uint8 unsigned or int8 signed), got {q.dtype}")
-    return table[idx]
+    return table[unsigned_codes(q, bits)]
 
 
 def sulq_fake_quantize(p: Tensor, eta, s: Tensor, z: Tensor, bits, check: bool = True) -> Tensor:
