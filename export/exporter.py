@@ -33,44 +33,16 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 from timm.layers import Mlp
-from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock
-from timm.models.vision_transformer import Block
 
 from quant import packing
 from quant.bits import parse_bits
-from quant.modules import ActCorrection, QuantAttentionCore, QuantConv2dPatch, QuantLinear
+from quant.modules import ActCorrection, QuantAttentionCore, QuantConv2dPatch, QuantLayerNorm, QuantLinear
 from quant.primitives import SULQParams
-from quant.surgery import QuantViTAttention, QuantWindowAttention
+from quant.surgery import QuantViTAttention, QuantWindowAttention, fusable_norm
 
 from . import format as fmt
 
 QUANT, FLOAT = "quant.", "float."
-
-
-def _fusable_norm(model: nn.Module, name: str) -> Optional[str]:
-    """Name of the LayerNorm that feeds only the linear ``name`` and can be fused into it exactly, else None."""
-    parent, _, leaf = name.rpartition(".")
-    owner_name, _, sub = parent.rpartition(".")
-    try:
-        owner = model.get_submodule(owner_name)
-    except AttributeError:
-        return None
-    if leaf == "qkv" and sub == "attn" and isinstance(owner, (Block, SwinTransformerBlock)):
-        if isinstance(owner, SwinTransformerBlock):
-            res, ws = owner.input_resolution, owner.window_size
-            if any(int(r) % int(w) for r, w in zip(res, ws)):
-                return None  # the window padding follows the norm: zeros must stay zeros
-        norm = f"{owner_name}.norm1"
-    elif leaf == "fc1" and sub == "mlp" and isinstance(owner, (Block, SwinTransformerBlock)):
-        norm = f"{owner_name}.norm2"
-    elif leaf == "reduction" and isinstance(model.get_submodule(parent), PatchMerging):
-        norm = f"{parent}.norm"
-    else:
-        return None
-    ln = model.get_submodule(norm)
-    if not isinstance(ln, nn.LayerNorm) or ln.weight is None or ln.bias is None or len(ln.normalized_shape) != 1:
-        return None
-    return norm
 
 
 def _linear(model: nn.Module, name: str, m: QuantLinear, tensors: Dict[str, Tensor]) -> dict:
@@ -89,14 +61,14 @@ def _linear(model: nn.Module, name: str, m: QuantLinear, tensors: Dict[str, Tens
     tensors[f"{p}.in_z"] = d["input"].z.float().reshape(())
     entry = {"name": name, "n": pw.n, "k": pw.k, "w_bits": m.w_bits, "a_bits": m.a_bits, "format": pw.fmt,
              "fused_norm": None, "ln_eps": None, "rescale": d["r"] is not None}
-    norm = _fusable_norm(model, name)
+    norm = fusable_norm(model, name)
     if norm is not None:
         ln = model.get_submodule(norm)
-        g, b = ln.weight.detach().double(), ln.bias.detach().double()
-        if d["r"] is not None:
-            r, shift = d["r"].double(), d["shift"].double()
-            g, b = g / r, (b - shift) / r
-        tensors[f"{p}.ln_weight"], tensors[f"{p}.ln_bias"] = g.float(), b.float()
+        if not isinstance(ln, QuantLayerNorm):
+            raise ValueError(f"{norm} feeds only {name} but is a plain {type(ln).__name__}; quantize the model with "
+                             f"quant.surgery.quantize_model, which marks it for fusion")
+        g, b = ln.folded_affine()
+        tensors[f"{p}.ln_weight"], tensors[f"{p}.ln_bias"] = g, b
         entry.update(fused_norm=norm, ln_eps=float(ln.eps))
     elif d["r"] is not None:
         tensors[f"{p}.r"], tensors[f"{p}.shift"] = d["r"].float(), d["shift"].float()
@@ -195,21 +167,34 @@ def collect(qmodel: nn.Module) -> Tuple[Dict[str, Tensor], List[dict], List[str]
         elif isinstance(m, QuantConv2dPatch):
             modules.append(_patch(name, m, tensors))
     corrected = _act_corrections(qmodel, tensors)
-    quant_prefixes = [n for n, m in named
-                      if isinstance(m, (QuantLinear, QuantConv2dPatch, QuantAttentionCore, ActCorrection))]
-    fused = set()
-    for e in modules:
-        for sub in (e, e.get("qkv"), e.get("fc1")):
-            if sub and sub.get("fused_norm"):
-                fused.add(sub["fused_norm"])
     if not modules:
         raise ValueError("model has no quantized layers; run quant.surgery.quantize_model (and calibrate) first")
-    for k, v in qmodel.state_dict().items():
-        owner = k.rpartition(".")[0]
-        if any(k.startswith(p + ".") for p in quant_prefixes) or owner in fused:
-            continue
+    state = qmodel.state_dict()
+    for k in float_state_keys(qmodel):
+        v = state[k]
         tensors[FLOAT + k] = v.detach().half() if v.is_floating_point() else v.detach()
     return tensors, modules, corrected
+
+
+def float_state_keys(qmodel: nn.Module) -> List[str]:
+    """State-dict keys stored as ``float.<key>`` (floats in fp16): all but the tensors of the quantized layers and of
+    the LayerNorms fused into them (:class:`QuantLayerNorm`)."""
+    named = list(qmodel.named_modules())
+    quant_prefixes = tuple(n + "." for n, m in named
+                           if isinstance(m, (QuantLinear, QuantConv2dPatch, QuantAttentionCore, ActCorrection)))
+    fused = {n for n, m in named if isinstance(m, QuantLayerNorm)}
+    return [k for k in qmodel.state_dict() if not k.startswith(quant_prefixes) and k.rpartition(".")[0] not in fused]
+
+
+@torch.no_grad()
+def round_float_tensors_(qmodel: nn.Module) -> nn.Module:
+    """Round (in place) the float tensors the checkpoint stores in fp16 to fp16 precision, so that ``qmodel``
+    computes what the exported file does (in ``"int"`` mode: bit for bit on the CPU). Returns ``qmodel``."""
+    state = qmodel.state_dict()
+    for k in float_state_keys(qmodel):
+        if state[k].is_floating_point():
+            state[k].copy_(state[k].half())
+    return qmodel
 
 
 def default_preprocess(qmodel: nn.Module, arch: str) -> dict:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from kernels import ops
 from quant import packing
+from quant import primitives as P
 from quant.primitives import QParams, SULQParams
 
 
@@ -176,14 +177,10 @@ class PackedPatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         d, c, ph, pw = self.kernel_shape
-        b, cx, h, w = x.shape
-        if cx != c:
-            raise ValueError(f"input has {cx} channels, the patch embedding expects {c}")
-        hp, wp = h // ph, w // pw
-        x = x[:, :, : hp * ph, : wp * pw]
-        patches = x.reshape(b, c, hp, ph, wp, pw).permute(0, 2, 4, 1, 3, 5).reshape(b, hp * wp, c * ph * pw)
-        y = self.linear(patches)
-        return y.reshape(b, hp, wp, d).permute(0, 3, 1, 2)
+        if x.dim() != 4 or x.shape[1] != c:
+            raise ValueError(f"input must be [B, {c}, H, W] images, got shape {tuple(x.shape)}")
+        y = self.linear(P.patchify(x, (ph, pw)))
+        return y.reshape(x.shape[0], x.shape[2] // ph, x.shape[3] // pw, d).permute(0, 3, 1, 2)
 
 
 class BlockCorrection(nn.Module):

@@ -78,24 +78,35 @@ def packed_linear(a: Tensor, a_qp: QParams, w: packing.PackedWeight, w_scale: Te
     """``y = act(sa * sw[n] * sum_k (qa - za)(qw[n] - zw[n]) + bias[n])`` for int8 codes ``a [..., K]``.
 
     ``act`` is exact-erf GELU when ``gelu``. Returns ``y`` in ``out_dtype``, or its signed int8 codes under
-    ``requant`` (the next layer's activation quantizer).
+    ``requant`` (the next layer's activation quantizer). Unpacks ``w`` and calls :func:`linear_codes`.
     """
+    _check_codes(a, w.k)
+    return linear_codes(a, a_qp, packing.unpack(w), w.bits, w_scale, w_zero, bias, gelu, out_dtype, requant)
+
+
+def _check_codes(a: Tensor, k: int) -> None:
     if not torch.is_tensor(a) or a.dtype != torch.int8:
         raise TypeError(f"activation codes must be int8 (signed storage), got "
                         f"{a.dtype if torch.is_tensor(a) else type(a).__name__}; quantize them first")
-    if a.shape[-1] != w.k:
-        raise ValueError(f"activation codes have K={a.shape[-1]} but the packed weight has K={w.k}")
+    if a.shape[-1] != k:
+        raise ValueError(f"activation codes have K={a.shape[-1]} but the weight has K={k}")
+
+
+def linear_codes(a: Tensor, a_qp: QParams, qw: Tensor, w_bits, w_scale: Tensor, w_zero: Tensor,
+                 bias: Optional[Tensor] = None, gelu: bool = False, out_dtype: torch.dtype = torch.float32,
+                 requant: Optional[QParams] = None) -> Tensor:
+    """:func:`packed_linear` on unpacked unsigned weight codes ``qw [N, K]`` (``w_bits`` wide)."""
+    n, k = qw.shape
+    _check_codes(a, k)
     lead = a.shape[:-1]
-    a2 = a.reshape(-1, w.k)
-    qw = packing.unpack(w)
     za = P.signed_zero_point(a_qp.z, a_qp.bits)
-    zw = P.round_zero_point(torch.as_tensor(w_zero, dtype=torch.float32), w.bits).reshape(-1)
-    if zw.numel() != w.n or torch.as_tensor(w_scale).numel() != w.n:
-        raise ValueError(f"w_scale and w_zero need one value per output channel ({w.n})")
-    y = P.int_linear(a2, a_qp.s, za, qw, w_scale, zw, bias)
+    zw = P.round_zero_point(torch.as_tensor(w_zero, dtype=torch.float32, device=a.device), w_bits).reshape(-1)
+    if zw.numel() != n or torch.as_tensor(w_scale).numel() != n:
+        raise ValueError(f"w_scale and w_zero need one value per output channel ({n})")
+    y = P.int_linear(a.reshape(-1, k), a_qp.s, za, qw, w_scale, zw, bias)
     if gelu:
         y = F.gelu(y)
-    y = y.reshape(*lead, w.n)
+    y = y.reshape(*lead, n)
     if requant is not None:
         return P.quantize(y, requant.s, requant.z, requant.bits, signed=True)
     return y.to(out_dtype)

@@ -9,8 +9,12 @@ Parametrisation
   straight-through); ternary weights keep ``z = 1`` fixed (a buffer).
 * Channel rescale ``r`` is learned as ``log_r`` (``r = exp(log_r)``), ``shift`` directly.
 
-Every module has three modes (``mode`` attribute): ``"float"`` (exact FP forward), ``"calib"`` (FP forward while
-initialising the quantizers from the batch it sees, see :mod:`quant.calibrate`), ``"quant"`` (fake-quant).
+Every module has four modes (``mode`` attribute): ``"float"`` (exact FP forward), ``"calib"`` (FP forward while
+initialising the quantizers from the batch it sees, see :mod:`quant.calibrate`), ``"quant"`` (differentiable
+fake-quant in float arithmetic: what the optimiser trains) and ``"int"`` (the exported model's integer arithmetic:
+int8 activation codes, int32 GEMMs and the same float epilogues, computed by :mod:`kernels.reference`, i.e.
+bit-identical to :func:`export.load` on the CPU; no gradients). ``"quant"`` and ``"int"`` compute the same function
+up to float rounding, which can move an activation across a rounding boundary (one code step).
 """
 from __future__ import annotations
 
@@ -21,10 +25,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels import ops
+from kernels import reference as R
 from quant import primitives as P
 from quant.primitives import QParams, SULQParams
 
-MODES = ("float", "calib", "quant")
+MODES = ("float", "calib", "quant", "int")
+QUANTIZED_MODES = ("quant", "int")
 SOFTMAX_QUANTIZERS = ("uniform", "sulq")
 ACT_PERCENTILES = (0.01, 99.99)
 
@@ -88,7 +94,7 @@ class ActQuantizer(_Moded):
     def forward(self, x: Tensor, r: Optional[Tensor] = None, shift: Optional[Tensor] = None) -> Tensor:
         if self.mode == "calib":
             self.init_from(P.apply_rescale(x.float(), r, shift))
-        if self.mode != "quant" or not self.enabled:
+        if self.mode not in QUANTIZED_MODES or not self.enabled:
             return P.apply_rescale(x, r, shift)
         self._check_initialised()
         return ops.fake_quantize(x, QParams(self.s, self.z, self.bits), r, shift)
@@ -137,7 +143,7 @@ class SULQuantizer(_Moded):
     def forward(self, p: Tensor) -> Tensor:
         if self.mode == "calib":
             self.init_from(p)
-        if self.mode != "quant" or not self.enabled:
+        if self.mode not in QUANTIZED_MODES or not self.enabled:
             return p
         self._check_initialised()
         return P.sulq_fake_quantize(p, self.eta, self.s, self.z, self.bits)
@@ -166,7 +172,12 @@ class QuantLinear(_Moded):
     The refinement ``dW`` lives in the original weight domain and is applied *before* the fold, so the deployed
     weight codes are ``quantize((W + dW) * r)``. ``W`` and ``b`` are frozen; ``dW`` starts at zero.
     ``rescale=True`` creates ``r = exp(log_r)`` and ``shift`` (used on post-LayerNorm linears).
+
+    ``"int"`` mode: ``y = linear_codes(rescale_quantize(x, r, shift), codes, ...)`` (:meth:`deploy` values); when
+    ``norm_fused`` the input comes from a :class:`QuantLayerNorm` that already applied ``r``/``shift``.
     """
+
+    norm_fused: bool = False
 
     def __init__(self, linear: nn.Linear, w_bits, a_bits, rescale: bool = False):
         super().__init__()
@@ -225,16 +236,32 @@ class QuantLinear(_Moded):
     def forward(self, x: Tensor) -> Tensor:
         if self.mode == "float":
             return F.linear(x, self.weight + self.dW, self.bias)
+        if self.integer_forward:
+            return self._forward_int(x)
         if self.mode == "calib":
             if self.rescale and self.act.enabled:
                 self.init_rescale(x)
             self.init_weight_qparams()
         xq = self.act(x, self.r, self.shift)
         w, b = self.folded()
-        if self.mode == "quant" and self.quantize_weights:
+        if self.mode in QUANTIZED_MODES and self.quantize_weights:
             self._check_initialised()
             w = ops.fake_quantize_weight(w, self.ws, self.wz, self.w_bits)
         return F.linear(xq, w.to(xq.dtype), b.to(xq.dtype))
+
+    @property
+    def integer_forward(self) -> bool:
+        """``"int"`` mode with quantized activations and weights (else ``"int"`` falls back to ``"quant"``)."""
+        return self.mode == "int" and self.act.enabled and self.quantize_weights
+
+    @torch.no_grad()
+    def _forward_int(self, x: Tensor) -> Tensor:
+        self._check_initialised()
+        self.act._check_initialised()
+        d = self.deploy()
+        r, shift = (None, None) if self.norm_fused else (d["r"], d["shift"])
+        a = R.rescale_quantize(x, d["input"], r, shift)
+        return R.linear_codes(a, d["input"], d["codes"], self.w_bits, d["w_scale"], d["w_zero"], d["bias"])
 
     @torch.no_grad()
     def deploy(self) -> Dict[str, object]:
@@ -300,12 +327,27 @@ class QuantConv2dPatch(_Moded):
             _weight_qparams_init(self, self.weight_2d())
         if self.mode == "float":
             return F.conv2d(x, self.weight + self.dW, self.bias, self.stride)
+        if self.mode == "int" and self.act.enabled and self.quantize_weights:
+            return self._forward_int(x)
         xq = self.act(x)
         w = self.weight_2d()
-        if self.mode == "quant" and self.quantize_weights:
+        if self.mode in QUANTIZED_MODES and self.quantize_weights:
             self._check_initialised()
             w = ops.fake_quantize_weight(w, self.ws, self.wz, self.w_bits)
         return F.conv2d(xq, w.reshape(self.weight.shape).to(xq.dtype), self.bias, self.stride)
+
+    @torch.no_grad()
+    def _forward_int(self, x: Tensor) -> Tensor:
+        """im2col (:func:`quant.primitives.patchify`) + integer linear, NCHW output ``[B, D, H/p, W/p]``."""
+        self._check_initialised()
+        self.act._check_initialised()
+        d = self.deploy()
+        dim, _, ph, pw = d["kernel_shape"]
+        if tuple(d["stride"]) != (ph, pw):
+            raise NotImplementedError(f"'int' mode needs non-overlapping patches (stride {d['stride']} != {(ph, pw)})")
+        a = R.rescale_quantize(P.patchify(x, (ph, pw)), d["input"])
+        y = R.linear_codes(a, d["input"], d["codes"], self.w_bits, d["w_scale"], d["w_zero"], d["bias"])
+        return y.reshape(x.shape[0], x.shape[2] // ph, x.shape[3] // pw, dim).permute(0, 3, 1, 2)
 
     @torch.no_grad()
     def deploy(self) -> Dict[str, object]:
@@ -351,6 +393,8 @@ class QuantAttentionCore(_Moded):
                 mask: Optional[Tensor] = None) -> Tensor:
         """``rel_bias [H, L, L]``; ``mask [nW, L, L]`` with windows fastest in the batch (Swin) or a
         broadcastable additive mask (ViT ``attn_mask``)."""
+        if self.mode == "int" and self.q_quant.enabled:
+            return self._forward_int(q, k, v, scale, rel_bias, mask)
         q, k, v = self.q_quant(q), self.k_quant(k), self.v_quant(v)
         attn = (q * scale) @ k.transpose(-2, -1)
         if rel_bias is not None:
@@ -365,6 +409,20 @@ class QuantAttentionCore(_Moded):
         attn = attn.softmax(dim=-1)
         attn = self.p_quant(attn)
         return attn @ v
+
+    @torch.no_grad()
+    def _forward_int(self, q: Tensor, k: Tensor, v: Tensor, scale: float, rel_bias: Optional[Tensor],
+                     mask: Optional[Tensor]) -> Tensor:
+        """:func:`kernels.reference.quant_attention` on the int8 codes of ``q, k, v``."""
+        for m in (self.q_quant, self.k_quant, self.v_quant, self.p_quant):
+            m._check_initialised()
+        if mask is not None and mask.dim() != 3:
+            raise NotImplementedError("'int' mode takes only Swin's [nW, L, L] window mask, not a ViT attn_mask")
+        qps = self.deploy()
+        qc, kc, vc = (R.rescale_quantize(t.contiguous(), qps[n]) for t, n in ((q, "q"), (k, "k"), (v, "v")))
+        return R.quant_attention(qc, kc, vc, qps["q"], qps["k"], qps["v"], scale, qps["p"],
+                                 rel_bias=None if rel_bias is None else rel_bias.float().contiguous(),
+                                 mask=None if mask is None else mask.float())
 
     def deploy(self) -> Dict[str, Optional[QParams]]:
         """Per-tensor QParams for ``q``, ``k``, ``v`` and the probabilities ``p`` (None each under A16); ``p`` is a
@@ -382,7 +440,7 @@ class ActCorrection(_Moded):
         self.matrix = nn.Parameter(torch.eye(dim))
 
     def forward(self, y: Tensor) -> Tensor:
-        if self.mode != "quant":
+        if self.mode not in QUANTIZED_MODES:
             return y
         return F.linear(y, self.matrix.to(y.dtype))
 
@@ -392,13 +450,53 @@ class ActCorrection(_Moded):
         return {"matrix": self.matrix.detach().float().clone()}
 
 
+class QuantLayerNorm(nn.LayerNorm):
+    """A LayerNorm feeding only ``consumer`` (a :class:`QuantLinear`), which the exporter fuses into it.
+
+    ``"float"``/``"calib"``/``"quant"``: the plain LayerNorm (the consumer applies its rescale). ``"int"``:
+    ``kernels.reference.layernorm`` with the folded affine of :meth:`folded_affine` (``gamma' = gamma / r``,
+    ``beta' = (beta - shift) / r``), the values the exported ``layernorm_quantize`` quantizes. ``weight``/``bias``
+    are the original module's parameters (same state-dict keys).
+    """
+
+    mode: str = "float"
+
+    def __init__(self, ln: nn.LayerNorm, consumer: QuantLinear):
+        if ln.weight is None or ln.bias is None or len(ln.normalized_shape) != 1:
+            raise ValueError("QuantLayerNorm needs an affine LayerNorm over the last dimension")
+        super().__init__(ln.normalized_shape, eps=ln.eps, device=ln.weight.device, dtype=ln.weight.dtype)
+        self.weight, self.bias = ln.weight, ln.bias
+        self._consumer = (consumer,)
+        consumer.norm_fused = True
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+
+    @torch.no_grad()
+    def folded_affine(self):
+        """fp32 ``(gamma', beta')`` (:func:`quant.primitives.fold_into_layernorm` when the consumer rescales)."""
+        c = self._consumer[0]
+        g, b = self.weight.detach().float(), self.bias.detach().float()
+        if c.rescale and c.act.enabled:
+            g, b = P.fold_into_layernorm(g, b, c.r.detach().float(), c.shift.detach().float())
+        return g, b
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "int" and self._consumer[0].integer_forward:
+            g, b = self.folded_affine()
+            return R.layernorm(x, g, b, self.eps)
+        return super().forward(x)
+
+
 def quant_modules(model: nn.Module):
     """All moded quantized modules of ``model`` (top-level ones, i.e. not their inner activation quantizers)."""
     return [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2dPatch, QuantAttentionCore))]
 
 
 def set_mode(model: nn.Module, mode: str) -> None:
-    """Put every quantized module (and activation correction) of ``model`` in ``mode`` (``float``, ``calib``,
-    ``quant``)."""
-    for m in quant_modules(model) + [m for m in model.modules() if isinstance(m, ActCorrection)]:
+    """Put every quantized module (and activation correction, fused LayerNorm) of ``model`` in ``mode``
+    (``float``, ``calib``, ``quant``, ``int``)."""
+    for m in quant_modules(model) + [m for m in model.modules() if isinstance(m, (ActCorrection, QuantLayerNorm))]:
         m.set_mode(mode)

@@ -369,7 +369,10 @@ def int_gemm(a: Tensor, w: Tensor, za, zw) -> Tensor:
     ai, wi = a.to(torch.int32), w.to(torch.int32)
     za = int(za)
     zw = torch.as_tensor(zw, device=a.device).to(torch.int32).reshape(-1)
-    acc = ai @ wi.transpose(-1, -2)
+    if ai.is_cuda:  # no int32 matmul on CUDA; float64 holds every partial sum exactly (|codes| <= 255, K < 2^37)
+        acc = (ai.double() @ wi.double().transpose(-1, -2)).to(torch.int32)
+    else:
+        acc = ai @ wi.transpose(-1, -2)
     rowsum = ai.sum(dim=-1, dtype=torch.int32).unsqueeze(-1)
     colsum = wi.sum(dim=-1, dtype=torch.int32).unsqueeze(-2)
     return acc - zw * rowsum - za * colsum + k * za * zw
@@ -380,6 +383,16 @@ def int_linear(a: Tensor, sa, za, w: Tensor, sw: Tensor, zw: Tensor, bias: Optio
     acc = int_gemm(a, w, za, zw).float()
     y = acc * (float(sa) * torch.as_tensor(sw, dtype=torch.float32, device=a.device).reshape(1, -1))
     return y if bias is None else y + bias.float()
+
+
+def patchify(x: Tensor, patch: Tuple[int, int]) -> Tensor:
+    """im2col of non-overlapping ``patch = (ph, pw)`` patches: ``x [B, C, H, W] -> [B, H/ph * W/pw, C*ph*pw]``, rows in
+    raster order, columns in order (C, kh, kw) as ``conv.weight.reshape(D, -1)``; a remainder of H, W is dropped."""
+    ph, pw = patch
+    b, c, h, w = x.shape
+    hp, wp = h // ph, w // pw
+    x = x[:, :, : hp * ph, : wp * pw]
+    return x.reshape(b, c, hp, ph, wp, pw).permute(0, 2, 4, 1, 3, 5).reshape(b, hp * wp, c * ph * pw)
 
 
 def signed_zero_point(z, bits) -> Tensor:

@@ -3,6 +3,8 @@
 Pipeline: load the float model (hub or ``--checkpoint``), draw ``--calib-size`` images from ``--data``,
 initialise the quantizers on the first ``--init-size`` (32) of them, optimise (``--method``), evaluate FP and
 quantized top-1/top-5 on ``--val``, write ``report.json``, ``report.txt`` and ``quantized.pt`` into ``--out``.
+The quantized model is evaluated as it is deployed: float tensors rounded to the checkpoint's fp16 and integer
+arithmetic (``"int"`` mode, :mod:`quant.modules`), so its top-1 is that of the exported file on the CPU.
 
 Everything is validated before work starts; outputs are written into a temporary folder renamed to ``--out`` at
 the very end, so a failed run leaves no partial output. Exit status 2 and ``error: ...`` on bad input.
@@ -29,7 +31,7 @@ from quant.bits import parse_bits
 from quant.calibrate import calibrate
 from quant.errors import UserError
 from quant.models import eval_transform, load_model, resolve
-from quant.modules import SOFTMAX_QUANTIZERS, ActCorrection, QuantConv2dPatch, QuantLinear, quant_modules
+from quant.modules import SOFTMAX_QUANTIZERS, ActCorrection, QuantConv2dPatch, QuantLinear, quant_modules, set_mode
 from quant.optimize import METHODS, OptimConfig, optimize
 from quant.correction import add_act_correction, train_act_correction
 from quant.surgery import quantize_model
@@ -283,6 +285,10 @@ def run(args: argparse.Namespace) -> dict:
         add_act_correction(student)
         correction = train_act_correction(student, fp_model, images, args.correction_iters, args.batch_size,
                                           args.correction_lr, progress=not args.no_progress)
+    if not cfg_bits.act_float:
+        from export.exporter import round_float_tensors_
+        round_float_tensors_(student)
+        set_mode(student, "int")
     fp_acc = q_acc = None
     if val_folder is not None:
         accs = evaluate({"fp": fp_model, "quantized": student}, val_folder, transform, args.batch_size, device,
@@ -300,6 +306,7 @@ def run(args: argparse.Namespace) -> dict:
         "losses": {"first": losses[0], "last": losses[-1]} if losses else None,
         "time_s": time.time() - t0, "peak_memory": peak_memory(device), "size": model_size(fp_model, student),
         "device": str(device), "completed": True, "data_free": args.data == INVERT,
+        "eval_arithmetic": "float fake-quant (A16)" if cfg_bits.act_float else "int (the exported model's)",
         "act_correction": None if correction is None else {
             "steps": correction["steps"], "first": correction["losses"][0] if correction["losses"] else None,
             "last": correction["losses"][-1] if correction["losses"] else None},

@@ -7,7 +7,9 @@
 * timm ``Attention`` / Swin ``WindowAttention`` -> :class:`QuantViTAttention` / :class:`QuantWindowAttention`,
   which replicate timm 1.0's non-fused forward with quantizers on Q, K, V and the probabilities P.
 
-LayerNorm, softmax and GELU stay in float. The relative position bias and the shifted-window mask are added in
+A LayerNorm feeding only one linear (:func:`fusable_norm`) becomes a :class:`QuantLayerNorm` (same parameters):
+the exporter fuses it into that linear, and in ``"int"`` mode it applies the linear's rescale as the fused kernel
+does. LayerNorm, softmax and GELU stay in float. The relative position bias and the shifted-window mask are added in
 float to the score, as in timm.
 """
 from __future__ import annotations
@@ -17,11 +19,12 @@ from typing import List, Optional
 import torch
 from torch import Tensor, nn
 from timm.layers.attention import Attention
-from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
+from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, WindowAttention
 from timm.models.vision_transformer import Block
 
 from quant.bits import BitConfig, parse_bits
-from quant.modules import SOFTMAX_QUANTIZERS, QuantAttentionCore, QuantConv2dPatch, QuantLinear, quant_modules
+from quant.modules import (SOFTMAX_QUANTIZERS, QuantAttentionCore, QuantConv2dPatch, QuantLayerNorm, QuantLinear,
+                           quant_modules)
 
 POST_LN_LINEARS = ("attn.qkv", "mlp.fc1", "downsample.reduction")
 PATCH_INPUT_BITS = 8
@@ -91,6 +94,35 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def fusable_norm(model: nn.Module, name: str) -> Optional[str]:
+    """Name of the LayerNorm that feeds only the linear ``name`` and can be fused into it exactly, else None:
+    ``norm1 -> attn.qkv`` and ``norm2 -> mlp.fc1`` of ViT/DeiT/Swin blocks (Swin: only without window padding),
+    ``downsample.norm -> downsample.reduction`` (Swin patch merging)."""
+    parent, _, leaf = name.rpartition(".")
+    owner_name, _, sub = parent.rpartition(".")
+    try:
+        owner = model.get_submodule(owner_name)
+    except AttributeError:
+        return None
+    if leaf == "qkv" and sub == "attn" and isinstance(owner, (Block, SwinTransformerBlock)):
+        if isinstance(owner, SwinTransformerBlock):
+            res, ws = owner.input_resolution, owner.window_size
+            if any(int(r) % int(w) for r, w in zip(res, ws)):
+                return None  # the window padding follows the norm: zeros must stay zeros
+        norm = f"{owner_name}.norm1"
+    elif leaf == "fc1" and sub == "mlp" and isinstance(owner, (Block, SwinTransformerBlock)):
+        norm = f"{owner_name}.norm2"
+    elif leaf == "reduction" and isinstance(model.get_submodule(parent), PatchMerging):
+        norm = f"{parent}.norm"
+    else:
+        return None
+    ln = model.get_submodule(norm)
+    if not isinstance(ln, nn.LayerNorm) or ln.weight is None or ln.bias is None or len(ln.normalized_shape) != 1:
+        return None
+    return norm
+
+
+
 def quantize_model(model: nn.Module, bits, rescale: bool = True, softmax_quantizer: str = "uniform") -> nn.Module:
     """Replace the layers of a timm ViT/DeiT/Swin ``model`` by quantized ones (in place) and return it.
 
@@ -111,6 +143,10 @@ def quantize_model(model: nn.Module, bits, rescale: bool = True, softmax_quantiz
         if isinstance(m, nn.Linear):
             post_ln = rescale and not cfg.act_float and n.endswith(POST_LN_LINEARS)
             _set(model, n, QuantLinear(m, cfg.w_bits, cfg.a_bits, rescale=post_ln))
+    for n, m in list(model.named_modules()):
+        norm = fusable_norm(model, n) if isinstance(m, QuantLinear) else None
+        if norm is not None:
+            _set(model, norm, QuantLayerNorm(model.get_submodule(norm), m))
     pe = getattr(model, "patch_embed", None)
     if pe is None or not isinstance(getattr(pe, "proj", None), nn.Conv2d):
         raise ValueError("model has no patch_embed.proj Conv2d; only timm ViT, DeiT and Swin models are supported")

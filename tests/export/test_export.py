@@ -9,7 +9,7 @@ from export import format as fmt
 from export.loader import resident_bytes
 from export.runtime import PackedLinear, PackedMlp, PackedPatchEmbed, PackedViTAttention, PackedWindowAttention
 from quant import packing
-from quant.modules import QuantLinear
+from quant.modules import QuantLinear, set_mode
 from tests.quant.ptq_utils import one_thread  # noqa: F401
 
 from .export_utils import BITS, arch, quantized
@@ -27,19 +27,26 @@ def _export(tmp_path, kind, bits, **over):
 @pytest.mark.parametrize("kind", ["vit", "deit", "swin"])
 @pytest.mark.parametrize("bits", BITS)
 def test_parity_with_fake_quant(tmp_path, real_images, kind, bits):
-    """Same 1,000 real images: identical top-1 on >= 99.9%; logits equal to float rounding except on the few images
-    where a float-order difference moves an activation across a rounding boundary (one code step). Swin (slower
-    on CPU) uses the first 300 images."""
+    """Same 1,000 real images (Swin, slower on CPU: the first 300). The optimiser's model in ``"int"`` mode and the
+    loaded checkpoint (CPU reference path) agree bit for bit, so identical top-1 on every image and max logit
+    difference 0 (the bar: >= 99.9% and <= 1e-3 of the logit range). The float ``"quant"`` forward the optimiser
+    trains differs from both only by float rounding moving an activation across a code boundary on a few images."""
     _, q, path = _export(tmp_path, kind, bits)
     m = export.load(path)
     x = real_images[:SWIN_IMAGES] if kind == "swin" else real_images
     with torch.no_grad():
-        a, b = q(x), m(x)
-    agree = (a.argmax(1) == b.argmax(1)).float().mean().item()
-    per_image = (a - b).abs().amax(1) / (a.max() - a.min())
-    assert agree >= 0.999, f"top-1 agreement {agree}"
-    assert per_image.median() <= 1e-6
-    assert (per_image <= 1e-3).float().mean() >= 0.95
+        b = m(x)
+        set_mode(q, "int")
+        a = q(x)
+        set_mode(q, "quant")
+        c = q(x)
+    rng = a.max() - a.min()
+    assert (a.argmax(1) == b.argmax(1)).float().mean().item() >= 0.999
+    assert ((a - b).abs().amax(1) / rng).max() <= 1e-3
+    assert torch.equal(a, b)
+    per_image = (c - b).abs().amax(1) / rng
+    assert (c.argmax(1) == b.argmax(1)).float().mean().item() >= 0.99
+    assert per_image.median() <= 1e-6 and (per_image <= 1e-3).float().mean() >= 0.95
 
 
 def test_loaded_model_is_packed_and_uses_kernels(tmp_path, monkeypatch):
@@ -98,9 +105,10 @@ def test_unfusable_norm_keeps_rescale(tmp_path, real_images):
     assert "quant.layers.0.blocks.0.mlp.fc1.ln_weight" in tensors
     m = export.load(path)
     x = torch.nn.functional.interpolate(real_images[:64], size=24, mode="bilinear")
+    set_mode(q, "int")
     with torch.no_grad():
         a, b = q(x), m(x)
-    assert (a.argmax(1) == b.argmax(1)).all() and ((a - b).abs().amax(1) / (a.max() - a.min())).median() <= 1e-6
+    assert torch.equal(a, b)
 
 
 def test_resident_bytes_close_to_file(tmp_path):

@@ -1,5 +1,5 @@
 """Export -> load of the DFQ-ViT activation correction and the SULQ probability quantizer, against the
-fake-quant model (same parity criteria as ``test_export.test_parity_with_fake_quant``)."""
+fake-quant model in ``"int"`` mode (bit-equal, as in ``test_export.test_parity_with_fake_quant``)."""
 import pytest
 import torch
 
@@ -7,7 +7,7 @@ import export
 from export import CheckpointError
 from export import format as fmt
 from export.runtime import BlockCorrection
-from quant.modules import SULQuantizer
+from quant.modules import SULQuantizer, set_mode
 from quant.primitives import SULQParams
 from quant.surgery import blocks
 from tests.quant.ptq_utils import one_thread  # noqa: F401
@@ -26,12 +26,19 @@ def _export(tmp_path, kind, bits, correction, sulq):
     return q, path
 
 
+def _int_forward(q, x):
+    set_mode(q, "int")
+    try:
+        return q(x)
+    finally:
+        set_mode(q, "quant")
+
+
 def _assert_parity(a, b):
-    agree = (a.argmax(1) == b.argmax(1)).float().mean().item()
-    per_image = (a - b).abs().amax(1) / (a.max() - a.min())
-    assert agree >= 0.999, f"top-1 agreement {agree}"
-    assert per_image.median() <= 1e-6
-    assert (per_image <= 1e-3).float().mean() >= 0.95
+    """The issue's bar (top-1 identical on >= 99.9%, max logit difference <= 1e-3 of the range) and bit equality."""
+    assert (a.argmax(1) == b.argmax(1)).float().mean().item() >= 0.999
+    assert ((a - b).abs().amax(1) / (a.max() - a.min())).max() <= 1e-3
+    assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("kind", ["vit", "swin"])
@@ -42,7 +49,7 @@ def test_parity_with_fake_quant(tmp_path, real_images, kind, correction, sulq):
     m = export.load(path)
     x = real_images[:SWIN_IMAGES] if kind == "swin" else real_images
     with torch.no_grad():
-        a, b = q(x), m(x)
+        a, b = _int_forward(q, x), m(x)
     _assert_parity(a, b)
 
 
@@ -65,7 +72,7 @@ def test_act_correction_survives_export_and_load(tmp_path, real_images, kind):
     assert f"float.{names[0]}.act_correction.matrix" not in tensors
     x = real_images[:64]
     with torch.no_grad():
-        a, b = q(x), m(x)
+        a, b = _int_forward(q, x), m(x)
         for n in names:
             mat = m.get_submodule(n).act_correction.matrix
             mat.copy_(torch.eye(mat.shape[0]))

@@ -152,3 +152,71 @@ def test_quantize_model_rejects_bad_input():
     set_mode(q, "quant")
     with pytest.raises(RuntimeError, match="before initialisation"):
         q(images(2))
+
+
+@pytest.mark.parametrize("w_bits,a_bits", [(8, 8), (4, 4), (1.58, 8), (3, 3)])
+def test_int_mode_is_the_integer_form(gen, w_bits, a_bits):
+    """``"int"`` mode = quantize -> int32 GEMM -> scale + bias of the deployed values, and within float rounding of
+    the fake-quant forward (one activation code step where a rounding boundary is crossed)."""
+    lin = _linear(gen)
+    m = QuantLinear(lin, w_bits, a_bits, rescale=True)
+    x = torch.randn(6, 5, 40, generator=gen) * torch.linspace(0.1, 4, 40) + torch.linspace(-1, 1, 40)
+    m.set_mode("calib")
+    m(x)
+    with torch.no_grad():
+        m.dW.copy_(torch.randn(m.dW.shape, generator=gen) * 0.01)
+    m.set_mode("quant")
+    y_fake = m(x).detach()
+    m.set_mode("int")
+    y = m(x)
+    assert not y.requires_grad and y.dtype == torch.float32
+    d = m.deploy()
+    a = P.quantize(P.apply_rescale(x, d["r"], d["shift"]), d["input"].s, d["input"].z, a_bits).long()
+    za = P.round_zero_point(d["input"].z, a_bits)
+    acc = (a - za).double() @ (d["codes"].long() - d["w_zero"].long()[:, None]).double().T
+    want = acc * (d["input"].s.double() * d["w_scale"].double()) + d["bias"].double()
+    assert torch.allclose(y.double(), want, rtol=1e-6, atol=1e-6)
+    step = float(d["input"].s) * float((lin.weight.abs() * m.r).detach().sum(1).max()) * 2
+    assert (y - y_fake).abs().max() <= step and (y - y_fake).abs().median() <= 1e-5
+
+
+def test_patchify_is_the_conv_im2col(gen):
+    x = torch.randn(2, 3, 18, 17, generator=gen)
+    w = torch.randn(5, 3, 4, 4, generator=gen)
+    y = P.patchify(x, (4, 4)) @ w.reshape(5, -1).T
+    want = F.conv2d(x, w, stride=4)
+    assert torch.allclose(y.reshape(2, 4, 4, 5).permute(0, 3, 1, 2), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["vit", "swin"])
+def test_fused_layernorm_marks_and_int_mode(kind):
+    """Surgery turns each LayerNorm feeding one rescaled linear into a QuantLayerNorm (same parameters, same
+    state-dict keys); in ``"int"`` mode it emits ``(LN(x) - shift) / r`` and the model stays within rounding of the
+    fake-quant model on images (top-1 agreement)."""
+    from quant.modules import QuantLayerNorm
+    fp = make_model(kind)
+    q = quantize_model(copy.deepcopy(fp), "w8a8")
+    fsd, qsd = fp.state_dict(), q.state_dict()
+    assert all(torch.equal(qsd[k], v) for k, v in fsd.items() if "norm" in k)
+    norms = {n: m for n, m in q.named_modules() if isinstance(m, QuantLayerNorm)}
+    names = {n.rpartition(".")[2] for n in norms}
+    assert names == ({"norm1", "norm2", "norm"} if kind == "swin" else {"norm1", "norm2"})
+    x = images(16)
+    calibrate(q, x)
+    ln = next(iter(norms.values()))
+    c = ln._consumer[0]
+    assert c.norm_fused and c.rescale
+    h = torch.randn(3, 7, ln.normalized_shape[0])
+    with torch.no_grad():
+        c.shift.add_(0.1)
+        set_mode(q, "int")
+        want = (F.layer_norm(h, ln.normalized_shape, ln.weight, ln.bias, ln.eps) - c.shift) / c.r
+        assert torch.allclose(ln(h), want, atol=1e-5)
+        set_mode(q, "quant")
+        a = q(x)
+        set_mode(q, "int")
+        b = q(x)
+        qc = copy.deepcopy(q)
+        assert torch.equal(qc(x), b)
+    assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.9
+    assert ((a - b).abs().amax(1) / (a.max() - a.min())).median() <= 1e-3
