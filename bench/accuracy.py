@@ -11,7 +11,9 @@ Methods: ``rtn``, ``blockwise``, ``e2e``, ``is-vit`` and ``e2e+ac`` (``e2e`` wit
 Data: ``real`` (``--calib-size`` images of ``<data>/train``) and ``free`` (``--data invert``; the data-free images
 are synthesized once with ``quant.run.synthesize_calibration`` and copied into each cell's ``<out>.invert`` folder,
 which ``quant.run`` then finds complete, so the images are the ones a fresh CLI run makes). The calibration-size
-sweep runs ``--sweep-methods`` at ``--sweep-bits`` on real images for each of ``--sizes``.
+sweep runs ``--sweep-methods`` at ``--sweep-bits`` on real images for each of ``--sizes``, evaluated on
+``--sweep-val-size`` test images. ``--part table|sweep`` (with ``--bits``/``--sources``/``--sweep-bits``) splits the
+work between processes sharing one ``--out``: each saves its finished cells merged into the file under a lock.
 
 Results: ``<out>/accuracy.json`` = ``{"settings": {...}, "cells": {key: record}}``; each finished cell is added
 atomically (temp file + ``os.replace``) and skipped when the script runs again with the same settings.
@@ -36,8 +38,9 @@ METHODS = ("rtn", "blockwise", "e2e", "is-vit", "e2e+ac")
 SOURCES = ("real", "free")
 DEFAULT_BITS = ("w1.58a8", "w3a3", "w4a4", "w6a6")
 DEFAULT_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 5000, 10000)
-SETTING_KEYS = ("model", "iters", "val_size", "calib_size", "invert_steps", "correction_iters", "batch_size",
-                "seed", "device")
+SETTING_KEYS = ("model", "iters", "val_size", "sweep_val_size", "calib_size", "invert_steps", "correction_iters",
+                "batch_size", "seed", "device")
+PARTS = ("all", "table", "sweep")
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration data: real (<data>/train) and/or free (data-free, --data invert)")
     p.add_argument("--iters", type=int, default=None, help="quant.run --iters (default: the model's, demo 300)")
     p.add_argument("--val-size", type=int, default=10000, help="cifar10/test images evaluated (seeded subset)")
+    p.add_argument("--sweep-val-size", type=int, default=2000, help="cifar10/test images of the sweep's cells")
     p.add_argument("--calib-size", type=int, default=1024, help="calibration images of the table")
     p.add_argument("--invert-steps", type=int, default=None, help="quant.run --invert-steps (default: the model's)")
     p.add_argument("--correction-iters", type=int, default=None, help="quant.run --correction-iters for e2e+ac")
@@ -118,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-methods", type=lambda v: _csv(v, METHODS, "--sweep-methods"),
                    default=["e2e", "blockwise"], help="methods of the sweep")
     p.add_argument("--no-sweep", action="store_true", help="skip the calibration-size sweep")
+    p.add_argument("--part", choices=PARTS, default="all",
+                   help="run only the table or only the sweep (several processes may share one --out: each "
+                        "finished cell is merged into accuracy.json under a file lock)")
     p.add_argument("--render-only", action="store_true", help="only write ACCURACY.md and calib_size.png")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p
@@ -144,8 +151,11 @@ def settings_of(args: argparse.Namespace) -> dict:
 
 
 def plan(args: argparse.Namespace) -> List[Cell]:
-    cells = [Cell("table", b, m, s, args.calib_size) for b in args.bits for m in args.methods for s in args.sources]
-    if not args.no_sweep:
+    cells = []
+    if args.part in ("all", "table"):
+        cells += [Cell("table", b, m, s, args.calib_size) for b in args.bits for m in args.methods
+                  for s in args.sources]
+    if not args.no_sweep and args.part in ("all", "sweep"):
         cells += [Cell("sweep", b, m, "real", n) for b in args.sweep_bits for m in args.sweep_methods
                   for n in args.sizes]
     return cells
@@ -160,7 +170,8 @@ def cell_argv(cell: Cell, args: argparse.Namespace, out: str) -> List[str]:
             "--seed", str(args.seed), "--out", out, "--no-progress"]
     if ac:
         argv.append("--act-correction")
-    for flag, v in (("--iters", args.iters), ("--val-size", args.val_size),
+    val_size = args.sweep_val_size if cell.kind == "sweep" else args.val_size
+    for flag, v in (("--iters", args.iters), ("--val-size", val_size),
                     ("--invert-steps", args.invert_steps if cell.source == "free" else None),
                     ("--correction-iters", args.correction_iters if ac else None), ("--batch-size", args.batch_size),
                     ("--device", args.device), ("--workers", args.workers)):
@@ -177,7 +188,22 @@ def load_results(path: str) -> dict:
 
 
 def save_results(path: str, results: dict) -> None:
+    """Write ``results`` atomically; cells already in the file that ``results`` lacks (another process's) are kept,
+    under an exclusive lock on ``<path>.lock``."""
+    import fcntl
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        on_disk = load_results(path)
+        if on_disk["settings"] == results["settings"]:
+            for k, v in on_disk["cells"].items():
+                results["cells"].setdefault(k, v)
+            for k, v in (on_disk.get("invert_time_s") or {}).items():
+                results.setdefault("invert_time_s", {}).setdefault(k, v)
+        _write_json(path, results)
+
+
+def _write_json(path: str, results: dict) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".accuracy-", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
     try:
         with os.fdopen(fd, "w") as f:
@@ -263,7 +289,7 @@ def run_all(args: argparse.Namespace) -> dict:
             results.setdefault("invert_time_s", {})[str(args.calib_size)] = secs
             save_results(path, results)
     for cell in tqdm(cells, desc="accuracy cells", unit="cell", disable=args.no_progress):
-        twin = results["cells"].get(cell.twin_key)
+        twin = results["cells"].get(cell.twin_key) if args.sweep_val_size == args.val_size else None
         if twin is not None:
             rec = {**twin, "kind": cell.kind, "reused_from": cell.twin_key}
         else:
@@ -271,7 +297,6 @@ def run_all(args: argparse.Namespace) -> dict:
         results["cells"][cell.key] = rec
         save_results(path, results)
     save_results(path, results)
-    shutil.rmtree(workdir, ignore_errors=True)
     return results
 
 
@@ -304,7 +329,7 @@ def render_markdown(results: dict) -> str:
     st, cells = results["settings"] or {}, results["cells"]
     table = [r for r in cells.values() if r["kind"] == "table"]
     sources = [s for s in SOURCES if any(r["source"] == s for r in table)]
-    fps = sorted({round(r["fp_top1"], 6) for r in cells.values()})
+    fps = sorted({round(r["fp_top1"], 6) for r in table})
     size = st.get("calib_size")
     head = {"real": f"real ({size} cifar10/train)", "free": f"data-free ({size} synthesized)"}
     lines = [f"# Accuracy of the {st.get('model')} model (CIFAR-10 test top-1 %)", "",
@@ -325,7 +350,11 @@ def render_markdown(results: dict) -> str:
         lines.append(f"| {b.upper()} | {m} | " + " | ".join(vals) + " |")
     sweep = [r for r in cells.values() if r["kind"] == "sweep"]
     if sweep:
+        sweep_fp = sorted({round(r["fp_top1"], 6) for r in sweep})
+        sweep_n = sorted({r["val_images"] for r in sweep})
         lines += ["", "## Calibration-set size (real cifar10/train images)", "",
+                  f"Top-1 % on {', '.join(f'{n:,}' for n in sweep_n)} cifar10/test images (seeded subset; FP32 on "
+                  f"them: {', '.join(fmt_acc(f) for f in sweep_fp)}).", "",
                   "![e2e vs blockwise against calibration-set size](calib_size.png)", ""]
         sizes = sorted({r["calib_size"] for r in sweep})
         lines += ["| bits | method | " + " | ".join(str(n) for n in sizes) + " |",
@@ -335,13 +364,14 @@ def render_markdown(results: dict) -> str:
                                                                                        order[bm[1]])):
             lines.append(f"| {b.upper()} | {m} | " + " | ".join(
                 fmt_acc(sb[(b, m, n)]["top1"]) if (b, m, n) in sb else "-" for n in sizes) + " |")
-    n_val = sorted({r["val_images"] for r in cells.values()})
+    n_val = sorted({r["val_images"] for r in table})
     lines += ["", "## Settings", "",
               f"- model `{st.get('model')}`; `quant.run` flags per cell: `--iters {st.get('iters')}`, "
               f"`--calib-size {size}` (sweep: the column), `--invert-steps {st.get('invert_steps')}` (data-free), "
               f"`--correction-iters {st.get('correction_iters')}` (e2e+ac), `--batch-size {st.get('batch_size')}`, "
-              f"`--val-size {st.get('val_size')}`, `--seed {st.get('seed')}`, `--device {st.get('device')}`",
-              f"- top-1 on {', '.join(map(str, n_val))} cifar10/test images (a seeded subset when fewer than "
+              f"`--val-size {st.get('val_size')}` (sweep: `{st.get('sweep_val_size', st.get('val_size'))}`), "
+              f"`--seed {st.get('seed')}`, `--device {st.get('device')}`",
+              f"- table: top-1 on {', '.join(map(str, n_val))} cifar10/test images (a seeded subset when fewer than "
               f"10,000); FP row: the float model on the same images",
               "- methods: `rtn` (initialisation only), `blockwise`, `e2e` (the paper), `is-vit` (I&S-ViT SOS), "
               "`e2e+ac` (e2e then DFQ-ViT `--act-correction`)",
@@ -372,7 +402,7 @@ def render_plot(results: dict, path: str) -> Optional[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     bits = sorted({r["bits"] for r in sweep}, key=_bits_order, reverse=True)
-    fp = next(iter(results["cells"].values()))["fp_top1"]
+    fp = sweep[0]["fp_top1"]
     fig, axes = plt.subplots(1, len(bits), figsize=(5 * len(bits), 3.8), squeeze=False)
     for ax, b in zip(axes[0], bits):
         for m in [m for m in METHODS if any(r["method"] == m and r["bits"] == b for r in sweep)]:

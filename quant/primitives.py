@@ -369,13 +369,25 @@ def int_gemm(a: Tensor, w: Tensor, za, zw) -> Tensor:
     ai, wi = a.to(torch.int32), w.to(torch.int32)
     za = int(za)
     zw = torch.as_tensor(zw, device=a.device).to(torch.int32).reshape(-1)
-    if ai.is_cuda:  # no int32 matmul on CUDA; float64 holds every partial sum exactly (|codes| <= 255, K < 2^37)
-        acc = (ai.double() @ wi.double().transpose(-1, -2)).to(torch.int32)
-    else:
-        acc = ai @ wi.transpose(-1, -2)
+    acc = _exact_matmul(ai, wi.transpose(-1, -2))
     rowsum = ai.sum(dim=-1, dtype=torch.int32).unsqueeze(-1)
     colsum = wi.sum(dim=-1, dtype=torch.int32).unsqueeze(-2)
     return acc - zw * rowsum - za * colsum + k * za * zw
+
+
+def _exact_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """int32 ``a @ b`` of integer tensors through a float GEMM that is exact: float32 while every partial sum stays
+    below 2^24 in magnitude (bounded by ``K max|a| max|b|``), else float64 (below 2^53). Faster than an integer
+    matmul on the CPU, and CUDA has none."""
+    k = a.shape[-1]
+    if a.numel() == 0 or b.numel() == 0:
+        return torch.zeros(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1]),
+                           dtype=torch.int32, device=a.device)
+    bound = k * int(a.abs().max()) * int(b.abs().max())
+    if bound >= 2 ** 53:
+        raise ValueError(f"integer GEMM too large to accumulate exactly (K={k})")
+    dt = torch.float32 if bound < 2 ** 24 else torch.float64
+    return (a.to(dt) @ b.to(dt)).to(torch.int32)
 
 
 def int_linear(a: Tensor, sa, za, w: Tensor, sw: Tensor, zw: Tensor, bias: Optional[Tensor] = None) -> Tensor:

@@ -48,7 +48,7 @@ def test_accuracy_script_end_to_end(cifar_small, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "bench"
     argv = ["--data", str(cifar_small), "--out", str(out), "--bits", "w4a4,w1.58a8", "--methods", "rtn,e2e",
-            "--iters", "2", "--val-size", "20", "--calib-size", "16", "--invert-steps", "2",
+            "--iters", "2", "--val-size", "20", "--sweep-val-size", "20", "--calib-size", "16", "--invert-steps", "2",
             "--correction-iters", "2", "--batch-size", "8", "--workers", "0", "--device", "cpu",
             "--sweep-bits", "w4a4", "--sweep-methods", "e2e,blockwise", "--sizes", "8,16", "--no-progress"]
     assert A.main(argv) == 0
@@ -68,7 +68,8 @@ def test_accuracy_script_end_to_end(cifar_small, tmp_path, monkeypatch):
     assert sum("reused_from" in r for r in cells.values()) == 1
     assert len({r["fp_top1"] for r in cells.values()}) == 1
     assert res["invert_time_s"]["16"] > 0
-    assert not (out / ".accuracy-work").exists() and not (tmp_path / "runs").exists()
+    assert sorted(os.listdir(out / ".accuracy-work")) == ["invert-16-2-0", "invert-16-2-0.done"]  # cache only
+    assert not (tmp_path / "runs").exists()
 
     md = (out / "ACCURACY.md").read_text()
     rows = _rows(md)
@@ -130,3 +131,24 @@ def test_settings_mismatch_and_render_only(cifar_small, tmp_path, capsys):
     with pytest.raises(SystemExit):
         A.build_parser().parse_args(["--methods", "rtn,foo"])
     assert "unknown ['foo']" in capsys.readouterr().err
+
+
+def test_parts_share_one_file(cifar_small, tmp_path, monkeypatch):
+    """``--part table`` and ``--part sweep`` (as two processes would) fill one accuracy.json; a save never drops
+    cells another process wrote meanwhile; the sweep's own --sweep-val-size means no twin reuse."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "bench"
+    base = ["--data", str(cifar_small), "--out", str(out), "--bits", "w4a4", "--methods", "rtn", "--sources", "real",
+            "--iters", "2", "--val-size", "20", "--sweep-val-size", "10", "--calib-size", "8", "--batch-size", "8",
+            "--workers", "0", "--device", "cpu", "--sweep-bits", "w4a4", "--sweep-methods", "e2e", "--sizes", "8",
+            "--no-progress"]
+    assert A.main(base + ["--part", "sweep"]) == 0
+    assert A.main(base + ["--part", "table"]) == 0
+    cells = json.loads((out / "accuracy.json").read_text())["cells"]
+    assert set(cells) == {"table/w4a4/rtn/real/8", "sweep/w4a4/e2e/real/8"}
+    assert cells["sweep/w4a4/e2e/real/8"]["val_images"] == 10 and cells["table/w4a4/rtn/real/8"]["val_images"] == 20
+    stale = {"settings": json.loads((out / "accuracy.json").read_text())["settings"], "cells": {"x": {"top1": 1}}}
+    A.save_results(str(out / "accuracy.json"), stale)
+    assert set(json.loads((out / "accuracy.json").read_text())["cells"]) == set(cells) | {"x"}
+    md = (out / "ACCURACY.md").read_text()
+    assert "on 10 cifar10/test images" in md and "table: top-1 on 20" in md

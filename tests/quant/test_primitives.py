@@ -188,3 +188,16 @@ def test_bad_shapes_raise():
         P.fold_rescale(torch.randn(4, 5), None, torch.ones(4))
     with pytest.raises(ValueError, match="percentile"):
         P.percentile(torch.randn(10), 101)
+
+
+@pytest.mark.parametrize("k,hi", [(64, 15), (1024, 255), (4096, 255)])
+def test_int_gemm_exact_on_both_float_paths(k, hi):
+    """Small products go through float32, large ones (``K max|a| max|w| >= 2^24``) through float64: exact either
+    way, against an int64 sum."""
+    g = torch.Generator().manual_seed(k)
+    a = torch.randint(-128, 128, (2, 5, k), generator=g, dtype=torch.int8)
+    w = torch.randint(0, hi + 1, (7, k), generator=g, dtype=torch.uint8)
+    zw = torch.randint(0, hi + 1, (7,), generator=g)
+    got = P.int_gemm(a, w, -3, zw)
+    want = ((a.long() + 3)[..., None, :] * (w.long() - zw[:, None])).sum(-1)
+    assert got.dtype == torch.int32 and torch.equal(got.long(), want)
