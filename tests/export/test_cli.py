@@ -98,3 +98,15 @@ def test_run_export_with_act_correction_and_sulq(tmp_path, weights):
     with torch.no_grad():
         a, b = q(x), m(x)
     assert torch.equal(a, b)
+
+
+def test_reported_top1_is_the_exported_files(tmp_path, weights, capsys):
+    """quant.run evaluates the model as deployed, so export.infer on the same images reports the same top-1."""
+    ck = tmp_path / "deit.lowbit"
+    assert _run(tmp_path / "run", weights, "--export", str(ck), "--val", str(IMAGENET_SAMPLE), "--val-size", "48") == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    capsys.readouterr()
+    assert infer_main(["--checkpoint", str(ck), "--val", str(IMAGENET_SAMPLE), "--val-size", "48",
+                       "--batch-size", "8", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert report["quantized"]["images"] == 48 and f"top-1 {report['quantized']['top1']:.2f}%" in out
