@@ -156,8 +156,8 @@ def plan(args: argparse.Namespace) -> List[Cell]:
         cells += [Cell("table", b, m, s, args.calib_size) for b in args.bits for m in args.methods
                   for s in args.sources]
     if not args.no_sweep and args.part in ("all", "sweep"):
-        cells += [Cell("sweep", b, m, "real", n) for b in args.sweep_bits for m in args.sweep_methods
-                  for n in args.sizes]
+        cells += [Cell("sweep", b, m, "real", n) for b in args.sweep_bits for n in args.sizes
+                  for m in args.sweep_methods]
     return cells
 
 
