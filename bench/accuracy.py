@@ -375,6 +375,8 @@ def render_markdown(results: dict) -> str:
               f"10,000); FP row: the float model on the same images",
               "- methods: `rtn` (initialisation only), `blockwise`, `e2e` (the paper), `is-vit` (I&S-ViT SOS), "
               "`e2e+ac` (e2e then DFQ-ViT `--act-correction`)",
+              "- quantized top-1 is the exported model's: `quant.run` evaluates in `\"int\"` mode (integer arithmetic, "
+              "float tensors at the checkpoint's fp16), bit-equal to `export.load` on the CPU",
               "- time: wall seconds of one `quant.run` (load, calibration, optimisation, evaluation, export)"
               + (f"; the data-free images were synthesized once in "
                  f"{fmt_time(sum(results['invert_time_s'].values()))} s and reused by every data-free cell"
