@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only the table or only the sweep (several processes may share one --out: each "
                         "finished cell is merged into accuracy.json under a file lock)")
     p.add_argument("--render-only", action="store_true", help="only write ACCURACY.md and calib_size.png")
+    p.add_argument("--note", action="append", default=[],
+                   help="a remark on how the run was made, kept in accuracy.json and listed under Settings")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p
 
@@ -385,6 +387,8 @@ def render_markdown(results: dict) -> str:
               f"{_machine(st.get('device') or 'cpu')}", ""]
     if len(fps) > 1:
         lines.insert(-1, f"- note: FP top-1 differs between cells ({', '.join(fmt_acc(f) for f in fps)})")
+    for note in results.get("notes", []):
+        lines.insert(-1, f"- note: {note}")
     return "\n".join(lines)
 
 
@@ -428,6 +432,20 @@ def render_plot(results: dict, path: str) -> Optional[str]:
     return path
 
 
+def add_notes(out: str, notes: List[str]) -> None:
+    """Append ``notes`` (new ones only) to ``<out>/accuracy.json``."""
+    path = os.path.join(out, "accuracy.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {path} does not exist; run python -m bench.accuracy --data ... first")
+    import fcntl
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = load_results(path)
+        have = results.setdefault("notes", [])
+        have += [n for n in notes if n not in have]
+        _write_json(path, results)
+
+
 def render(out: str) -> Dict[str, str]:
     """Write ``ACCURACY.md`` and ``calib_size.png`` from ``<out>/accuracy.json``; returns their paths."""
     path = os.path.join(out, "accuracy.json")
@@ -455,6 +473,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+    if args.note:
+        add_notes(args.out, args.note)
     for what, p in render(args.out).items():
         print(f"wrote {what}: {p}")
     return 0
