@@ -45,6 +45,12 @@ class _Moded(nn.Module):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
 
+    @property
+    def integer_forward(self) -> bool:
+        """``"int"`` mode on a layer with quantized input and weights (else ``"int"`` falls back to ``"quant"``)."""
+        act = getattr(self, "act", None)
+        return self.mode == "int" and act is not None and act.enabled and self.quantize_weights
+
     def _check_initialised(self) -> None:
         """Fake-quant with uninitialised quantizers (``s = 1``) would be silently wrong: refuse it (checked once)."""
         if not self._checked:
@@ -249,11 +255,6 @@ class QuantLinear(_Moded):
             w = ops.fake_quantize_weight(w, self.ws, self.wz, self.w_bits)
         return F.linear(xq, w.to(xq.dtype), b.to(xq.dtype))
 
-    @property
-    def integer_forward(self) -> bool:
-        """``"int"`` mode with quantized activations and weights (else ``"int"`` falls back to ``"quant"``)."""
-        return self.mode == "int" and self.act.enabled and self.quantize_weights
-
     @torch.no_grad()
     def _forward_int(self, x: Tensor) -> Tensor:
         self._check_initialised()
@@ -327,7 +328,7 @@ class QuantConv2dPatch(_Moded):
             _weight_qparams_init(self, self.weight_2d())
         if self.mode == "float":
             return F.conv2d(x, self.weight + self.dW, self.bias, self.stride)
-        if self.mode == "int" and self.act.enabled and self.quantize_weights:
+        if self.integer_forward:
             return self._forward_int(x)
         xq = self.act(x)
         w = self.weight_2d()
@@ -450,7 +451,7 @@ class ActCorrection(_Moded):
         return {"matrix": self.matrix.detach().float().clone()}
 
 
-class QuantLayerNorm(nn.LayerNorm):
+class QuantLayerNorm(nn.LayerNorm, _Moded):
     """A LayerNorm feeding only ``consumer`` (a :class:`QuantLinear`), which the exporter fuses into it.
 
     ``"float"``/``"calib"``/``"quant"``: the plain LayerNorm (the consumer applies its rescale). ``"int"``:
@@ -459,8 +460,6 @@ class QuantLayerNorm(nn.LayerNorm):
     are the original module's parameters (same state-dict keys).
     """
 
-    mode: str = "float"
-
     def __init__(self, ln: nn.LayerNorm, consumer: QuantLinear):
         if ln.weight is None or ln.bias is None or len(ln.normalized_shape) != 1:
             raise ValueError("QuantLayerNorm needs an affine LayerNorm over the last dimension")
@@ -468,11 +467,6 @@ class QuantLayerNorm(nn.LayerNorm):
         self.weight, self.bias = ln.weight, ln.bias
         self._consumer = (consumer,)
         consumer.norm_fused = True
-
-    def set_mode(self, mode: str) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.mode = mode
 
     @torch.no_grad()
     def folded_affine(self):
