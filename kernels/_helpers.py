@@ -1,4 +1,4 @@
-"""Shared ``@triton.jit`` helpers: rounding, the uniform quantizer, unpacking of each packed format, the
+"""Shared ``@triton.jit`` helpers: rounding, the uniform quantizer, the rescale, GELU and the
 integer-GEMM epilogue. Every formula is the one of :mod:`quant.primitives`, evaluated in the same float32 order."""
 import triton
 import triton.language as tl
@@ -37,35 +37,6 @@ def rescale(x, r_ptr, shift_ptr, offs_c, mask_c, HAS_R: tl.constexpr, HAS_SHIFT:
 def gelu_erf(y):
     """Exact GELU ``y / 2 * (1 + erf(y / sqrt(2)))``."""
     return 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
-
-
-@triton.jit
-def unpack_2bit_t(lo_ptr, offs_k, offs_n, stride_n, mask):
-    """Codes ``[BK, BN]`` (transposed) of the ``2bit`` plane: byte ``k // 4``, bits ``2 (k % 4)``."""
-    b = tl.load(lo_ptr + offs_n[None, :] * stride_n + (offs_k // 4)[:, None], mask=mask, other=0).to(tl.int32)
-    return (b >> ((offs_k % 4) * 2)[:, None]) & 3
-
-
-@triton.jit
-def unpack_int4_t(lo_ptr, offs_k, offs_n, stride_n, mask):
-    """Codes ``[BK, BN]`` of the ``int4`` plane: byte ``k // 2``, bits ``4 (k % 2)``."""
-    b = tl.load(lo_ptr + offs_n[None, :] * stride_n + (offs_k // 2)[:, None], mask=mask, other=0).to(tl.int32)
-    return (b >> ((offs_k % 2) * 4)[:, None]) & 15
-
-
-@triton.jit
-def unpack_int3_t(lo_ptr, hi_ptr, offs_k, offs_n, stride_lo, stride_hi, mask):
-    """Codes ``[BK, BN]`` of the ``int3`` planes: ``lo`` (2bit layout) ``| hi bit (k % 8) of byte k // 8 << 2``."""
-    lo = unpack_2bit_t(lo_ptr, offs_k, offs_n, stride_lo, mask)
-    h = tl.load(hi_ptr + offs_n[None, :] * stride_hi + (offs_k // 8)[:, None], mask=mask, other=0).to(tl.int32)
-    return lo | (((h >> (offs_k % 8)[:, None]) & 1) << 2)
-
-
-@triton.jit
-def load_act_tile(a_ptr, offs_m, offs_k, stride_m, M, K):
-    """int8 activation codes ``[BM, BK]`` (zeros outside ``M x K``)."""
-    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    return tl.load(a_ptr + offs_m[:, None] * stride_m + offs_k[None, :], mask=mask, other=0)
 
 
 @triton.jit

@@ -14,12 +14,13 @@ from torch import Tensor
 
 from quant import primitives as P
 
+from . import configs as C
+from . import unpack
+from .configs import Target
 from .fake_quantize import fake_quantize_bwd_kernel, fake_quantize_fwd_kernel
-from .gemm_int3 import gemm_int3_kernel
-from .gemm_int4 import gemm_int4_kernel
-from .gemm_int8 import gemm_int8_kernel
-from .gemm_ternary import gemm_ternary_kernel
+from .launch import Launch
 from .layernorm_quantize import layernorm_quantize_kernel
+from .packed_gemm import packed_gemm_kernel
 from .quant_attention import quant_attention_kernel
 from .quant_attention_sulq import quant_attention_sulq_kernel
 from .rescale_quantize import rescale_quantize_kernel
@@ -27,10 +28,6 @@ from .rescale_quantize import rescale_quantize_kernel
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _pow2(n: int, lo: int = 16, hi: int = 1 << 30) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
 def _store_dtype(dt: torch.dtype) -> torch.dtype:
@@ -42,33 +39,36 @@ def _dummy(t: Tensor) -> Tensor:
     return torch.empty(1, dtype=torch.float32, device=t.device)
 
 
+def _opt(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return t if t is not None else _dummy(like)
+
+
 def _rows(x: Tensor) -> Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def _elementwise_blocks(c: int) -> Tuple[int, int]:
-    bc = _pow2(c, 16, 1024 if _interpreted() else 256)
-    return max(1, (4096 if _interpreted() else 2048) // bc), bc
-
-
 # ---------------------------------------------------------------------------------------------- quantize
+
+
+def rescale_quantize_launch(x2: Tensor, out: Tensor, r: Optional[Tensor], shift: Optional[Tensor], s: Tensor,
+                            zr: Tensor, bits: float, target: Target) -> Launch:
+    m, c = x2.shape
+    bm, bc, opts = C.elementwise_blocks(c, target)
+    return Launch(rescale_quantize_kernel, (triton.cdiv(m, bm), triton.cdiv(c, bc)),
+                  dict(x_ptr=x2, out_ptr=out, r_ptr=_opt(r, x2), shift_ptr=_opt(shift, x2), s_ptr=s, z_ptr=zr, M=m,
+                       C=c, stride_xm=x2.stride(0), stride_om=out.stride(0)),
+                  dict(HAS_R=r is not None, HAS_SHIFT=shift is not None, QMAX=P.qmax(bits),
+                       OFFSET=P.code_offset(bits), BLOCK_M=bm, BLOCK_C=bc), opts)
 
 
 @torch.library.custom_op("lowbit::rescale_quantize", mutates_args=())
 def rescale_quantize(x: Tensor, r: Optional[Tensor], shift: Optional[Tensor], s: Tensor, zr: Tensor,
                      bits: float) -> Tensor:
     x2 = _rows(x)
-    m, c = x2.shape
-    out = torch.empty((m, c), dtype=torch.int8, device=x.device)
-    bm, bc = _elementwise_blocks(c)
-    grid = (triton.cdiv(m, bm), triton.cdiv(c, bc))
-    if m and c:
-        d = _dummy(x)
-        rescale_quantize_kernel[grid](x2, out, r if r is not None else d, shift if shift is not None else d, s, zr,
-                                      m, c, x2.stride(0), out.stride(0), HAS_R=r is not None,
-                                      HAS_SHIFT=shift is not None, QMAX=P.qmax(bits), OFFSET=P.code_offset(bits),
-                                      BLOCK_M=bm, BLOCK_C=bc)
+    out = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
+    if x2.numel():
+        rescale_quantize_launch(x2, out, r, shift, s, zr, bits, Target.of(x))()
     return out.reshape(x.shape)
 
 
@@ -77,21 +77,27 @@ def _(x, r, shift, s, zr, bits):
     return torch.empty_like(x, dtype=torch.int8)
 
 
+def layernorm_quantize_launch(x2: Tensor, out: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
+                              eps: float, r: Optional[Tensor], shift: Optional[Tensor], s: Tensor, zr: Tensor,
+                              bits: float, target: Target) -> Launch:
+    m, c = x2.shape
+    bm, bc, opts = C.layernorm_blocks(c, target)
+    return Launch(layernorm_quantize_kernel, (triton.cdiv(m, bm),),
+                  dict(x_ptr=x2, out_ptr=out, lnw_ptr=_opt(ln_weight, x2), lnb_ptr=_opt(ln_bias, x2),
+                       r_ptr=_opt(r, x2), shift_ptr=_opt(shift, x2), s_ptr=s, z_ptr=zr, M=m, C=c, eps=float(eps),
+                       stride_xm=x2.stride(0), stride_om=out.stride(0)),
+                  dict(HAS_LNW=ln_weight is not None, HAS_LNB=ln_bias is not None, HAS_R=r is not None,
+                       HAS_SHIFT=shift is not None, QMAX=P.qmax(bits), OFFSET=P.code_offset(bits), BLOCK_M=bm,
+                       BLOCK_C=bc), opts)
+
+
 @torch.library.custom_op("lowbit::layernorm_quantize", mutates_args=())
 def layernorm_quantize(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], eps: float,
                        r: Optional[Tensor], shift: Optional[Tensor], s: Tensor, zr: Tensor, bits: float) -> Tensor:
     x2 = _rows(x)
-    m, c = x2.shape
-    out = torch.empty((m, c), dtype=torch.int8, device=x.device)
-    bc = _pow2(c)
-    bm = max(1, min(64 if _interpreted() else 8, 8192 // bc))
-    d = _dummy(x)
-    if m and c:
-        layernorm_quantize_kernel[(triton.cdiv(m, bm),)](
-            x2, out, ln_weight if ln_weight is not None else d, ln_bias if ln_bias is not None else d,
-            r if r is not None else d, shift if shift is not None else d, s, zr, m, c, float(eps), x2.stride(0),
-            out.stride(0), HAS_LNW=ln_weight is not None, HAS_LNB=ln_bias is not None, HAS_R=r is not None,
-            HAS_SHIFT=shift is not None, QMAX=P.qmax(bits), OFFSET=P.code_offset(bits), BLOCK_M=bm, BLOCK_C=bc)
+    out = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
+    if x2.numel():
+        layernorm_quantize_launch(x2, out, ln_weight, ln_bias, eps, r, shift, s, zr, bits, Target.of(x))()
     return out.reshape(x.shape)
 
 
@@ -103,20 +109,25 @@ def _(x, ln_weight, ln_bias, eps, r, shift, s, zr, bits):
 # ---------------------------------------------------------------------------------------------- fake quant
 
 
+def fake_quantize_fwd_launch(x2: Tensor, out: Tensor, r: Optional[Tensor], shift: Optional[Tensor], s: Tensor,
+                             z: Tensor, bits: float, target: Target) -> Launch:
+    m, c = x2.shape
+    bm, bc, opts = C.elementwise_blocks(c, target)
+    return Launch(fake_quantize_fwd_kernel, (triton.cdiv(m, bm), triton.cdiv(c, bc)),
+                  dict(x_ptr=x2, out_ptr=out, r_ptr=_opt(r, x2), shift_ptr=_opt(shift, x2), s_ptr=s, z_ptr=z, M=m,
+                       C=c, stride_xm=x2.stride(0), stride_s=0 if s.numel() == 1 else 1),
+                  dict(HAS_R=r is not None, HAS_SHIFT=shift is not None, QMAX=P.qmax(bits), BLOCK_M=bm,
+                       BLOCK_C=bc), opts)
+
+
 @torch.library.custom_op("lowbit::fake_quantize_fwd", mutates_args=())
 def fake_quantize_fwd(x: Tensor, r: Optional[Tensor], shift: Optional[Tensor], s: Tensor, z: Tensor,
                       bits: float) -> Tensor:
     """float32 ``x_hat`` of ``x [..., C]``; ``s, z`` hold 1 (per tensor) or ``M = numel / C`` (per row) values."""
     x2 = _rows(x)
-    m, c = x2.shape
-    out = torch.empty((m, c), dtype=torch.float32, device=x.device)
-    bm, bc = _elementwise_blocks(c)
-    d = _dummy(x)
-    if m and c:
-        fake_quantize_fwd_kernel[(triton.cdiv(m, bm), triton.cdiv(c, bc))](
-            x2, out, r if r is not None else d, shift if shift is not None else d, s, z, m, c, x2.stride(0),
-            0 if s.numel() == 1 else 1, HAS_R=r is not None, HAS_SHIFT=shift is not None, QMAX=P.qmax(bits),
-            BLOCK_M=bm, BLOCK_C=bc)
+    out = torch.empty(x2.shape, dtype=torch.float32, device=x.device)
+    if x2.numel():
+        fake_quantize_fwd_launch(x2, out, r, shift, s, z, bits, Target.of(x))()
     return out.reshape(x.shape)
 
 
@@ -125,26 +136,34 @@ def _(x, r, shift, s, z, bits):
     return torch.empty_like(x, dtype=torch.float32)
 
 
+def fake_quantize_bwd_launch(g2: Tensor, x2: Tensor, r: Optional[Tensor], shift: Optional[Tensor], s: Tensor,
+                             z: Tensor, bits: float, target: Target) -> Tuple[Launch, Tuple[Tensor, ...]]:
+    """The launch and its outputs ``(gx, gr_part [nM, C], gsh_part [nM, C], gs_part [M, nC], gz_part [M, nC])``."""
+    m, c = x2.shape
+    bm, bc, opts = C.elementwise_blocks(c, target)
+    nm, nc = triton.cdiv(m, bm), triton.cdiv(c, bc)
+    f32 = dict(dtype=torch.float32, device=x2.device)
+    gx = torch.empty((m, c), dtype=_store_dtype(x2.dtype), device=x2.device)
+    parts = (torch.zeros((nm, c), **f32), torch.zeros((nm, c), **f32), torch.zeros((m, nc), **f32),
+             torch.zeros((m, nc), **f32))
+    launch = Launch(fake_quantize_bwd_kernel, (nm, nc),
+                    dict(x_ptr=x2, g_ptr=g2, r_ptr=_opt(r, x2), shift_ptr=_opt(shift, x2), s_ptr=s, z_ptr=z,
+                         gx_ptr=gx, gr_part_ptr=parts[0], gsh_part_ptr=parts[1], gs_part_ptr=parts[2],
+                         gz_part_ptr=parts[3], M=m, C=c, stride_xm=x2.stride(0), stride_s=0 if s.numel() == 1 else 1),
+                    dict(HAS_R=r is not None, HAS_SHIFT=shift is not None, QMAX=P.qmax(bits), BLOCK_M=bm,
+                         BLOCK_C=bc), opts)
+    return launch, (gx, *parts)
+
+
 @torch.library.custom_op("lowbit::fake_quantize_bwd", mutates_args=())
 def fake_quantize_bwd(g: Tensor, x: Tensor, r: Optional[Tensor], shift: Optional[Tensor], s: Tensor, z: Tensor,
                       bits: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(gx [x.shape, x.dtype], gr [C], gshift [C], gs_rows [M], gz_rows [M])`` (s, z gradients summed per row)."""
     x2 = _rows(x)
-    m, c = x2.shape
-    g2 = g.reshape(m, c).float().contiguous()
-    bm, bc = _elementwise_blocks(c)
-    nm, nc = triton.cdiv(m, bm), triton.cdiv(c, bc)
-    gx = torch.empty((m, c), dtype=_store_dtype(x.dtype), device=x.device)
-    gr_p = torch.zeros((nm, c), dtype=torch.float32, device=x.device)
-    gsh_p = torch.zeros((nm, c), dtype=torch.float32, device=x.device)
-    gs_p = torch.zeros((m, nc), dtype=torch.float32, device=x.device)
-    gz_p = torch.zeros((m, nc), dtype=torch.float32, device=x.device)
-    d = _dummy(x)
-    if m and c:
-        fake_quantize_bwd_kernel[(nm, nc)](
-            x2, g2, r if r is not None else d, shift if shift is not None else d, s, z, gx, gr_p, gsh_p, gs_p, gz_p,
-            m, c, x2.stride(0), 0 if s.numel() == 1 else 1, HAS_R=r is not None, HAS_SHIFT=shift is not None,
-            QMAX=P.qmax(bits), BLOCK_M=bm, BLOCK_C=bc)
+    g2 = g.reshape(x2.shape).float().contiguous()
+    launch, (gx, gr_p, gsh_p, gs_p, gz_p) = fake_quantize_bwd_launch(g2, x2, r, shift, s, z, bits, Target.of(x))
+    if x2.numel():
+        launch()
     return gx.to(x.dtype).reshape(x.shape), gr_p.sum(0), gsh_p.sum(0), gs_p.sum(1), gz_p.sum(1)
 
 
@@ -159,15 +178,44 @@ def _(g, x, r, shift, s, z, bits):
 
 # ---------------------------------------------------------------------------------------------- packed GEMM
 
-_GEMM_KERNELS = {"2bit": gemm_ternary_kernel, "int4": gemm_int4_kernel, "int3": gemm_int3_kernel,
-                 "int8": gemm_int8_kernel}
+#: the weight-tile loader of each packed format (:mod:`kernels.unpack`)
+GEMM_LOADERS = {"2bit": unpack.load_2bit, "int3": unpack.load_int3, "int4": unpack.load_int4,
+                "int8": unpack.load_int8}
+
+_autotuned = None
 
 
-def _gemm_blocks(m: int, n: int) -> Tuple[int, int, int, dict]:
-    if _interpreted():
-        return _pow2(m, 16, 128), _pow2(n, 16, 128), 128, {}
-    bm = _pow2(m, 16, 64)
-    return bm, 128, 128, dict(num_warps=8 if bm >= 64 else 4, num_stages=3)
+def _autotuned_gemm():
+    """``packed_gemm_kernel`` autotuned over :data:`kernels.configs.GEMM_CANDIDATES` (sm_90 shapes without a row)."""
+    global _autotuned
+    if _autotuned is None:
+        cands = [triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages) for c in C.GEMM_CANDIDATES]
+        _autotuned = triton.autotune(configs=cands, key=["M", "N", "K"])(packed_gemm_kernel)
+    return _autotuned
+
+
+def packed_gemm_launch(a2: Tensor, planes: List[Tensor], fmt: str, k: int, colsum: Tensor, sa: Tensor, za: Tensor,
+                       sw: Tensor, zw: Tensor, bias: Optional[Tensor], gelu: bool, out: Tensor,
+                       rq_s: Optional[Tensor], rq_zr: Optional[Tensor], rq_bits: float, target: Target,
+                       config: Optional[C.GemmConfig] = None) -> Launch:
+    """The launch of ``out [M, N] = a2 [M, K] @ planes^T`` with its epilogue; ``config`` overrides the table
+    (``None`` from the table means autotune: the launch then carries no block sizes)."""
+    m, n = a2.shape[0], sw.numel()
+    requant = rq_s is not None
+    cfg = config or C.gemm_config(fmt, m, n, k, target)
+    w1 = planes[1] if len(planes) > 1 else _dummy(a2)
+    args = dict(a_ptr=a2, w0_ptr=planes[0], w1_ptr=w1, out_ptr=out, colsum_ptr=colsum, sa_ptr=sa, za_ptr=za,
+                sw_ptr=sw, zw_ptr=zw, bias_ptr=_opt(bias, a2), rq_s_ptr=_opt(rq_s, a2), rq_z_ptr=_opt(rq_zr, a2),
+                M=m, N=n, K=k, stride_am=a2.stride(0), stride_w0=planes[0].stride(0),
+                stride_w1=planes[1].stride(0) if len(planes) > 1 else 0, stride_om=out.stride(0))
+    meta = dict(LOAD_W=GEMM_LOADERS[fmt], HAS_BIAS=bias is not None, GELU=gelu, REQUANT=requant,
+                RQ_QMAX=P.qmax(rq_bits) if requant else 0, RQ_OFFSET=P.code_offset(rq_bits) if requant else 0)
+    if cfg is None:
+        def grid(mt):
+            return (triton.cdiv(m, mt["BLOCK_M"]) * triton.cdiv(n, mt["BLOCK_N"]),)
+        return Launch(_autotuned_gemm(), grid, args, meta)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    return Launch(packed_gemm_kernel, grid, args, {**meta, **cfg.meta()}, cfg.options())
 
 
 @torch.library.custom_op("lowbit::packed_linear", mutates_args=())
@@ -177,20 +225,12 @@ def packed_linear(a: Tensor, planes: List[Tensor], fmt: str, k: int, colsum: Ten
     """``a [..., K]`` int8 codes times the packed weight ``planes`` (format ``fmt``); ``zw`` the zero point of the
     stored weight codes, ``colsum`` their row sums over K (int32 [N]). Requantizes when ``rq_s`` is given."""
     a2 = _rows(a)
-    m = a2.shape[0]
-    n = sw.numel()
+    m, n = a2.shape[0], sw.numel()
     requant = rq_s is not None
     out = torch.empty((m, n), dtype=torch.int8 if requant else _store_dtype(out_dtype), device=a.device)
-    bm, bn, bk, opts = _gemm_blocks(m, n)
-    d = _dummy(a)
     if m and n:
-        kern = _GEMM_KERNELS[fmt]
-        kern[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-            a2, *planes, out, colsum, sa, za, sw, zw, bias if bias is not None else d,
-            rq_s if requant else d, rq_zr if requant else d, m, n, k, a2.stride(0), *[t.stride(0) for t in planes],
-            out.stride(0), HAS_BIAS=bias is not None, GELU=gelu, REQUANT=requant,
-            RQ_QMAX=P.qmax(rq_bits) if requant else 0, RQ_OFFSET=P.code_offset(rq_bits) if requant else 0,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **opts)
+        packed_gemm_launch(a2, planes, fmt, k, colsum, sa, za, sw, zw, bias, gelu, out, rq_s, rq_zr, rq_bits,
+                           Target.of(a))()
     return out.to(torch.int8 if requant else out_dtype).reshape(*a.shape[:-1], n)
 
 
@@ -203,24 +243,39 @@ def _(a, planes, fmt, k, colsum, sa, za, sw, zw, bias, gelu, out_dtype, rq_s, rq
 # ---------------------------------------------------------------------------------------------- attention
 
 
+def quant_attention_launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, rel_bias: Optional[Tensor],
+                           mask: Optional[Tensor], zq: Tensor, zk: Tensor, zv: Tensor, qk_scale: Tensor,
+                           p_args: dict, p_bits: float, target: Target) -> Launch:
+    """Either attention kernel: ``p_args`` holds ``sp, zp, pv_scale`` (uniform) or ``eta, sp, zp, table, sv``
+    (SULQ), keyed by the kernel's pointer names."""
+    b, h, l, d = q.shape
+    bm, bn, opts = C.attention_config(l, d, target, rel_bias is not None or mask is not None)
+    kernel = quant_attention_sulq_kernel if "table_ptr" in p_args else quant_attention_kernel
+    return Launch(kernel, (triton.cdiv(l, bm), b * h),
+                  dict(q_ptr=q, k_ptr=k, v_ptr=v, out_ptr=out, bias_ptr=_opt(rel_bias, q), mask_ptr=_opt(mask, q),
+                       zq_ptr=zq, zk_ptr=zk, zv_ptr=zv, qk_scale_ptr=qk_scale, **p_args, H=h, L=l,
+                       NW=mask.shape[0] if mask is not None else 1),
+                  dict(D=d, HAS_BIAS=rel_bias is not None, HAS_MASK=mask is not None, P_QMAX=P.qmax(p_bits),
+                       P_OFFSET=P.code_offset(p_bits), BLOCK_M=bm, BLOCK_N=bn), opts)
+
+
+def _attention(q, k, v, rel_bias, mask, zq, zk, zv, qk_scale, p_args, p_bits) -> Tensor:
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    rel_bias = rel_bias.contiguous() if rel_bias is not None else None
+    mask = mask.contiguous() if mask is not None else None
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    if q.numel():
+        quant_attention_launch(q, k, v, out, rel_bias, mask, zq, zk, zv, qk_scale, p_args, p_bits, Target.of(q))()
+    return out
+
+
 @torch.library.custom_op("lowbit::quant_attention", mutates_args=())
 def quant_attention(q: Tensor, k: Tensor, v: Tensor, rel_bias: Optional[Tensor], mask: Optional[Tensor],
                     zq: Tensor, zk: Tensor, zv: Tensor, qk_scale: Tensor, sp: Tensor, zp: Tensor, pv_scale: Tensor,
                     p_bits: float) -> Tensor:
     """float32 ``O [B, H, L, D]`` from int8 ``q, k, v [B, H, L, D]`` (see :mod:`kernels.quant_attention`)."""
-    b, h, l, d = q.shape
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    out = torch.empty((b, h, l, d), dtype=torch.float32, device=q.device)
-    bm = 64
-    dummy = _dummy(q)
-    nw = mask.shape[0] if mask is not None else 1
-    if b and h and l:
-        quant_attention_kernel[(triton.cdiv(l, bm), b * h)](
-            q, k, v, out, rel_bias.contiguous() if rel_bias is not None else dummy,
-            mask.contiguous() if mask is not None else dummy, zq, zk, zv, qk_scale, sp, zp, pv_scale, h, l, nw, D=d,
-            HAS_BIAS=rel_bias is not None, HAS_MASK=mask is not None, P_QMAX=P.qmax(p_bits),
-            P_OFFSET=P.code_offset(p_bits), BLOCK_M=bm, BLOCK_N=64)
-    return out
+    return _attention(q, k, v, rel_bias, mask, zq, zk, zv, qk_scale,
+                      dict(sp_ptr=sp, zp_ptr=zp, pv_scale_ptr=pv_scale), p_bits)
 
 
 @quant_attention.register_fake
@@ -233,19 +288,8 @@ def quant_attention_sulq(q: Tensor, k: Tensor, v: Tensor, rel_bias: Optional[Ten
                          zq: Tensor, zk: Tensor, zv: Tensor, qk_scale: Tensor, eta: Tensor, sp: Tensor, zp: Tensor,
                          table: Tensor, sv: Tensor, p_bits: float) -> Tensor:
     """float32 ``O [B, H, L, D]`` with SULQ probability codes (see :mod:`kernels.quant_attention_sulq`)."""
-    b, h, l, d = q.shape
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    out = torch.empty((b, h, l, d), dtype=torch.float32, device=q.device)
-    bm = 64
-    dummy = _dummy(q)
-    nw = mask.shape[0] if mask is not None else 1
-    if b and h and l:
-        quant_attention_sulq_kernel[(triton.cdiv(l, bm), b * h)](
-            q, k, v, out, rel_bias.contiguous() if rel_bias is not None else dummy,
-            mask.contiguous() if mask is not None else dummy, zq, zk, zv, qk_scale, eta, sp, zp, table.contiguous(),
-            sv, h, l, nw, D=d, HAS_BIAS=rel_bias is not None, HAS_MASK=mask is not None, P_QMAX=P.qmax(p_bits),
-            P_OFFSET=P.code_offset(p_bits), BLOCK_M=bm, BLOCK_N=64)
-    return out
+    return _attention(q, k, v, rel_bias, mask, zq, zk, zv, qk_scale,
+                      dict(eta_ptr=eta, sp_ptr=sp, zp_ptr=zp, table_ptr=table.contiguous(), sv_ptr=sv), p_bits)
 
 
 @quant_attention_sulq.register_fake

@@ -20,6 +20,7 @@ from quant import primitives as P
 from quant.primitives import QParams, SULQParams
 
 from . import reference as R
+from .configs import ATTENTION_HEAD_DIMS
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -271,8 +272,10 @@ def quant_attention(q: Tensor, k: Tensor, v: Tensor, q_qp: QParams, k_qp: QParam
     R.check_qkv(q, k, v)
     _same_device(q, k=k, v=v, rel_bias=rel_bias, mask=mask)
     b, h, l, d = q.shape
-    if d < 16 or d & (d - 1):
-        raise ValueError(f"head dim must be a power of two >= 16 for the Triton kernel, got {d}")
+    if d not in ATTENTION_HEAD_DIMS:
+        raise ValueError(f"head dim {d} is not supported by the Triton attention kernels (supported: "
+                         f"{', '.join(map(str, ATTENTION_HEAD_DIMS))}); use a model whose head dim is one of them, "
+                         "or the reference path (kernels.ops.use_triton(False))")
     if rel_bias is not None and tuple(rel_bias.shape) != (h, l, l):
         raise ValueError(f"rel_bias must be [H, L, L] = {(h, l, l)}, got {tuple(rel_bias.shape)}")
     if mask is not None and (mask.dim() != 3 or tuple(mask.shape[1:]) != (l, l) or b % mask.shape[0]):

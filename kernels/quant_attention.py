@@ -16,9 +16,9 @@ def _scores(q, rowsum_q, k_base, bias_base, mask_base, offs_m, offs_n, offs_d, L
             D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr):
     """fp32 scores ``[BM, BN]`` for keys ``offs_n``; ``-inf`` for keys ``>= L``."""
     valid_n = offs_n < L
-    kt = tl.load(k_base + offs_n[None, :] * D + offs_d[:, None], mask=valid_n[None, :], other=0)
-    acc = tl.dot(q, kt, out_dtype=tl.int32)
-    colsum_k = tl.sum(kt.to(tl.int32), axis=0)
+    k = tl.load(k_base + offs_n[:, None] * D + offs_d[None, :], mask=valid_n[:, None], other=0)
+    acc = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
+    colsum_k = tl.sum(k.to(tl.int32), axis=1)
     acc = acc - zk * rowsum_q[:, None] - zq * colsum_k[None, :] + D * zq * zk
     s = acc.to(tl.float32) * qk_scale
     lm = (offs_m[:, None] < L) & valid_n[None, :]

@@ -42,7 +42,7 @@ def test_opcheck_packed_linear(gen, bits):
 
 
 def test_opcheck_quant_attention(gen):
-    q, k, v = (torch.randint(-5, 5, (1, 2, 9, 16), dtype=torch.int8, generator=gen) for _ in range(3))
+    q, k, v = (torch.randint(-5, 5, (1, 2, 9, 32), dtype=torch.int8, generator=gen) for _ in range(3))
     args = (q, k, v, torch.randn(2, 9, 9, generator=gen), None, _f(0), _f(1), _f(-1), _f(0.01), _f(1 / 255),
             _f(0), _f(0.001), 8.0)
     torch.library.opcheck(L.quant_attention, args, test_utils=TESTS)

@@ -74,6 +74,8 @@ def test_quant_attention_bad_input(gen):
             ops.quant_attention(q, k[:, :, :10], v, *qps, scale=0.125)
         with pytest.raises(ValueError, match="head dim"):
             ops.quant_attention(q[..., :48], k[..., :48], v[..., :48], *qps, scale=0.125)
+        with pytest.raises(ValueError, match=r"head dim 16 is not supported.*supported: 32, 64, 128"):
+            ops.quant_attention(q[..., :16], k[..., :16], v[..., :16], *qps, scale=0.125)
         with pytest.raises(ValueError, match="rel_bias"):
             ops.quant_attention(q, k, v, *qps, scale=0.125, rel_bias=torch.zeros(2, 49, 50))
         with pytest.raises(ValueError, match="mask"):
@@ -82,3 +84,11 @@ def test_quant_attention_bad_input(gen):
             ops.quant_attention(q, k, v, qps[0], qps[1], QParams(qps[2].s, qps[2].z, 10), scale=0.125)
         with pytest.raises(ValueError, match="is on meta"):
             ops.quant_attention(q, k, v, *qps, scale=0.125, rel_bias=torch.zeros(2, 49, 49, device="meta"))
+
+
+@pytest.mark.parametrize("b,h,l,bits,swin", [(4, 2, 49, 8, True), (2, 3, 50, 4, False)])
+def test_quant_attention_gpu_tiles(gen, monkeypatch, b, h, l, bits, swin):
+    """The tiles chosen for a GPU (:func:`kernels.configs.attention_config`), run by the interpreter."""
+    from kernels import configs as C
+    monkeypatch.setattr(C.Target, "of", staticmethod(lambda t: C.Target(interpreted=False, arch=90)))
+    test_quant_attention_matches_reference(gen, b, h, l, bits, swin)

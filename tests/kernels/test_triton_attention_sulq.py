@@ -62,9 +62,17 @@ def test_sulq_attention_matches_reference(gen, b, h, l, bits, swin):
 
 
 def test_sulq_attention_bad_eta(gen):
-    (q, k, v), qps = _setup(gen, (1, 1, 16, 16), 4)
+    (q, k, v), qps = _setup(gen, (1, 1, 16, 32), 4)
     bad = P.SULQParams(torch.tensor(0.0), torch.tensor(0.3), torch.tensor(0.0), 4)
     with triton_path(), pytest.raises(ValueError, match="eta must be > 0"):
         ops.quant_attention(q, k, v, *qps, scale=0.25, p_qp=bad)
     with pytest.raises(ValueError, match="eta must be"):
         R.quant_attention(q, k, v, *qps, scale=0.25, p_qp=bad)
+
+
+@pytest.mark.parametrize("b,h,l,bits,swin", [(4, 2, 49, 4, True), (2, 1, 50, 3, False)])
+def test_sulq_attention_gpu_tiles(gen, monkeypatch, b, h, l, bits, swin):
+    """The tiles chosen for a GPU (:func:`kernels.configs.attention_config`), run by the interpreter."""
+    from kernels import configs as C
+    monkeypatch.setattr(C.Target, "of", staticmethod(lambda t: C.Target(interpreted=False, arch=90)))
+    test_sulq_attention_matches_reference(gen, b, h, l, bits, swin)

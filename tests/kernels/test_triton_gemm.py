@@ -129,3 +129,34 @@ def test_packed_linear_bad_input(gen):
         short = packing.PackedWeight("int4", 4, pw.n, pw.k, {"lo": pw.planes["lo"][:, :5]})
         with pytest.raises(ValueError, match="plane 'lo'"):
             ops.packed_linear(a, qp, short, sw, zw)
+
+
+def _exact_problem(gen, fmt_bits, m=70, n=150, k=300):
+    """Codes and unit scales / zero zero points, so the float output is the exact int32 accumulator."""
+    wb = fmt_bits
+    q = torch.randint(0, P.qmax(wb) + 1, (n, k), generator=gen)
+    pw = packing.pack(q, wb)
+    a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+    stored = packing.unpack(pw).to(torch.int64) if pw.fmt != "int8" else pw.planes["q"][:, :k].to(torch.int64)
+    exact = (a.to(torch.int64) @ stored.T).float()
+    return a, pw, exact
+
+
+@pytest.mark.parametrize("wbits", [1.58, 3, 4, 8])
+def test_gpu_tile_configs_exact_in_interpreter(gen, wbits):
+    """Every GEMM autotune candidate and an H100 table row, run by the interpreter on a problem with partial row,
+    column and K tiles and several grouped row tiles: the int32 accumulator is exact."""
+    from kernels import configs as C
+    from kernels import library as L
+    a, pw, exact = _exact_problem(gen, wbits)
+    planes = [pw.planes[name] for name, _ in packing.FORMATS[pw.fmt].planes]
+    one, zero = torch.ones(1), torch.zeros(1)
+    sw, zw = torch.ones(pw.n), torch.zeros(pw.n, dtype=torch.int32)
+    cs = ops.weight_colsum(pw)
+    table_cfg = C.gemm_config(pw.fmt, 197, 768, 768, C.Target(interpreted=False, arch=90))
+    assert table_cfg is not None
+    for cfg in (*C.GEMM_CANDIDATES, table_cfg, C.GemmConfig(16, 32, 64, 4, 1, group_m=2)):
+        out = torch.full((a.shape[0], pw.n), float("nan"))
+        L.packed_gemm_launch(a, planes, pw.fmt, pw.k, cs, one, zero, sw, zw, None, False, out, None, None, 8.0,
+                             C.Target(interpreted=True), config=cfg)()
+        assert torch.equal(out, exact), f"{pw.fmt} {cfg}: max error {float((out - exact).abs().max())}"

@@ -1,0 +1,171 @@
+"""Launch configurations: block sizes, warps and pipeline stages of every kernel, for a :class:`Target`.
+
+The dispatcher (:mod:`kernels.library`) and the compile checks (:mod:`kernels.gpu_compile`,
+``tests/kernels/test_compile_gpu.py``) both ask here, so every configuration that can run is one that is checked.
+
+Packed GEMM: ``gemm_config(fmt, m, n, k, target)`` looks up ``(format, M bucket, N, K)`` in the table of the
+target (:data:`kernels.gemm_table.SM90`, for H100); a shape the table lacks is autotuned on sm_90 over
+:data:`GEMM_CANDIDATES` (every candidate compile-checked), and other GPUs take :func:`gemm_rule`. Small M (batch 1:
+M = 197) gets small tiles so that the grid covers the SMs instead of 2-4 row tiles.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import triton
+
+from . import gemm_table
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a launch runs: the Triton interpreter, or a CUDA GPU of compute capability ``arch`` (90 = H100)."""
+    interpreted: bool
+    arch: int = 90
+    num_sms: int = 132
+
+    @staticmethod
+    def of(t: torch.Tensor) -> "Target":
+        if os.environ.get("TRITON_INTERPRET", "0") == "1" or not t.is_cuda:
+            return Target(interpreted=True)
+        major, minor = torch.cuda.get_device_capability(t.device)
+        sms = torch.cuda.get_device_properties(t.device).multi_processor_count
+        return Target(interpreted=False, arch=10 * major + minor, num_sms=sms)
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+
+    def meta(self) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, GROUP_M=self.group_m)
+
+    def options(self) -> dict:
+        return dict(num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def pow2(n: int, lo: int = 16, hi: int = 1 << 30) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+#: M buckets of the table: a row's key is the smallest bucket >= M (the last one is open-ended)
+M_BUCKETS = (256, 2048, 1 << 62)
+
+
+def m_bucket(m: int) -> int:
+    return next(b for b in M_BUCKETS if m <= b)
+
+
+#: autotuning candidates (sm_90 shapes missing from the table); each passes the compile checks
+GEMM_CANDIDATES = (
+    GemmConfig(16, 64, 128, 4, 4),
+    GemmConfig(32, 64, 128, 8, 3),
+    GemmConfig(64, 64, 128, 4, 4),
+    GemmConfig(64, 128, 128, 8, 3),
+    GemmConfig(128, 128, 128, 8, 3),
+)
+
+
+def gemm_rule(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:
+    """Largest of the candidate tiles whose grid still gives every SM a tile (fewest tiles, full machine);
+    the smallest tile when none does."""
+    for cfg in reversed(GEMM_CANDIDATES):
+        if triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n) >= num_sms:
+            return cfg
+    return GEMM_CANDIDATES[0]
+
+
+def gemm_config(fmt: str, m: int, n: int, k: int, target: Target) -> Optional[GemmConfig]:
+    """The configuration to launch, or ``None`` where the caller autotunes (sm_90 shape not in the table)."""
+    if target.interpreted:
+        return GemmConfig(pow2(m, 16, 128), pow2(n, 16, 128), 128, 4, 1, 1)
+    if target.arch == 90:
+        row = gemm_table.SM90.get((fmt, m_bucket(m), n, k))
+        return GemmConfig(*row) if row is not None else None
+    return gemm_rule(m, n, k, target.num_sms)
+
+
+# ---------------------------------------------------------------------------------------------- attention
+
+#: head dims the attention kernels take (an int8 ``tl.dot`` needs a reduction of at least 32)
+ATTENTION_HEAD_DIMS = (32, 64, 128)
+
+
+def attention_config(l: int, d: int, target: Target, biased: bool = False) -> Tuple[int, int, dict]:
+    """``(BLOCK_M, BLOCK_N, options)`` of the two-pass attention kernels; ``biased``: a relative-position bias or
+    window mask is added to the scores (Swin), which costs two more ``[BM, BN]`` fp32 tiles per pass, so the tiles
+    shrink to stay spill-free (49-token windows barely fill a 64-row tile anyway)."""
+    if target.interpreted:
+        return 64, 64, {}
+    if biased:
+        return (32 if d <= 64 else 16), 32, dict(num_warps=8, num_stages=2)
+    return 64, 64, dict(num_warps=8, num_stages=2)
+
+
+# ---------------------------------------------------------------------------------------------- elementwise
+
+
+def elementwise_blocks(c: int, target: Target) -> Tuple[int, int, dict]:
+    """``(BLOCK_M, BLOCK_C, options)`` of the row-tiled elementwise kernels (quantize, fake-quant)."""
+    if target.interpreted:
+        bc = pow2(c, 16, 1024)
+        return max(1, 4096 // bc), bc, {}
+    bc = pow2(c, 16, 256)
+    return max(1, 2048 // bc), bc, dict(num_warps=4)
+
+
+def layernorm_blocks(c: int, target: Target) -> Tuple[int, int, dict]:
+    """``(BLOCK_M, BLOCK_C, options)`` of the LayerNorm-quantize kernel: whole rows (``BLOCK_C >= C``)."""
+    bc = pow2(c)
+    if target.interpreted:
+        return max(1, min(64, 8192 // bc)), bc, {}
+    return max(1, min(8, 4096 // bc)), bc, dict(num_warps=4 if bc <= 1024 else 8)
+
+
+# ---------------------------------------------------------------------------------------------- table writer
+
+
+def table_rows(num_sms: int = 132) -> dict:
+    """``{(fmt, M bucket, N, K): GemmConfig}`` by :func:`gemm_rule` for every literature shape (the rule at the
+    smallest M of the bucket that the models run, so batch 1 fills the machine)."""
+    from .shapes import gemm_problems
+    smallest = {}
+    for m, n, k in gemm_problems():
+        key = (m_bucket(m), n, k)
+        smallest[key] = min(m, smallest.get(key, m))
+    rows = {}
+    for (bucket, n, k), m in sorted(smallest.items()):
+        for fmt in ("2bit", "int3", "int4", "int8"):
+            rows[(fmt, bucket, n, k)] = gemm_rule(m, n, k, num_sms)
+    return rows
+
+
+def write_table(path: str, source: str = "rule") -> None:
+    """Write :mod:`kernels.gemm_table` (atomically) from :func:`table_rows`."""
+    import textwrap
+    doc = (f"Source of the rows: {source}. Keys ``(format, M bucket, N, K)``; values ``(BLOCK_M, BLOCK_N, BLOCK_K, "
+           "num_warps, num_stages, GROUP_M)``. Every row is compiled and checked by tests/kernels/test_compile_gpu.py.")
+    lines = ['"""Packed-GEMM launch table for sm_90 (H100, 132 SMs), generated by ``python -m kernels.configs``.', "",
+             *textwrap.wrap(doc, 116), '"""', "", "SM90 = {"]
+    for (fmt, b, n, k), c in table_rows().items():
+        lines.append(f"    ({fmt!r}, {b}, {n}, {k}): ({c.block_m}, {c.block_n}, {c.block_k}, {c.num_warps}, "
+                     f"{c.num_stages}, {c.group_m}),")
+    lines.append("}")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    write_table(os.path.join(os.path.dirname(os.path.abspath(__file__)), "gemm_table.py"),
+                "gemm_rule (the largest candidate tile whose grid covers the 132 SMs at the bucket's smallest M); "
+                "compile-checked, not yet timed on a GPU")

@@ -1,0 +1,333 @@
+"""Compile a kernel launch for a real NVIDIA target on any machine (no GPU needed) and read what the GPU compiler
+made of it: registers and spill bytes (``ptxas -v``), shared memory, and whether every ``tl.dot`` became
+tensor-core code (``wgmma`` on sm_90, ``mma.sync`` on sm_80).
+
+``compile_launch(launch, arch)`` takes the :class:`kernels.launch.Launch` that the dispatcher would run (build it
+on ``meta`` tensors) and returns a :class:`CompileReport`; :func:`check` turns a report into failure messages.
+The signature is derived the way the Triton runtime specialises arguments: pointers to their dtype with 16-byte
+alignment, integers as ``i32`` (``i64`` past 2^31; the value 1 becomes a constant), integers divisible by 16 marked
+so, floats as ``fp32``.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+#: per-block shared memory limit (bytes, opt-in maximum) of each target
+SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
+#: registers per thread the hardware allows
+MAX_REGS = 255
+
+_DTYPES = {torch.int8: "i8", torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64", torch.float32: "fp32",
+           torch.float16: "fp16", torch.bfloat16: "bf16", torch.bool: "i1"}
+
+
+@dataclass
+class CompileReport:
+    name: str
+    arch: int
+    config: str
+    ok: bool
+    error: str = ""
+    registers: int = 0
+    spill_bytes: int = 0
+    shared: int = 0
+    dots: int = 0
+    mma: bool = True
+    extra: Dict[str, object] = field(default_factory=dict)
+
+
+def signature(launch) -> tuple:
+    """``(signature, constexprs, attrs)`` for :class:`triton.compiler.ASTSource` from a launch's arguments."""
+    fn = launch.kernel
+    sig, const, attrs = {}, dict(launch.meta), {}
+    for i, name in enumerate(fn.arg_names):
+        if name in launch.meta:
+            sig[name] = "constexpr"
+            continue
+        v = launch.args[name]
+        if torch.is_tensor(v):
+            sig[name] = "*" + _DTYPES[v.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, bool):
+            sig[name] = "i1"
+        elif isinstance(v, int):
+            if v == 1:
+                sig[name] = "constexpr"
+                const[name] = 1
+                continue
+            sig[name] = "i32" if -2**31 <= v < 2**31 else "i64"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(f"argument {name} of {fn.__name__}: cannot type {type(v).__name__}")
+    return sig, const, attrs
+
+
+def _ptxas_stats(ptx: str, arch: int) -> tuple:
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+    tool = get_ptxas(arch)
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        r = subprocess.run([tool.path, "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(arch)}",
+                            src, "-o", os.path.join(d, "k.cubin")], capture_output=True, text=True)
+    log = r.stdout + r.stderr
+    if r.returncode:
+        raise RuntimeError(f"ptxas failed: {log.strip()[-400:]}")
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
+    return int(regs.group(1)) if regs else 0, max(spills or [0])
+
+
+def compile_launch(launch, arch: int) -> CompileReport:
+    """Compile ``launch`` for ``sm_<arch>`` (90 or 80) with its own warps and stages; never raises."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    rep = CompileReport(launch.kernel.__name__, arch, launch.describe(), ok=False)
+    try:
+        sig, const, attrs = signature(launch)
+        src = ASTSource(fn=launch.kernel, signature=sig, constexprs=const, attrs=attrs)
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(launch.options))
+        ptx = k.asm["ptx"]
+        ttgir = k.asm["ttgir"]
+        rep.shared = int(k.metadata.shared)
+        rep.dots = len(re.findall(r"\btt\.dot\b|\bttng\.warp_group_dot\b|\btriton_nvidia_gpu\.warp_group_dot\b", ttgir))
+        rep.mma = ("wgmma" in ptx or "mma.sync" in ptx) if rep.dots else True
+        rep.extra["fma_dot"] = bool(rep.dots) and "mma" not in ptx
+        rep.registers, rep.spill_bytes = _ptxas_stats(ptx, arch)
+        rep.ok = True
+    except Exception as e:  # noqa: BLE001 - a failed compile is a result here
+        rep.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+    return rep
+
+
+def check(rep: CompileReport) -> List[str]:
+    """Failure messages of one report (empty when it compiles to tensor-core code without spills, within smem)."""
+    where = f"{rep.name} sm_{rep.arch} [{rep.config}]"
+    if not rep.ok:
+        return [f"{where}: does not compile: {rep.error}"]
+    errs = []
+    if not rep.mma:
+        errs.append(f"{where}: {rep.dots} tl.dot not lowered to tensor-core code (no wgmma / mma.sync in the PTX)")
+    if rep.spill_bytes:
+        errs.append(f"{where}: spills {rep.spill_bytes} bytes per thread ({rep.registers} registers)")
+    limit = SMEM_LIMIT.get(rep.arch)
+    if limit is not None and rep.shared > limit:
+        errs.append(f"{where}: {rep.shared} bytes of shared memory > the {limit}-byte per-block limit")
+    return errs
+
+
+def compile_many(launches, archs=(90, 80), processes: Optional[int] = None) -> List[CompileReport]:
+    """Compile every launch for every arch, in parallel processes (``fork``; order kept)."""
+    jobs = [(lx, a) for lx in launches for a in archs]
+    processes = processes or max(1, min(len(jobs), os.cpu_count() or 1))
+    if processes == 1 or len(jobs) == 1:
+        return [compile_launch(lx, a) for lx, a in jobs]
+    import multiprocessing as mp
+    global _JOBS
+    _JOBS = jobs
+    try:
+        with mp.get_context("fork").Pool(processes) as pool:
+            return pool.map(_compile_job, range(len(jobs)), chunksize=1)
+    finally:
+        _JOBS = []
+
+
+_JOBS: list = []
+
+
+def _compile_job(i: int) -> CompileReport:
+    return compile_launch(*_JOBS[i])
+
+
+# ---------------------------------------------------------------------------------------------- what can launch
+
+
+def _meta(*shape, dtype=torch.float32) -> torch.Tensor:
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def gemm_launch(fmt: str, m: int, n: int, k: int, target, config=None, bias=True, gelu=False, out_dtype=torch.float32,
+                rq_bits=None):
+    """The dispatcher's packed-GEMM launch for an ``M x N x K`` problem, on meta tensors."""
+    from quant import packing
+    from . import library as L
+    kp = packing.padded_k(k, fmt)
+    planes = [_meta(n, kp // per, dtype=torch.int8 if fmt == "int8" else torch.uint8)
+              for _, per in packing.FORMATS[fmt].planes]
+    i32 = dict(dtype=torch.int32)
+    rq = rq_bits is not None
+    out = _meta(m, n, dtype=torch.int8 if rq else out_dtype)
+    return L.packed_gemm_launch(_meta(m, k, dtype=torch.int8), planes, fmt, k, _meta(n, **i32), _meta(1), _meta(1),
+                                _meta(n), _meta(n, **i32), _meta(n) if bias else None, gelu, out,
+                                _meta(1) if rq else None, _meta(1) if rq else None, float(rq_bits or 8), target,
+                                config)
+
+
+def attention_launch(b: int, h: int, l: int, d: int, target, sulq=False, bias=False, mask=False, p_bits=8.0):
+    from . import library as L
+    q = _meta(b, h, l, d, dtype=torch.int8)
+    if sulq:
+        p = dict(eta_ptr=_meta(1), sp_ptr=_meta(1), zp_ptr=_meta(1), table_ptr=_meta(256), sv_ptr=_meta(1))
+    else:
+        p = dict(sp_ptr=_meta(1), zp_ptr=_meta(1), pv_scale_ptr=_meta(1))
+    return L.quant_attention_launch(q, q, q, _meta(b, h, l, d), _meta(h, l, l) if bias else None,
+                                    _meta(4, l, l) if mask else None, _meta(1), _meta(1), _meta(1), _meta(1), p,
+                                    p_bits, target)
+
+
+def dispatcher_launches(arch: int) -> list:
+    """Every distinct launch the dispatcher can make on ``sm_<arch>`` for the literature models and the demo
+    (:mod:`kernels.shapes`): each table row / rule choice and autotune candidate of the packed GEMM with the
+    epilogues the runtime uses, every epilogue variant on the largest tile, the attention kernels at every
+    ``(L, head dim)`` with the Swin bias / mask variants and every probability width, the quantize, fake-quant
+    and LayerNorm kernels at every channel width with every rescale / affine variant. Deduplicated by what the
+    compiled binary depends on."""
+    from . import configs as C
+    from . import library as L
+    from .shapes import BATCHES, attention_shapes, gemm_problems, linear_shapes, norm_widths
+    target = C.Target(interpreted=False, arch=arch)
+    fmts = tuple(L.GEMM_LOADERS)
+    a_bits = (3.0, 4.0, 6.0, 8.0)
+    out = {}
+
+    def add(lx):
+        out.setdefault(lx.key(), lx)
+
+    for m, n, k in gemm_problems():
+        cfg = C.gemm_config("int4", m, n, k, target) or C.GEMM_CANDIDATES[0]
+        for fmt in fmts:
+            cfg = C.gemm_config(fmt, m, n, k, target) or cfg
+            add(gemm_launch(fmt, m, n, k, target, cfg))
+            add(gemm_launch(fmt, m, n, k, target, cfg, gelu=True, rq_bits=4.0))
+    for cfg in C.GEMM_CANDIDATES:
+        for fmt in fmts:
+            for m in (197, 12608):
+                add(gemm_launch(fmt, m, 768, 768, target, cfg))
+                add(gemm_launch(fmt, m, 3072, 768, target, cfg, gelu=True, rq_bits=8.0))
+    big = C.GEMM_CANDIDATES[-1]
+    for fmt in fmts:
+        for bias in (False, True):
+            for dt in (torch.float32, torch.float16, torch.bfloat16):
+                for gelu in (False, True):
+                    add(gemm_launch(fmt, 1576, 768, 768, target, big, bias=bias, gelu=gelu, out_dtype=dt))
+            for rq in a_bits:
+                add(gemm_launch(fmt, 1576, 768, 768, target, big, bias=bias, gelu=True, rq_bits=rq))
+                add(gemm_launch(fmt, 1576, 768, 768, target, big, bias=bias, gelu=False, rq_bits=rq))
+
+    for l, d in attention_shapes():
+        for b in (1, 64):
+            for sulq in (False, True):
+                add(attention_launch(b, 3, l, d, target, sulq=sulq))
+                if l == 49:
+                    add(attention_launch(b, 3, l, d, target, sulq=sulq, bias=True))
+                    add(attention_launch(b, 3, l, d, target, sulq=sulq, bias=True, mask=True))
+        for p in a_bits:
+            add(attention_launch(8, 3, l, d, target, sulq=False, p_bits=p))
+            add(attention_launch(8, 3, l, d, target, sulq=True, p_bits=p))
+
+    widths = sorted(set(norm_widths()) | {k for k, _ in linear_shapes()})
+    rows = sorted({t * b for t in (1, 49, 197) for b in BATCHES})
+    for c in widths:
+        for m in rows[:2] + rows[-1:]:
+            x = _meta(m, c)
+            s, z = _meta(1), _meta(1)
+            for bits in a_bits:
+                for r, sh in ((None, None), (_meta(c), _meta(c))):
+                    o8 = _meta(m, c, dtype=torch.int8)
+                    add(L.rescale_quantize_launch(x, o8, r, sh, s, z, bits, target))
+                    add(L.layernorm_quantize_launch(x, o8, _meta(c), _meta(c), 1e-6, r, sh, s, z, bits, target))
+                    add(L.fake_quantize_fwd_launch(x, _meta(m, c), r, sh, s, z, bits, target))
+                    add(L.fake_quantize_bwd_launch(_meta(m, c), x, r, sh, s, z, bits, target)[0])
+            for dt in (torch.float16, torch.bfloat16):
+                xh = _meta(m, c, dtype=dt)
+                add(L.rescale_quantize_launch(xh, _meta(m, c, dtype=torch.int8), None, None, s, z, 4.0, target))
+                add(L.layernorm_quantize_launch(xh, _meta(m, c, dtype=torch.int8), None, None, 1e-6, None, None, s,
+                                                z, 4.0, target))
+                add(L.fake_quantize_bwd_launch(_meta(m, c), xh, _meta(c), None, s, z, 4.0, target)[0])
+            for wbits in (1.58, 3.0, 4.0, 8.0):  # weights: per-row s, z
+                add(L.fake_quantize_fwd_launch(x, _meta(m, c), None, None, _meta(m), _meta(m), wbits, target))
+                add(L.fake_quantize_bwd_launch(_meta(m, c), x, None, None, _meta(m), _meta(m), wbits, target)[0])
+    return list(out.values())
+
+
+def structural_key(lx) -> tuple:
+    """:meth:`Launch.key` less what only changes constants in the code (quantizer level counts, integer
+    divisibility): launches with equal structural keys compile to the same tiles, layouts and pipelines."""
+    meta = tuple((k, getattr(v, "__name__", v)) for k, v in lx.meta.items() if not k.endswith(("QMAX", "OFFSET")))
+    dts = tuple((k, str(v.dtype)) for k, v in lx.args.items() if hasattr(v, "dtype"))
+    return (lx.kernel.__name__, meta, dts, tuple(sorted(lx.options.items())))
+
+
+def representatives(launches) -> list:
+    """One launch per :func:`structural_key` (the first met)."""
+    out = {}
+    for lx in launches:
+        out.setdefault(structural_key(lx), lx)
+    return list(out.values())
+
+
+def summary(reports) -> str:
+    """A table per (kernel, arch): launches compiled, max registers, max spill bytes, max shared memory."""
+    rows = {}
+    for r in reports:
+        k = (r.name, r.arch)
+        n, regs, spill, smem = rows.get(k, (0, 0, 0, 0))
+        rows[k] = (n + 1, max(regs, r.registers), max(spill, r.spill_bytes), max(smem, r.shared))
+    out = [f"{'kernel':30s} {'arch':>6s} {'configs':>8s} {'max regs':>9s} {'max spill':>10s} {'max smem':>9s}"]
+    for (name, arch), (n, regs, spill, smem) in sorted(rows.items()):
+        out.append(f"{name:30s} sm_{arch:<3d} {n:8d} {regs:9d} {spill:10d} {smem:9d}")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    import argparse
+    import dataclasses
+    import json
+    import time
+    ap = argparse.ArgumentParser(prog="python -m kernels.gpu_compile",
+                                 description="Compile every dispatcher launch for real GPU targets (no GPU needed) "
+                                             "and check registers, spills, shared memory and tensor-core use.")
+    ap.add_argument("--arch", type=int, action="append", choices=sorted(SMEM_LIMIT),
+                    help="compute capability (repeatable; default 90 and 80)")
+    ap.add_argument("--all", action="store_true", help="every distinct launch, not one per structural key")
+    ap.add_argument("--processes", type=int, default=None)
+    ap.add_argument("--json", help="write every report to this file")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("error: TRITON_INTERPRET=1 is set; unset it (the interpreter's kernels cannot be compiled)")
+        return 2
+    t0 = time.time()
+    reports = []
+    for arch in args.arch or [90, 80]:
+        launches = dispatcher_launches(arch)
+        if not args.all:
+            launches = representatives(launches)
+        reports += compile_many(launches, archs=(arch,), processes=args.processes)
+    errors = [e for r in reports for e in check(r)]
+    print(summary(reports))
+    print(f"{len(reports)} launches compiled in {time.time() - t0:.0f} s; {len(errors)} failing checks")
+    for e in errors:
+        print("FAIL", e)
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump([dataclasses.asdict(r) for r in reports], f, indent=1)
+        os.replace(tmp, args.json)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,45 @@
+"""Packed-weight GEMM, one body for every weight format: ``out[m, n] = epilogue(sum_k a[m, k] * w[n, k])``.
+
+``a [M, K]`` int8 activation codes; the weight is stored as byte planes ``[N, K_pad / per_byte]`` (layouts in
+:mod:`quant.packing`). ``LOAD_W`` is the format's tile loader, a ``@triton.jit`` function passed as a constexpr
+(:mod:`kernels.unpack`): it reads the packed bytes of a ``[BLOCK_N, BLOCK_K]`` tile and returns the int8 codes,
+unpacked in registers with shifts and in-thread joins. The tile is transposed (K-major, as the tensor cores take
+8-bit operands) into ``tl.dot`` with int32 accumulation; the zero-point / scale / bias / GELU / requant epilogue is
+:func:`kernels._helpers.gemm_epilogue` (``colsum`` of the stored weight codes precomputed).
+Grid: ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)``, row tiles grouped by ``GROUP_M`` for L2 reuse of the weight.
+"""
+import triton
+import triton.language as tl
+
+from ._helpers import gemm_epilogue
+
+
+@triton.jit
+def packed_gemm_kernel(a_ptr, w0_ptr, w1_ptr, out_ptr, colsum_ptr, sa_ptr, za_ptr, sw_ptr, zw_ptr,
+                       bias_ptr, rq_s_ptr, rq_z_ptr, M, N, K, stride_am, stride_w0, stride_w1, stride_om,
+                       LOAD_W: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, REQUANT: tl.constexpr,
+                       RQ_QMAX: tl.constexpr, RQ_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    group_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_m
+    pid_n = (pid % width) // group_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    rowsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :],
+                    mask=mask_m[:, None] & (offs_k[None, :] < K), other=0)
+        w = LOAD_W(w0_ptr, w1_ptr, stride_w0, stride_w1, offs_n, mask_n, k0, K, BLOCK_N, BLOCK_K)
+        acc += tl.dot(a, tl.trans(w), out_dtype=tl.int32)
+        rowsum += tl.sum(a.to(tl.int32), axis=1)
+    gemm_epilogue(acc, rowsum, offs_m, offs_n, M, N, K, out_ptr, stride_om, colsum_ptr, sa_ptr, za_ptr,
+                  sw_ptr, zw_ptr, bias_ptr, rq_s_ptr, rq_z_ptr, HAS_BIAS, GELU, REQUANT, RQ_QMAX, RQ_OFFSET)
