@@ -11,6 +11,10 @@ They replace the matching modules of a float timm skeleton (see :func:`export.lo
   probabilities quantized uniformly (:class:`QParams`) or by SULQ (:class:`SULQParams`, buffer ``p_eta``).
 * :class:`BlockCorrection` + :func:`attach_correction`: a block's output ``y`` becomes ``y @ M^T`` (DFQ-ViT).
 * :class:`PackedPatchEmbed`: the patch convolution as im2col (order C, kh, kw) + packed linear, NCHW output.
+
+:func:`prepare_fast` (done by :func:`export.load` on the CPU) adds the load-time constants of :mod:`export.fast` as
+``fast_*`` buffers; the modules then run that path on CPU tensors (bit-identical to :mod:`kernels.reference`) and
+:mod:`kernels.ops` otherwise (CUDA, or Triton forced by ``LOWBIT_TRITON=1`` / ``ops.use_triton(True)``).
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ from torch import Tensor, nn
 
 from kernels import ops
 from quant import packing
+
+from . import fast as FA
 from quant import primitives as P
 from quant.primitives import QParams, SULQParams
 
@@ -51,6 +57,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("r", None if r is None else r.float(), persistent=False)
         self.register_buffer("shift", None if shift is None else shift.float(), persistent=False)
         self._pw: Optional[packing.PackedWeight] = None
+        self.fast: Optional[FA.LinearPlan] = None
 
     @property
     def in_qp(self) -> QParams:
@@ -74,7 +81,36 @@ class PackedLinear(nn.Module):
                                  requant=requant)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fast is not None and not ops.triton_enabled(x):
+            return self.fast_linear(self.fast_codes(x)).view(*x.shape[:-1], self.out_features)
         return self.linear_codes(self.quantize_input(x))
+
+    def prepare_fast(self, backend: str, name: str = "") -> None:
+        """Buffers ``fast_w``, ``fast_scale``, ``fast_cw``, ``fast_col`` and :attr:`fast` (:func:`export.fast.linear_tensors`)."""
+        plan, tensors = FA.linear_tensors(self.packed(), self.w_scale, self.w_zero, self.in_s, self.in_z, self.a_bits,
+                                          backend, name or type(self).__name__)
+        for key in _FAST_LINEAR:
+            t = tensors.get(key)
+            self.register_buffer(key, None if t is None else t.to(self.w_scale.device), persistent=False)
+        self.fast = plan
+
+    def fast_codes(self, x: Tensor) -> Tensor:
+        """Fast-path codes ``[M, K]`` (:class:`export.fast.Codes`) of ``LN'(x)``, ``(x - shift) / r`` or ``x``
+        (``x [..., K]``, leading dims flattened)."""
+        x = x.reshape(-1, self.in_features)
+        if self.ln_eps is not None:
+            return FA.codes_(FA.layernorm(x, self.ln_weight, self.ln_bias, self.ln_eps), self.in_s, self.fast.codes)
+        if self.r is None and self.shift is None:
+            return FA.codes_(FA.f32(x), self.in_s, self.fast.codes, inplace=False)
+        return FA.codes_(P.apply_rescale(FA.f32(x), self.r, self.shift), self.in_s, self.fast.codes)
+
+    def fast_linear(self, a: Tensor, gelu: bool = False, requant: "Optional[PackedLinear]" = None) -> Tensor:
+        """Float32 ``y [M, N]`` of fast-path codes ``a [M, K]`` (exact-erf GELU when ``gelu``), or the fast-path
+        codes of ``requant``'s input."""
+        y = FA.linear(a, self.fast, self.fast_w, self.fast_scale, self.bias, self.fast_cw, self.fast_col)
+        if gelu:
+            y = F.gelu(y)
+        return y if requant is None else FA.codes_(y, requant.in_s, requant.fast.codes)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, fmt={self.fmt}, w_bits={self.w_bits}, "
@@ -89,6 +125,9 @@ class PackedMlp(nn.Module):
         self.fc1, self.fc2 = fc1, fc2
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fc1.fast is not None and not ops.triton_enabled(x):
+            h = self.fc1.fast_linear(self.fc1.fast_codes(x), gelu=True, requant=self.fc2)
+            return self.fc2.fast_linear(h).view(*x.shape[:-1], self.fc2.out_features)
         h = self.fc1.linear_codes(self.fc1.quantize_input(x), gelu=True, requant=self.fc2.in_qp)
         return self.fc2.linear_codes(h)
 
@@ -109,7 +148,33 @@ def _qp_buffers(module: nn.Module, qps: Dict[str, "QParams | SULQParams"]) -> No
         module.attn_bits[name] = qp.bits
 
 
+_FAST_LINEAR = ("fast_w", "fast_scale", "fast_cw", "fast_col")
+_FAST_ATTENTION = ("fast_s3", "fast_lo3", "fast_hi3", "fast_p_table", "fast_rel_bias")
+
+
 class _PackedAttention(nn.Module):
+    fast: Optional[FA.AttentionPlan] = None
+
+    def prepare_fast(self, backend: str, name: str = "") -> None:
+        """Buffers ``fast_s3/lo3/hi3 [3, 1, 1, 1, 1]`` (step and clamp bounds of Q, K, V), ``fast_p_table``
+        (SULQ), ``fast_rel_bias`` (Swin) and :attr:`fast` (:func:`export.fast.attention_tensors`)."""
+        plan, tensors = FA.attention_tensors({n: self.qp(n) for n in "qkvp"}, self.scale, name or type(self).__name__)
+        for key in ("fast_s3", "fast_lo3", "fast_hi3"):
+            tensors[key] = tensors[key].reshape(3, 1, 1, 1, 1)
+        if isinstance(self, PackedWindowAttention):
+            tensors["fast_rel_bias"] = self.rel_pos_bias().detach()
+        for key in _FAST_ATTENTION:
+            t = tensors.get(key)
+            self.register_buffer(key, None if t is None else t.to(self.q_s.device), persistent=False)
+        self.fast = plan
+
+    def _attend_fast(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+        b, n, _ = x.shape
+        qkv = self.qkv.fast_linear(self.qkv.fast_codes(x))
+        o = FA.attention(qkv, b, n, self.num_heads, self.fast, self.fast_s3, self.fast_lo3, self.fast_hi3, self.p_s,
+                         self.p_eta if "p" in self.sulq else None, self.fast_p_table, self.fast_rel_bias, mask)
+        return self.proj.fast_linear(self.proj.fast_codes(o)).view(b, n, self.proj.out_features)
+
     def qp(self, name: str) -> "QParams | SULQParams":
         s, z, bits = getattr(self, f"{name}_s"), getattr(self, f"{name}_z"), self.attn_bits[name]
         if name in self.sulq:
@@ -138,6 +203,8 @@ class PackedViTAttention(_PackedAttention):
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
             raise NotImplementedError("attention masks are not supported by the packed ViT attention")
+        if self.fast is not None and not ops.triton_enabled(x):
+            return self._attend_fast(x, None)
         b, n, _ = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return self.proj(self._attend(qkv, None, None))
@@ -161,6 +228,8 @@ class PackedWindowAttention(_PackedAttention):
         return bias.permute(2, 0, 1).float().contiguous()
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        if self.fast is not None and not ops.triton_enabled(x):
+            return self._attend_fast(x, mask)
         b_, n, _ = x.shape
         qkv = self.qkv(x).reshape(b_, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         return self.proj(self._attend(qkv, self.rel_pos_bias(), None if mask is None else mask.float()))
@@ -179,6 +248,12 @@ class PackedPatchEmbed(nn.Module):
         d, c, ph, pw = self.kernel_shape
         if x.dim() != 4 or x.shape[1] != c:
             raise ValueError(f"input must be [B, {c}, H, W] images, got shape {tuple(x.shape)}")
+        if self.linear.fast is not None and not torch.compiler.is_compiling():
+            # the fast path checks the image once instead of every activation (kernels.reference's per-call scans)
+            if not x.is_floating_point():
+                raise TypeError(f"images must be a float32/float16/bfloat16 tensor, got {x.dtype}")
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError("the images contain NaN or inf; clean the input (e.g. torch.nan_to_num) first")
         y = self.linear(P.patchify(x, (ph, pw)))
         return y.reshape(x.shape[0], x.shape[2] // ph, x.shape[3] // pw, d).permute(0, 3, 1, 2)
 
@@ -206,3 +281,34 @@ def attach_correction(block: nn.Module, matrix: Tensor) -> BlockCorrection:
     block.act_correction = BlockCorrection(matrix)
     block.register_forward_hook(_correct_output, prepend=True)
     return block.act_correction
+
+
+def prepare_fast(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
+    """Give every packed module of ``model`` (on the CPU) the load-time constants of :mod:`export.fast`, so CPU
+    forwards run the fast path. ``backend``: ``"int8"`` (``torch._int_mm``), ``"float"`` (exact float GEMM) or None
+    (int8 where ``torch._int_mm`` is exact here). Quantizers are validated here (ValueError naming the layer)."""
+    backend = FA.check_backend(backend)
+    for name, m in model.named_modules():
+        if isinstance(m, (PackedLinear, _PackedAttention)):
+            dev = m.w_scale.device if isinstance(m, PackedLinear) else m.q_s.device
+            if dev.type != "cpu":
+                raise ValueError(f"the fast path is for the CPU but {name} is on {dev}; on CUDA the Triton kernels "
+                                 f"run (load with device='cpu' or move the model first)")
+            m.prepare_fast(backend, name)
+    return model
+
+
+def drop_fast(model: nn.Module) -> nn.Module:
+    """Remove the fast-path buffers: every quantized op goes through :mod:`kernels.ops` again (packed weights only)."""
+    for m in model.modules():
+        if isinstance(m, (PackedLinear, _PackedAttention)) and m.fast is not None:
+            for key in (_FAST_LINEAR if isinstance(m, PackedLinear) else _FAST_ATTENTION):
+                delattr(m, key)
+            m.fast = None
+    return model
+
+
+def is_fast(model: nn.Module) -> bool:
+    """Whether every packed module of ``model`` carries the fast-path constants."""
+    mods = [m for m in model.modules() if isinstance(m, (PackedLinear, _PackedAttention))]
+    return bool(mods) and all(m.fast is not None for m in mods)

@@ -50,8 +50,9 @@ def test_parity_with_fake_quant(tmp_path, real_images, kind, bits):
 
 
 def test_loaded_model_is_packed_and_uses_kernels(tmp_path, monkeypatch):
+    """``fast=False``: the packed path, every quantized op a ``kernels.ops`` call (the CPU fast path: test_fast.py)."""
     _, q, path = _export(tmp_path, "swin", "w3a3")
-    m = export.load(path)
+    m = export.load(path, fast=False)
     kinds = {type(x) for x in m.modules()}
     assert {PackedLinear, PackedMlp, PackedPatchEmbed, PackedWindowAttention} <= kinds
     assert not any(isinstance(x, (nn.Linear, nn.Conv2d, QuantLinear)) for x in m.modules())
@@ -113,10 +114,11 @@ def test_unfusable_norm_keeps_rescale(tmp_path, real_images):
 
 def test_resident_bytes_close_to_file(tmp_path):
     """Packed layers hold exactly the file's bytes; the rest is the fp16 float tensors upcast to fp32 and the
-    skeleton's derived buffers (Swin index/mask), so resident bytes stay within 1.2x of the file."""
+    skeleton's derived buffers (Swin index/mask), so resident bytes stay within 1.2x of the file (``fast=False``; the
+    CPU fast path's unpacked codes come on top: test_fast.py)."""
     _, _, path = _export(tmp_path, "deit", "w4a4", embed_dim=128, num_heads=2, depth=2)
     tensors, _ = fmt.load(path)
-    m = export.load(path)
+    m = export.load(path, fast=False)
     quant_file = sum(v.numel() * v.element_size() for k, v in tensors.items() if k.startswith("quant."))
     float_file = sum(v.numel() * v.element_size() for k, v in tensors.items() if k.startswith("float."))
     packed = sum(resident_bytes(x) for x in m.modules() if isinstance(x, (PackedLinear,)))

@@ -101,7 +101,7 @@ def test_sulq_params_reach_the_attention_kernel(tmp_path, monkeypatch):
         seen.append(k.get("p_qp", a[7] if len(a) > 7 else None))
         return orig(*a, **k)
     monkeypatch.setattr(ops, "quant_attention", spy)
-    m = export.load(path)
+    m = export.load(path, fast=False)  # the packed path (the fast path's SULQ: test_parity_with_fake_quant)
     with torch.no_grad():
         m(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
     etas = sorted(float(mod.eta) for mod in sulq.values())
