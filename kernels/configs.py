@@ -36,6 +36,11 @@ class Target:
         return Target(interpreted=False, arch=10 * major + minor, num_sms=sms)
 
 
+#: compile options of every GPU launch: no FMA contraction, so the float epilogues round like the torch reference
+#: (:mod:`kernels.reference`) and exported models stay bit-identical to it
+GPU_OPTIONS = dict(enable_fp_fusion=False)
+
+
 @dataclass(frozen=True)
 class GemmConfig:
     block_m: int
@@ -49,7 +54,7 @@ class GemmConfig:
         return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, GROUP_M=self.group_m)
 
     def options(self) -> dict:
-        return dict(num_warps=self.num_warps, num_stages=self.num_stages)
+        return dict(num_warps=self.num_warps, num_stages=self.num_stages, **GPU_OPTIONS)
 
 
 def pow2(n: int, lo: int = 16, hi: int = 1 << 30) -> int:
@@ -106,8 +111,8 @@ def attention_config(l: int, d: int, target: Target, biased: bool = False) -> Tu
     if target.interpreted:
         return 64, 64, {}
     if biased:
-        return (32 if d <= 64 else 16), 32, dict(num_warps=8, num_stages=2)
-    return 64, 64, dict(num_warps=8, num_stages=2)
+        return (32 if d <= 64 else 16), 32, dict(num_warps=8, num_stages=2, **GPU_OPTIONS)
+    return 64, 64, dict(num_warps=8, num_stages=2, **GPU_OPTIONS)
 
 
 # ---------------------------------------------------------------------------------------------- elementwise
@@ -119,7 +124,7 @@ def elementwise_blocks(c: int, target: Target) -> Tuple[int, int, dict]:
         bc = pow2(c, 16, 1024)
         return max(1, 4096 // bc), bc, {}
     bc = pow2(c, 16, 256)
-    return max(1, 2048 // bc), bc, dict(num_warps=4)
+    return max(1, 2048 // bc), bc, dict(num_warps=4, **GPU_OPTIONS)
 
 
 def layernorm_blocks(c: int, target: Target) -> Tuple[int, int, dict]:
@@ -127,7 +132,7 @@ def layernorm_blocks(c: int, target: Target) -> Tuple[int, int, dict]:
     bc = pow2(c)
     if target.interpreted:
         return max(1, min(64, 8192 // bc)), bc, {}
-    return max(1, min(8, 4096 // bc)), bc, dict(num_warps=4 if bc <= 1024 else 8)
+    return max(1, min(8, 2048 // bc)), bc, dict(num_warps=4 if bc <= 1024 else 8, **GPU_OPTIONS)
 
 
 # ---------------------------------------------------------------------------------------------- table writer

@@ -213,7 +213,7 @@ def packed_gemm_launch(a2: Tensor, planes: List[Tensor], fmt: str, k: int, colsu
     if cfg is None:
         def grid(mt):
             return (triton.cdiv(m, mt["BLOCK_M"]) * triton.cdiv(n, mt["BLOCK_N"]),)
-        return Launch(_autotuned_gemm(), grid, args, meta)
+        return Launch(_autotuned_gemm(), grid, args, meta, dict(C.GPU_OPTIONS))
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     return Launch(packed_gemm_kernel, grid, args, {**meta, **cfg.meta()}, cfg.options())
 
