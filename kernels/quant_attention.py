@@ -47,22 +47,29 @@ def row_max_sum(q, rowsum_q, k_base, bias_base, mask_base, offs_m, offs_d, L, zq
 
 
 @triton.jit
+def load_query_tile(q_ptr, bias_ptr, mask_ptr, H, L, NW, D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's query rows: ``(base, offs_m, offs_d, valid_m, q [BM, D] int8, rowsum(q), bias_base,
+    mask_base)`` for grid ``(cdiv(L, BLOCK_M), B * H)`` (``base`` the ``[L, D]`` slice of ``(b, h)``)."""
+    pid_bh = tl.program_id(1)
+    base = pid_bh.to(tl.int64) * L * D
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    valid_m = offs_m < L
+    q = tl.load(q_ptr + base + offs_m[:, None] * D + offs_d[None, :], mask=valid_m[:, None], other=0)
+    bias_base = bias_ptr + (pid_bh % H).to(tl.int64) * L * L
+    mask_base = mask_ptr + ((pid_bh // H) % NW).to(tl.int64) * L * L
+    return base, offs_m, offs_d, valid_m, q, tl.sum(q.to(tl.int32), axis=1), bias_base, mask_base
+
+
+@triton.jit
 def quant_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bias_ptr, mask_ptr, zq_ptr, zk_ptr, zv_ptr, qk_scale_ptr,
                            sp_ptr, zp_ptr, pv_scale_ptr, H, L, NW,
                            D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, P_QMAX: tl.constexpr,
                            P_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Contiguous ``q, k, v [B, H, L, D]`` int8 -> ``out [B, H, L, D]`` float32; grid ``(cdiv(L, BLOCK_M), B * H)``.
     ``zq, zk, zv`` are signed zero points, ``zp`` the rounded unsigned zero point of the P quantizer."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    base = pid_bh.to(tl.int64) * L * D
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    valid_m = offs_m < L
-    q = tl.load(q_ptr + base + offs_m[:, None] * D + offs_d[None, :], mask=valid_m[:, None], other=0)
-    rowsum_q = tl.sum(q.to(tl.int32), axis=1)
+    base, offs_m, offs_d, valid_m, q, rowsum_q, bias_base, mask_base = load_query_tile(
+        q_ptr, bias_ptr, mask_ptr, H, L, NW, D, BLOCK_M)
     zq = tl.load(zq_ptr).to(tl.int32)
     zk = tl.load(zk_ptr).to(tl.int32)
     zv = tl.load(zv_ptr).to(tl.int32)
@@ -71,8 +78,6 @@ def quant_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bias_ptr, mask_ptr, zq_
     zp = tl.load(zp_ptr)
     k_base = k_ptr + base
     v_base = v_ptr + base
-    bias_base = bias_ptr + h.to(tl.int64) * L * L
-    mask_base = mask_ptr + (b % NW).to(tl.int64) * L * L
 
     m_i, l_i = row_max_sum(q, rowsum_q, k_base, bias_base, mask_base, offs_m, offs_d, L, zq, zk, qk_scale,
                            D, HAS_BIAS, HAS_MASK, BLOCK_M, BLOCK_N)

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ._helpers import quantize_signed
-from .quant_attention import _scores, row_max_sum
+from .quant_attention import _scores, load_query_tile, row_max_sum
 
 
 @triton.jit
@@ -32,16 +32,8 @@ def quant_attention_sulq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bias_ptr, mask_ptr
                                 BLOCK_N: tl.constexpr):
     """Contiguous ``q, k, v [B, H, L, D]`` int8 -> ``out [B, H, L, D]`` float32; grid ``(cdiv(L, BLOCK_M), B * H)``.
     ``zq, zk, zv`` signed zero points; ``eta, sp, zp`` (rounded, unsigned) the SULQ quantizer; ``table [2^bits]``."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    base = pid_bh.to(tl.int64) * L * D
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    valid_m = offs_m < L
-    q = tl.load(q_ptr + base + offs_m[:, None] * D + offs_d[None, :], mask=valid_m[:, None], other=0)
-    rowsum_q = tl.sum(q.to(tl.int32), axis=1)
+    base, offs_m, offs_d, valid_m, q, rowsum_q, bias_base, mask_base = load_query_tile(
+        q_ptr, bias_ptr, mask_ptr, H, L, NW, D, BLOCK_M)
     zq = tl.load(zq_ptr).to(tl.int32)
     zk = tl.load(zk_ptr).to(tl.int32)
     zv = tl.load(zv_ptr)
@@ -51,8 +43,6 @@ def quant_attention_sulq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bias_ptr, mask_ptr
     zp = tl.load(zp_ptr)
     k_base = k_ptr + base
     v_base = v_ptr + base
-    bias_base = bias_ptr + h.to(tl.int64) * L * L
-    mask_base = mask_ptr + (b % NW).to(tl.int64) * L * L
 
     m_i, l_i = row_max_sum(q, rowsum_q, k_base, bias_base, mask_base, offs_m, offs_d, L, zq, zk, qk_scale,
                            D, HAS_BIAS, HAS_MASK, BLOCK_M, BLOCK_N)
