@@ -34,6 +34,7 @@ from quant.models import eval_transform, load_model, resolve
 from quant.modules import SOFTMAX_QUANTIZERS, ActCorrection, QuantConv2dPatch, QuantLinear, quant_modules, set_mode
 from quant.optimize import METHODS, OptimConfig, optimize
 from quant.correction import add_act_correction, train_act_correction
+from quant import fidelity as FI
 from quant.surgery import quantize_model
 
 
@@ -89,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1) // 2,
                    help="image-decoding processes for --val (0: decode in the main process)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--fidelity-size", type=int, default=None,
+                   help="held-out images for the label-free agreement/KL with the FP model (quant.fidelity; default "
+                        "256 from --val/--data, 64 synthesized for --data invert; 0: skip)")
     p.add_argument("--export", default=None, metavar="PATH", help="also write the packed checkpoint here "
                    "(export.load, python -m export.infer); an existing file needs --overwrite; '<out>' stands for "
                    "--out (demo default: <out>/model.lowbit)")
@@ -168,6 +172,7 @@ def format_table(report: dict) -> str:
         ("FP top-1 (reference)", "-" if lit is None else f"{lit:.2f}"),
         ("FP top-1 / top-5", f"{acc(fp, 'top1')} / {acc(fp, 'top5')}"),
         ("quantized top-1 / top-5", f"{acc(q, 'top1')} / {acc(q, 'top5')}"),
+        FI.table_row(report.get("fidelity")),
         ("val images (skipped)", f"{q.get('images', '-')} ({report['skipped_images']['val']})"),
         ("calib images (skipped)", f"{report['calib_images']} ({report['skipped_images']['calib']})"),
         ("loss first -> last", "-" if not report["losses"] else
@@ -226,7 +231,8 @@ def run(args: argparse.Namespace) -> dict:
                         ("--batch-size", args.batch_size, 1), ("--iters", args.iters, 0),
                         ("--save-every", args.save_every, 0), ("--workers", args.workers, 0),
                         ("--stop-after", args.stop_after, 1), ("--invert-steps", args.invert_steps, 1),
-                        ("--correction-iters", args.correction_iters, 0)):
+                        ("--correction-iters", args.correction_iters, 0),
+                        ("--fidelity-size", args.fidelity_size, 0)):
         if v is not None and v < lo:
             raise UserError(f"{flag} must be >= {lo}, got {v}")
     out = os.path.abspath(args.out)
@@ -294,11 +300,12 @@ def run(args: argparse.Namespace) -> dict:
         accs = evaluate({"fp": fp_model, "quantized": student}, val_folder, transform, args.batch_size, device,
                         args.val_size, args.seed, args.workers)
         fp_acc, q_acc = accs["fp"], accs["quantized"]
+    fidelity = FI.measure(fp_model, student, args, calib_folder, val_folder, transform, device)
     losses = history["losses"]
     report = {
         "model": args.model, "timm_name": spec.timm_name, "bits": cfg_bits.name, "method": args.method,
         "data": args.data,
-        "fp_top1_literature": spec.fp_top1, "fp": fp_acc, "quantized": q_acc,
+        "fp_top1_literature": spec.fp_top1, "fp": fp_acc, "quantized": q_acc, "fidelity": fidelity,
         "calib_images": int(images.shape[0]), "init_images": min(args.init_size, int(images.shape[0])),
         "skipped_images": {"calib": 0 if calib_folder is None else len(calib_folder.skipped),
                            "val": 0 if val_folder is None else len(val_folder.skipped)},
