@@ -8,9 +8,10 @@ ROWS = []
 RESULTS = Path(__file__).with_name("results.json")
 
 
-def record(group: str, shape: str, impl: str, seconds: float, ops: float, unit: str = "TOPS") -> None:
-    """One timing: ``ops`` operations (2 M N K for a GEMM) done in ``seconds`` (median)."""
-    ROWS.append(dict(group=group, shape=shape, impl=impl, ms=seconds * 1e3, rate=ops / seconds / 1e12, unit=unit))
+def record(group: str, shape: str, impl: str, seconds: float, ops: float, unit: str = "TOPS",
+           scale: float = 1e12) -> None:
+    """One timing: ``ops`` operations (2 M N K for a GEMM) done in ``seconds`` (median); rate = ops / s / ``scale``."""
+    ROWS.append(dict(group=group, shape=shape, impl=impl, ms=seconds * 1e3, rate=ops / seconds / scale, unit=unit))
 
 
 def table(rows) -> str:

@@ -193,7 +193,7 @@ def linear(a: Tensor, plan: LinearPlan, w: Tensor, scale: Tensor, bias: Optional
             acc.add_(a.sum(dim=-1, keepdim=True, dtype=torch.int32) * cw)
         if plan.col:
             acc.add_(col)
-        y = acc.float()
+        y = acc.view(torch.float32).copy_(acc)  # acc.float() in place (same conversion, no new buffer)
         y.mul_(scale)
     else:
         y = exact_matmul(a, w, plan.dtype).mul_(scale)
@@ -222,8 +222,12 @@ def attention(qkv: Tensor, b: int, n: int, heads: int, plan: AttentionPlan, s3: 
     d = qkv.shape[-1] // (3 * heads)
     bh = b * heads
     # one pass reads the [b, n, 3, H, D] layout and writes head-major [3, b, H, n, D] codes (contiguous GEMM operands)
-    t = torch.div(qkv.view(b, n, 3, heads, d).permute(2, 0, 3, 1, 4), s3, out=qkv.new_empty(3, b, heads, n, d))
-    q, k, v = t.round_().clamp_(lo3, hi3).view(3, bh, n, d).unbind(0)
+    t = qkv.view(b, n, 3, heads, d).permute(2, 0, 3, 1, 4)
+    if torch.compiler.is_compiling():  # (out= into a permuted layout trips the compiler's reshape; it fuses anyway)
+        t = (t / s3).contiguous()
+    else:
+        t = torch.div(t, s3, out=qkv.new_empty(3, b, heads, n, d))
+    q, k, v = t.round_().clamp_(lo3, hi3).reshape(3, bh, n, d).unbind(0)  # reshape: a view here
     sq, sk, sv, sp = plan.spans
     s = exact_matmul(q, k.transpose(1, 2), gemm_dtype(d, sq, sk)).mul_(plan.qk)
     if rel_bias is not None:
@@ -243,7 +247,9 @@ def attention(qkv: Tensor, b: int, n: int, heads: int, plan: AttentionPlan, s3: 
 def attention_output(o: Tensor, pv: float) -> Tensor:
     """``(o * pv)`` of ``o [b, H, n, D]`` written token-major ``[b, n, H * D]`` in the same pass."""
     b, h, n, d = o.shape
-    return torch.mul(o.transpose(1, 2), pv, out=o.new_empty(b, n, h, d)).view(b, n, h * d)
+    if torch.compiler.is_compiling():
+        return (o * pv).transpose(1, 2).reshape(b, n, h * d)
+    return torch.mul(o.transpose(1, 2), pv, out=o.new_empty(b, n, h, d)).reshape(b, n, h * d)
 
 
 def attention_tensors(qps: dict, scale: float, name: str):

@@ -18,6 +18,7 @@ They replace the matching modules of a float timm skeleton (see :func:`export.lo
 """
 from __future__ import annotations
 
+import types
 from typing import Dict, Optional
 
 import torch
@@ -97,20 +98,23 @@ class PackedLinear(nn.Module):
     def fast_codes(self, x: Tensor) -> Tensor:
         """Fast-path codes ``[M, K]`` (:class:`export.fast.Codes`) of ``LN'(x)``, ``(x - shift) / r`` or ``x``
         (``x [..., K]``, leading dims flattened)."""
-        x = x.reshape(-1, self.in_features)
+        x, bufs = x.reshape(-1, self.in_features), self._buffers  # (dict reads: less per-call Python than getattr)
         if self.ln_eps is not None:
-            return FA.codes_(FA.layernorm(x, self.ln_weight, self.ln_bias, self.ln_eps), self.in_s, self.fast.codes)
-        if self.r is None and self.shift is None:
-            return FA.codes_(FA.f32(x), self.in_s, self.fast.codes, inplace=False)
-        return FA.codes_(P.apply_rescale(FA.f32(x), self.r, self.shift), self.in_s, self.fast.codes)
+            y = FA.layernorm(x, bufs["ln_weight"], bufs["ln_bias"], self.ln_eps)
+            return FA.codes_(y, bufs["in_s"], self.fast.codes)
+        if bufs["r"] is None and bufs["shift"] is None:
+            return FA.codes_(FA.f32(x), bufs["in_s"], self.fast.codes, inplace=False)
+        return FA.codes_(P.apply_rescale(FA.f32(x), bufs["r"], bufs["shift"]), bufs["in_s"], self.fast.codes)
 
     def fast_linear(self, a: Tensor, gelu: bool = False, requant: "Optional[PackedLinear]" = None) -> Tensor:
         """Float32 ``y [M, N]`` of fast-path codes ``a [M, K]`` (exact-erf GELU when ``gelu``), or the fast-path
         codes of ``requant``'s input."""
-        y = FA.linear(a, self.fast, self.fast_w, self.fast_scale, self.bias, self.fast_cw, self.fast_col)
+        bufs = self._buffers
+        y = FA.linear(a, self.fast, bufs["fast_w"], bufs["fast_scale"], bufs["bias"], bufs["fast_cw"],
+                      bufs["fast_col"])
         if gelu:
-            y = F.gelu(y)
-        return y if requant is None else FA.codes_(y, requant.in_s, requant.fast.codes)
+            y = torch._C._nn.gelu_(y)  # F.gelu (exact erf) in place on the fresh y
+        return y if requant is None else FA.codes_(y, requant._buffers["in_s"], requant.fast.codes)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, fmt={self.fmt}, w_bits={self.w_bits}, "
@@ -171,8 +175,9 @@ class _PackedAttention(nn.Module):
     def _attend_fast(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
         b, n, _ = x.shape
         qkv = self.qkv.fast_linear(self.qkv.fast_codes(x))
-        o = FA.attention(qkv, b, n, self.num_heads, self.fast, self.fast_s3, self.fast_lo3, self.fast_hi3, self.p_s,
-                         self.p_eta if "p" in self.sulq else None, self.fast_p_table, self.fast_rel_bias, mask)
+        bufs = self._buffers
+        o = FA.attention(qkv, b, n, self.num_heads, self.fast, bufs["fast_s3"], bufs["fast_lo3"], bufs["fast_hi3"],
+                         bufs["p_s"], bufs.get("p_eta"), bufs["fast_p_table"], bufs["fast_rel_bias"], mask)
         return self.proj.fast_linear(self.proj.fast_codes(o)).view(b, n, self.proj.out_features)
 
     def qp(self, name: str) -> "QParams | SULQParams":
@@ -295,7 +300,47 @@ def prepare_fast(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
                 raise ValueError(f"the fast path is for the CPU but {name} is on {dev}; on CUDA the Triton kernels "
                                  f"run (load with device='cpu' or move the model first)")
             m.prepare_fast(backend, name)
+    plan = _chunk_plan(model)
+    if plan is not None:
+        model.lowbit_chunk_plan = plan
+        model.forward = types.MethodType(_chunked_forward, model)
     return model
+
+
+CHUNK_BYTES = 4 << 20  # largest activation temporary of one chunk of images on the fast path
+
+
+def _chunk_plan(model: nn.Module) -> Optional[tuple]:
+    """``(ph, pw, width, attn)`` for :func:`_chunked_forward`: bytes of the largest per-token temporary are about
+    ``4 * tokens * max(width, attn)`` (``width``: widest linear output relative to its input's stage, ``attn``:
+    heads x attended tokens, 0 = all tokens). None when the model is not batch-invariant bit for bit (float GEMMs of
+    the activation correction or SULQ, whose results may depend on the batch's shape) or has no patch embedding."""
+    patch = [m for m in model.modules() if isinstance(m, PackedPatchEmbed)]
+    attn = [m for m in model.modules() if isinstance(m, _PackedAttention)]
+    if (len(patch) != 1 or not attn or any(isinstance(m, BlockCorrection) for m in model.modules())
+            or any(m.sulq for m in attn)):
+        return None
+    d, _, ph, pw = patch[0].kernel_shape
+    width = max(m.out_features * d // m.in_features for m in model.modules() if isinstance(m, PackedLinear))
+    a = attn[0]
+    return ph, pw, max(width, 3 * d), (a.num_heads, a.window_area if isinstance(a, PackedWindowAttention) else 0)
+
+
+def _chunked_forward(self: nn.Module, x: Tensor, *args, **kwargs):
+    """The model's forward over chunks of the batch whose temporaries stay near :data:`CHUNK_BYTES` (large batches
+    on the CPU are otherwise slowed by allocating and faulting in big temporaries). Every quantized op and every float
+    op of the skeleton computes each image on its own, so the logits are those of one whole-batch call."""
+    forward = type(self).forward
+    if args or kwargs or x.dim() != 4 or torch.compiler.is_compiling():
+        return forward(self, x, *args, **kwargs)
+    ph, pw, width, (heads, area) = self.lowbit_chunk_plan
+    tokens = (x.shape[-2] // ph) * (x.shape[-1] // pw)
+    per_image = 4 * tokens * max(width, heads * (area or tokens))
+    n = max(1, CHUNK_BYTES // per_image)
+    if x.shape[0] <= n:
+        return forward(self, x)
+    k = -(-x.shape[0] // n)
+    return torch.cat([forward(self, c) for c in x.split(-(-x.shape[0] // k))])
 
 
 def drop_fast(model: nn.Module) -> nn.Module:
@@ -305,6 +350,8 @@ def drop_fast(model: nn.Module) -> nn.Module:
             for key in (_FAST_LINEAR if isinstance(m, PackedLinear) else _FAST_ATTENTION):
                 delattr(m, key)
             m.fast = None
+    model.__dict__.pop("forward", None)
+    model.__dict__.pop("lowbit_chunk_plan", None)
     return model
 
 

@@ -168,3 +168,32 @@ def test_codes_are_primitives_quantize(bits):
             got = FA.codes_(x.clone(), s, c)
             assert got.dtype == (torch.int8 if int8 else torch.float32)  # int8: torch._int_mm's operand
             assert torch.equal(got.long() - int(c.add) + z if int8 else got.long() + z, want), (z, int8)
+
+
+def test_large_batches_run_in_chunks(tmp_path, monkeypatch):
+    """Batches whose temporaries pass ``CHUNK_BYTES`` run chunk by chunk with the same logits bit for bit; models
+    with float GEMMs whose results may depend on the batch shape (SULQ, activation correction) are never chunked."""
+    from export import runtime
+    from export.runtime import PackedPatchEmbed
+    from .export_utils import corrected
+    _, path = _export(tmp_path, "vit", "w4a4")
+    m, ref = export.load(path), export.load(path, fast=False)
+    assert m.lowbit_chunk_plan[:2] == (8, 8)
+    seen = []
+    pe = next(x for x in m.modules() if isinstance(x, PackedPatchEmbed))
+    pe.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].shape[0]))
+    x = _inputs(7)
+    with torch.no_grad():
+        want = ref(x)
+        assert torch.equal(m(x), want) and seen == [7]
+        monkeypatch.setattr(runtime, "CHUNK_BYTES", 3 * 4 * 16 * 192)  # 3 images of 16 tokens x 192 wide
+        seen.clear()
+        assert torch.equal(m(x), want) and seen == [3, 3, 1]
+        drop_fast(m)
+        seen.clear()
+        assert torch.equal(m(x), want) and seen == [7] and not hasattr(m, "lowbit_chunk_plan")
+    _, q = quantized("vit", "w4a4", softmax_quantizer="sulq")
+    corrected(q)
+    name, kw = arch("vit")
+    both = export.export_model(q, tmp_path / "both.lowbit", arch=name, config=kw, bits="w4a4")
+    assert not hasattr(export.load(both), "lowbit_chunk_plan")
