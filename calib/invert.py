@@ -155,8 +155,9 @@ def write_image_folder(model, out: "str | Path", per_class: int, classes: Option
                        cfg: InvertConfig = InvertConfig(), seed: int = 0, progress: bool = True) -> Path:
     """Synthesize ``per_class`` images for each class into ``out/<class index>/<n>.png``, resumably.
 
-    Classes are processed in batches of ``cfg.batch_size`` images in easy-to-hard order; each finished class folder
-    appears atomically (written to ``.tmp-*`` then renamed), and folders already present are skipped.
+    Classes are processed in batches of ``cfg.batch_size`` images in easy-to-hard order; each image is written as
+    soon as it is made (into its class's ``.tmp-*`` folder), so memory holds one batch whatever the image count;
+    each finished class folder appears atomically (``.tmp-*`` renamed), and folders already present are skipped.
     """
     if per_class < 1:
         raise ValueError(f"per_class must be >= 1, got {per_class}")
@@ -175,7 +176,10 @@ def write_image_folder(model, out: "str | Path", per_class: int, classes: Option
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     labels = labels[order]
     nb = math.ceil(len(labels) / cfg.batch_size)
-    pending = {c: [] for c in todo}
+    for c in todo:  # a class left unfinished by an interrupted run starts over
+        tmp = out / f".tmp-{class_dir_name(c, nc)}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
     counts = {c: 0 for c in todo}
     total = {c: per_class for c in todo}
     bar = tqdm(range(nb), desc="data-free batches", unit="batch", disable=not progress)
@@ -183,14 +187,10 @@ def write_image_folder(model, out: "str | Path", per_class: int, classes: Option
         lab = labels[b * cfg.batch_size: (b + 1) * cfg.batch_size]
         imgs = synthesize(model, lab, cfg, difficulty=b / max(1, nb - 1), seed=seed * 100003 + b, progress=False)
         for img, c in zip(imgs, lab.tolist()):
-            pending[c].append(img)
+            tmp = out / f".tmp-{class_dir_name(c, nc)}"
+            _save_png(img, tmp / f"{counts[c]:05d}.png")
             counts[c] += 1
             if counts[c] == total[c]:
-                tmp = out / f".tmp-{class_dir_name(c, nc)}"
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir()
-                for i, im in enumerate(pending.pop(c)):
-                    _save_png(im, tmp / f"{i:05d}.png")
                 os.replace(tmp, out / class_dir_name(c, nc))
     return out
 

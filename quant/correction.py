@@ -8,7 +8,8 @@ the matrices, everything else frozen, on::
 
     L = sum_l mean((F_l^q M_l^T - F_l)^2)           F_l: output of block l (quantized / float teacher)
 
-with Adam and a cosine schedule, batches taken in the order of ``images``. Without real data the images are
+with Adam and a cosine schedule, batches taken in the order of ``images`` (a tensor, or a
+:class:`calib.stream.CalibImages` read batch by batch). Without real data the images are
 ``quant.run --data invert``'s, synthesized easy to hard by :func:`calib.invert.write_image_folder`. It runs after
 any method (``rtn``, ``blockwise``, ``e2e``, ``is-vit``).
 """
@@ -56,7 +57,7 @@ def intermediate_mse(student: nn.Module, teacher: nn.Module, x: Tensor) -> Tenso
     return sum(F.mse_loss(s.float(), t.float()) for s, t in zip(sc.outputs, tc.outputs))
 
 
-def train_act_correction(student: nn.Module, teacher: nn.Module, images: Tensor, iters: int = 500,
+def train_act_correction(student: nn.Module, teacher: nn.Module, images, iters: int = 500,
                          batch_size: int = 32, lr: float = 1e-4, progress: bool = True) -> dict:
     """Train the correction matrices of ``student`` (installed by :func:`add_act_correction`) for ``iters`` steps.
     Returns ``{"losses": [...], "steps": iters}``."""
@@ -74,13 +75,17 @@ def train_act_correction(student: nn.Module, teacher: nn.Module, images: Tensor,
         m.requires_grad_(True)
     opt = torch.optim.Adam(mats, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, iters)))))
-    n = images.shape[0]
+    from calib.stream import as_images
+
+    source = as_images(images)
+    n = len(source)
     nb = max(1, math.ceil(n / batch_size))
     losses = []
+    batches = source.batches(range(b * batch_size, min(n, (b + 1) * batch_size)) for b in
+                             (step % nb for step in range(iters)))
     try:
         for step in tqdm(range(iters), desc="activation correction", disable=not progress, dynamic_ncols=True):
-            b = step % nb
-            x = images[b * batch_size:(b + 1) * batch_size].to(device)
+            x = next(batches).to(device)
             loss = intermediate_mse(student, teacher, x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -88,6 +93,7 @@ def train_act_correction(student: nn.Module, teacher: nn.Module, images: Tensor,
             sched.step()
             losses.append(loss.item())
     finally:
+        batches.close()
         for p in student.parameters():
             p.requires_grad_(grad_before.get(id(p), False))
     return {"losses": losses, "steps": iters}

@@ -22,6 +22,11 @@ refinements ``dW``; per unit a linear warm-up over ``warmup`` steps (default 5/2
 5k of 24k) then cosine decay to zero. Batches are drawn without replacement from a seeded permutation per epoch.
 Checkpoints (trainable parameters, optimiser, scheduler, RNG states, sampler position) are written atomically
 every ``save_every`` steps; ``resume=True`` continues from one bit-exactly.
+
+``images`` is an in-memory ``[N, 3, H, W]`` tensor or a :class:`calib.stream.CalibImages` (``quant.run``'s
+on-disk cache, read batch by batch through a DataLoader, so memory does not grow with ``N``); batches are the same
+either way. Under ``torchrun`` (``dist``, :mod:`quant.distributed`) ``e2e`` runs data-parallel: each rank takes its
+shard of every global batch of ``batch_size`` and DDP averages the suitably scaled gradients.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from calib.stream import CalibImages, as_images
 from quant.errors import UserError
 from quant.modules import QuantConv2dPatch, QuantLinear, quant_modules
 from quant.surgery import blocks
@@ -158,13 +164,15 @@ def kl_logits(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
                     reduction="batchmean", log_target=True) * t * t
 
 
-def e2e_loss(student: nn.Module, teacher: nn.Module, x: Tensor, cfg: OptimConfig) -> Dict[str, Tensor]:
-    """The e2e loss terms on batch ``x``: ``mse`` (sum over blocks), ``kl``, ``l2`` and ``total``."""
+def e2e_loss(student: nn.Module, teacher: nn.Module, x: Tensor, cfg: OptimConfig,
+             forward: Optional[nn.Module] = None) -> Dict[str, Tensor]:
+    """The e2e loss terms on batch ``x``: ``mse`` (sum over blocks), ``kl``, ``l2`` and ``total``. ``forward``
+    runs the student (its DDP wrapper; default the student itself)."""
     sb, tb = blocks(student), blocks(teacher)
     with torch.no_grad(), _Capture(tb) as tc:
         t_logits = teacher(x)
     with _Capture(sb) as sc:
-        s_logits = student(x)
+        s_logits = (forward or student)(x)
     mse = sum(F.mse_loss(s.float(), t.float()) for s, t in zip(sc.outputs, tc.outputs))
     kl = kl_logits(s_logits, t_logits, cfg.temperature)
     l2 = refinement_l2(quant_modules(student))
@@ -172,12 +180,14 @@ def e2e_loss(student: nn.Module, teacher: nn.Module, x: Tensor, cfg: OptimConfig
 
 
 @torch.no_grad()
-def evaluate_loss(student: nn.Module, teacher: nn.Module, images: Tensor, cfg: OptimConfig,
+def evaluate_loss(student: nn.Module, teacher: nn.Module, images, cfg: OptimConfig,
                   batch_size: int = 32) -> float:
-    """Mean e2e loss ``total`` over ``images`` (no gradient): the distillation loss used to compare methods."""
+    """Mean e2e loss ``total`` over ``images`` (a tensor or :class:`calib.stream.CalibImages`; no gradient): the
+    distillation loss used to compare methods."""
+    source = as_images(images)
     tot, n = 0.0, 0
-    for i in range(0, images.shape[0], batch_size):
-        x = images[i:i + batch_size]
+    for i in range(0, len(source), batch_size):
+        x = source.take(range(i, min(len(source), i + batch_size)))
         tot += float(e2e_loss(student, teacher, x, cfg)["total"]) * x.shape[0]
         n += x.shape[0]
     return tot / n
@@ -264,9 +274,9 @@ def save_state(path: str, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def _unit_loss(student, teacher, x, unit: _Unit, cfg: OptimConfig) -> Tensor:
+def _unit_loss(student, teacher, x, unit: _Unit, cfg: OptimConfig, forward=None) -> Tensor:
     if unit.block is None and cfg.method == "e2e":
-        return e2e_loss(student, teacher, x, cfg)["total"]
+        return e2e_loss(student, teacher, x, cfg, forward)["total"]
     mods = quant_modules(student)
     own = {id(p) for p in unit.params.values()}
     mods = [m for m in mods if any(id(p) in own for p in m.parameters())]
@@ -282,26 +292,49 @@ def _unit_loss(student, teacher, x, unit: _Unit, cfg: OptimConfig) -> Tensor:
     return F.mse_loss(sc.outputs[unit.block].float(), tc.outputs[unit.block].float()) + l2
 
 
-def optimize(student: nn.Module, teacher: nn.Module, images: Tensor, cfg: OptimConfig,
-             fingerprint: Optional[dict] = None) -> dict:
-    """Train the calibrated ``student`` against ``teacher`` on ``images [N, 3, H, W]`` (on the student's device).
+def _batch_stream(source: CalibImages, sampler: EpochSampler, n: int, dist):
+    """The next ``n`` batches (this rank's shard of each) in the order of a copy of ``sampler``; the loop advances
+    ``sampler`` itself step by step, so its checkpointed position is that of the batches consumed, not prefetched."""
+    shadow = EpochSampler(sampler.n, sampler.batch_size, sampler.seed)
+    shadow.load_state_dict(sampler.state_dict())
+
+    def indices():
+        for _ in range(n):
+            yield dist.shard(shadow.next()).tolist()
+    return source.batches(indices())
+
+
+def optimize(student: nn.Module, teacher: nn.Module, images, cfg: OptimConfig,
+             fingerprint: Optional[dict] = None, dist=None) -> dict:
+    """Train the calibrated ``student`` against ``teacher`` on ``images`` (``[N, 3, H, W]`` or a
+    :class:`calib.stream.CalibImages`; batches go to the student's device).
 
     Returns ``{"losses": [per-step loss], "steps": int, "completed": bool}``. ``fingerprint`` (e.g. model and bits)
-    is stored in checkpoints and must match on resume.
+    is stored in checkpoints and must match on resume. ``dist`` (a :class:`quant.distributed.Dist`, under
+    ``torchrun``): data-parallel ``e2e``, every rank passes the same arguments; losses are the global batch's,
+    rank 0 writes the checkpoints.
     """
+    from quant.distributed import Dist
+
+    dist = dist or Dist()
+    source = as_images(images)
     history = {"losses": [], "steps": 0, "completed": True}
+    if dist.enabled and cfg.method != "e2e":
+        raise UserError(f"--method {cfg.method} runs in one process; data-parallel (torchrun) is for --method e2e")
+    if dist.enabled and cfg.batch_size < dist.world:
+        raise UserError(f"the global batch size {cfg.batch_size} must be >= the {dist.world} processes")
     if cfg.method == "is-vit":
         from quant.sos import sos
-        return sos(student, teacher, images, cfg)
+        return sos(student, teacher, source, cfg)
     if cfg.method == "rtn" or cfg.iters == 0:
         return history
     device = next(student.parameters()).device
     teacher.eval().requires_grad_(False)
     student.eval()
-    units = _units(student, cfg, images[:1].to(device))
+    units = _units(student, cfg, source.take([0]).to(device))
     total = cfg.iters * len(units)
     fp = {"config": cfg.fingerprint(), **(fingerprint or {})}
-    sampler = EpochSampler(images.shape[0], cfg.batch_size, cfg.seed)
+    sampler = EpochSampler(len(source), cfg.batch_size, cfg.seed)
     step, opt, sched, st = 0, None, None, None
     if cfg.resume:
         if not os.path.isfile(cfg.state_path):
@@ -321,8 +354,11 @@ def optimize(student: nn.Module, teacher: nn.Module, images: Tensor, cfg: OptimC
     for p in student.parameters():
         p.requires_grad_(False)
     trainable = {n: p for u in units for n, p in u.params.items()}
-    bar = tqdm(total=total, initial=step, desc=f"{cfg.method} PTQ", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc=f"{cfg.method} PTQ", disable=not cfg.progress or not dist.is_main,
+               dynamic_ncols=True)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    batches = _batch_stream(source, sampler, total - step, dist)
+    forward = None
     try:
         while step < total:
             ui, local = divmod(step, cfg.iters)
@@ -337,30 +373,37 @@ def optimize(student: nn.Module, teacher: nn.Module, images: Tensor, cfg: OptimC
                     opt.load_state_dict(st["optimizer"])
                     sched.load_state_dict(st["scheduler"])
                 st = None
-            x = images[sampler.next()].to(device)
+                if dist.enabled:
+                    forward = dist.wrap(student, device)  # e2e: one unit, wrapped once
+            sampler.next()
+            x = next(batches).to(device, non_blocking=True)
             with autocast:
-                loss = _unit_loss(student, teacher, x, unit, cfg)
+                loss = _unit_loss(student, teacher, x, unit, cfg, forward)
+                if dist.enabled:
+                    loss = loss * (x.shape[0] * dist.world / cfg.batch_size)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             step += 1
-            lv = loss.item()
+            lv = (dist.all_sum(loss) / dist.world).item() if dist.enabled else loss.item()
             history["losses"].append(lv)
             bar.update(1)
             bar.set_postfix(loss=f"{lv:.4g}")
-            if cfg.save_every and (step % cfg.save_every == 0 or step == total):
+            if cfg.save_every and (step % cfg.save_every == 0 or step == total) and dist.is_main:
                 save_state(cfg.state_path, {
                     "fingerprint": fp, "step": step, "losses": history["losses"],
                     "params": {n: p.detach().cpu().clone() for n, p in trainable.items()},
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "sampler": sampler.state_dict(), "rng": _rng_state()})
+                    "sampler": sampler.state_dict(), "rng": _rng_state(), "world_size": dist.world})
             if cfg.stop_after is not None and step >= cfg.stop_after and step < total:
                 history["completed"] = False
                 break
     finally:
+        batches.close()
         bar.close()
         for n, p in student.named_parameters():
             p.requires_grad_(n in trainable)
+    dist.barrier()  # rank 0's last checkpoint is on disk before any rank moves on
     history["steps"] = step
     return history

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from calib import data as D
+from calib import stream as S
+from quant import distributed as DI
 from quant import packing
 from quant.bits import parse_bits
 from quant.calibrate import calibrate
@@ -88,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many steps, leaving the checkpoint for --resume (time-sliced jobs)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1) // 2,
-                   help="image-decoding processes for --val (0: decode in the main process)")
+                   help="DataLoader processes that decode the calibration images into the cache once, read the "
+                        "calibration batches from it, and decode --val (0: all in the main process)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--fidelity-size", type=int, default=None,
                    help="held-out images for the label-free agreement/KL with the FP model (quant.fidelity; default "
@@ -209,6 +212,11 @@ def state_path(out: str) -> str:
     return os.path.abspath(out).rstrip(os.sep) + ".state.pt"
 
 
+def cache_path(out: str) -> str:
+    """The calibration cache (:func:`calib.stream.build_cache`), kept until the run completes (for --resume)."""
+    return os.path.abspath(out).rstrip(os.sep) + ".calib"
+
+
 def run(args: argparse.Namespace) -> dict:
     t0 = time.time()
     try:
@@ -257,6 +265,8 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError("--stop-after needs checkpoints: pass --save-every N (N > 0)")
     if args.resume and not os.path.isfile(state_path(out)):
         raise UserError(f"--resume: no checkpoint at {state_path(out)!r}; run without --resume to start afresh")
+    DI.check_args(args.method, args.device, args.batch_size)
+    dist, device = DI.setup(device)  # torchrun: join the process group (this rank's cuda:LOCAL_RANK)
 
     torch.manual_seed(args.seed)
     fp_model = load_model(args.model, args.checkpoint, model_args)
@@ -267,15 +277,22 @@ def run(args: argparse.Namespace) -> dict:
                             f"classes; pass a validation folder of this model's classes")
     transform = eval_transform(fp_model, spec)
     fp_model.to(device)
-    if calib_folder is None:
-        calib_folder = synthesize_calibration(fp_model, out + ".invert", args)
-    images, _ = D.load_subset(calib_folder, transform, args.calib_size, args.seed, "--data")
+
+    def prepare_calibration() -> D.ImageFolder:
+        folder = calib_folder if calib_folder is not None else synthesize_calibration(fp_model, out + ".invert",
+                                                                                      args)
+        S.build_cache(folder, transform, args.calib_size, cache_path(out), args.seed, args.workers,
+                      progress=not args.no_progress)
+        return folder
+
+    calib_folder = dist.main_first(prepare_calibration)  # under torchrun rank 0 prepares, the others wait
+    images = S.CachedImages(cache_path(out), transform, args.workers)
     try:
         student = quantize_model(copy.deepcopy(fp_model), cfg_bits, rescale=not args.no_rescale,
                                  softmax_quantizer=args.softmax_quantizer)
     except ValueError as e:
         raise UserError(f"--model {args.model}: {e}") from None
-    calibrate(student, images[:args.init_size].to(device))
+    calibrate(student, images.head(args.init_size).to(device))
     ocfg = OptimConfig(method=args.method, iters=args.iters, batch_size=args.batch_size, lr_q=args.lr_q,
                        lr_w=args.lr_w, warmup=args.warmup, temperature=args.temperature, l2=args.l2,
                        seed=args.seed, save_every=args.save_every, state_path=state_path(out), resume=args.resume,
@@ -283,9 +300,11 @@ def run(args: argparse.Namespace) -> dict:
     fingerprint = {"model": args.model, "bits": cfg_bits.name, "calib_size": args.calib_size, "data": args.data,
                    "model_args": model_args, "rescale": not args.no_rescale,
                    "softmax_quantizer": args.softmax_quantizer}
-    history = optimize(student, fp_model, images, ocfg, fingerprint)
+    history = optimize(student, fp_model, images, ocfg, fingerprint, dist)
     if not history["completed"]:
-        return {"completed": False, "steps": history["steps"], "state_path": ocfg.state_path}
+        return {"completed": False, "steps": history["steps"], "state_path": ocfg.state_path, "rank": dist.rank}
+    if not dist.is_main:  # the parameters are the same on every rank; rank 0 evaluates, exports and reports
+        return {"completed": True, "steps": history["steps"], "rank": dist.rank}
     correction = None
     if args.act_correction:
         add_act_correction(student)
@@ -306,13 +325,13 @@ def run(args: argparse.Namespace) -> dict:
         "model": args.model, "timm_name": spec.timm_name, "bits": cfg_bits.name, "method": args.method,
         "data": args.data,
         "fp_top1_literature": spec.fp_top1, "fp": fp_acc, "quantized": q_acc, "fidelity": fidelity,
-        "calib_images": int(images.shape[0]), "init_images": min(args.init_size, int(images.shape[0])),
+        "calib_images": len(images), "init_images": min(args.init_size, len(images)),
         "skipped_images": {"calib": 0 if calib_folder is None else len(calib_folder.skipped),
                            "val": 0 if val_folder is None else len(val_folder.skipped)},
         "steps": history["steps"], "iters": args.iters, "batch_size": args.batch_size, "seed": args.seed,
         "losses": {"first": losses[0], "last": losses[-1]} if losses else None,
         "time_s": time.time() - t0, "peak_memory": peak_memory(device), "size": model_size(fp_model, student),
-        "device": str(device), "completed": True, "data_free": args.data == INVERT,
+        "device": str(device), "world_size": dist.world, "completed": True, "data_free": args.data == INVERT,
         "eval_arithmetic": "float fake-quant (A16)" if cfg_bits.act_float else "int (the exported model's)",
         "act_correction": None if correction is None else {
             "steps": correction["steps"], "first": correction["losses"][0] if correction["losses"] else None,
@@ -352,6 +371,8 @@ def run(args: argparse.Namespace) -> dict:
     if os.path.exists(ocfg.state_path):
         os.remove(ocfg.state_path)
     shutil.rmtree(out + ".invert", ignore_errors=True)
+    images.close()
+    shutil.rmtree(cache_path(out), ignore_errors=True)
     return report
 
 
@@ -366,11 +387,17 @@ def _check_export(path: str, overwrite: bool, bits) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun rank 0 speaks for all (errors are shared)
     try:
         report = run(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not quiet:
+            print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        DI.shutdown()
+    if quiet:
+        return 0
     if report.get("completed"):
         print(format_table(report), end="")
     else:

@@ -102,10 +102,14 @@ def _weight_param(name: str) -> bool:
     return name.endswith(("dW", "log_ws", "wz"))
 
 
-def sos(student: nn.Module, teacher: nn.Module, images: Tensor, cfg, init_size: int = 32) -> dict:
+def sos(student: nn.Module, teacher: nn.Module, images, cfg, init_size: int = 32) -> dict:
     """Run the three SOS stages on a calibrated ``student`` (``cfg`` an :class:`quant.optimize.OptimConfig` with
-    ``method="is-vit"``; ``iters`` per block and stage). Returns the history of :func:`quant.optimize.optimize`."""
+    ``method="is-vit"``; ``iters`` per block and stage; ``images`` a tensor or :class:`calib.stream.CalibImages`).
+    Returns the history of :func:`quant.optimize.optimize`."""
+    from calib.stream import as_images
     from quant.optimize import optimize
+
+    images = as_images(images)
 
     if cfg.resume or cfg.stop_after is not None:
         raise UserError("--method is-vit does not support --resume/--stop-after; run it in one go")
@@ -117,7 +121,7 @@ def sos(student: nn.Module, teacher: nn.Module, images: Tensor, cfg, init_size: 
                                     stop_after=None)
     qmods = quant_modules(student)
     device = next(student.parameters()).device
-    init_channelwise(student, images[:init_size].to(device))
+    init_channelwise(student, images.head(init_size).to(device))
 
     for m in qmods:
         m.quantize_weights = False
