@@ -57,8 +57,10 @@ def folder_tail(folder: D.ImageFolder, transform, size: int, skip: int, seed: in
 
 
 def synthesized(fp_model: nn.Module, transform, size: int, steps: int, seed: int, progress: bool = False) -> Tensor:
-    """``size`` images made like the data-free calibration set (random target classes, mid difficulty; 8-bit RGB
-    then ``transform``, as the calibration reads its PNGs), with seeds the calibration synthesis does not use."""
+    """``size`` images made like the data-free calibration set's hardest batch (random target classes, soft targets
+    0.6 / 0.4 on two classes: near decision boundaries, where quantization flips predictions; easy synthesized images
+    are agreed on almost always), 8-bit RGB then ``transform`` as the calibration reads its PNGs, with seeds the
+    calibration synthesis does not use."""
     import numpy as np
     from PIL import Image
 
@@ -69,7 +71,7 @@ def synthesized(fp_model: nn.Module, transform, size: int, steps: int, seed: int
                            generator=torch.Generator().manual_seed(seed * 100003 + SYNTH_SEED))
     out = []
     for b in range(0, size, cfg.batch_size):
-        imgs = synthesize(fp_model, labels[b:b + cfg.batch_size], cfg, difficulty=0.5,
+        imgs = synthesize(fp_model, labels[b:b + cfg.batch_size], cfg, difficulty=1.0,
                           seed=seed * 100003 + SYNTH_SEED + b, progress=progress)
         for img in imgs:
             out.append(transform(Image.fromarray((img.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8))))
