@@ -5,7 +5,8 @@ the end and saved to ``bench/results.json``).
 Checkpoint: ``$LOWBIT_BENCH_CHECKPOINT``, else ``runs/demo-w4a4-e2e/model.lowbit`` (``python -m quant.run --model demo
 --bits w4a4``), else a W4A4 demo checkpoint made here with ``--method rtn`` on 32 seeded random images (the timings
 depend on shapes and bit widths, not on how well the quantizers were trained). Every forward runs under
-``torch.inference_mode`` with PyTorch's default thread count. Rows: the float model (baseline), the loaded checkpoint's
+``torch.inference_mode`` with PyTorch's default thread count; the implementations are timed round-robin (medians of
+200 rounds at batch 1, 20 at batch 64). Rows: the float model (baseline), the loaded checkpoint's
 CPU fast path (``export.load``, int8 ``torch._int_mm`` and exact float GEMM backends), the packed path
 (``fast=False``: ``kernels.reference``, as before the fast path). ``LOWBIT_BENCH_COMPILE=1`` adds both models under
 ``torch.compile`` (inductor; compile time excluded; the compiled checkpoint is not bit-identical to the eager one).
@@ -56,20 +57,28 @@ def models(tmp_path_factory):
     return out
 
 
-def _time(benchmark, fn, rounds):
-    with torch.inference_mode():
-        for _ in range(3):  # warm-up (and compilation)
+def _interleaved(fns: dict, rounds: int) -> dict:
+    """Median seconds of each callable, timed round-robin (one call of each per round), so drifting load on a
+    shared machine hits every implementation alike and their ratio stays meaningful."""
+    import time
+    times = {k: [] for k in fns}
+    for _ in range(3):  # warm-up (and compilation)
+        for fn in fns.values():
             fn()
-        benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=2)
-    return benchmark.stats.stats.median
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
 @pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("impl", IMPLS)
-def test_demo_inference(benchmark, models, batch, impl):
+def test_demo_inference(benchmark, models, batch):
     x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
-    m = models[impl]
-    slow = impl.startswith("lowbit packed")
-    rounds = (5 if slow else 30) if batch > 1 else (20 if slow else 300)
-    seconds = _time(benchmark, lambda: m(x), rounds)
-    record("demo cpu", f"batch {batch}", impl, seconds, batch, unit="img/s", scale=1.0)
+    with torch.inference_mode():
+        med = _interleaved({k: (lambda m=models[k]: m(x)) for k in IMPLS}, 200 if batch == 1 else 20)
+        for impl in IMPLS:
+            record("demo cpu", f"batch {batch}", impl, med[impl], batch, unit="img/s", scale=1.0)
+        m = models["lowbit fast int8"]  # pytest-benchmark's own statistics, for the default loaded model
+        benchmark.pedantic(lambda: m(x), rounds=30, iterations=1, warmup_rounds=2)
