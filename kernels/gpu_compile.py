@@ -264,11 +264,13 @@ def dispatcher_launches(arch: int) -> list:
 
 
 def structural_key(lx) -> tuple:
-    """:meth:`Launch.key` less what only changes constants in the code (quantizer level counts, integer
-    divisibility): launches with equal structural keys compile to the same tiles, layouts and pipelines."""
+    """:meth:`Launch.key` less what only changes constants in the code (quantizer level counts) and the
+    divisibility of row counts and input strides; the divisibility of N, K, C and of the output row stride stays
+    (it decides whether stores vectorise, which moves register use)."""
     meta = tuple((k, getattr(v, "__name__", v)) for k, v in lx.meta.items() if not k.endswith(("QMAX", "OFFSET")))
-    dts = tuple((k, str(v.dtype)) for k, v in lx.args.items() if hasattr(v, "dtype"))
-    return (lx.kernel.__name__, meta, dts, tuple(sorted(lx.options.items())))
+    sig = tuple((k, str(v.dtype)) if hasattr(v, "dtype") else (k, isinstance(v, int) and v % 16 == 0)
+                for k, v in lx.args.items() if hasattr(v, "dtype") or k in ("N", "K", "stride_om", "C"))
+    return (lx.kernel.__name__, meta, sig, tuple(sorted(lx.options.items())))
 
 
 def representatives(launches) -> list:
