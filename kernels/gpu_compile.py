@@ -14,8 +14,8 @@ import os
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import List, Optional
 
 import torch
 
@@ -40,7 +40,6 @@ class CompileReport:
     shared: int = 0
     dots: int = 0
     mma: bool = True
-    extra: Dict[str, object] = field(default_factory=dict)
 
 
 def signature(launch) -> tuple:
@@ -105,7 +104,6 @@ def compile_launch(launch, arch: int) -> CompileReport:
         rep.shared = int(k.metadata.shared)
         rep.dots = len(re.findall(r"\btt\.dot\b|\bttng\.warp_group_dot\b|\btriton_nvidia_gpu\.warp_group_dot\b", ttgir))
         rep.mma = ("wgmma" in ptx or "mma.sync" in ptx) if rep.dots else True
-        rep.extra["fma_dot"] = bool(rep.dots) and "mma" not in ptx
         rep.registers, rep.spill_bytes = _ptxas_stats(ptx, arch)
         rep.ok = True
     except Exception as e:  # noqa: BLE001 - a failed compile is a result here
@@ -207,9 +205,8 @@ def dispatcher_launches(arch: int) -> list:
         out.setdefault(lx.key(), lx)
 
     for m, n, k in gemm_problems():
-        cfg = C.gemm_config("int4", m, n, k, target) or C.GEMM_CANDIDATES[0]
         for fmt in fmts:
-            cfg = C.gemm_config(fmt, m, n, k, target) or cfg
+            cfg = C.gemm_config(fmt, m, n, k, target) or C.gemm_rule(m, n, k)
             add(gemm_launch(fmt, m, n, k, target, cfg))
             add(gemm_launch(fmt, m, n, k, target, cfg, gelu=True, rq_bits=4.0))
     for cfg in C.GEMM_CANDIDATES:

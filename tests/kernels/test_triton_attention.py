@@ -90,5 +90,10 @@ def test_quant_attention_bad_input(gen):
 def test_quant_attention_gpu_tiles(gen, monkeypatch, b, h, l, bits, swin):
     """The tiles chosen for a GPU (:func:`kernels.configs.attention_config`), run by the interpreter."""
     from kernels import configs as C
+    used = []
+    real = C.attention_config
     monkeypatch.setattr(C.Target, "of", staticmethod(lambda t: C.Target(interpreted=False, arch=90)))
+    monkeypatch.setattr(C, "attention_config", lambda *a, **k: used.append(real(*a, **k)) or used[-1])
     test_quant_attention_matches_reference(gen, b, h, l, bits, swin)
+    assert used and all(u == real(l, 64, C.Target(interpreted=False, arch=90), swin) for u in used)
+    assert used[0][2].get("num_warps") == 8  # the GPU tiles, not the interpreter's

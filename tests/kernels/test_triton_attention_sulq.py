@@ -74,5 +74,10 @@ def test_sulq_attention_bad_eta(gen):
 def test_sulq_attention_gpu_tiles(gen, monkeypatch, b, h, l, bits, swin):
     """The tiles chosen for a GPU (:func:`kernels.configs.attention_config`), run by the interpreter."""
     from kernels import configs as C
+    used = []
+    real = C.attention_config
     monkeypatch.setattr(C.Target, "of", staticmethod(lambda t: C.Target(interpreted=False, arch=90)))
+    monkeypatch.setattr(C, "attention_config", lambda *a, **k: used.append(real(*a, **k)) or used[-1])
     test_sulq_attention_matches_reference(gen, b, h, l, bits, swin)
+    assert used and all(u == real(l, 64, C.Target(interpreted=False, arch=90), swin) for u in used)
+    assert used[0][2].get("num_warps") == 8  # the GPU tiles, not the interpreter's
