@@ -5,7 +5,7 @@ import tempfile
 from pathlib import Path
 
 ROWS = []
-RESULTS = Path(__file__).with_name("results.json")
+RESULTS = Path(__file__).with_name("bench_results.json")  # results.json is python -m bench.gpu's
 
 
 def record(group: str, shape: str, impl: str, seconds: float, ops: float, unit: str = "TOPS",
@@ -29,7 +29,7 @@ def table(rows) -> str:
 
 
 def save(rows, meta) -> Path:
-    """Atomic JSON write of ``{"meta": ..., "rows": ...}`` to ``bench/results.json``."""
+    """Atomic JSON write of ``{"meta": ..., "rows": ...}`` to ``bench/bench_results.json``."""
     fd, tmp = tempfile.mkstemp(dir=RESULTS.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)

@@ -1,6 +1,6 @@
 """CPU inference of the exported demo checkpoint against the float timm demo model, in the same process, at batch 1
 and 64 (``pytest bench/test_bench_inference.py``; the table, with each row's ratio to the float model, is printed at
-the end and saved to ``bench/results.json``).
+the end and saved to ``bench/bench_results.json``).
 
 Checkpoint: ``$LOWBIT_BENCH_CHECKPOINT``, else ``runs/demo-w4a4-e2e/model.lowbit`` (``python -m quant.run --model demo
 --bits w4a4``), else a W4A4 demo checkpoint made here with ``--method rtn`` on 32 seeded random images (the timings

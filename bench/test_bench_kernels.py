@@ -1,6 +1,6 @@
 """Kernel throughput on ViT-B shapes (CUDA only): packed GEMMs vs fp16 matmul and ``torch._int_mm``, quantized
 attention vs fp16 SDPA, fused quantize vs a plain copy. Run ``pytest bench/``; the table is printed at the end
-and saved to ``bench/results.json`` (pytest-benchmark's own ``--benchmark-json`` works too)."""
+and saved to ``bench/bench_results.json`` (pytest-benchmark's own ``--benchmark-json`` works too)."""
 import pytest
 import torch
 

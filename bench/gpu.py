@@ -1,0 +1,643 @@
+"""``python -m bench.gpu``: check and time the package on a CUDA machine in one command (about 5-9 minutes, H100).
+
+Sections, each run even if an earlier one failed (its error is recorded and the exit status is 1):
+
+``checks``   every Triton kernel compiled for the GPU against :mod:`kernels.reference` on random inputs of
+             realistic shapes: integer outputs (codes, the GEMM accumulator) exact, except codes where the
+             reference's pre-rounding value sits within 1e-3 of a tie; float outputs within the tolerances of
+             ``tests/kernels`` (GEMM ``1e-5`` relative; attention ``<= 5%`` of the range, and ``< 2%`` of the
+             elements beyond float rounding, the tie flips of P).
+``kernels``  medians of :func:`triton.testing.do_bench` (the L2 is flushed before every call), inputs random:
+             packed GEMMs (W1.58A8, W3A3, W4A4, W4A8, W8A8) at ViT-B shapes, ``M = 197 x {1, 8, 64}``, against
+             fp16 ``matmul`` and ``torch._int_mm``; the fused LayerNorm-quantize against a device copy of the same
+             input bytes (bandwidth counts bytes read + written); quantized attention against fp16 SDPA at
+             ``L = 197, 577`` (ViT-B) and Swin-B's 49-token windows with the relative position bias.
+``models``   exported ViT-B/16, DeiT-S and Swin-T (random init) at W4A4 and W1.58A8, loaded with
+             :func:`export.load`: images/s at batch 1, 8, 64 against timm fp16 eager, and (ViT-B) both under
+             ``torch.compile`` (``reduce-overhead``: CUDA graphs); peak memory of the batch-64 forward.
+``optim``    e2e PTQ iterations/s of ViT-S at batch 32 (fp32 and bf16 autocast) and peak memory.
+
+Writes ``RESULTS.md`` (GPU, driver, versions, date, every number with its ratio to its baseline, the issue's
+targets) and ``results.json`` into ``--out`` (default ``bench/``) and prints the table. ``--dry`` runs the same code
+on the CPU through the Triton interpreter on tiny shapes (the test suite runs it).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("checks", "kernels", "models", "optim")
+GEMM_FORMATS = {"W1.58A8": (1.58, 8), "W3A3": (3, 3), "W4A4": (4, 4), "W4A8": (4, 8), "W8A8": (8, 8)}
+TARGETS = [  # (what, section, case filter, impl, baseline, minimum ratio)
+    ("packed GEMM batch 64 vs fp16 matmul", "gemm", "M=12608", ("W1.58A8", "W4A4", "W3A3"), "fp16 matmul", 1.5),
+    ("packed GEMM batch 64 vs torch._int_mm", "gemm", "M=12608", ("W1.58A8", "W4A4", "W3A3"), "torch._int_mm", 0.9),
+    ("packed GEMM batch 1 vs fp16 matmul", "gemm", "M=197 ", ("W1.58A8", "W4A4", "W3A3"), "fp16 matmul", 1.3),
+    ("LayerNorm-quantize bandwidth vs copy", "quantize", "", ("layernorm_quantize",), "copy", 0.7),
+    ("ViT-B W4A4 batch 64 vs timm fp16 eager", "model", "vit_b batch 64 ", ("W4A4 eager", "W4A4 compiled"),
+     "timm fp16 eager", 1.5),
+    ("ViT-B W4A4 batch 1 vs timm fp16 eager", "model", "vit_b batch 1 ", ("W4A4 eager", "W4A4 compiled"),
+     "timm fp16 eager", 1.0),
+]
+
+
+class Bench:
+    """Timings and checks of one run; ``dry``: CPU, interpreter, tiny shapes, wall-clock timer."""
+
+    def __init__(self, dry: bool):
+        import torch
+        self.dry = dry
+        self.dev = torch.device("cpu" if dry else "cuda")
+        self.rows: List[dict] = []
+        self.checks: List[dict] = []
+        self.errors: Dict[str, str] = {}
+        self.extra: Dict[str, dict] = {}
+
+    # ------------------------------------------------------------------------------------------ timing
+
+    def time_ms(self, fn: Callable[[], object], model: bool = False) -> float:
+        """Median milliseconds of ``fn``: ``do_bench`` for kernels, CUDA events around whole calls for models."""
+        import torch
+        if self.dry:
+            fn()
+            ts = []
+            for _ in range(1 if model else 2):
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+            return statistics.median(ts) * 1e3
+        if not model:
+            import triton
+            return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        ts = []
+        t_end = time.perf_counter() + 2.0
+        while len(ts) < 10 or (time.perf_counter() < t_end and len(ts) < 100):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            ts.append(a.elapsed_time(b))
+        return statistics.median(ts)
+
+    def row(self, section: str, case: str, impl: str, ms: float, work: float, unit: str, **kw) -> dict:
+        r = dict(section=section, case=case, impl=impl, ms=ms, rate=work / (ms * 1e-3), unit=unit, **kw)
+        self.rows.append(r)
+        return r
+
+    def check(self, name: str, ok: bool, detail: str) -> None:
+        self.checks.append(dict(name=name, ok=bool(ok), detail=detail))
+        print(f"  [{'ok' if ok else 'FAIL'}] {name}: {detail}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def _gen(dev, seed=0):
+    import torch
+    return torch.Generator(device=dev).manual_seed(seed)
+
+
+def _gemm_problem(dev, m, k, n, wbits, abits, seed=0):
+    import torch
+
+    from kernels import ops
+    from quant import packing
+    from quant import primitives as P
+    from quant.primitives import QParams
+    g = _gen(dev, seed)
+    x = torch.randn(m, k, device=dev, generator=g) * (torch.rand(k, device=dev, generator=g) * 2.7 + 0.3)
+    w = torch.randn(n, k, device=dev, generator=g) * (torch.rand(n, 1, device=dev, generator=g) + 0.2)
+    qp = QParams(*P.init_act_qparams(x[:4096], abits), abits)
+    sw, zw = P.init_weight_qparams(w, wbits)
+    a = P.quantize(x, qp.s, qp.z, abits, signed=True)
+    pw = packing.pack(P.quantize(w, sw, zw, wbits), wbits)
+    ops.weight_colsum(pw)
+    return dict(x=x, w=w, a=a, qp=qp, pw=pw, sw=sw.flatten(), zw=zw.flatten(),
+                bias=torch.randn(n, device=dev, generator=g))
+
+
+def _ties(codes, ref, pre, tol=1e-3) -> tuple:
+    """(mismatches, mismatches away from a rounding tie of ``pre``, largest difference)."""
+    diff = (codes.int() - ref.int()).abs()
+    bad = diff > 0
+    frac = pre.double() - pre.double().floor()
+    away = bad & ((frac - 0.5).abs() >= tol)
+    return int(bad.sum()), int(away.sum()), int(diff.max()) if diff.numel() else 0
+
+
+def _tie_check(b: Bench, name: str, codes, ref, pre) -> None:
+    n_bad, n_away, dmax = _ties(codes, ref, pre)
+    ok = n_away == 0 and dmax <= 1 and n_bad <= 0.01 * ref.numel()
+    b.check(name, ok, f"{ref.numel()} codes, {n_bad} differ (all at rounding ties: {n_away == 0}), max diff {dmax}")
+
+
+def _triton(flag: bool):
+    from kernels import ops
+    ops.use_triton(flag)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def section_checks(b: Bench) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from kernels import ops
+    from kernels import reference as R
+    from quant import primitives as P
+    from quant.primitives import QParams
+    dev = b.dev
+    m, c = (6, 64) if b.dry else (197 * 8, 768)
+    g = _gen(dev, 1)
+    x = torch.randn(m, c, device=dev, generator=g) * (torch.rand(c, device=dev, generator=g) * 3 + 0.2)
+    r, sh = torch.rand(c, device=dev, generator=g) + 0.5, torch.randn(c, device=dev, generator=g) * 0.3
+    lw, lb = torch.rand(c, device=dev, generator=g) + 0.5, torch.randn(c, device=dev, generator=g) * 0.1
+    for bits in (3, 4, 8):
+        xr = P.apply_rescale(x, r, sh)
+        qp = QParams(*P.init_act_qparams(xr, bits), bits)
+        _triton(True)
+        out = ops.quantize(x, qp, r, sh)
+        _triton(False)
+        _tie_check(b, f"rescale_quantize a{bits}", out, R.rescale_quantize(x, qp, r, sh), xr / qp.s)
+        y = F.layer_norm(x, (c,), lw, lb, 1e-6)
+        qp = QParams(*P.init_act_qparams(y, bits), bits)
+        _triton(True)
+        out = ops.layernorm_quantize(x, lw, lb, 1e-6, qp)
+        _triton(False)
+        _tie_check(b, f"layernorm_quantize a{bits}", out, R.layernorm_rescale_quantize(x, lw, lb, 1e-6, qp), y / qp.s)
+
+    # fake quantize: forward values and every gradient (x, r, shift, s, z)
+    bits = 4
+    xr = P.apply_rescale(x, r, sh)
+    s0, z0 = P.init_act_qparams(xr, bits)
+    grads = {}
+    for tri in (True, False):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, r, sh, s0.to(dev), z0.to(dev))]
+        _triton(tri)
+        y = ops.fake_quantize(leaves[0], QParams(leaves[3], leaves[4], bits), leaves[1], leaves[2])
+        gy = torch.randn(y.shape, device=dev, generator=_gen(dev, 2))
+        (y * gy).sum().backward()
+        grads[tri] = [y.detach()] + [t.grad for t in leaves]
+    _triton(False)
+    pre = xr / s0.to(dev)
+    live = ((pre - pre.floor() - 0.5).abs() > 1e-3)
+    names = ["value", "grad x", "grad r", "grad shift", "grad s", "grad z"]
+    for i, name in enumerate(names):
+        t, ref = grads[True][i], grads[False][i]
+        if i in (0, 1):
+            t, ref = t[live], ref[live]
+        err = float((t - ref).abs().max() / (ref.abs().max() + 1e-12))
+        b.check(f"fake_quantize {name}", err < (1e-5 if i < 2 else 1e-3), f"max relative error {err:.2e}")
+
+    # per-channel weight fake quantize (s, z per output row)
+    w = torch.randn(48 if b.dry else 768, c, device=dev, generator=g)
+    for wbits in (1.58, 3, 4):
+        sw, zw = P.init_weight_qparams(w, wbits)
+        grads = {}
+        for tri in (True, False):
+            leaves = [t.detach().clone().requires_grad_(True) for t in (w, sw, zw)]
+            _triton(tri)
+            y = ops.fake_quantize_weight(leaves[0], leaves[1], leaves[2], wbits)
+            (y * torch.randn(y.shape, device=dev, generator=_gen(dev, 4))).sum().backward()
+            grads[tri] = [y.detach()] + [t.grad for t in leaves]
+        _triton(False)
+        pre = w / sw
+        live = (pre - pre.floor() - 0.5).abs() > 1e-3
+        for i, name in enumerate(["value", "grad w", "grad s", "grad z"]):
+            t, ref = grads[True][i], grads[False][i]
+            if i < 2:
+                t, ref = t[live], ref[live]
+            err = float((t - ref).abs().max() / (ref.abs().max() + 1e-12))
+            b.check(f"fake_quantize_weight w{wbits} {name}", err < (1e-5 if i < 2 else 1e-3),
+                    f"max relative error {err:.2e}")
+
+    # packed GEMMs: every format, float epilogue, GELU + fp16, requant codes; integer accumulator exact
+    mm, kk, nn_ = (5, 64, 48) if b.dry else (197 * 8, 768, 3072)
+    for fmt_name, (wbits, abits) in {**GEMM_FORMATS, "W6A6": (6, 6), "W2A4": (2, 4)}.items():
+        pr = _gemm_problem(dev, mm, kk, nn_, wbits, abits, seed=3)
+        a, qp, pw, sw, zw, bias = pr["a"], pr["qp"], pr["pw"], pr["sw"], pr["zw"], pr["bias"]
+        one = QParams(torch.tensor(1.0, device=dev), qp.z, abits)
+        ones = torch.ones_like(sw)
+        _triton(True)
+        acc = ops.packed_linear(a, one, pw, ones, zw)
+        y = ops.packed_linear(a, qp, pw, sw, zw, bias)
+        yg = ops.packed_linear(a, qp, pw, sw, zw, bias, gelu=True, out_dtype=torch.float16)
+        _triton(False)
+        acc_ref = R.packed_linear(a, one, pw, ones, zw)
+        b.check(f"packed GEMM {fmt_name} integer accumulator", torch.equal(acc, acc_ref),
+                f"[{mm}x{kk}] x [{kk}x{nn_}], max |acc| {float(acc_ref.abs().max()):.0f}, exact: "
+                f"{torch.equal(acc, acc_ref)}")
+        ref = R.packed_linear(a, qp, pw, sw, zw, bias)
+        err = float((y - ref).abs().max() / ref.abs().max())
+        b.check(f"packed GEMM {fmt_name} fp32 output", err <= 1e-5, f"max error {err:.2e} of the range")
+        ref_g = R.packed_linear(a, qp, pw, sw, zw, bias, gelu=True).half().float()
+        err = float((yg.float() - ref_g).abs().max() / ref_g.abs().max())
+        b.check(f"packed GEMM {fmt_name} GELU fp16 output", err <= 1e-3, f"max error {err:.2e} of the range")
+        yy = R.packed_linear(a, qp, pw, sw, zw, bias, gelu=True)
+        rq = QParams(*P.init_act_qparams(yy, abits), abits)
+        _triton(True)
+        codes = ops.packed_linear(a, qp, pw, sw, zw, bias, gelu=True, requant=rq)
+        _triton(False)
+        _tie_check(b, f"packed GEMM {fmt_name} GELU requant codes", codes,
+                   R.packed_linear(a, qp, pw, sw, zw, bias, gelu=True, requant=rq), yy / rq.s)
+
+    # attention: uniform and SULQ probability codes, with and without Swin bias + mask, head dims 32/64
+    cases = [(2, 2, 49, 32, True), (1, 2, 50, 32, False)] if b.dry else [
+        (4, 12, 197, 64, False), (1, 12, 577, 64, False), (64, 4, 49, 32, True), (8, 16, 49, 32, True),
+        (2, 4, 197, 128, False)]
+    for bb, h, l, d, swin in cases:
+        for bits, sulq in ((8, False), (4, False), (4, True)):
+            gg = _gen(dev, 5)
+            xs = [torch.randn(bb, h, l, d, device=dev, generator=gg) * (1.0 + i) for i in range(3)]
+            qps = [QParams(*P.init_act_qparams(t, bits), bits) for t in xs]
+            q, k, v = (P.quantize(t, qp.s, qp.z, bits, signed=True) for t, qp in zip(xs, qps))
+            bias = torch.randn(h, l, l, device=dev, generator=gg) if swin else None
+            mask = (torch.where(torch.rand(4, l, l, device=dev, generator=gg) < 0.3, -100.0, 0.0)
+                    if swin and bb % 4 == 0 else None)
+            p_qp = None
+            if sulq:
+                p_qp = P.init_sulq_params(torch.softmax(torch.randn(256, l, device=dev, generator=gg) * 2, -1), bits)
+            _triton(True)
+            out = ops.quant_attention(q, k, v, *qps, scale=d ** -0.5, p_qp=p_qp, rel_bias=bias, mask=mask)
+            _triton(False)
+            ref = R.quant_attention(q, k, v, *qps, scale=d ** -0.5, p_qp=p_qp, rel_bias=bias, mask=mask)
+            err = (out - ref).abs()
+            worst = float(err.max() / ref.abs().max())
+            frac = float(err.gt(1e-5 * (ref.abs() + 1)).double().mean())
+            name = f"attention {'SULQ' if sulq else 'uniform'} a{bits} B={bb} H={h} L={l} D={d}" + (
+                " bias+mask" if mask is not None else " bias" if swin else "")
+            b.check(name, worst <= 0.05 and frac < 0.02,
+                    f"max error {worst:.2e} of the range, {100 * frac:.2f}% of elements beyond float rounding")
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+
+
+def section_kernels(b: Bench) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from kernels import ops
+    from quant import primitives as P
+    from quant.primitives import QParams
+    dev = b.dev
+    _triton(True)
+    batches = (1,) if b.dry else (1, 8, 64)
+    kns = ((64, 96),) if b.dry else ((768, 2304), (768, 768), (768, 3072), (3072, 768))
+    tokens = 3 if b.dry else 197
+    for batch in batches:
+        m = tokens * batch
+        for k, n in kns:
+            case = f"M={m} K={k} N={n}"
+            flops = 2.0 * m * n * k / 1e12
+            pr = _gemm_problem(dev, m, k, n, 8, 8)
+            xh, wh = pr["x"].half(), pr["w"].half().t().contiguous()
+            if b.dry:
+                xh, wh = xh.float(), wh.float()
+            b.row("gemm", case, "baseline fp16 matmul", b.time_ms(lambda: xh @ wh), flops, "TFLOP/s")
+            wi = pr["pw"].planes["q"][:, :k].contiguous().t()  # [K, N] column-major, the layout _int_mm wants
+            if not b.dry and m > 16:
+                a = pr["a"]
+                b.row("gemm", case, "baseline torch._int_mm", b.time_ms(lambda: torch._int_mm(a, wi)), flops,
+                      "TOPS")
+            for name, (wbits, abits) in GEMM_FORMATS.items():
+                p = _gemm_problem(dev, m, k, n, wbits, abits)
+                a, qp, pw, sw, zw, bias = p["a"], p["qp"], p["pw"], p["sw"], p["zw"], p["bias"]
+                out_dt = torch.float16
+                ms = b.time_ms(lambda: ops.packed_linear(a, qp, pw, sw, zw, bias, out_dtype=out_dt))
+                b.row("gemm", case, name, ms, flops, "TOPS")
+            print(f"  gemm {case} done", flush=True)
+
+    c = 64 if b.dry else 768
+    for batch in batches:
+        m = tokens * batch
+        x = torch.randn(m, c, device=dev, generator=_gen(dev)).half()
+        if b.dry:
+            x = x.float()
+        qp = QParams(torch.tensor(0.05, device=dev), torch.tensor(8.0, device=dev), 4)
+        lw, lb = torch.rand(c, device=dev) + 0.5, torch.randn(c, device=dev) * 0.1
+        r, sh = torch.rand(c, device=dev) + 0.5, torch.randn(c, device=dev)
+        case = f"M={m} C={c} {str(x.dtype).replace('torch.', '')}"
+        nbytes = x.numel() * x.element_size()
+        b.row("quantize", case, "baseline copy", b.time_ms(lambda: x.clone()), 2.0 * nbytes / 1e9, "GB/s")
+        b.row("quantize", case, "layernorm_quantize",
+              b.time_ms(lambda: ops.layernorm_quantize(x, lw, lb, 1e-6, qp)), (nbytes + x.numel()) / 1e9, "GB/s")
+        b.row("quantize", case, "rescale_quantize", b.time_ms(lambda: ops.quantize(x, qp, r, sh)),
+              (nbytes + x.numel()) / 1e9, "GB/s")
+
+    att = [(1, 2, 49, 32, True)] if b.dry else [
+        (1, 12, 197, 64, False), (8, 12, 197, 64, False), (64, 12, 197, 64, False), (1, 12, 577, 64, False),
+        (8, 12, 577, 64, False), (64 * 8, 4, 49, 32, True), (4 * 8, 32, 49, 32, True)]
+    for bb, h, l, d, swin in att:
+        gg = _gen(dev, 7)
+        xs = [torch.randn(bb, h, l, d, device=dev, generator=gg) for _ in range(3)]
+        bias = torch.randn(h, l, l, device=dev, generator=gg) if swin else None
+        case = f"B={bb} H={h} L={l} D={d}" + (" +bias" if swin else "")
+        flops = 4.0 * bb * h * l * l * d / 1e12
+        hs = [t.half() if not b.dry else t for t in xs]
+        hb = bias.half()[None] if swin and not b.dry else (bias[None] if swin else None)
+        b.row("attention", case, "baseline fp16 SDPA",
+              b.time_ms(lambda: F.scaled_dot_product_attention(*hs, attn_mask=hb)), flops, "TFLOP/s")
+        for bits in (8, 4):
+            qps = [QParams(*P.init_act_qparams(t[:1], bits), bits) for t in xs]
+            q, k, v = (P.quantize(t, qp.s, qp.z, bits, signed=True) for t, qp in zip(xs, qps))
+            b.row("attention", case, f"quant_attention a{bits}",
+                  b.time_ms(lambda: ops.quant_attention(q, k, v, *qps, scale=d ** -0.5, rel_bias=bias)), flops, "TOPS")
+        print(f"  attention {case} done", flush=True)
+    _triton(None)
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+MODELS = {  # name: (alias / timm name, model_args)
+    "vit_b": ("vit_b", {}), "deit_s": ("deit_s", {}), "swin_t": ("swin_t", {}),
+}
+DRY_MODELS = {
+    "vit_b": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2,
+                                           num_classes=10)),
+    "swin_t": ("swin_tiny_patch4_window7_224", dict(img_size=16, patch_size=2, window_size=4, embed_dim=64,
+                                                    depths=(1, 1), num_heads=(2, 4), num_classes=10)),
+}
+
+
+COMPILED_BATCHES = (1, 64)  # each batch size compiles (and captures CUDA graphs) anew: the targets' sizes only
+
+
+def _float_model(arch: str, args: dict):
+    import timm
+
+    from quant.models import resolve
+    return timm.create_model(resolve(arch).timm_name, pretrained=False, **args).eval()
+
+
+def _export(b: Bench, arch: str, args: dict, bits: str, tmp: Path):
+    import torch
+
+    import export
+    from quant.calibrate import calibrate
+    from quant.surgery import quantize_model
+    torch.manual_seed(0)
+    fp = _float_model(arch, args).to(b.dev)
+    size = fp.patch_embed.img_size[0]
+    images = torch.randn(4 if b.dry else 8, 3, size, size, device=b.dev, generator=_gen(b.dev, 11))
+    q = calibrate(quantize_model(copy.deepcopy(fp), bits), images)
+    path = export.export_model(q.cpu(), tmp / f"{arch}-{bits}.lowbit", arch=arch, config=args, bits=bits)
+    return fp, path, size
+
+
+def section_models(b: Bench, models: Optional[List[str]] = None, compile_models=("vit_b",)) -> None:
+    import torch
+
+    import export
+    specs = DRY_MODELS if b.dry else MODELS
+    batches = (2,) if b.dry else (1, 8, 64)
+    if b.dry:
+        _triton(True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in models or list(specs):
+            arch, args = specs[name]
+            for bits in ("w4a4", "w1.58a8"):
+                fp, path, size = _export(b, arch, args, bits, Path(tmp))
+                if bits == "w4a4":
+                    ref = fp.half() if not b.dry else fp
+                    impls = {"baseline timm fp16 eager": ref}
+                    if name in compile_models and not b.dry:
+                        impls["timm fp16 compiled"] = torch.compile(ref, mode="reduce-overhead")
+                else:
+                    impls = {}
+                tag = bits.upper()
+                impls[f"{tag} eager"] = export.load(path, device=b.dev)
+                if name in compile_models and not b.dry:
+                    impls[f"{tag} compiled"] = export.load(path, device=b.dev, compile=True)
+                for batch in batches:
+                    x = torch.randn(batch, 3, size, size, device=b.dev, generator=_gen(b.dev, batch))
+                    case = f"{name} batch {batch}"
+                    for impl, model in impls.items():
+                        if "compiled" in impl and batch not in COMPILED_BATCHES:
+                            continue
+                        xi = x.half() if "fp16" in impl and not b.dry else x
+                        with torch.inference_mode():
+                            if not b.dry:
+                                torch.cuda.reset_peak_memory_stats()
+                            ms = b.time_ms(lambda: model(xi), model=True)
+                            peak = torch.cuda.max_memory_allocated() / 2 ** 20 if not b.dry else None
+                        b.row("model", case, impl, ms, batch, "img/s", peak_mib=peak)
+                    print(f"  {case} {bits} done", flush=True)
+                del impls
+                if not b.dry:
+                    torch.cuda.empty_cache()
+    _triton(None)
+
+
+# ---------------------------------------------------------------------------------------------- optimiser
+
+
+def section_optim(b: Bench) -> None:
+    import torch
+
+    from quant.calibrate import calibrate
+    from quant.optimize import OptimConfig, optimize
+    from quant.surgery import quantize_model
+    if b.dry:
+        arch, args, bs, n_img, steps = DRY_MODELS["vit_b"] + (4, 8, 2)
+        _triton(True)
+    else:
+        arch, args, bs, n_img, steps = "vit_s", {}, 32, 256, 20
+    torch.manual_seed(0)
+    fp = _float_model(arch, args).to(b.dev)
+    size = fp.patch_embed.img_size[0]
+    images = torch.randn(n_img, 3, size, size, generator=torch.Generator().manual_seed(0))
+    for bf16 in (False, True):
+        q = calibrate(quantize_model(copy.deepcopy(fp), "w4a4"), images[:8].to(b.dev))
+        cfg = dict(method="e2e", batch_size=bs, bf16=bf16, progress=False)
+        optimize(q, fp, images, OptimConfig(iters=2, **cfg))  # warm-up: compiles the kernels
+        if not b.dry:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        hist = optimize(q, fp, images, OptimConfig(iters=steps, **cfg))
+        if not b.dry:
+            torch.cuda.synchronize()
+        sec = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20 if not b.dry else None
+        name = "bf16 autocast" if bf16 else "fp32"
+        b.row("optim", f"{arch} W4A4 e2e batch {bs}", name, sec * 1e3 / steps, 1.0, "it/s", peak_mib=peak,
+              loss_first=hist["losses"][0], loss_last=hist["losses"][-1])
+        print(f"  optimiser {name}: {steps / sec:.2f} it/s", flush=True)
+    _triton(None)
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def _ratios(rows: List[dict]) -> None:
+    """Each row's ``ratio`` to every baseline of its (section, case): baseline ms / row ms (speed-up)."""
+    for r in rows:
+        bases = {x["impl"].replace("baseline ", ""): x["ms"] for x in rows
+                 if x["section"] == r["section"] and x["case"] == r["case"] and x["impl"].startswith("baseline")}
+        if r["section"] == "quantize":  # bandwidth ratio (different byte counts)
+            bases = {x["impl"].replace("baseline ", ""): x["rate"] for x in rows if x["section"] == r["section"]
+                     and x["case"] == r["case"] and x["impl"].startswith("baseline")}
+            r["ratio"] = {k: r["rate"] / v for k, v in bases.items()}
+        else:
+            r["ratio"] = {k: v / r["ms"] for k, v in bases.items()}
+        if r["section"] == "model" and "compiled" in r["impl"] and not r["impl"].startswith("timm"):
+            comp = [x["ms"] for x in rows if x["case"] == r["case"] and x["impl"] == "timm fp16 compiled"]
+            if comp:
+                r["ratio"]["timm fp16 compiled"] = comp[0] / r["ms"]
+
+
+def _targets(rows: List[dict]) -> List[dict]:
+    out = []
+    for what, section, case, impls, base, want in TARGETS:
+        got = [(r["case"], r["impl"], r["ratio"].get(base)) for r in rows if r["section"] == section
+               and (case in r["case"] + " ") and r["impl"] in impls and r["ratio"].get(base) is not None]
+        if not got:
+            out.append(dict(target=what, want=want, got=None, ok=False, detail="not measured"))
+            continue
+        if section == "model":  # the best deployment of the model counts (eager or CUDA graphs)
+            worst = max(got, key=lambda t: t[2])
+        else:
+            worst = min(got, key=lambda t: t[2])
+        out.append(dict(target=what, want=want, got=worst[2], ok=worst[2] >= want,
+                        detail=f"{'best' if section == 'model' else 'worst'}: {worst[1]} at {worst[0]}"))
+    return out
+
+
+def _env(dry: bool) -> dict:
+    import torch
+    import triton
+    env = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), torch=torch.__version__,
+               triton=triton.__version__, python=platform.python_version(), dry=dry,
+               cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+    if torch.cuda.is_available() and not dry:
+        p = torch.cuda.get_device_properties(0)
+        env.update(gpu=p.name, sms=p.multi_processor_count, memory_gib=round(p.total_memory / 2 ** 30, 1),
+                   cuda=torch.version.cuda)
+        try:
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            env["driver"] = None
+    return env
+
+
+def _fmt_ratio(r: dict) -> str:
+    return ", ".join(f"{v:.2f}x {k}" for k, v in r["ratio"].items()) or "-"
+
+
+def markdown(res: dict) -> str:
+    env = res["env"]
+    lines = ["# GPU results (`python -m bench.gpu`)", "",
+             "Written by the script from this run's own measurements; do not edit by hand.", ""]
+    lines += [f"- {k}: {v}" for k, v in env.items()]
+    lines += ["", "Speeds are ratios to the baseline measured in the same process (`x` = faster when > 1): kernel "
+              "medians of `triton.testing.do_bench` with the L2 flushed; models and the optimiser by CUDA events "
+              "or wall clock around whole calls.", ""]
+    fails = [c for c in res["checks"] if not c["ok"]]
+    lines += ["## Checks against `kernels.reference`", "",
+              f"{len(res['checks']) - len(fails)} of {len(res['checks'])} passed.", ""]
+    lines += ["| check | result | detail |", "| --- | --- | --- |"]
+    lines += [f"| {c['name']} | {'ok' if c['ok'] else '**FAIL**'} | {c['detail']} |" for c in res["checks"]]
+    lines += ["", "## Targets", "", "| target | want | got | met | where |", "| --- | --- | --- | --- | --- |"]
+    for t in res["targets"]:
+        got = "-" if t["got"] is None else f"{t['got']:.2f}x"
+        lines.append(f"| {t['target']} | >= {t['want']}x | {got} | {'yes' if t['ok'] else 'no'} | {t['detail']} |")
+    for section in ("gemm", "quantize", "attention", "model", "optim"):
+        rows = [r for r in res["rows"] if r["section"] == section]
+        if not rows:
+            continue
+        lines += ["", f"## {section}", "", "| case | impl | ms | rate | vs baseline | peak MiB |",
+                  "| --- | --- | ---: | ---: | --- | ---: |"]
+        for r in rows:
+            peak = f"{r['peak_mib']:.0f}" if r.get("peak_mib") else ""
+            lines.append(f"| {r['case']} | {r['impl']} | {r['ms']:.4f} | {r['rate']:.3f} {r['unit']} | "
+                         f"{_fmt_ratio(r)} | {peak} |")
+    if res["errors"]:
+        lines += ["", "## Sections that failed", ""]
+        lines += [f"- {k}: `{v.strip().splitlines()[-1]}`" for k, v in res["errors"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _write(b: Bench, out: Path, dry: bool, seconds: dict) -> str:
+    """Write ``results.json`` and ``RESULTS.md`` (after every section, so a cut-off run keeps what it measured)."""
+    _ratios(b.rows)
+    res = dict(env={**_env(dry), "seconds": seconds}, checks=b.checks, targets=_targets(b.rows), rows=b.rows,
+               errors=b.errors)
+    _atomic_write(out / "results.json", json.dumps(res, indent=1))
+    md = markdown(res)
+    _atomic_write(out / "RESULTS.md", md)
+    return md
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dry", action="store_true", help="CPU, Triton interpreter, tiny shapes (what CI runs)")
+    ap.add_argument("--out", default=str(ROOT / "bench"), help="folder for RESULTS.md and results.json")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
+    ap.add_argument("--models", default=None, help="comma list of models for the models section")
+    args = ap.parse_args(argv)
+    sections = [s for s in args.sections.split(",") if s]
+    bad = [s for s in sections if s not in SECTIONS]
+    out = Path(args.out)
+    try:
+        if bad:
+            raise ValueError(f"unknown section(s) {', '.join(bad)}; use {', '.join(SECTIONS)}")
+        if not out.is_dir():
+            raise ValueError(f"--out {out} is not a folder; create it first")
+        if args.dry:
+            os.environ["TRITON_INTERPRET"] = "1"
+        import torch
+        if not args.dry and not torch.cuda.is_available():
+            raise ValueError("no CUDA device; run on a GPU machine, or use --dry for the CPU check of the script")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    b = Bench(args.dry)
+    t_all = time.perf_counter()
+    seconds, md = {}, ""
+    for s in sections:
+        print(f"== {s}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            fn = {"checks": section_checks, "kernels": section_kernels, "optim": section_optim,
+                  "models": lambda bb: section_models(bb, args.models.split(",") if args.models else None)}[s]
+            fn(b)
+        except Exception:  # noqa: BLE001 - a broken section is reported, the others still run
+            b.errors[s] = traceback.format_exc()
+            print(b.errors[s], file=sys.stderr, flush=True)
+        finally:
+            _triton(None)
+        seconds[s] = round(time.perf_counter() - t0, 1)
+        md = _write(b, out, args.dry, {**seconds, "total": round(time.perf_counter() - t_all, 1)})
+    print(md)
+    return 1 if b.errors or any(not c["ok"] for c in b.checks) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
