@@ -2,10 +2,20 @@
 
 For a batch of target classes ``y`` the pixels ``x`` (in the model's normalised space) minimise::
 
-    L = CE(f(jitter(x)), y_soft) - w_ps * mean_blocks H(patch-similarity)  + w_tv * TV(x) + w_l2 * |x|^2
+    L = CE(f(jitter(x)), y_soft) - w_ps * H  + w_tv * TV(x) + w_l2 * |x|^2
 
-- ``H`` is PSAQ-ViT's patch-similarity entropy: per image and block, the cosine similarities between patch tokens,
-  their density by a Gaussian kernel on a fixed grid over [-1, 1], and its entropy (maximised for diverse patches).
+- ``H`` rewards diverse patch similarities (PSAQ-ViT's idea), in one of two forms (``synthesis``):
+
+  * ``"psaq"``, PSAQ-ViT's patch-similarity entropy as published: for each block, the attention output before
+    ``proj`` (``softmax(QK^T) V``) averaged over heads, prefix (class/distillation) tokens dropped (Swin: each
+    window's tokens); the cosine similarities of all ordered token pairs ``(i, j)`` (``i = j`` included) of each
+    image; their normalised Gaussian KDE ``f(t) = 1/n sum_i exp(-(t - v_i)^2 / 2h^2) / sqrt(2 pi h^2)``, ``h =
+    0.01``, at 10 points evenly spaced over the batch's [min, max] of the similarities (a constant of the step); the
+    differential entropy ``-int (f + 1e-4) log(f + 1e-4) dt`` by the trapezoid rule; mean over images, **sum** over
+    blocks; weight ``w_ps = 1`` against CE.
+  * ``"lowbit"`` (the package's variant, the default): each block's residual output with all tokens, at most 2,048
+    strided token pairs, an unnormalised Gaussian kernel (``h = 0.05``) on 64 fixed points in [-1, 1] made a
+    discrete distribution, its Shannon entropy; mean over blocks; ``w_ps = 0.1``.
 - ``y_soft`` follows DFQ-ViT's easy-to-hard order: batch ``b`` of ``B`` has difficulty ``d = b / (B - 1)`` and
   puts ``1 - d * hard_mix`` on the target and the rest on a random other class, so the first batches are confident
   easy samples and the later ones lie closer to decision boundaries.
@@ -33,18 +43,33 @@ from PIL import Image
 from tqdm import tqdm
 
 
+SYNTHESES = ("lowbit", "psaq")
+
+
 @dataclass
 class InvertConfig:
+    """``w_ps``, ``kde_bandwidth``, ``kde_points``: None takes the ``synthesis``'s own (psaq: 1, 0.01, 10; lowbit:
+    0.1, 0.05, 64)."""
+
     steps: int = 200
     lr: float = 0.1
     batch_size: int = 64
-    w_ps: float = 0.1
+    w_ps: Optional[float] = None
     w_tv: float = 0.05
     w_l2: float = 1e-4
     jitter: int = 2
     hard_mix: float = 0.4
-    kde_bandwidth: float = 0.05
-    kde_points: int = 64
+    kde_bandwidth: Optional[float] = None
+    kde_points: Optional[int] = None
+    synthesis: str = "lowbit"
+
+    def __post_init__(self):
+        if self.synthesis not in SYNTHESES:
+            raise ValueError(f"unknown synthesis {self.synthesis!r}; use one of {', '.join(SYNTHESES)}")
+        own = {"psaq": (1.0, 0.01, 10), "lowbit": (0.1, 0.05, 64)}[self.synthesis]
+        for name, v in zip(("w_ps", "kde_bandwidth", "kde_points"), own):
+            if getattr(self, name) is None:
+                setattr(self, name, v)
 
 
 def model_io(model) -> dict:
@@ -81,6 +106,32 @@ def patch_similarity_entropy(tokens: torch.Tensor, bandwidth: float, points: int
     return -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()
 
 
+def kde_differential_entropy(v: torch.Tensor, lo: float, hi: float, bandwidth: float = 0.01,
+                             points: int = 10) -> torch.Tensor:
+    """Per row of ``v [B, n]``: ``-int (f + 1e-4) log(f + 1e-4) dt`` over ``[lo, hi]`` by the trapezoid rule on
+    ``points`` evenly spaced ``t``, ``f`` the normalised Gaussian KDE (bandwidth ``h``) of the row's values. ``[B]``."""
+    t = torch.linspace(lo, hi, points, device=v.device, dtype=torch.float32)
+    f = torch.exp(-0.5 * ((t[None, :, None] - v.float()[:, None, :]) / bandwidth) ** 2).mean(-1)
+    f = f / math.sqrt(2 * math.pi * bandwidth ** 2) + 1e-4
+    return torch.trapezoid(-f * torch.log(f), t, dim=-1)
+
+
+def psaq_patch_similarity_entropy(attn_out: torch.Tensor, heads: int, prefix: int, bandwidth: float = 0.01,
+                                  points: int = 10) -> torch.Tensor:
+    """PSAQ-ViT's entropy of one block: ``attn_out [B, N, H * d]`` (the input of ``attn.proj``), averaged over the
+    ``heads``, ``prefix`` leading tokens dropped, cosine similarities of all ``N'^2`` token pairs per image, their
+    :func:`kde_differential_entropy` over the batch's [min, max]; mean over images."""
+    b, n, c = attn_out.shape
+    u = F.normalize(attn_out.float().reshape(b, n, heads, c // heads).mean(2)[:, prefix:], dim=-1)
+    sims = (u @ u.transpose(1, 2)).reshape(b, -1)
+    lo, hi = float(sims.min()), float(sims.max())
+    return kde_differential_entropy(sims, lo, hi, bandwidth, points).mean()
+
+
+def _prefix_tokens(model) -> int:
+    return int(getattr(model, "num_prefix_tokens", 0) or 0) if getattr(model, "blocks", None) is not None else 0
+
+
 def soft_targets(y: torch.Tensor, num_classes: int, difficulty: float, hard_mix: float,
                  gen: torch.Generator) -> torch.Tensor:
     """``1 - difficulty * hard_mix`` on ``y``, the rest on a random other class."""
@@ -107,7 +158,20 @@ def synthesize(model, labels: torch.Tensor, cfg: InvertConfig = InvertConfig(), 
     for p in model.parameters():
         p.requires_grad_(False)
     feats: List[torch.Tensor] = []
-    hooks = [b.register_forward_hook(lambda m, i, o: feats.append(o)) for b in _block_tokens(model)]
+    if cfg.synthesis == "psaq":
+        blocks = _block_tokens(model)
+        heads, prefix = [b.attn.num_heads for b in blocks], _prefix_tokens(model)
+        hooks = [b.attn.proj.register_forward_pre_hook(lambda m, i: feats.append(i[0])) for b in blocks]
+
+        def diversity():
+            return torch.stack([psaq_patch_similarity_entropy(f, h, prefix, cfg.kde_bandwidth, cfg.kde_points)
+                                for f, h in zip(feats, heads)]).sum()
+    else:
+        hooks = [b.register_forward_hook(lambda m, i, o: feats.append(o)) for b in _block_tokens(model)]
+
+        def diversity():
+            return torch.stack([patch_similarity_entropy(f, cfg.kde_bandwidth, cfg.kde_points)
+                                for f in feats]).mean()
     num_classes = model.num_classes
     targets = soft_targets(labels.cpu(), num_classes, difficulty, cfg.hard_mix, gen).to(dev)
     x = torch.randn(len(labels), 3, h, w, generator=gen).to(dev).requires_grad_()
@@ -125,7 +189,7 @@ def synthesize(model, labels: torch.Tensor, cfg: InvertConfig = InvertConfig(), 
             feats.clear()
             logits = model(xi)
             ce = torch.sum(-targets * F.log_softmax(logits, -1), -1).mean()
-            ps = torch.stack([patch_similarity_entropy(f, cfg.kde_bandwidth, cfg.kde_points) for f in feats]).mean()
+            ps = diversity()
             tv = (x[:, :, 1:] - x[:, :, :-1]).pow(2).mean() + (x[:, :, :, 1:] - x[:, :, :, :-1]).pow(2).mean()
             loss = ce - cfg.w_ps * ps + cfg.w_tv * tv + cfg.w_l2 * x.pow(2).mean()
             opt.zero_grad(set_to_none=True)
@@ -204,6 +268,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=InvertConfig.steps)
     ap.add_argument("--batch-size", type=int, default=InvertConfig.batch_size)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--synthesis", default="lowbit", choices=SYNTHESES,
+                    help="patch-diversity term: psaq (PSAQ-ViT's as published) or lowbit (the package's variant)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     from quant.errors import UserError
@@ -214,7 +280,7 @@ def main(argv=None):
     except UserError as e:
         raise SystemExit(f"error: {e}") from None
     classes = None if args.classes == "all" else [int(c) for c in args.classes.split(",")]
-    cfg = InvertConfig(steps=args.steps, batch_size=args.batch_size)
+    cfg = InvertConfig(steps=args.steps, batch_size=args.batch_size, synthesis=args.synthesis)
     out = write_image_folder(model, args.out, args.per_class, classes, cfg, args.seed)
     print(f"wrote {out}")
 

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="default 32")
     p.add_argument("--invert-steps", type=int, default=None,
                    help=f"optimisation steps per batch of --data {INVERT} images (default 200, demo: 100)")
+    p.add_argument("--synthesis", default="lowbit", choices=("lowbit", "psaq"),
+                   help=f"patch-diversity loss of --data {INVERT}: lowbit (the package's) or psaq (PSAQ-ViT's "
+                        f"patch-similarity entropy as published; calib.invert)")
     p.add_argument("--method", default="e2e", choices=METHODS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0)
@@ -203,7 +206,8 @@ def synthesize_calibration(fp_model: nn.Module, folder: str, args: argparse.Name
     else:
         gen = torch.Generator().manual_seed(args.seed)
         per_class, classes = 1, sorted(torch.randperm(n_cls, generator=gen)[: args.calib_size].tolist())
-    write_image_folder(fp_model, folder, per_class, classes, cfg=InvertConfig(steps=args.invert_steps),
+    write_image_folder(fp_model, folder, per_class, classes,
+                       cfg=InvertConfig(steps=args.invert_steps, synthesis=args.synthesis),
                        seed=args.seed, progress=not args.no_progress)
     return D.scan(folder, "--data")
 
@@ -298,7 +302,8 @@ def run(args: argparse.Namespace) -> dict:
                        seed=args.seed, save_every=args.save_every, state_path=state_path(out), resume=args.resume,
                        bf16=args.bf16, progress=not args.no_progress, stop_after=args.stop_after)
     fingerprint = {"model": args.model, "bits": cfg_bits.name, "calib_size": args.calib_size, "data": args.data,
-                   "model_args": model_args, "rescale": not args.no_rescale,
+                   **({"synthesis": args.synthesis} if args.data == INVERT else {}), "model_args": model_args,
+                   "rescale": not args.no_rescale,
                    "softmax_quantizer": args.softmax_quantizer}
     history = optimize(student, fp_model, images, ocfg, fingerprint, dist)
     if not history["completed"]:

@@ -1,3 +1,4 @@
+import math
 import torch
 import pytest
 from timm.models.vision_transformer import VisionTransformer
@@ -59,3 +60,87 @@ def test_image_folder_resumes_and_is_atomic(tmp_path, monkeypatch):
     assert sorted(p.name for p in out.iterdir()) == ["0000", "0001", "0002"]
     with pytest.raises(ValueError, match="outside"):
         invert.write_image_folder(m, out, per_class=1, classes=[5], cfg=cfg, progress=False)
+
+
+# PSAQ-ViT's patch-similarity entropy, from the paper's definition: normalised Gaussian KDE of the cosine
+# similarities, differential entropy by the trapezoid rule (values below are computed by hand in plain Python).
+
+
+def _phi(x, h):
+    return math.exp(-x * x / (2 * h * h)) / math.sqrt(2 * math.pi * h * h)
+
+
+def _g(f):
+    return -(f + 1e-4) * math.log(f + 1e-4)
+
+
+def test_kde_differential_entropy_hand_computed():
+    # one sample at 0, h = 1, t in {-1, 0, 1} (dt = 1): H = g(f(-1))/2 + g(f(0)) + g(f(1))/2
+    h0 = invert.kde_differential_entropy(torch.tensor([[0.0]]), -1.0, 1.0, bandwidth=1.0, points=3)
+    assert float(h0) == pytest.approx(_g(_phi(1, 1)) / 2 + _g(_phi(0, 1)) + _g(_phi(1, 1)) / 2, rel=1e-6)
+    # two samples {0, 1}, h = 0.5, t in {0, 1}: f(0) = f(1) = (phi(0) + phi(1)) / 2, H = (g(f(0)) + g(f(1))) / 2
+    f = (_phi(0, 0.5) + _phi(1, 0.5)) / 2
+    rows = invert.kde_differential_entropy(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), 0.0, 1.0, 0.5, 2)
+    torch.testing.assert_close(rows, torch.full((2,), _g(f)), rtol=1e-6, atol=0)
+
+
+def test_psaq_entropy_head_mean_prefix_and_all_pairs():
+    # 2 heads of width 2; token 0 is the class token. Head means: (1, 0) and (0, 2) -> similarities [[1, 0], [0, 1]]
+    x = torch.tensor([[[5.0, -3.0, 2.0, 7.0], [1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 3.0]]])
+    vals, ts = [1.0, 0.0, 0.0, 1.0], [i / 9 for i in range(10)]  # all 4 ordered pairs; 10 points over [0, 1]
+    fs = [sum(_phi(t - v, 0.01) for v in vals) / 4 for t in ts]
+    want = sum((_g(fs[i]) + _g(fs[i + 1])) / 2 * (ts[i + 1] - ts[i]) for i in range(9))
+    got = invert.psaq_patch_similarity_entropy(x, heads=2, prefix=1)
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    y = x.clone()
+    y[0, 0] = torch.tensor([-1.0, 4.0, 0.5, 0.5])  # the dropped class token does not matter
+    assert float(invert.psaq_patch_similarity_entropy(y, 2, 1)) == pytest.approx(want, rel=1e-5)
+    # one head of width 4 sees other vectors: (1, 0, 1, 0) and (0, 1, 0, 3) are orthogonal too, but the
+    # head mean is what is compared when heads = 2; with a non-orthogonal pair the two readings differ
+    z = x.clone()
+    z[0, 2] = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    assert float(invert.psaq_patch_similarity_entropy(z, 2, 1)) != pytest.approx(
+        float(invert.psaq_patch_similarity_entropy(z, 1, 1)), rel=1e-3)
+
+
+def test_psaq_entropy_gradient_reaches_the_tokens(gen):
+    # (With h = 0.01 and 10 points the published estimator is coarse: it does not rank a random token set above
+    # near-identical tokens -- whose similarities span a ~1e-6 interval, so the integral is ~0 -- hence no such test.)
+    x = torch.randn(2, 10, 8, generator=gen, requires_grad=True)
+    invert.psaq_patch_similarity_entropy(x, 2, 1).backward()
+    assert bool(torch.isfinite(x.grad).all()) and float(x.grad[:, 1:].abs().sum()) > 0
+    assert float(x.grad[:, 0].abs().sum()) == 0  # the class token is dropped
+
+
+def test_psaq_config_defaults_and_unknown_synthesis():
+    c = invert.InvertConfig(synthesis="psaq")
+    assert (c.w_ps, c.kde_bandwidth, c.kde_points) == (1.0, 0.01, 10)
+    c = invert.InvertConfig()
+    assert (c.synthesis, c.w_ps, c.kde_bandwidth, c.kde_points) == ("lowbit", 0.1, 0.05, 64)
+    with pytest.raises(ValueError, match="unknown synthesis 'nope'"):
+        invert.InvertConfig(synthesis="nope")
+
+
+@pytest.mark.parametrize("kind", ["vit", "swin"])
+def test_psaq_synthesis_hooks_attention_outputs(kind, monkeypatch):
+    if kind == "vit":
+        m = _tiny()
+        heads = [2, 2]
+    else:
+        import timm
+        torch.manual_seed(0)
+        m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=16, patch_size=2,
+                              window_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2), num_classes=3).eval()
+        m.pretrained_cfg = {"input_size": (3, 16, 16), "mean": (0.5,) * 3, "std": (0.25,) * 3}
+        heads = [1, 2]
+    seen = []
+    real = invert.psaq_patch_similarity_entropy
+    monkeypatch.setattr(invert, "psaq_patch_similarity_entropy",
+                        lambda f, h, p, *a: seen.append((tuple(f.shape), h, p)) or real(f, h, p, *a))
+    x = invert.synthesize(m, torch.tensor([0, 1]), invert.InvertConfig(steps=2, synthesis="psaq"), progress=False)
+    assert x.shape == (2, 3, 16, 16) and bool(torch.isfinite(x).all())
+    assert [h for _, h, _ in seen[:2]] == heads
+    if kind == "vit":
+        assert seen[0] == ((2, 17, 32), 2, 1)  # 16 patches + class token, width 32, class token dropped
+    else:
+        assert seen[0] == ((2 * 4, 16, 16), 1, 0)  # 4 windows of 4x4 tokens per image, no prefix token

@@ -34,6 +34,19 @@ def test_data_free_default(tmp_path, checkpoint, monkeypatch):
     assert sorted(os.listdir(tmp_path / "runs")) == ["vit_s-w4a4-e2e"]  # synthesized folder cleaned up
 
 
+@pytest.mark.parametrize("synthesis", ["lowbit", "psaq"])
+def test_synthesis_flag_reaches_the_inversion(tmp_path, checkpoint, monkeypatch, synthesis):
+    from calib import invert
+    seen = []
+    real = invert.synthesize
+    monkeypatch.setattr(invert, "synthesize", lambda m, y, cfg, **k: seen.append(cfg.synthesis) or real(m, y, cfg, **k))
+    argv = ["--model", "vit_s", "--bits", "w4a4", "--checkpoint", checkpoint, "--model-args", json.dumps(SMALL),
+            "--calib-size", "4", "--init-size", "4", "--iters", "1", "--batch-size", "4", "--invert-steps", "2",
+            "--no-progress", "--workers", "0", "--out", str(tmp_path / "o")]
+    assert main(argv + ([] if synthesis == "lowbit" else ["--synthesis", synthesis])) == 0
+    assert seen and set(seen) == {synthesis}
+
+
 def test_demo_run_defaults():
     spec = M.resolve("demo")
     assert spec.run_defaults["iters"] < 24000 and spec.crop_pct == 1.0
