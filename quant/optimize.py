@@ -13,9 +13,13 @@ Methods
                unit ``i`` = block ``i`` plus the layers run between block ``i-1`` and it (patch embedding,
                patch merging), trained ``iters`` steps on ``mean((F_i^q - F_i)^2) + lambda ||dW||^2`` with every
                other unit frozen; a final unit (the head) is trained on the KL term.
-``is-vit``     I&S-ViT's three-stage smooth optimisation (:mod:`quant.sos`): channel-wise post-LayerNorm
-               activations with float weights, exact fold into LayerNorm, then layer-wise ``blockwise``
-               (``iters`` steps per block in each of the two trained stages; no checkpoint/resume).
+``is-vit``     I&S-ViT's three-stage smooth optimisation (:mod:`quant.sos`) as its authors train it: channel-wise
+               post-LayerNorm activations with float weights, exact fold into LayerNorm, then layer-wise
+               quantization; in both reconstruction stages the linear weights and biases are trained block by
+               block with every quantizer parameter frozen (``iters`` steps per block and stage; no
+               checkpoint/resume).
+``is-vit-quant`` the same stages training the quantizers instead (stage 1: step sizes, zero points, ``r`` and
+               ``shift`` with float weights; stage 3: every quantizer and the refinements): the package's variant.
 
 Adam with lr ``lr_q`` (1e-3) for step sizes, zero points, rescale and shift and ``lr_w`` (1e-4) for the
 refinements ``dW``; per unit a linear warm-up over ``warmup`` steps (default 5/24 of ``iters``, the paper's
@@ -47,7 +51,7 @@ from quant.errors import UserError
 from quant.modules import QuantConv2dPatch, QuantLinear, quant_modules
 from quant.surgery import blocks
 
-METHODS = ("rtn", "blockwise", "e2e", "is-vit")
+METHODS = ("rtn", "blockwise", "e2e", "is-vit", "is-vit-quant")
 
 
 @dataclass
@@ -75,8 +79,8 @@ class OptimConfig:
             raise UserError(f"iters must be >= 0 and batch size >= 1, got {self.iters} and {self.batch_size}")
         if (self.save_every or self.resume) and not self.state_path:
             raise UserError("checkpointing/resume needs a state_path")
-        if self.method == "is-vit" and (self.resume or self.stop_after is not None):
-            raise UserError("--method is-vit does not support --resume/--stop-after; run it in one go")
+        if self.method.startswith("is-vit") and (self.resume or self.stop_after is not None):
+            raise UserError(f"--method {self.method} does not support --resume/--stop-after; run it in one go")
 
     @property
     def warmup_steps(self) -> int:
@@ -234,9 +238,14 @@ def _units(student: nn.Module, cfg: OptimConfig, example: Tensor) -> List[_Unit]
     return [_Unit(by_unit[i], i) for i in range(len(blist))] + [_Unit(by_unit[None], None)]
 
 
+def _is_weight(name: str) -> bool:
+    """Refinements ``dW`` and (trained only by ``is-vit``) linear biases take the weight learning rate."""
+    return name.endswith(("dW", ".bias"))
+
+
 def _make_optim(unit: _Unit, cfg: OptimConfig):
-    ref = [p for n, p in unit.params.items() if n.endswith("dW")]
-    rest = [p for n, p in unit.params.items() if not n.endswith("dW")]
+    ref = [p for n, p in unit.params.items() if _is_weight(n)]
+    rest = [p for n, p in unit.params.items() if not _is_weight(n)]
     groups = [g for g in ({"params": rest, "lr": cfg.lr_q}, {"params": ref, "lr": cfg.lr_w}) if g["params"]]
     opt = torch.optim.Adam(groups)
     warm, total = cfg.warmup_steps, cfg.iters
@@ -323,9 +332,9 @@ def optimize(student: nn.Module, teacher: nn.Module, images, cfg: OptimConfig,
         raise UserError(f"--method {cfg.method} runs in one process; data-parallel (torchrun) is for --method e2e")
     if dist.enabled and cfg.batch_size < dist.world:
         raise UserError(f"the global batch size {cfg.batch_size} must be >= the {dist.world} processes")
-    if cfg.method == "is-vit":
+    if cfg.method.startswith("is-vit"):
         from quant.sos import sos
-        return sos(student, teacher, source, cfg)
+        return sos(student, teacher, source, cfg, train="quantizers" if cfg.method == "is-vit-quant" else "weights")
     if cfg.method == "rtn" or cfg.iters == 0:
         return history
     device = next(student.parameters()).device

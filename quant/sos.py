@@ -10,7 +10,15 @@ Stage 2  the channel-wise part is folded exactly into the LayerNorm affine (``ga
          ``beta' = (beta - shift) / r``) and the next linear (``W' = (W + dW) r``, ``b' = b + (W + dW) shift``);
          ``r = 1``, ``shift = 0`` stay frozen, so post-LN activations are now quantized layer-wise by ``(s~, z~)``.
          Weight quantizers are (re)initialised on the folded weights and switched on.
-Stage 3  layer-wise block-wise reconstruction of every quantizer and refinement (the ``blockwise`` method).
+Stage 3  layer-wise block-wise reconstruction with weights quantized.
+
+What the two reconstruction stages train (``train``):
+
+* ``"weights"`` (``--method is-vit``, as the authors train): the linear weights (through the refinement ``dW``) and
+  biases, with every quantizer parameter (step sizes, zero points, ``r``, ``shift``, SULQ) and the LayerNorms frozen;
+  no refinement L2 (their loss is the block output MSE alone).
+* ``"quantizers"`` (``--method is-vit-quant``, the package's variant): stage 1 the activation quantizers (the
+  channel-wise ones through ``r`` and ``shift``) with float weights, stage 3 every quantizer and refinement.
 
 Checkpoint/resume is not supported for this method (each stage is short; rerun it).
 """
@@ -102,31 +110,47 @@ def _weight_param(name: str) -> bool:
     return name.endswith(("dW", "log_ws", "wz"))
 
 
-def sos(student: nn.Module, teacher: nn.Module, images, cfg, init_size: int = 32) -> dict:
-    """Run the three SOS stages on a calibrated ``student`` (``cfg`` an :class:`quant.optimize.OptimConfig` with
-    ``method="is-vit"``; ``iters`` per block and stage; ``images`` a tensor or :class:`calib.stream.CalibImages`).
-    Returns the history of :func:`quant.optimize.optimize`."""
+TRAIN = ("weights", "quantizers")
+
+
+def _trainable(m: nn.Module, train: str, stage: int, folded: bool):
+    """Which parameters of the quantized module ``m`` a reconstruction stage trains."""
+    for n, p in m.named_parameters():
+        if train == "weights":
+            on = n == "dW" or (n == "bias" and p.dtype.is_floating_point)
+        elif stage == 1:
+            on = n not in ("weight", "bias") and not _weight_param(n)
+        else:
+            on = n not in ("weight", "bias") and not (folded and n in ("log_r", "shift"))
+        p.requires_grad_(on)
+
+
+def sos(student: nn.Module, teacher: nn.Module, images, cfg, init_size: int = 32, train: str = "weights") -> dict:
+    """Run the three SOS stages on a calibrated ``student`` (``cfg`` an :class:`quant.optimize.OptimConfig`;
+    ``iters`` per block and stage; ``images`` a tensor or :class:`calib.stream.CalibImages`); ``train`` one of
+    :data:`TRAIN` (module docstring). Returns the history of :func:`quant.optimize.optimize`."""
     from calib.stream import as_images
     from quant.optimize import optimize
 
+    if train not in TRAIN:
+        raise ValueError(f"train must be one of {', '.join(TRAIN)}, got {train!r}")
     images = as_images(images)
 
     if cfg.resume or cfg.stop_after is not None:
-        raise UserError("--method is-vit does not support --resume/--stop-after; run it in one go")
+        raise UserError(f"--method {cfg.method} does not support --resume/--stop-after; run it in one go")
     bits = getattr(student, "quant_bits", None)
     pairs = post_ln_pairs(student)
     if not pairs and bits is not None and not bits.act_float:
-        raise UserError("--method is-vit needs the channel rescale of post-LayerNorm linears; drop --no-rescale")
+        raise UserError(f"--method {cfg.method} needs the channel rescale of post-LayerNorm linears; drop --no-rescale")
     stage_cfg = dataclasses.replace(cfg, method="blockwise", save_every=0, state_path=None, resume=False,
-                                    stop_after=None)
+                                    stop_after=None, **({"l2": 0.0} if train == "weights" else {}))
     qmods = quant_modules(student)
     device = next(student.parameters()).device
     init_channelwise(student, images.head(init_size).to(device))
 
     for m in qmods:
         m.quantize_weights = False
-        for n, p in m.named_parameters():
-            p.requires_grad_(n not in ("weight", "bias") and not _weight_param(n))
+        _trainable(m, train, 1, False)
     try:
         h1 = optimize(student, teacher, images, stage_cfg)
     finally:
@@ -138,8 +162,7 @@ def sos(student: nn.Module, teacher: nn.Module, images, cfg, init_size: int = 32
     for m in qmods:
         if id(m) in folded:
             m.init_weight_qparams()
-        for n, p in m.named_parameters():
-            p.requires_grad_(n not in ("weight", "bias") and not (id(m) in folded and n in ("log_r", "shift")))
+        _trainable(m, train, 3, id(m) in folded)
     h3 = optimize(student, teacher, images, stage_cfg)
     return {"losses": h1["losses"] + h3["losses"], "steps": h1["steps"] + h3["steps"], "completed": True,
             "stage_steps": [h1["steps"], h3["steps"]]}

@@ -84,11 +84,12 @@ def test_sos_fold_keeps_fake_quant_output():
     assert (after - before).abs().max() <= 1e-4 * before.abs().max()
 
 
-def test_is_vit_method_lowers_loss_and_folds():
+@pytest.mark.parametrize("method", ["is-vit", "is-vit-quant"])
+def test_is_vit_method_lowers_loss_and_folds(method):
     fp = make_model("vit")
     data = cifar_images(32)
     q = calibrate(quantize_model(copy.deepcopy(fp), "w4a4"), data)
-    cfg = OptimConfig(method="is-vit", iters=15, batch_size=8, progress=False)
+    cfg = OptimConfig(method=method, iters=15, batch_size=8, progress=False)
     before = evaluate_loss(q, fp, data, cfg)
     hist = optimize(q, fp, data, cfg)
     assert hist["stage_steps"] == [15 * 3, 15 * 3] and hist["completed"]
@@ -101,12 +102,45 @@ def test_is_vit_method_lowers_loss_and_folds():
         for n, p in q.named_parameters():
             if n.endswith("dW"):
                 p.zero_()  # stage 3's refinement; the fold itself keeps the float model
-        torch.testing.assert_close(q(data[:4]), fp(data[:4]), rtol=1e-4, atol=1e-4)
+        if method == "is-vit-quant":
+            torch.testing.assert_close(q(data[:4]), fp(data[:4]), rtol=1e-4, atol=1e-4)
+        else:  # stage 1 trained the float weights and biases, folded in at stage 2
+            assert not torch.allclose(q(data[:4]), fp(data[:4]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["is-vit", "is-vit-quant"])
+def test_is_vit_stages_train_what_each_variant_trains(method, monkeypatch):
+    import quant.optimize as O
+    stages = []
+    real = O._units
+
+    def spy(student, cfg, example):
+        units = real(student, cfg, example)
+        stages.append(sorted({n for u in units for n in u.params}))
+        return units
+
+    monkeypatch.setattr(O, "_units", spy)
+    fp = make_model("vit")
+    data = images(8)
+    q = calibrate(quantize_model(copy.deepcopy(fp), "w4a4"), data)
+    optimize(q, fp, data, OptimConfig(method=method, iters=1, batch_size=4, progress=False))
+    assert len(stages) == 2
+    for i, names in enumerate(stages):
+        if method == "is-vit":  # the authors: linear weights (dW) and biases, every quantizer parameter frozen
+            assert names and all(n.endswith(("dW", ".bias")) for n in names)
+            assert any(n.endswith(".bias") for n in names) and any(n.endswith("dW") for n in names)
+        else:
+            assert not any(n.endswith(".bias") for n in names)
+            assert any(n.endswith(("log_s", ".z")) for n in names)
+            assert any(n.endswith("dW") for n in names) == (i == 1)  # stage 1: float weights, quantizers only
+            assert any(n.endswith(("log_r", "shift")) for n in names) == (i == 0)
 
 
 def test_is_vit_refuses_resume_and_no_rescale():
     with pytest.raises(UserError, match="is-vit does not support"):
         OptimConfig(method="is-vit", stop_after=3)
+    with pytest.raises(UserError, match="is-vit-quant does not support"):
+        OptimConfig(method="is-vit-quant", resume=True, state_path="x")
     fp = make_model("vit")
     q = calibrate(quantize_model(copy.deepcopy(fp), "w4a4", rescale=False), images(4))
     with pytest.raises(UserError, match="drop --no-rescale"):
