@@ -128,26 +128,56 @@ def check(rep: CompileReport) -> List[str]:
 
 
 def compile_many(launches, archs=(90, 80), processes: Optional[int] = None) -> List[CompileReport]:
-    """Compile every launch for every arch, in parallel processes (``fork``; order kept)."""
+    """Compile every launch for every arch, each in its own forked process (at most ``processes`` at a time; order
+    kept), so a compiler that aborts the process (an LLVM fatal error) fails that launch's report, not the run."""
+    import multiprocessing as mp
+    from multiprocessing.connection import wait
+
+    global _JOBS
     jobs = [(lx, a) for lx in launches for a in archs]
     processes = processes or max(1, min(len(jobs), os.cpu_count() or 1))
-    if processes == 1 or len(jobs) == 1:
-        return [compile_launch(lx, a) for lx, a in jobs]
-    import multiprocessing as mp
-    global _JOBS
+    ctx = mp.get_context("fork")
+    out: List[Optional[CompileReport]] = [None] * len(jobs)
+    todo, running = list(range(len(jobs))), {}
     _JOBS = jobs
     try:
-        with mp.get_context("fork").Pool(processes) as pool:
-            return pool.map(_compile_job, range(len(jobs)), chunksize=1)
+        while todo or running:
+            while todo and len(running) < processes:
+                i = todo.pop(0)
+                log = tempfile.TemporaryFile()
+                recv, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_compile_job, args=(i, send, log.fileno()))
+                proc.start()
+                send.close()
+                running[proc.sentinel] = (i, proc, recv, log)
+            for sentinel in wait(list(running)):
+                i, proc, recv, log = running.pop(sentinel)
+                out[i] = recv.recv() if recv.poll() else _crashed(jobs[i], proc.exitcode, log)
+                proc.join()
+                recv.close()
+                log.close()
     finally:
         _JOBS = []
+    return out
 
 
 _JOBS: list = []
 
 
-def _compile_job(i: int) -> CompileReport:
-    return compile_launch(*_JOBS[i])
+def _compile_job(i: int, send, log_fd: int) -> None:
+    os.dup2(log_fd, 2)  # the compiler's diagnostics go to the job's log
+    send.send(compile_launch(*_JOBS[i]))
+    send.close()
+
+
+def _crashed(job, exitcode: Optional[int], log) -> CompileReport:
+    lx, arch = job
+    log.seek(0)
+    text = log.read().decode(errors="replace")
+    errors = [ln.split("error:", 1)[1].strip() for ln in text.splitlines() if "error:" in ln]
+    why = errors[0] if errors else (text.strip().splitlines() or ["no output"])[-1]
+    return CompileReport(lx.kernel.__name__, arch, lx.describe(), ok=False,
+                         error=f"the compiler aborted the process (exit code {exitcode}): {why[:300]}")
 
 
 # ---------------------------------------------------------------------------------------------- what can launch
@@ -178,7 +208,8 @@ def attention_launch(b: int, h: int, l: int, d: int, target, sulq=False, bias=Fa
     from . import library as L
     q = _meta(b, h, l, d, dtype=torch.int8)
     if sulq:
-        p = dict(eta_ptr=_meta(1), sp_ptr=_meta(1), zp_ptr=_meta(1), table_ptr=_meta(256), sv_ptr=_meta(1))
+        p = dict(eta_ptr=_meta(1), x0_ptr=_meta(1), sp_ptr=_meta(1), zp_ptr=_meta(1), table_ptr=_meta(256),
+                 sv_ptr=_meta(1))
     else:
         p = dict(sp_ptr=_meta(1), zp_ptr=_meta(1), pv_scale_ptr=_meta(1))
     return L.quant_attention_launch(q, q, q, _meta(b, h, l, d), _meta(h, l, l) if bias else None,

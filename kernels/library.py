@@ -246,11 +246,12 @@ def _(a, planes, fmt, k, colsum, sa, za, sw, zw, bias, gelu, out_dtype, rq_s, rq
 def quant_attention_launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, rel_bias: Optional[Tensor],
                            mask: Optional[Tensor], zq: Tensor, zk: Tensor, zv: Tensor, qk_scale: Tensor,
                            p_args: dict, p_bits: float, target: Target) -> Launch:
-    """Either attention kernel: ``p_args`` holds ``sp, zp, pv_scale`` (uniform) or ``eta, sp, zp, table, sv``
+    """Either attention kernel: ``p_args`` holds ``sp, zp, pv_scale`` (uniform) or ``eta, x0, sp, zp, table, sv``
     (SULQ), keyed by the kernel's pointer names."""
     b, h, l, d = q.shape
-    bm, bn, opts = C.attention_config(l, d, target, rel_bias is not None or mask is not None)
-    kernel = quant_attention_sulq_kernel if "table_ptr" in p_args else quant_attention_kernel
+    sulq = "table_ptr" in p_args
+    bm, bn, opts = C.attention_config(l, d, target, rel_bias is not None or mask is not None, sulq)
+    kernel = quant_attention_sulq_kernel if sulq else quant_attention_kernel
     return Launch(kernel, (triton.cdiv(l, bm), b * h),
                   dict(q_ptr=q, k_ptr=k, v_ptr=v, out_ptr=out, bias_ptr=_opt(rel_bias, q), mask_ptr=_opt(mask, q),
                        zq_ptr=zq, zk_ptr=zk, zv_ptr=zv, qk_scale_ptr=qk_scale, **p_args, H=h, L=l,
@@ -285,13 +286,14 @@ def _(q, k, v, rel_bias, mask, zq, zk, zv, qk_scale, sp, zp, pv_scale, p_bits):
 
 @torch.library.custom_op("lowbit::quant_attention_sulq", mutates_args=())
 def quant_attention_sulq(q: Tensor, k: Tensor, v: Tensor, rel_bias: Optional[Tensor], mask: Optional[Tensor],
-                         zq: Tensor, zk: Tensor, zv: Tensor, qk_scale: Tensor, eta: Tensor, sp: Tensor, zp: Tensor,
-                         table: Tensor, sv: Tensor, p_bits: float) -> Tensor:
+                         zq: Tensor, zk: Tensor, zv: Tensor, qk_scale: Tensor, eta: Tensor, x0: Tensor, sp: Tensor,
+                         zp: Tensor, table: Tensor, sv: Tensor, p_bits: float) -> Tensor:
     """float32 ``O [B, H, L, D]`` with SULQ probability codes (see :mod:`kernels.quant_attention_sulq`)."""
     return _attention(q, k, v, rel_bias, mask, zq, zk, zv, qk_scale,
-                      dict(eta_ptr=eta, sp_ptr=sp, zp_ptr=zp, table_ptr=table.contiguous(), sv_ptr=sv), p_bits)
+                      dict(eta_ptr=eta, x0_ptr=x0, sp_ptr=sp, zp_ptr=zp, table_ptr=table.contiguous(), sv_ptr=sv),
+                      p_bits)
 
 
 @quant_attention_sulq.register_fake
-def _(q, k, v, rel_bias, mask, zq, zk, zv, qk_scale, eta, sp, zp, table, sv, p_bits):
+def _(q, k, v, rel_bias, mask, zq, zk, zv, qk_scale, eta, x0, sp, zp, table, sv, p_bits):
     return torch.empty(q.shape, dtype=torch.float32, device=q.device)

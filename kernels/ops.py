@@ -292,9 +292,10 @@ def quant_attention(q: Tensor, k: Tensor, v: Tensor, q_qp: QParams, k_qp: QParam
         if _checking() and not bool((eta > 0).all()):
             raise ValueError(f"SULQ shift eta must be > 0, got {float(eta)}; re-initialise the quantizer")
         sp, zp = _act_qparams(q, QParams(p_qp.s, p_qp.z, p_qp.bits))
-        table = P.sulq_table(eta, sp, zp, p_qp.bits).to(q.device)
-        return L.quant_attention_sulq(q, k, v, rel_bias, mask, zq, zk, zv.float(), qk_scale, eta, sp, zp, table, sv,
-                                      float(p_qp.bits))
+        x0 = _scalar("SULQ origin x0", p_qp.x0, q)
+        table = P.sulq_table(eta, sp, zp, p_qp.bits, x0, bool(p_qp.pow2)).to(q.device)
+        return L.quant_attention_sulq(q, k, v, rel_bias, mask, zq, zk, zv.float(), qk_scale, eta, x0, sp, zp, table,
+                                      sv, float(p_qp.bits))
     sp, zp = _act_qparams(q, p_qp)
     pv_scale = (sp.double() * sv.double()).float()
     return L.quant_attention(q, k, v, rel_bias, mask, zq, zk, zv, qk_scale, sp, zp, pv_scale, float(p_qp.bits))

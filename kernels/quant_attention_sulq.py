@@ -1,8 +1,9 @@
 """Quantized attention with SULQ probability codes (I&S-ViT), two passes over the keys like
 :mod:`kernels.quant_attention`.
 
-Pass 2 forms the exact normalised ``P``, its SULQ codes ``clamp(round(-log2(P + eta) / sp) + zp, 0, qmax) - offset``
-and dequantizes them through the ``2^bits``-entry table ``table[q] = 2^(-(q - zp) sp) - eta`` (a gather), then
+Pass 2 forms the exact normalised ``P``, its SULQ codes ``clamp(round((-log2(P + eta) - x0) / sp) + zp, 0, qmax) -
+offset`` and dequantizes them through the ``2^bits``-entry table of :func:`quant.primitives.sulq_table` (``2^(-t) -
+eta`` with ``t = (q - zp) sp + x0``, rounded for the published power-of-two form; a gather), then
 ``O = sv * sum_j P_hat[j] (v[j] - zv)``. ``P_hat`` is not an integer grid, so ``P V`` is a float dot: ``P_hat`` is
 split into fp16 ``hi + lo`` halves and ``v - zv`` (integers up to 255, exact in fp16) multiplies both on the fp16
 tensor cores with fp32 accumulation (about fp32 accuracy). Cost against the uniform kernel's single int8 ``tl.dot``:
@@ -26,12 +27,12 @@ def split_dot_f16(a, b16):
 
 @triton.jit
 def quant_attention_sulq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bias_ptr, mask_ptr, zq_ptr, zk_ptr, zv_ptr,
-                                qk_scale_ptr, eta_ptr, sp_ptr, zp_ptr, table_ptr, sv_ptr, H, L, NW,
+                                qk_scale_ptr, eta_ptr, x0_ptr, sp_ptr, zp_ptr, table_ptr, sv_ptr, H, L, NW,
                                 D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                                 P_QMAX: tl.constexpr, P_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_N: tl.constexpr):
     """Contiguous ``q, k, v [B, H, L, D]`` int8 -> ``out [B, H, L, D]`` float32; grid ``(cdiv(L, BLOCK_M), B * H)``.
-    ``zq, zk, zv`` signed zero points; ``eta, sp, zp`` (rounded, unsigned) the SULQ quantizer; ``table [2^bits]``."""
+    ``zq, zk, zv`` signed zero points; ``eta, x0, sp, zp`` (rounded, unsigned) the SULQ quantizer; ``table [2^bits]``."""
     base, offs_m, offs_d, valid_m, q, rowsum_q, bias_base, mask_base = load_query_tile(
         q_ptr, bias_ptr, mask_ptr, H, L, NW, D, BLOCK_M)
     zq = tl.load(zq_ptr).to(tl.int32)
@@ -39,6 +40,7 @@ def quant_attention_sulq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bias_ptr, mask_ptr
     zv = tl.load(zv_ptr)
     qk_scale = tl.load(qk_scale_ptr)
     eta = tl.load(eta_ptr)
+    x0 = tl.load(x0_ptr)
     sp = tl.load(sp_ptr)
     zp = tl.load(zp_ptr)
     k_base = k_ptr + base
@@ -54,7 +56,7 @@ def quant_attention_sulq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bias_ptr, mask_ptr
         s = _scores(q, rowsum_q, k_base, bias_base, mask_base, offs_m, offs_n, offs_d, L, zq, zk, qk_scale,
                     D, HAS_BIAS, HAS_MASK)
         p = tl.math.div_rn(tl.exp(s - m_i[:, None]), l_i[:, None])
-        pc = quantize_signed(-tl.log2(p + eta), sp, zp, P_QMAX, P_OFFSET)
+        pc = quantize_signed(-tl.log2(p + eta) - x0, sp, zp, P_QMAX, P_OFFSET)
         ph = tl.load(table_ptr + (pc.to(tl.int32) + P_OFFSET))
         ph = tl.where(valid_n[None, :], ph, 0.0)
         v = tl.load(v_base + offs_n[:, None] * D + offs_d[None, :], mask=valid_n[:, None], other=0)

@@ -130,7 +130,7 @@ def quant_attention(q: Tensor, k: Tensor, v: Tensor, q_qp: QParams, k_qp: QParam
     ``S = scale * sq * sk * sum_d (qq - zq)(qk - zk) + rel_bias[h] + mask[b % nW]``, ``P = softmax(S)`` (float32),
     ``qp = quantize(P)`` with ``p_qp`` (default: ``s = 1/qmax(bits of q)``, ``z = 0``), and
     ``O = sp * sv * sum_j (qp - zp)(qv - zv)``. With a :class:`SULQParams` ``p_qp`` the codes are SULQ's
-    (``clamp(round(-log2(P + eta) / sp) + zp, 0, qmax)``) and ``O = sv * sum_j table[qp] (qv - zv)`` in float32
+    (``clamp(round((-log2(P + eta) - x0) / sp) + zp, 0, qmax)``) and ``O = sv * sum_j table[qp] (qv - zv)`` in float32
     (``table = primitives.sulq_table``). ``rel_bias`` is ``[H, L, L]``, ``mask`` ``[nW, L, L]`` (Swin's
     shifted-window mask, windows ordered with the window index fastest). Returns float32 ``O [B, H, L, D]``
     (and the probability codes when ``return_codes``).
@@ -154,8 +154,8 @@ def quant_attention(q: Tensor, k: Tensor, v: Tensor, q_qp: QParams, k_qp: QParam
     p = torch.softmax(s, dim=-1)
     zv = P.signed_zero_point(v_qp.z, v_qp.bits)
     if isinstance(p_qp, SULQParams):
-        pc = P.sulq_quantize(p, p_qp.eta, p_qp.s, p_qp.z, p_qp.bits, signed=True)
-        ph = P.sulq_dequantize(pc, p_qp.eta, p_qp.s, p_qp.z, p_qp.bits)
+        pc = P.sulq_quantize(p, p_qp.eta, p_qp.s, p_qp.z, p_qp.bits, signed=True, x0=p_qp.x0)
+        ph = P.sulq_dequantize(pc, p_qp.eta, p_qp.s, p_qp.z, p_qp.bits, p_qp.x0, p_qp.pow2)
         o = (ph @ (v.float() - zv)) * float(v_qp.s)
         return (o, pc) if return_codes else o
     pc = P.quantize(p, p_qp.s, p_qp.z, p_qp.bits, signed=True)

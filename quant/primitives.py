@@ -417,13 +417,22 @@ def signed_zero_point(z, bits) -> Tensor:
 
 
 class SULQParams(NamedTuple):
-    """Shift-uniform-log2 quantizer of probabilities: shift ``eta > 0`` and the uniform ``(s, z, bits)`` of the
-    log domain ``t = -log2(p + eta)`` (all per tensor)."""
+    """Shift-uniform-log2 quantizer of probabilities (all per tensor): shift ``eta > 0``; the uniform ``(s, z,
+    bits)`` of the log domain ``t = -log2(p + eta)`` measured from the origin ``x0`` (codes
+    ``clamp(round((t - x0) / s) + z, 0, qmax)``, dequantized ``t_hat = (q - z) s + x0``); ``pow2``: the exponent is
+    rounded, ``p_hat = 2^(-round(t_hat)) - eta`` (I&S-ViT as published: every level a power of two minus ``eta``),
+    else ``p_hat = 2^(-t_hat) - eta`` (the package's learned-step variant, ``x0 = 0``)."""
 
     eta: Tensor
     s: Tensor
     z: Tensor
     bits: float
+    x0: "Tensor | float" = 0.0
+    pow2: bool = False
+
+
+#: the shifts ``eta`` I&S-ViT's authors search (their released code)
+PUBLISHED_SULQ_ETAS = (0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
 def sulq_log(p: Tensor, eta) -> Tensor:
@@ -442,35 +451,44 @@ def check_sulq(p: Tensor, eta) -> None:
                          f"after the softmax")
 
 
-def sulq_quantize(p: Tensor, eta, s, z, bits, signed: bool = False) -> Tensor:
-    """SULQ codes of probabilities ``p``: ``q = clamp(round(-log2(p + eta) / s) + z, 0, qmax)`` (uint8, or the
-    signed int8 storage ``q - offset`` when ``signed``)."""
+def sulq_quantize(p: Tensor, eta, s, z, bits, signed: bool = False, x0=0.0) -> Tensor:
+    """SULQ codes of probabilities ``p``: ``q = clamp(round((-log2(p + eta) - x0) / s) + z, 0, qmax)`` (uint8, or
+    the signed int8 storage ``q - offset`` when ``signed``)."""
     check_sulq(p, eta)
-    return quantize(sulq_log(p.float(), eta), s, z, bits, signed=signed)
+    return quantize(sulq_log(p.float(), eta) - torch.as_tensor(x0, dtype=torch.float32, device=p.device), s, z, bits,
+                    signed=signed)
 
 
-def sulq_table(eta, s, z, bits) -> Tensor:
+def sulq_table(eta, s, z, bits, x0=0.0, pow2: bool = False) -> Tensor:
     """Dequantization table, float32 ``[n_levels]`` indexed by the unsigned code:
-    ``table[q] = 2^(-(q - z) s) - eta``."""
+    ``table[q] = 2^(-t) - eta``, ``t = (q - z) s + x0``, rounded when ``pow2``."""
     s = torch.as_tensor(s, dtype=torch.float32)
     q = torch.arange(n_levels(bits), dtype=torch.int32, device=s.device)
     t = dequantize(q, s.reshape(-1)[:1], torch.as_tensor(z, dtype=torch.float32, device=s.device).reshape(-1)[:1], bits)
+    t = t + torch.as_tensor(x0, dtype=torch.float32, device=s.device).reshape(-1)[:1]
+    if pow2:
+        t = torch.round(t)
     return torch.exp2(-t) - torch.as_tensor(eta, dtype=torch.float32, device=s.device).reshape(-1)[:1]
 
 
-def sulq_dequantize(q: Tensor, eta, s, z, bits) -> Tensor:
-    """``2^(-(q - z) s) - eta`` in float32 by lookup in :func:`sulq_table`; ``q`` unsigned (uint8) or signed (int8)."""
-    table = sulq_table(eta, s, z, bits).to(q.device)
+def sulq_dequantize(q: Tensor, eta, s, z, bits, x0=0.0, pow2: bool = False) -> Tensor:
+    """``p_hat`` of codes ``q`` (unsigned uint8 or signed int8) by lookup in :func:`sulq_table`."""
+    table = sulq_table(eta, s, z, bits, x0, pow2).to(q.device)
     return table[unsigned_codes(q, bits)]
 
 
-def sulq_fake_quantize(p: Tensor, eta, s: Tensor, z: Tensor, bits, check: bool = True) -> Tensor:
-    """Differentiable ``2^(-fake_quantize(-log2(p + eta), s, z)) - eta``: STE through the rounding, so
-    ``d/dp = (p_hat + eta) / (p + eta)`` inside the range; LSQ gradients for ``s`` and ``z``."""
+def sulq_fake_quantize(p: Tensor, eta, s: Tensor, z: Tensor, bits, check: bool = True, x0=0.0,
+                       pow2: bool = False) -> Tensor:
+    """Differentiable ``2^(-t_hat) - eta``, ``t_hat = fake_quantize(-log2(p + eta) - x0, s, z) + x0`` (rounded by a
+    straight-through estimator when ``pow2``): ``d/dp = (p_hat + eta) / (p + eta)`` inside the range; LSQ
+    gradients for ``s`` and ``z``."""
     if check:
         check_sulq(p.detach(), eta)
     t = sulq_log(p, eta)
-    th = fake_quantize(t, s, z, bits, check=check)
+    x0 = torch.as_tensor(x0, device=p.device).to(t.dtype)
+    th = fake_quantize(t - x0, s, z, bits, check=check) + x0
+    if pow2:
+        th = round_ste(th)
     return torch.exp2(-th) - torch.as_tensor(eta, device=p.device).to(th.dtype)
 
 
@@ -503,4 +521,27 @@ def init_sulq_params(p: Tensor, bits, etas: Optional[Sequence[float]] = None,
             err = float((sulq_fake_quantize(flat, eta, s, z, bits, check=False) - flat).pow(2).mean())
             if err < best_err:
                 best_err, best = err, SULQParams(torch.tensor(float(eta)), s, z, bits)
+    return best
+
+
+def init_sulq_published(p: Tensor, bits, etas: Sequence[float] = PUBLISHED_SULQ_ETAS,
+                        max_samples: int = 1 << 20) -> SULQParams:
+    """I&S-ViT's SULQ initialisation as published: for each ``eta`` in ``etas`` the log-domain grid spans the data,
+    ``x0 = min t``, ``s = (max t - min t) / (2^bits - 1)``, ``z = 0`` (``t = -log2(p + eta)``; the paper's ``b``-bit
+    grid of ``2^b`` levels), and the ``eta`` with the smallest ``mean((p_hat - p)^2)`` of the power-of-two
+    dequantization wins. At most ``max_samples`` evenly strided elements of ``p`` are used."""
+    check_bits(bits)
+    flat = p.detach().float().reshape(-1)
+    check_sulq(flat, 1.0)
+    if flat.numel() > max_samples:
+        flat = flat[:: -(-flat.numel() // max_samples)]
+    best, best_err = None, float("inf")
+    zero = torch.zeros((), device=flat.device)
+    for eta in etas:
+        t = sulq_log(flat, eta)
+        lo, hi = t.min(), t.max()
+        s = torch.clamp((hi - lo) / qmax(bits), min=1e-8)
+        err = float((sulq_fake_quantize(flat, eta, s, zero, bits, check=False, x0=lo, pow2=True) - flat).pow(2).mean())
+        if err < best_err:
+            best_err, best = err, SULQParams(torch.tensor(float(eta)), s, zero.clone(), bits, lo, True)
     return best

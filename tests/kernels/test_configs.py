@@ -41,3 +41,5 @@ def test_attention_tiles_shrink_with_bias_and_head_dim():
     wide = C.attention_config(49, 128, H100, biased=True)
     assert plain[:2] == (64, 64) and swin[:2] == (32, 32) and wide[:2] == (16, 32)
     assert all(o[2]["enable_fp_fusion"] is False for o in (plain, swin, wide))
+    sulq = C.attention_config(197, 64, H100, sulq=True)
+    assert sulq[:2] == plain[:2] and sulq[2]["num_stages"] == 1 and plain[2]["num_stages"] == 2

@@ -22,15 +22,18 @@ def _setup(gen, shape, bits):
     return codes, qps
 
 
-@pytest.mark.parametrize("b,h,l,bits,swin", [(4, 2, 49, 4, True), (2, 1, 50, 3, False), (1, 2, 197, 8, False)])
-def test_sulq_attention_matches_reference(gen, b, h, l, bits, swin):
+@pytest.mark.parametrize("b,h,l,bits,swin,published", [(4, 2, 49, 4, True, False), (2, 1, 50, 3, False, False),
+                                                        (1, 2, 197, 8, False, False), (4, 2, 49, 4, True, True),
+                                                        (2, 1, 50, 3, False, True)])
+def test_sulq_attention_matches_reference(gen, b, h, l, bits, swin, published):
     d = 64
     (q, k, v), qps = _setup(gen, (b, h, l, d), bits)
     scale = d ** -0.5
     bias = torch.randn(h, l, l, generator=gen) if swin else None
     mask = torch.where(torch.rand(2, l, l, generator=gen) < 0.3, -100.0, 0.0) if swin else None
     ref_p = torch.softmax(torch.randn(256, l, generator=gen) * 2, -1)
-    sq = P.init_sulq_params(ref_p, bits)
+    sq = P.init_sulq_published(ref_p, bits) if published else P.init_sulq_params(ref_p, bits)
+    assert sq.pow2 == published and (float(sq.x0) != 0) == published
     ref, pc = R.quant_attention(q, k, v, *qps, scale=scale, p_qp=sq, rel_bias=bias, mask=mask, return_codes=True)
 
     # the reference's own P codes and P V, from plain pieces
@@ -40,7 +43,7 @@ def test_sulq_attention_matches_reference(gen, b, h, l, bits, swin):
         sc = sc + bias[None]
         sc = (sc.view(b // 2, 2, h, l, l) + mask[None, :, None]).view(b, h, l, l)
     prob = torch.softmax(sc, -1)
-    assert torch.equal(pc, P.sulq_quantize(prob, *sq, signed=True))
+    assert torch.equal(pc, P.sulq_quantize(prob, sq.eta, sq.s, sq.z, bits, signed=True, x0=sq.x0))
     sv, zv = float(qps[2].s), float(P.signed_zero_point(qps[2].z, bits))
     table = P.sulq_table(*sq)
     plain = (table[pc.long() + P.code_offset(bits)].double() @ (v.double() - zv)) * sv
@@ -50,7 +53,7 @@ def test_sulq_attention_matches_reference(gen, b, h, l, bits, swin):
         out = run_poisoned(lambda: ops.quant_attention(q, k, v, *qps, scale=scale, p_qp=sq, rel_bias=bias,
                                                        mask=mask))
     assert out.dtype == torch.float32 and out.shape == (b, h, l, d)
-    pre = -torch.log2(torch.softmax(sc.double(), -1) + float(sq.eta)) / float(sq.s)
+    pre = (-torch.log2(torch.softmax(sc.double(), -1) + float(sq.eta)) - float(sq.x0)) / float(sq.s)
     ties = ((pre - torch.floor(pre) - 0.5).abs() < 1e-3).sum(-1, keepdim=True).double()
     step = float((table[:-1] - table[1:]).abs().max())
     flip = (v.double() - zv).abs().amax(-2, keepdim=True) * sv * step
@@ -78,6 +81,6 @@ def test_sulq_attention_gpu_tiles(gen, monkeypatch, b, h, l, bits, swin):
     real = C.attention_config
     monkeypatch.setattr(C.Target, "of", staticmethod(lambda t: C.Target(interpreted=False, arch=90)))
     monkeypatch.setattr(C, "attention_config", lambda *a, **k: used.append(real(*a, **k)) or used[-1])
-    test_sulq_attention_matches_reference(gen, b, h, l, bits, swin)
-    assert used and all(u == real(l, 64, C.Target(interpreted=False, arch=90), swin) for u in used)
-    assert used[0][2].get("num_warps") == 8  # the GPU tiles, not the interpreter's
+    test_sulq_attention_matches_reference(gen, b, h, l, bits, swin, published=False)
+    assert used and all(u == real(l, 64, C.Target(interpreted=False, arch=90), swin, True) for u in used)
+    assert used[0][2].get("num_warps") == 8 and used[0][2].get("num_stages") == 1  # the GPU tiles of SULQ

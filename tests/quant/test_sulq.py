@@ -76,3 +76,53 @@ def test_sulq_bad_input(gen):
         P.sulq_quantize(p, 0.0, 0.3, 0, 4)
     with pytest.raises(TypeError, match="integer"):
         P.sulq_dequantize(p, 0.01, 0.3, 0, 4)
+
+
+# I&S-ViT's SULQ as published (power-of-two levels minus eta), from the paper's formulas
+
+
+def test_published_sulq_hand_computed():
+    # eta = 1, 2 bits: t = -log2(p + 1) of p = 1, 0.5, 0.25, 0 is -1, -0.585, -0.322, 0; the grid spans the data:
+    # x0 = -1, s = (0 - (-1)) / 3; codes round((t + 1) * 3) = 0, 1, 2, 3; t_hat = -1, -2/3, -1/3, 0, rounded
+    # -1, -1, 0, 0; p_hat = 2^(-t_hat) - 1 = 1, 1, 0, 0
+    p = torch.tensor([1.0, 0.5, 0.25, 0.0])
+    sp = P.init_sulq_published(p, 2, etas=(1.0,))
+    assert float(sp.eta) == 1.0 and float(sp.x0) == -1.0 and float(sp.z) == 0 and sp.pow2
+    assert float(sp.s) == pytest.approx(1 / 3)
+    codes = P.sulq_quantize(p, sp.eta, sp.s, sp.z, 2, x0=sp.x0)
+    assert codes.tolist() == [0, 1, 2, 3]
+    assert P.sulq_dequantize(codes, sp.eta, sp.s, sp.z, 2, sp.x0, True).tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert P.sulq_table(sp.eta, sp.s, sp.z, 2, sp.x0, True).tolist() == [1.0, 1.0, 0.0, 0.0]
+    ph = P.sulq_fake_quantize(p, sp.eta, sp.s, sp.z, 2, x0=sp.x0, pow2=True)
+    assert ph.tolist() == [1.0, 1.0, 0.0, 0.0]
+    # without the rounded exponent (the learned-step form at the same grid): 2^(2/3) - 1, 2^(1/3) - 1
+    smooth = P.sulq_table(sp.eta, sp.s, sp.z, 2, sp.x0, False)
+    torch.testing.assert_close(smooth, torch.tensor([1.0, 2 ** (2 / 3) - 1, 2 ** (1 / 3) - 1, 0.0]))
+
+
+def test_published_sulq_levels_are_powers_of_two_and_eta_is_searched(gen):
+    p = torch.softmax(torch.randn(128, 50, generator=gen) * 3, -1)
+    sp = P.init_sulq_published(p, 4)
+    assert any(float(sp.eta) == pytest.approx(e) for e in P.PUBLISHED_SULQ_ETAS) and sp.pow2
+    t = torch.log2(P.sulq_table(sp.eta, sp.s, sp.z, 4, sp.x0, True).double() + float(sp.eta))
+    torch.testing.assert_close(t, torch.round(t), rtol=0, atol=1e-6)  # every level is 2^k - eta (fp32)
+    x = -torch.log2(p + sp.eta)
+    assert float(sp.x0) == pytest.approx(float(x.min())) and float(sp.s) == pytest.approx(float(x.max() - x.min()) / 15)
+    errs = {}
+    for eta in P.PUBLISHED_SULQ_ETAS:
+        one = P.init_sulq_published(p, 4, etas=(eta,))
+        errs[eta] = float((P.sulq_fake_quantize(p, one.eta, one.s, one.z, 4, x0=one.x0, pow2=True) - p).pow(2).mean())
+    assert min(errs, key=errs.get) == pytest.approx(float(sp.eta))
+
+
+def test_published_sulq_gradients_straight_through(gen):
+    p = torch.softmax(torch.randn(8, 20, generator=gen) * 2, -1).requires_grad_(True)
+    sp = P.init_sulq_published(p.detach(), 4)
+    s = sp.s.clone().requires_grad_(True)
+    ph = P.sulq_fake_quantize(p, sp.eta, s, sp.z, 4, x0=sp.x0, pow2=True)
+    ph.sum().backward()
+    inside = ((-torch.log2(p.detach() + sp.eta) - sp.x0) / sp.s).round().clamp(0, 15) == (
+        (-torch.log2(p.detach() + sp.eta) - sp.x0) / sp.s).round()
+    want = (ph.detach() + sp.eta) / (p.detach() + sp.eta)  # STE through both roundings
+    torch.testing.assert_close(p.grad[inside], want[inside], rtol=1e-5, atol=1e-6)
+    assert s.grad is not None and bool(torch.isfinite(s.grad))
