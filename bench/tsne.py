@@ -236,7 +236,9 @@ def _images_arg(v: str) -> Tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.tsne", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m bench.tsne",
+                                description="t-SNE of a model's last-block features on real vs data-free images "
+                                            "(the paper's Figure 6): writes <out>/tsne.png and <out>/tsne.json.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=None, help="real images: a CIFAR-10 root holding test/, or an ImageFolder")
     p.add_argument("--out", default="bench", help="folder of tsne.png and tsne.json")

@@ -9,9 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from calib import common
-from calib import generate as G
-from calib import learn_prompts as LP
 from calib.common import atomic_torch_save, imagenet_info
 
 ROOT = Path(__file__).resolve().parents[2]
