@@ -18,7 +18,8 @@ work between processes sharing one ``--out``: each saves its finished cells merg
 Results: ``<out>/accuracy.json`` = ``{"settings": {...}, "cells": {key: record}}``; each finished cell is added
 atomically (temp file + ``os.replace``) and skipped when the script runs again with the same settings.
 At the end (or with ``--render-only``) ``<out>/ACCURACY.md`` (FP row on top, top-1 % and seconds per run, the
-settings, date, versions, machine) and ``<out>/calib_size.png`` are generated from the JSON alone.
+settings, date, versions, machine) and ``<out>/calib_size.png`` are generated from the JSON alone; a
+``<out>/tsne.json`` of ``python -m bench.tsne`` adds a section linking its ``tsne.png``.
 """
 from __future__ import annotations
 
@@ -325,9 +326,9 @@ def fmt_time(x: float) -> str:
     return f"{x:.0f}" if x >= 10 else f"{x:.1f}"
 
 
-def render_markdown(results: dict) -> str:
+def render_markdown(results: dict, tsne: Optional[dict] = None) -> str:
     """``ACCURACY.md`` from the results: FP row, then one row per (bits, method); a column pair (top-1 %, s) per
-    calibration source."""
+    calibration source; the t-SNE figure's section when ``tsne`` (``tsne.json`` of ``bench.tsne``) is given."""
     st, cells = results["settings"] or {}, results["cells"]
     table = [r for r in cells.values() if r["kind"] == "table"]
     sources = [s for s in SOURCES if any(r["source"] == s for r in table)]
@@ -366,6 +367,8 @@ def render_markdown(results: dict) -> str:
                                                                                        order[bm[1]])):
             lines.append(f"| {b.upper()} | {m} | " + " | ".join(
                 fmt_acc(sb[(b, m, n)]["top1"]) if (b, m, n) in sb else "-" for n in sizes) + " |")
+    if tsne is not None:
+        lines += ["", *tsne_section(tsne)]
     n_val = sorted({r["val_images"] for r in table})
     lines += ["", "## Settings", "",
               f"- model `{st.get('model')}`; `quant.run` flags per cell: `--iters {st.get('iters')}`, "
@@ -390,6 +393,27 @@ def render_markdown(results: dict) -> str:
     for note in results.get("notes", []):
         lines.insert(-1, f"- note: {note}")
     return "\n".join(lines)
+
+
+def tsne_section(t: dict) -> List[str]:
+    """Markdown lines linking ``tsne.png`` (made by ``python -m bench.tsne``), with its per-source numbers."""
+    st = t["settings"]
+    names = ", ".join(st["class_names"])
+    lines = ["## Real vs data-free features (t-SNE, the paper's Figure 6)", "",
+             "![t-SNE of the demo's last-block features, real vs data-free images](tsne.png)", "",
+             f"`python -m bench.tsne`: last-block (pre-logits) features of the `{st['model']}` model for classes "
+             f"{names}; t-SNE perplexity {st['perplexity']:g}, {st['iters']} iterations, KL {t['kl']:.3f}. "
+             f"Same-source share: the fraction of a point's {st['knn']} nearest neighbours in feature space from "
+             f"its own source (chance: that source's share of the other points).", "",
+             "| source | images | FP top-1 on them (%) | same-source share | chance |", "|---|---|---|---|---|"]
+    for s in t["sources"]:
+        lines.append(f"| {s['name']} | {s['images']} | {fmt_acc(s['top1'])} | {s['knn_same_source']:.3f} | "
+                     f"{s['knn_same_source_chance']:.3f} |")
+    if st.get("invert_steps"):
+        lines += ["", f"Data-free images: `calib.invert` as in `quant.run --data invert`, `--invert-steps "
+                      f"{st['invert_steps']}`, {st['free_per_class']} per class; real: {st['real_per_class']} per "
+                      f"class of `{st['data']}`."]
+    return lines
 
 
 def _bits_order(b: str):
@@ -453,9 +477,11 @@ def render(out: str) -> Dict[str, str]:
         raise SystemExit(f"error: {path} does not exist; run python -m bench.accuracy --data ... first")
     results = load_results(path)
     results["generated"] = datetime.date.today().isoformat()
+    tsne_json = os.path.join(out, "tsne.json")
+    tsne = load_results(tsne_json) if os.path.isfile(tsne_json) else None
     md = os.path.join(out, "ACCURACY.md")
     with open(md + ".tmp", "w") as f:
-        f.write(render_markdown(results))
+        f.write(render_markdown(results, tsne))
     os.replace(md + ".tmp", md)
     written = {"markdown": md}
     png = render_plot(results, os.path.join(out, "calib_size.png"))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
-import timm
 import torch
 import torch.nn.functional as F
 
@@ -14,21 +14,42 @@ def load_classifier(name: str, checkpoint: str | None = None) -> torch.nn.Module
     """A frozen eval-mode timm model; ``name`` is a timm name or an alias of :mod:`quant.models`' registry.
 
     ``checkpoint``: local weights file (timm/original format) used instead of downloading pretrained weights.
+    Without it the hub is asked only when reachable (else the local cache). Failures raise
+    :class:`quant.errors.UserError` naming the fix.
     """
+    import timm
+
+    from calib.common import hub_cache_only_when_offline
+    from quant.errors import UserError
     from quant.models import resolve
 
-    arch = resolve(name).timm_name
+    spec = resolve(name)
+    arch = spec.timm_name
+    if spec.loader is not None:
+        raise UserError(f"--model {name} is not an ImageNet-1k timm classifier; prompts are learned for ImageNet "
+                        f"classes, so use a timm name or one of the ImageNet aliases (vit_s, vit_b, deit_s, ...)")
+    if checkpoint is not None and not os.path.isfile(checkpoint):
+        raise UserError(f"--checkpoint {str(checkpoint)!r} does not exist; pass a local weights file of {arch}")
     try:
         if checkpoint is not None:
             model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint)))
         else:
-            model = timm.create_model(arch, pretrained=True)
-    except Exception as e:
+            with hub_cache_only_when_offline():
+                model = timm.create_model(arch, pretrained=True)
+    except Exception as e:  # noqa: BLE001 - hub, network and file errors all mean the same to the user
         hint = ("check that the file holds this architecture's weights" if checkpoint is not None else
-                "offline, download the weights elsewhere (timm / Hugging Face hub) and pass the file with "
-                "--checkpoint /path/to/model.safetensors")
-        raise RuntimeError(f"could not load classifier {arch!r} ({type(e).__name__}: {e}); {hint}") from e
+                "the hub is not reachable (offline?) and they are not in the local cache; download the weights "
+                "elsewhere (timm / Hugging Face hub) and pass the file with --checkpoint /path/to/model.safetensors")
+        raise UserError(f"could not load classifier {arch!r} ({type(e).__name__}: {_first_line(e)}); {hint}") from None
+    if model.num_classes != 1000:
+        raise UserError(f"--model {name} predicts {model.num_classes} classes, not the 1000 ImageNet classes the "
+                        f"prompts are learned for; use an ImageNet-1k classifier")
     return model.eval().requires_grad_(False)
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else ""
 
 
 class Preprocess(torch.nn.Module):
@@ -41,6 +62,8 @@ class Preprocess(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
+        import timm.data
+
         cfg = timm.data.resolve_data_config({}, model=model)
         self.size = tuple(cfg["input_size"][1:])
         self.crop_pct = cfg.get("crop_pct") or 1.0

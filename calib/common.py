@@ -1,27 +1,47 @@
 """Shared helpers for the data-free calibration commands: ImageNet class selection, torchrun sharding, atomic
-writes."""
+writes, hub access that fails fast offline, and the ``error: ...`` exit of the command lines."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
-from timm.data import ImageNetInfo
 
 
 @functools.lru_cache(maxsize=None)
-def imagenet_info() -> ImageNetInfo:
+def imagenet_info():
+    """timm's ``ImageNetInfo("imagenet-1k")`` (wnids, descriptions)."""
+    from timm.data import ImageNetInfo
+
     return ImageNetInfo("imagenet-1k")
+
+
+@functools.lru_cache(maxsize=None)
+def imagenet_wnids() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k wnids in class-index order, read from timm's synset list without importing timm (whose
+    import costs seconds), so the command lines check their arguments quickly."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("timm")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "_info" / "imagenet_synsets.txt" if spec else None
+    if path is not None and path.is_file():
+        wnids = tuple(w.strip() for w in path.read_text().splitlines() if w.strip())
+        if len(wnids) == 1000:
+            return wnids
+    return tuple(imagenet_info().label_names())
 
 
 def parse_classes(spec: str) -> list[int]:
     """``all`` | ``a-b`` (inclusive) | comma list of indices or wnids, mixed -> sorted unique ImageNet indices."""
-    info = imagenet_info()
-    n = info.num_classes()
+    names = imagenet_wnids()
+    n = len(names)
     if spec == "all":
         return list(range(n))
-    wnids = {w: i for i, w in enumerate(info.label_names())}
+    wnids = {w: i for i, w in enumerate(names)}
     out = set()
     for part in filter(None, (p.strip() for p in spec.split(","))):
         if part in wnids:
@@ -70,8 +90,50 @@ def shard(items: list, rank: int, world: int) -> list:
 
 
 def atomic_torch_save(obj, path: Path) -> None:
+    """``torch.save`` into a hidden temp file beside ``path``, renamed onto it (removed if the save fails)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@functools.lru_cache(maxsize=None)
+def hub_online() -> bool:
+    """Whether the Hugging Face hub may be used: ``HF_HUB_OFFLINE`` unset and a TCP connection to it opens (3 s)."""
+    from huggingface_hub import constants as hf
+
+    from quant.models import _hub_reachable
+    return not hf.HF_HUB_OFFLINE and _hub_reachable(hf.ENDPOINT)
+
+
+@contextlib.contextmanager
+def hub_cache_only_when_offline():
+    """Within the block, hub downloads read the local cache only when :func:`hub_online` is False (a quick failure
+    instead of minutes of retries)."""
+    from huggingface_hub import constants as hf
+
+    before = hf.HF_HUB_OFFLINE
+    hf.HF_HUB_OFFLINE = before or not hub_online()
+    try:
+        yield
+    finally:
+        hf.HF_HUB_OFFLINE = before
+
+
+def cli_main(run: Callable[[], None]) -> int:
+    """Call ``run()``; a :class:`quant.errors.UserError` becomes one ``error: ...`` line on stderr (rank 0 only under
+    torchrun: every rank validates the same inputs) and exit status 2."""
+    from quant.errors import UserError
+
+    try:
+        run()
+    except UserError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 2
+    return 0

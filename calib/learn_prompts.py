@@ -16,11 +16,15 @@ prompts at or below the threshold (``w`` uniform random, normalised to sum 1) pl
 dropped. The paper's loss weights did not survive text extraction; the defaults here are our choice.
 
 Usage: ``python -m calib.learn_prompts --model vit_b --k 8 --classes all --out DIR`` (``torchrun --nproc-per-node G``
-shards classes over G GPUs). One ``DIR/<wnid>.pt`` per class, written atomically; finished classes are skipped.
+shards classes over G GPUs). One ``DIR/<wnid>.pt`` per class, written atomically; finished classes are skipped (an
+existing ``DIR`` must hold only such files, learned with the same settings). Bad input (classifier or SD-Turbo not
+loadable, classes, ``--out``, settings) gives one ``error: ...`` line and exit status 2 before anything is written;
+offline, hub weights come from the local cache only.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,8 +33,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from calib import sd_turbo as S
-from calib.classifier import Preprocess, classify, load_classifier
-from calib.common import atomic_torch_save, finish_distributed, imagenet_info, parse_classes, setup_distributed, shard
+from calib.classifier import Preprocess, attention_modules, classify, load_classifier
+from calib.common import (atomic_torch_save, cli_main, finish_distributed, imagenet_info, imagenet_wnids,
+                          parse_classes, setup_distributed, shard)
+from quant.errors import UserError
 
 
 @dataclass
@@ -179,22 +185,75 @@ def learn_all(sd: S.SDTurbo, classifier, classes: list[int], out: Path, cfg: Pro
     return todo
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     d = PromptConfig()
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m calib.learn_prompts", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="vit_b", help="timm model name or alias (vit_s, vit_b, deit_s, ...)")
     ap.add_argument("--checkpoint", default=None, help="local classifier weights instead of downloading them")
     ap.add_argument("--sd-path", default=S.DEFAULT_SD, help="SD-Turbo hub id or local diffusers folder")
     ap.add_argument("--classes", default="all", help="all | a-b | comma list of indices or wnids")
-    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--out", required=True, type=Path,
+                    help="folder of <wnid>.pt files (a folder from an earlier run with the same settings is resumed)")
     for f, v in asdict(d).items():
         ap.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v)
-    args = ap.parse_args(argv)
-    cfg = PromptConfig(**{f: getattr(args, f) for f in asdict(d)})
-    classes = parse_classes(args.classes)
-    rank, world, device = setup_distributed()
-    classifier = load_classifier(args.model, args.checkpoint).to(device)
+    return ap
+
+
+def check_out(out: Path, cfg: PromptConfig) -> None:
+    """``--out`` must be new, or a folder of this command's ``<wnid>.pt`` files learned with the same settings
+    (checked on its first file); :class:`UserError` otherwise."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"--out {str(out)!r} exists and is not a folder; pick another --out")
+    wnids = set(imagenet_wnids())
+    entries = sorted(p for p in out.iterdir() if not p.name.startswith("."))
+    foreign = [p.name for p in entries if not (p.suffix == ".pt" and p.stem in wnids and p.is_file())]
+    if foreign:
+        raise UserError(f"--out {str(out)!r} exists and holds files that are not learned prompts (e.g. "
+                        f"{foreign[0]!r}); pick a new --out (a folder of <wnid>.pt from an earlier run is resumed)")
+    if entries:
+        try:
+            old = torch.load(entries[0], map_location="cpu", weights_only=True).get("config")
+        except Exception as e:  # noqa: BLE001 - any reader failure means an unusable file
+            raise UserError(f"--out {str(out)!r}: cannot read {entries[0].name} ({type(e).__name__}); delete it or "
+                            f"pick a new --out") from None
+        diff = {k: (old.get(k), v) for k, v in asdict(cfg).items() if not isinstance(old, dict) or old.get(k) != v}
+        if diff:
+            shown = ", ".join(f"--{k.replace('_', '-')} {a} (now {b})" for k, (a, b) in list(diff.items())[:4])
+            raise UserError(f"--out {str(out)!r} holds prompts learned with other settings ({shown}); pass the same "
+                            f"settings to resume or pick a new --out")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Validate everything cheap first (settings, classes, --out, file paths), then load, then learn."""
+    try:
+        cfg = PromptConfig(**{f: getattr(args, f) for f in asdict(PromptConfig())})
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    try:
+        classes = parse_classes(args.classes)
+    except ValueError as e:
+        raise UserError(f"--classes: {e}") from None
+    if not classes:
+        raise UserError(f"--classes {args.classes!r} selects no class; use all, a-b, or a comma list")
+    check_out(args.out, cfg)
+    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
+        raise UserError(f"--checkpoint {args.checkpoint!r} does not exist; pass a local weights file of {args.model}")
+    S.check_sd_path(args.sd_path)
+    classifier = load_classifier(args.model, args.checkpoint)
+    if cfg.w_attn != 0 and not attention_modules(classifier):
+        raise UserError(f"{args.model} has no timm attention module to read maps from; pass --w-attn 0")
     sd = S.load_sd_turbo(args.sd_path)
+    if cfg.n_tokens + 2 > sd.tokenizer.model_max_length:
+        raise UserError(f"--n-tokens {cfg.n_tokens} + BOS + EOS exceed the text encoder's "
+                        f"{sd.tokenizer.model_max_length} positions")
+    try:
+        S.latent_shape(sd, 1, cfg.height, cfg.width)
+    except ValueError as e:
+        raise UserError(f"--height/--width: {e}") from None
+    rank, world, device = setup_distributed()
+    classifier.to(device)
     if device.type == "cuda":
         sd.to(device, torch.bfloat16)
         sd.enable_gradient_checkpointing()
@@ -204,5 +263,11 @@ def main(argv: list[str] | None = None) -> None:
     finish_distributed()
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Exit status 0, or 2 with one ``error: ...`` line on bad input (nothing written then)."""
+    args = build_parser().parse_args(argv)
+    return cli_main(lambda: run(args))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

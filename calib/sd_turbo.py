@@ -12,6 +12,7 @@ that layer, as for ordinary tokens. The pooled (EOS) embedding is the final hidd
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -57,18 +58,59 @@ class SDTurbo:
         self.vae.enable_gradient_checkpointing()
 
 
-def load_sd_turbo(path: str = DEFAULT_SD) -> SDTurbo:
-    """Load SD-Turbo (a diffusers folder or hub id) with its scheduler set to Euler, trailing spacing."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+OFFLINE_HINT = (f"offline, download '{DEFAULT_SD}' elsewhere (e.g. `huggingface-cli download {DEFAULT_SD} "
+                f"--local-dir sd-turbo`), copy the folder here and pass it with --sd-path /path/to/sd-turbo")
 
+
+def check_sd_path(path: str) -> None:
+    """Fail fast, before anything heavy is loaded, when ``path`` (``--sd-path``) can not give a pipeline: a local
+    folder without ``model_index.json``, a missing path that is no hub id, or a hub id that is not in the local cache
+    while the hub is unreachable. Raises :class:`quant.errors.UserError`."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from calib.common import hub_online
+    from quant.errors import UserError
+
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise UserError(f"--sd-path {path!r} is not a diffusers pipeline folder (no model_index.json); pass the "
+                            f"folder of a saved SD-Turbo pipeline or the hub id {DEFAULT_SD}")
+        return
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
-    except Exception as e:  # hub/network/file errors all mean the same thing to the user
-        raise RuntimeError(
-            f"could not load the SD-Turbo pipeline from {path!r} ({type(e).__name__}: {e}). Offline, download "
-            f"'{DEFAULT_SD}' elsewhere (e.g. `huggingface-cli download {DEFAULT_SD} --local-dir sd-turbo`), copy the "
-            "folder here and pass it with --sd-path /path/to/sd-turbo"
-        ) from e
+        validate_repo_id(path)
+    except HFValidationError:
+        raise UserError(f"--sd-path {path!r} does not exist; pass a local diffusers folder of SD-Turbo or the hub "
+                        f"id {DEFAULT_SD}") from None
+    if not hub_online() and not isinstance(try_to_load_from_cache(path, "model_index.json"), str):
+        raise UserError(f"--sd-path {path!r} is neither a local folder nor in the hub cache, and the hub is not "
+                        f"reachable; {OFFLINE_HINT}")
+
+
+def load_sd_turbo(path: str = DEFAULT_SD) -> SDTurbo:
+    """Load SD-Turbo (a diffusers folder or hub id) with its scheduler set to Euler, trailing spacing.
+
+    Hub ids are read from the local cache only when the hub is unreachable. :class:`quant.errors.UserError` on
+    failure."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    from calib.common import hub_online
+    from quant.errors import UserError
+
+    check_sd_path(path)
+    local_only = os.path.isdir(path) or not hub_online()
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # no multi-line advice (accelerate, hub retries) around our error line
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False,
+                                                       local_files_only=local_only)
+    except Exception as e:  # noqa: BLE001 - hub/network/file errors all mean the same thing to the user
+        msg = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"could not load the SD-Turbo pipeline from --sd-path {path!r} ({type(e).__name__}: {msg}); "
+                        f"{OFFLINE_HINT}") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
     return SDTurbo.from_pipeline(pipe)
 

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from calib.classifier import Preprocess, capture_attention, classify, load_classifier
+from quant.errors import UserError
 
 SAMPLES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "imagenet-sample"
 
@@ -46,5 +47,8 @@ def test_load_classifier_from_local_checkpoint(tmp_path):
     model = load_classifier("vit_tiny_patch16_224", checkpoint=tmp_path / "w.pth")
     torch.testing.assert_close(model.head.weight, ref.head.weight)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
-    with pytest.raises(RuntimeError, match="vit_tiny_patch16_224"):
+    with pytest.raises(UserError, match="--checkpoint .*missing.pth' does not exist.*vit_tiny_patch16_224"):
         load_classifier("vit_tiny_patch16_224", checkpoint=tmp_path / "missing.pth")
+    torch.save({"not": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(UserError, match="could not load classifier 'vit_tiny_patch16_224'.*this architecture"):
+        load_classifier("vit_tiny_patch16_224", checkpoint=tmp_path / "other.pth")

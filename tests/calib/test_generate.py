@@ -63,18 +63,79 @@ def test_baseline_prompts_and_generation(sd, tmp_path):
     assert sorted(p.name for p in (tmp_path / "b" / NAMES[1]).iterdir()) == ["0.png", "1.png"]
 
 
-def test_command_lines_with_local_paths(tiny_pipe, tmp_path):
-    """Both CLIs end to end from a saved tiny pipeline (--sd-path) and a local classifier file (--checkpoint)."""
+def test_command_lines_with_local_paths(tiny_pipe, tmp_path, capsys):
+    """Both CLIs end to end from a saved tiny pipeline (--sd-path) and a local classifier file (--checkpoint); a
+    second run with the same settings resumes, one with other settings is refused."""
     import timm
 
     from calib import learn_prompts
 
     tiny_pipe.save_pretrained(tmp_path / "sd")
     torch.save(timm.create_model("vit_tiny_patch16_224").state_dict(), tmp_path / "vit.pth")
-    learn_prompts.main(["--model", "vit_tiny_patch16_224", "--checkpoint", str(tmp_path / "vit.pth"), "--sd-path",
-                        str(tmp_path / "sd"), "--classes", "n01443537", "--k", "2", "--steps", "1", "--height", "16",
-                        "--width", "16", "--out", str(tmp_path / "p")])
+    lp_argv = ["--model", "vit_tiny_patch16_224", "--checkpoint", str(tmp_path / "vit.pth"), "--sd-path",
+               str(tmp_path / "sd"), "--classes", "n01443537", "--k", "2", "--steps", "1", "--height", "16",
+               "--width", "16", "--out", str(tmp_path / "p")]
+    assert learn_prompts.main(lp_argv) == 0
     assert [p.name for p in (tmp_path / "p").iterdir()] == [f"{NAMES[1]}.pt"]
-    G.main(["--prompts", str(tmp_path / "p"), "--per-class", "2", "--out", str(tmp_path / "g"), "--sd-path",
-            str(tmp_path / "sd"), "--height", "16", "--width", "16"])
+    stamp = (tmp_path / "p" / f"{NAMES[1]}.pt").stat().st_mtime_ns
+    assert learn_prompts.main(lp_argv + ["--classes", "1-2"]) == 0  # resumed: class 1 kept, class 2 learned
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == [f"{NAMES[1]}.pt", f"{NAMES[2]}.pt"]
+    assert (tmp_path / "p" / f"{NAMES[1]}.pt").stat().st_mtime_ns == stamp
+    capsys.readouterr()
+    assert learn_prompts.main(lp_argv + ["--k", "3", "--classes", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "--k 2 (now 3)" in err, err
+    assert not (tmp_path / "p" / f"{NAMES[3]}.pt").exists()
+    g_argv = ["--prompts", str(tmp_path / "p"), "--per-class", "2", "--out", str(tmp_path / "g"), "--sd-path",
+              str(tmp_path / "sd"), "--height", "16", "--width", "16"]
+    assert G.main(g_argv + ["--classes", "1"]) == 0
     assert sorted(p.name for p in (tmp_path / "g" / NAMES[1]).iterdir()) == ["0.png", "1.png"]
+    assert G.main(g_argv) == 0  # default classes: those with prompts; class 1 resumed
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == [NAMES[1], NAMES[2]]
+    capsys.readouterr()
+    assert G.main(g_argv[:3] + ["3"] + g_argv[4:]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "pass --per-class 2 to resume" in err, err
+    assert G.main(g_argv + ["--height", "15"]) == 2  # not a multiple of the VAE factor (2)
+    assert "--height/--width" in capsys.readouterr().err
+
+
+def test_existing_out_of_another_kind_is_refused(tmp_path, capsys):
+    """Folders holding something else than the command's own outputs are never written into."""
+    from calib import learn_prompts
+
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "notes.txt").write_text("mine")
+    (tmp_path / "o" / NAMES[0]).mkdir()
+    for main, argv, what, example in (
+            (learn_prompts.main, ["--out", str(tmp_path / "o")], "not learned prompts", NAMES[0]),
+            (G.main, ["--baseline", "--per-class", "1", "--out", str(tmp_path / "o")], "not class folders",
+             "notes.txt")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and what in err and f"'{example}'" in err, err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [NAMES[0], "notes.txt"]
+
+
+def test_failed_class_leaves_nothing_behind(sd, tmp_path, monkeypatch):
+    """An error while a class is being generated removes its partial folder; earlier classes stay complete."""
+    real = G.generate_class
+
+    def fail_on_class_5(sd_, c, n, folder, *a, **k):
+        if c == 5:
+            folder.mkdir(parents=True)
+            (folder / "0.png").write_bytes(b"half")
+            raise RuntimeError("boom")
+        return real(sd_, c, n, folder, *a, **k)
+
+    monkeypatch.setattr(G, "generate_class", fail_on_class_5)
+    with pytest.raises(RuntimeError, match="boom"):
+        G.generate_all(sd, [0, 5], tmp_path / "o", per_class=1, height=16, width=16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+    assert [p.name for p in (tmp_path / "o").iterdir()] == [NAMES[0]]
+
+
+def test_atomic_save_failure_leaves_no_temp_file(tmp_path):
+    with pytest.raises(Exception):
+        atomic_torch_save({"f": lambda: 0}, tmp_path / "x.pt")  # a lambda does not pickle
+    assert list(tmp_path.iterdir()) == []

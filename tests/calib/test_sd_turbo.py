@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from calib import sd_turbo as S
+from quant.errors import UserError
 
 TEXT = "abcdefghij klmnopqrst"  # 20 byte-level tokens with the tiny tokenizer
 
@@ -43,5 +44,17 @@ def test_eos_position_is_pooled_output(sd, gen):
 def test_too_many_tokens_and_missing_model_raise(sd):
     with pytest.raises(ValueError, match="exceed"):
         S.prompt_input_ids(sd.tokenizer, sd.tokenizer.model_max_length, 1)
-    with pytest.raises(RuntimeError, match="--sd-path"):
+    with pytest.raises(UserError, match="--sd-path '/nonexistent/sd-turbo' does not exist"):
         S.load_sd_turbo("/nonexistent/sd-turbo")
+
+
+def test_sd_path_checks_fail_fast(tmp_path, monkeypatch):
+    from calib import common
+
+    with pytest.raises(UserError, match="no model_index.json"):
+        S.check_sd_path(str(tmp_path))
+    monkeypatch.setattr(common, "hub_online", lambda: False)
+    with pytest.raises(UserError, match="neither a local folder nor in the hub cache.*--sd-path /path/to/sd-turbo"):
+        S.load_sd_turbo("nobody-i20/no-such-model")
+    monkeypatch.setattr(common, "hub_online", lambda: True)
+    S.check_sd_path("nobody-i20/no-such-model")  # online: left to the download
