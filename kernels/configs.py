@@ -108,15 +108,15 @@ ATTENTION_HEAD_DIMS = (32, 64, 128)
 def attention_config(l: int, d: int, target: Target, biased: bool = False, sulq: bool = False) -> Tuple[int, int, dict]:
     """``(BLOCK_M, BLOCK_N, options)`` of the two-pass attention kernels; ``biased``: a relative-position bias or
     window mask is added to the scores (Swin), which costs two more ``[BM, BN]`` fp32 tiles per pass, so the tiles
-    shrink to stay spill-free (49-token windows barely fill a 64-row tile anyway). ``sulq``: the SULQ kernel runs
-    its key loops unpipelined (one stage): Triton 3.6's software pipeliner (the GPU image's) aborts on its 64x64
-    sm_90 loops ("pipeliner doesn't know how to predicate" the int8 wgmma next to the two fp16 dots)."""
+    shrink to stay spill-free (49-token windows barely fill a 64-row tile anyway). ``sulq``: on sm_90 the SULQ
+    kernel's 64x64 (unbiased) key loops run unpipelined (one stage): Triton 3.6's software pipeliner (the GPU
+    image's) aborts on them ("pipeliner doesn't know how to predicate" the int8 wgmma next to the two fp16 dots);
+    with two stages elsewhere (one stage spills on sm_80, and on the biased 32x32 tiles with Triton 3.9)."""
     if target.interpreted:
         return 64, 64, {}
-    stages = 1 if sulq else 2
     if biased:
-        return (32 if d <= 64 else 16), 32, dict(num_warps=8, num_stages=stages, **GPU_OPTIONS)
-    return 64, 64, dict(num_warps=8, num_stages=stages, **GPU_OPTIONS)
+        return (32 if d <= 64 else 16), 32, dict(num_warps=8, num_stages=2, **GPU_OPTIONS)
+    return 64, 64, dict(num_warps=8, num_stages=1 if sulq and target.arch >= 90 else 2, **GPU_OPTIONS)
 
 
 # ---------------------------------------------------------------------------------------------- elementwise

@@ -226,7 +226,7 @@ def dispatcher_launches(arch: int) -> list:
     compiled binary depends on."""
     from . import configs as C
     from . import library as L
-    from .shapes import BATCHES, attention_shapes, gemm_problems, linear_shapes, norm_widths
+    from .shapes import BATCHES, attention_shapes, gemm_problems, linear_shapes, mlp_shapes, norm_widths
     target = C.Target(interpreted=False, arch=arch)
     fmts = tuple(L.GEMM_LOADERS)
     a_bits = (3.0, 4.0, 6.0, 8.0)
@@ -235,11 +235,13 @@ def dispatcher_launches(arch: int) -> list:
     def add(lx):
         out.setdefault(lx.key(), lx)
 
+    fc1 = mlp_shapes()
     for m, n, k in gemm_problems():
         for fmt in fmts:
             cfg = C.gemm_config(fmt, m, n, k, target) or C.gemm_rule(m, n, k)
             add(gemm_launch(fmt, m, n, k, target, cfg))
-            add(gemm_launch(fmt, m, n, k, target, cfg, gelu=True, rq_bits=4.0))
+            if (k, n) in fc1:  # the GELU + requant epilogue runs on fc1 only (export.runtime.PackedMlp)
+                add(gemm_launch(fmt, m, n, k, target, cfg, gelu=True, rq_bits=4.0))
     for cfg in C.GEMM_CANDIDATES:
         for fmt in fmts:
             for m in (197, 12608):

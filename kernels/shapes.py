@@ -14,11 +14,12 @@ class ModelShapes:
     tokens: Tuple[int, ...]  # rows per image of the linears' inputs
     attention: Tuple[Tuple[int, int], ...]  # (L, head dim)
     norms: Tuple[int, ...]  # LayerNorm widths
+    mlp: Tuple[Tuple[int, int], ...] = ()  # (K, N) of the MLPs' fc1 (GELU, output requantized for fc2)
 
 
 def _vit(name: str, dim: int, heads: int, mlp: int, patch_k: int = 768, classes: int = 1000, tokens: int = 197):
     return ModelShapes(name, ((patch_k, dim), (dim, 3 * dim), (dim, dim), (dim, mlp), (mlp, dim), (dim, classes)),
-                       (1, tokens - 1, tokens), ((tokens, dim // heads),), (dim,))
+                       (1, tokens - 1, tokens), ((tokens, dim // heads),), (dim,), ((dim, mlp),))
 
 
 def _swin(name: str, dim: int, heads: Tuple[int, ...], classes: int = 1000):
@@ -33,7 +34,8 @@ def _swin(name: str, dim: int, heads: Tuple[int, ...], classes: int = 1000):
             linears.append((4 * c, 2 * c))
             norms.append(4 * c)
     linears.append((dim * 2 ** (len(heads) - 1), classes))
-    return ModelShapes(name, tuple(dict.fromkeys(linears)), tuple(tokens), tuple(sorted(attn)), tuple(norms))
+    mlp = tuple((dim * 2 ** i, 4 * dim * 2 ** i) for i in range(len(heads)))
+    return ModelShapes(name, tuple(dict.fromkeys(linears)), tuple(tokens), tuple(sorted(attn)), tuple(norms), mlp)
 
 
 MODELS: Dict[str, ModelShapes] = {m.name: m for m in (
@@ -63,6 +65,11 @@ def gemm_problems() -> List[Tuple[int, int, int]]:
                 for b in BATCHES:
                     out.add((t * b, n, k))
     return sorted(out)
+
+
+def mlp_shapes() -> set:
+    """``(K, N)`` of every fc1 (the only linears whose GELU output the runtime requantizes in the GEMM)."""
+    return {s for m in MODELS.values() for s in m.mlp}
 
 
 def attention_shapes() -> List[Tuple[int, int]]:

@@ -43,3 +43,10 @@ def test_attention_tiles_shrink_with_bias_and_head_dim():
     assert all(o[2]["enable_fp_fusion"] is False for o in (plain, swin, wide))
     sulq = C.attention_config(197, 64, H100, sulq=True)
     assert sulq[:2] == plain[:2] and sulq[2]["num_stages"] == 1 and plain[2]["num_stages"] == 2
+    assert C.attention_config(197, 64, C.Target(interpreted=False, arch=80), sulq=True)[2]["num_stages"] == 2
+
+
+def test_mlp_shapes_are_the_models_fc1():
+    from kernels.shapes import MODELS, mlp_shapes
+    assert all(set(m.mlp) <= set(m.linears) and m.mlp for m in MODELS.values())
+    assert (768, 3072) in mlp_shapes() and (96, 384) in mlp_shapes() and (768, 1000) not in mlp_shapes()
