@@ -12,8 +12,10 @@ Tensors (see :mod:`export.format` for the file and its manifest):
   ``(LN(x) - shift) / r`` is then exactly ``LN'(x)``; where that is not exact (Swin blocks whose windows pad the
   input) ``r``/``shift`` are stored (``quant.<layer>.r``/``shift``) and the LayerNorm stays a float tensor;
 * ``quant.<attention>.{q,k,v,p}_s``/``_z``: per-tensor quantizers of Q, K, V and the probabilities; under a SULQ
-  probability quantizer (manifest ``p_quantizer: "sulq"``, ``p_bits``) also ``quant.<attention>.p_eta``: the
-  probabilities are ``2^(-dequant(codes of -log2(p + eta))) - eta`` with the log-domain ``(p_s, p_z)``;
+  probability quantizer (manifest ``p_quantizer``: ``"sulq"``, I&S-ViT's published form, or ``"sulq-learned"``;
+  ``p_bits``) also ``quant.<attention>.p_eta`` and ``p_x0``: the probabilities are ``2^(-t) - eta``,
+  ``t = dequant(codes of -log2(p + eta) - x0) + x0`` with the log-domain ``(p_s, p_z)``, rounded under ``"sulq"``
+  (files without ``p_x0``, written before the published form existed, hold the learned form with ``x0 = 0``);
 * ``quant.<block>.act_correction.matrix``: fp32 ``[D, D]`` DFQ-ViT activation correction of a block (manifest
   ``act_correction``: the block paths), whose output ``y`` (after both residual additions) becomes ``y @ M^T``
   over the last (channel) dim; kept in fp32, exact;
@@ -87,9 +89,11 @@ def _attention(model: nn.Module, name: str, m: nn.Module, tensors: Dict[str, Ten
     entry = {"name": name, "num_heads": int(m.num_heads), "scale": float(m.scale),
              "qkv": _linear(model, f"{name}.qkv", m.qkv, tensors),
              "proj": _linear(model, f"{name}.proj", m.proj, tensors),
-             "p_quantizer": "sulq" if isinstance(p, SULQParams) else "uniform", "p_bits": p.bits}
+             "p_quantizer": ("sulq" if p.pow2 else "sulq-learned") if isinstance(p, SULQParams) else "uniform",
+             "p_bits": p.bits}
     if isinstance(p, SULQParams):
         tensors[f"{QUANT}{name}.p_eta"] = p.eta.float().reshape(())
+        tensors[f"{QUANT}{name}.p_x0"] = torch.as_tensor(p.x0, dtype=torch.float32).reshape(())
     if isinstance(m, QuantWindowAttention):
         entry.update(kind="window_attention", window_area=int(m.window_area))
     else:

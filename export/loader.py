@@ -116,8 +116,10 @@ def _attention(e: dict, read: _Reader, model: nn.Module, path) -> nn.Module:
     bits = e["qkv"]["a_bits"]
     qps = {k: QParams(read(f"{name}.{k}_s", ()), read(f"{name}.{k}_z", ()), bits) for k in "qkvp"}
     p_kind, p_bits = e.get("p_quantizer", "uniform"), e.get("p_bits", bits)
-    if p_kind == "sulq":
-        qps["p"] = SULQParams(read(f"{name}.p_eta", ()), qps["p"].s, qps["p"].z, p_bits)
+    if p_kind in ("sulq", "sulq-learned"):
+        x0 = read(f"{name}.p_x0", ()) if read.has(f"{name}.p_x0") else torch.zeros(())  # files before x0: learned
+        qps["p"] = SULQParams(read(f"{name}.p_eta", ()), qps["p"].s, qps["p"].z, p_bits, x0,
+                              p_kind == "sulq" and read.has(f"{name}.p_x0"))
     elif p_kind == "uniform":
         qps["p"] = qps["p"]._replace(bits=p_bits)
     else:
