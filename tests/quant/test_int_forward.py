@@ -306,8 +306,8 @@ def test_triton_path_gives_the_reference_gradients(gen):
 @pytest.mark.parametrize("kind", ["vit", "swin"])
 def test_e2e_with_integer_forward_lowers_loss_like_fake(kind):
     """200 e2e steps (batch 8, Swin 4) with each forward from the same start: both halve the distillation loss
-    (evaluated in ``"int"`` arithmetic on held-out images), and the integer forward ends within 25% of the fake
-    one."""
+    (evaluated in ``"int"`` arithmetic on held-out images), and the integer forward ends no more than 25% above the
+    fake one."""
     fp = make_model(kind)
     data = cifar_images(48)
     x, held = data[:32], data[32:]
@@ -323,4 +323,4 @@ def test_e2e_with_integer_forward_lowers_loss_like_fake(kind):
         set_forward(q, "int")
         after[forward] = evaluate_loss(q, fp, held, cfg)
     assert after["int"] < 0.5 * rtn and after["fake"] < 0.5 * rtn, (rtn, after)
-    assert abs(after["int"] - after["fake"]) < 0.25 * after["fake"], after
+    assert after["int"] < 1.25 * after["fake"], after
