@@ -324,3 +324,15 @@ def test_e2e_with_integer_forward_lowers_loss_like_fake(kind):
         after[forward] = evaluate_loss(q, fp, held, cfg)
     assert after["int"] < 0.5 * rtn and after["fake"] < 0.5 * rtn, (rtn, after)
     assert after["int"] < 1.25 * after["fake"], after
+
+
+def test_integer_forward_is_batch_invariant():
+    """Each image's output of the integer forward does not depend on the rest of the batch (exact integer GEMMs,
+    row-wise float epilogues), so data-parallel shards compute exactly the full batch's forward."""
+    fp = make_model("deit")
+    x = images(7, seed=2)
+    q = calibrate(quantize_model(copy.deepcopy(fp), "w4a4"), x)
+    set_mode(q, "quant")
+    with torch.no_grad():
+        full = q(x)
+        assert torch.equal(torch.cat([q(x[:4]), q(x[4:])]), full)
