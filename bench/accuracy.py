@@ -360,7 +360,8 @@ def render_markdown(results: dict) -> str:
         lines += ["", "## Optimisation step time", "",
                   "Seconds of `quant.run`'s optimisation (`optimize_s` in its report) per step, of the runs above that "
                   "recorded it (the machine is shared, so concurrent runs slow each other).", "",
-                  "| bits | method | data | forward | steps | optimisation (s) | ms/step |", "|---|---|---|---|---|---|---|"]
+                  "| bits | method | data | forward | steps | optimisation (s) | ms/step |",
+                  "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['bits'].upper()} | {r['method']} | {r['source']} | {r.get('forward') or '-'} | {r['steps']} | "
                   f"{fmt_time(r['optimize_s'])} | {1000 * r['optimize_s'] / r['steps']:.0f} |" for r in timed]
     sweep = [r for r in cells.values() if r["kind"] == "sweep"]

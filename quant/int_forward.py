@@ -60,8 +60,9 @@ def act_qparams(s: Tensor, z: Tensor, bits) -> QParams:
     return QParams(s.detach(), P.round_zero_point(z.detach(), bits), bits)
 
 
-def int_linear(x: Tensor, a_qp: QParams, r: Optional[Tensor], shift: Optional[Tensor], w: Tensor, bias: Optional[Tensor],
-               ws: Tensor, wz: Tensor, w_bits, patch: Optional[Tuple[int, int]] = None) -> Tensor:
+def int_linear(x: Tensor, a_qp: QParams, r: Optional[Tensor], shift: Optional[Tensor], w: Tensor,
+               bias: Optional[Tensor], ws: Tensor, wz: Tensor, w_bits,
+               patch: Optional[Tuple[int, int]] = None) -> Tensor:
     """The deployed linear (no gradient): codes ``a = ops.quantize((x - shift) / r)`` (of ``patchify(x)`` when
     ``patch``), weight codes ``quantize(w, ws, wz)`` packed at ``w_bits``, ``ops.packed_linear``; float32 output
     ``[..., N]`` (patch: ``[B, N, H/p, W/p]``)."""
