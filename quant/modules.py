@@ -346,6 +346,13 @@ class QuantConv2dPatch(_Moded):
     def ws(self) -> Tensor:
         return self.log_ws.exp()
 
+    @property
+    def integer_forward(self) -> bool:
+        """As :class:`_Moded`, but overlapping patches (stride != kernel) keep ``"quant"`` mode's fake forward
+        (``"int"`` mode refuses them: they have no deployed form)."""
+        overlap = tuple(self.stride) != tuple(self.weight.shape[2:])
+        return super().integer_forward and not (overlap and self.mode == "quant")
+
     def weight_2d(self) -> Tensor:
         w = self.weight + self.dW
         return w.reshape(w.shape[0], -1)
@@ -371,8 +378,8 @@ class QuantConv2dPatch(_Moded):
         self.act._check_initialised()
         ph, pw = self.weight.shape[2:]
         if tuple(self.stride) != (ph, pw):
-            raise NotImplementedError(f"the integer forward needs non-overlapping patches (stride "
-                                      f"{tuple(self.stride)} != {(ph, pw)}); use set_forward(model, 'fake')")
+            raise NotImplementedError(f"'int' mode needs non-overlapping patches (stride {tuple(self.stride)} != "
+                                      f"{(ph, pw)})")
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.mode == "quant"):
             return IF.IntLinearFn.apply(x, None, None, self.act.s, self.act.z, self.weight_2d(), self.bias, self.ws,
                                         self.wz, self.act.bits, self.w_bits, (ph, pw))

@@ -336,3 +336,19 @@ def test_integer_forward_is_batch_invariant():
     with torch.no_grad():
         full = q(x)
         assert torch.equal(torch.cat([q(x[:4]), q(x[4:])]), full)
+
+
+def test_overlapping_patches_keep_the_fake_forward(gen):
+    """A patch conv with stride < kernel has no deployed form: ``"quant"`` trains it with the fake forward,
+    ``"int"`` refuses it."""
+    m = QuantConv2dPatch(nn.Conv2d(3, 8, 4, stride=2), 4, 8)
+    x = torch.randn(2, 3, 16, 16, generator=gen)
+    m.set_mode("calib")
+    m(x)
+    m.set_mode("quant")
+    y = m(x)
+    set_forward(m, "fake")
+    assert torch.equal(m(x), y) and y.shape == (2, 8, 7, 7)
+    m.set_mode("int")
+    with pytest.raises(NotImplementedError, match="non-overlapping"):
+        m(x)
