@@ -7,7 +7,9 @@ Each cell (bits, method, calibration data) is one ``quant.run`` pipeline run, bu
     --model demo --bits B --method M [--act-correction] --data <cifar10>/train|invert --calib-size N
     --val <cifar10>/test --val-size V --iters I --invert-steps S --seed 0 --out <temp folder>
 
-Methods: ``rtn``, ``blockwise``, ``e2e``, ``is-vit`` and ``e2e+ac`` (``e2e`` with ``--act-correction``).
+Methods: ``rtn``, ``blockwise``, ``e2e``, ``is-vit``, ``e2e+ac`` (``e2e`` with ``--act-correction``), and the
+forward-pass comparison ``e2e+intfwd`` / ``e2e+fakefwd`` (``e2e`` with ``--forward int`` / ``--forward fake``: the
+optimiser's forward in the deployed integer arithmetic, the default, or in float fake-quant).
 Data: ``real`` (``--calib-size`` images of ``<data>/train``) and ``free`` (``--data invert``; the data-free images
 are synthesized once with ``quant.run.synthesize_calibration`` and copied into each cell's ``<out>.invert`` folder,
 which ``quant.run`` then finds complete, so the images are the ones a fresh CLI run makes). The calibration-size
@@ -35,7 +37,8 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-METHODS = ("rtn", "blockwise", "e2e", "is-vit", "e2e+ac")
+METHODS = ("rtn", "blockwise", "e2e", "is-vit", "e2e+ac", "e2e+intfwd", "e2e+fakefwd")
+VARIANT_FLAGS = {"ac": ["--act-correction"], "intfwd": ["--forward", "int"], "fakefwd": ["--forward", "fake"]}
 SOURCES = ("real", "free")
 DEFAULT_BITS = ("w1.58a8", "w3a3", "w4a4", "w6a6")
 DEFAULT_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 5000, 10000)
@@ -166,13 +169,14 @@ def plan(args: argparse.Namespace) -> List[Cell]:
 
 def cell_argv(cell: Cell, args: argparse.Namespace, out: str) -> List[str]:
     """The ``python -m quant.run`` command line of ``cell`` writing into ``out``."""
-    method, ac = (cell.method[:-3], True) if cell.method.endswith("+ac") else (cell.method, False)
+    method, *variants = cell.method.split("+")
+    ac = "ac" in variants
     data = os.path.join(args.data, "train") if cell.source == "real" else "invert"
     argv = ["--model", args.model, "--bits", cell.bits, "--method", method, "--data", data,
             "--calib-size", str(cell.calib_size), "--val", os.path.join(args.data, "test"),
             "--seed", str(args.seed), "--out", out, "--no-progress"]
-    if ac:
-        argv.append("--act-correction")
+    for v in variants:
+        argv += VARIANT_FLAGS[v]
     val_size = args.sweep_val_size if cell.kind == "sweep" else args.val_size
     for flag, v in (("--iters", args.iters), ("--val-size", val_size),
                     ("--invert-steps", args.invert_steps if cell.source == "free" else None),
@@ -223,7 +227,7 @@ def record_of(cell: Cell, report: dict, argv: List[str], wall_s: float) -> dict:
             "calib_size": cell.calib_size, "top1": report["quantized"]["top1"], "top5": report["quantized"]["top5"],
             "fp_top1": report["fp"]["top1"], "val_images": report["quantized"]["images"],
             "calib_images": report["calib_images"], "steps": report["steps"], "time_s": wall_s,
-            "argv": argv}
+            "forward": report.get("forward"), "optimize_s": report.get("optimize_s"), "argv": argv}
 
 
 def run_cell(cell: Cell, args: argparse.Namespace, workdir: str, invert_cache: Optional[str]) -> dict:
@@ -351,6 +355,16 @@ def render_markdown(results: dict, tsne: Optional[dict] = None) -> str:
             r = by.get((b, m, s))
             vals += ["-", "-"] if r is None else [fmt_acc(r["top1"]), fmt_time(r["time_s"])]
         lines.append(f"| {b.upper()} | {m} | " + " | ".join(vals) + " |")
+    timed = sorted((r for r in table if r.get("optimize_s") and r["steps"]),
+                   key=lambda r: (_bits_order(r["bits"]), order[r["method"]], r["source"]))
+    if timed:
+        lines += ["", "## Optimisation step time", "",
+                  "Seconds of `quant.run`'s optimisation (`optimize_s` in its report) per step, of the runs above that "
+                  "recorded it (the machine is shared, so concurrent runs slow each other).", "",
+                  "| bits | method | data | forward | steps | optimisation (s) | ms/step |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['bits'].upper()} | {r['method']} | {r['source']} | {r.get('forward') or '-'} | {r['steps']} | "
+                  f"{fmt_time(r['optimize_s'])} | {1000 * r['optimize_s'] / r['steps']:.0f} |" for r in timed]
     sweep = [r for r in cells.values() if r["kind"] == "sweep"]
     if sweep:
         sweep_fp = sorted({round(r["fp_top1"], 6) for r in sweep})
@@ -379,7 +393,9 @@ def render_markdown(results: dict, tsne: Optional[dict] = None) -> str:
               f"- table: top-1 on {', '.join(map(str, n_val))} cifar10/test images (a seeded subset when fewer than "
               f"10,000); FP row: the float model on the same images",
               "- methods: `rtn` (initialisation only), `blockwise`, `e2e` (the paper), `is-vit` (I&S-ViT SOS), "
-              "`e2e+ac` (e2e then DFQ-ViT `--act-correction`)",
+              "`e2e+ac` (e2e then DFQ-ViT `--act-correction`), `e2e+intfwd` / `e2e+fakefwd` (e2e with "
+              "`--forward int`, the optimiser's forward in the deployed integer arithmetic, / `--forward fake`, "
+              "float fake-quant; same gradients)",
               "- quantized top-1 is the exported model's: `quant.run` evaluates in `\"int\"` mode (integer arithmetic, "
               "float tensors at the checkpoint's fp16), bit-equal to `export.load` on the CPU",
               "- time: wall seconds of one `quant.run` (load, calibration, optimisation, evaluation, export)"

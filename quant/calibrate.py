@@ -19,7 +19,7 @@ from quant.modules import quant_modules, set_mode
 
 @torch.no_grad()
 def calibrate(model: nn.Module, images: Tensor) -> nn.Module:
-    """Initialise every quantizer of ``model`` from ``images [B, 3, H, W]`` and switch it to fake-quant mode."""
+    """Initialise every quantizer of ``model`` from ``images [B, 3, H, W]`` and switch it to ``"quant"`` mode."""
     if not quant_modules(model):
         raise ValueError("model has no quantized modules; call quant.surgery.quantize_model first")
     if images.dim() != 4 or images.shape[0] == 0:

@@ -10,11 +10,16 @@ Parametrisation
 * Channel rescale ``r`` is learned as ``log_r`` (``r = exp(log_r)``), ``shift`` directly.
 
 Every module has four modes (``mode`` attribute): ``"float"`` (exact FP forward), ``"calib"`` (FP forward while
-initialising the quantizers from the batch it sees, see :mod:`quant.calibrate`), ``"quant"`` (differentiable
-fake-quant in float arithmetic: what the optimiser trains) and ``"int"`` (the exported model's integer arithmetic:
-int8 activation codes, int32 GEMMs and the same float epilogues, computed by :mod:`kernels.reference`, i.e.
-bit-identical to :func:`export.load` on the CPU; no gradients). ``"quant"`` and ``"int"`` compute the same function
-up to float rounding, which can move an activation across a rounding boundary (one code step).
+initialising the quantizers from the batch it sees, see :mod:`quant.calibrate`), ``"quant"`` (differentiable: what
+the optimiser trains) and ``"int"`` (the exported model's integer arithmetic: int8 activation codes, int32 GEMMs and
+the same float epilogues through :mod:`kernels.ops`, i.e. the Triton kernels on CUDA and :mod:`kernels.reference` on
+the CPU, bit-identical there to :func:`export.load`; no gradients).
+
+``"quant"`` mode has two forwards (``quant_forward`` attribute, :func:`set_forward`): ``"int"`` (default) runs the
+``"int"`` arithmetic (bit-identical to ``"int"`` mode) with the fake-quant gradients (:mod:`quant.int_forward`:
+STE for inputs, LSQ for steps and zero points); ``"fake"`` is the float fake-quant forward (quantize-dequantize, float
+matmuls), which differs from the integer one by float rounding where it moves an activation across a code boundary.
+Layers that are not fully integer (A16 activations, float weights in I&S-ViT's stage 1) always run the fake forward.
 """
 from __future__ import annotations
 
@@ -26,10 +31,12 @@ from torch import Tensor, nn
 
 from kernels import ops
 from kernels import reference as R
+from quant import int_forward as IF
 from quant import primitives as P
 from quant.primitives import QParams, SULQParams
 
 MODES = ("float", "calib", "quant", "int")
+FORWARDS = ("int", "fake")
 QUANTIZED_MODES = ("quant", "int")
 SOFTMAX_QUANTIZERS = ("uniform", "sulq")
 ACT_PERCENTILES = (0.01, 99.99)
@@ -37,6 +44,7 @@ ACT_PERCENTILES = (0.01, 99.99)
 
 class _Moded(nn.Module):
     mode: str = "float"
+    quant_forward: str = "int"  # "quant" mode's forward: "int" (deployed arithmetic) or "fake" (float fake-quant)
     _checked: bool = False
     quantize_weights: bool = True  # False: weights stay float in "quant" mode (I&S-ViT SOS stage 1)
 
@@ -45,11 +53,18 @@ class _Moded(nn.Module):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
 
+    def set_forward(self, forward: str) -> None:
+        if forward not in FORWARDS:
+            raise ValueError(f"forward must be one of {FORWARDS}, got {forward!r}")
+        self.quant_forward = forward
+
     @property
     def integer_forward(self) -> bool:
-        """``"int"`` mode on a layer with quantized input and weights (else ``"int"`` falls back to ``"quant"``)."""
+        """The integer arithmetic runs: ``"int"`` mode, or ``"quant"`` mode with ``quant_forward == "int"``, on a
+        layer with quantized input and weights (else both fall back to the fake-quant forward)."""
         act = getattr(self, "act", None)
-        return self.mode == "int" and act is not None and act.enabled and self.quantize_weights
+        return (self.mode == "int" or (self.mode == "quant" and self.quant_forward == "int")) \
+            and act is not None and act.enabled and self.quantize_weights
 
     def _check_initialised(self) -> None:
         """Fake-quant with uninitialised quantizers (``s = 1``) would be silently wrong: refuse it (checked once)."""
@@ -103,7 +118,12 @@ class ActQuantizer(_Moded):
         if self.mode not in QUANTIZED_MODES or not self.enabled:
             return P.apply_rescale(x, r, shift)
         self._check_initialised()
-        return ops.fake_quantize(x, QParams(self.s, self.z, self.bits), r, shift)
+        return self.fake(x, self.s, self.z, r, shift)
+
+    def fake(self, x: Tensor, s: Tensor, z: Tensor, r: Optional[Tensor] = None,
+             shift: Optional[Tensor] = None) -> Tensor:
+        """``ops.fake_quantize((x - shift) / r)`` at step ``s`` and zero point ``z`` (the ``"quant"`` forward)."""
+        return ops.fake_quantize(x, QParams(s, z, self.bits), r, shift)
 
 
 class SULQuantizer(_Moded):
@@ -152,7 +172,11 @@ class SULQuantizer(_Moded):
         if self.mode not in QUANTIZED_MODES or not self.enabled:
             return p
         self._check_initialised()
-        return P.sulq_fake_quantize(p, self.eta, self.s, self.z, self.bits)
+        return self.fake(p, self.s, self.z)
+
+    def fake(self, p: Tensor, s: Tensor, z: Tensor) -> Tensor:
+        """SULQ fake-quant of ``p`` with log-domain step ``s`` and zero point ``z`` (the ``"quant"`` forward)."""
+        return P.sulq_fake_quantize(p, self.eta, s, z, self.bits)
 
 
 def _weight_qparams_init(module, w: Tensor) -> None:
@@ -179,8 +203,10 @@ class QuantLinear(_Moded):
     weight codes are ``quantize((W + dW) * r)``. ``W`` and ``b`` are frozen; ``dW`` starts at zero.
     ``rescale=True`` creates ``r = exp(log_r)`` and ``shift`` (used on post-LayerNorm linears).
 
-    ``"int"`` mode: ``y = linear_codes(rescale_quantize(x, r, shift), codes, ...)`` (:meth:`deploy` values); when
-    ``norm_fused`` the input comes from a :class:`QuantLayerNorm` that already applied ``r``/``shift``.
+    Integer forward (``"int"`` mode, and ``"quant"`` mode by default): ``y = ops.packed_linear(ops.quantize(x, r,
+    shift), pack(codes), ...)`` with the :meth:`deploy` values (:class:`quant.int_forward.IntLinearFn`: fake-quant
+    gradients in ``"quant"`` mode); when ``norm_fused`` the input comes from a :class:`QuantLayerNorm` that already
+    applied ``r``/``shift``.
     """
 
     norm_fused: bool = False
@@ -255,14 +281,15 @@ class QuantLinear(_Moded):
             w = ops.fake_quantize_weight(w, self.ws, self.wz, self.w_bits)
         return F.linear(xq, w.to(xq.dtype), b.to(xq.dtype))
 
-    @torch.no_grad()
     def _forward_int(self, x: Tensor) -> Tensor:
+        """:class:`quant.int_forward.IntLinearFn` on the folded weight (no gradient in ``"int"`` mode)."""
         self._check_initialised()
         self.act._check_initialised()
-        d = self.deploy()
-        r, shift = (None, None) if self.norm_fused else (d["r"], d["shift"])
-        a = R.rescale_quantize(x, d["input"], r, shift)
-        return R.linear_codes(a, d["input"], d["codes"], self.w_bits, d["w_scale"], d["w_zero"], d["bias"])
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.mode == "quant"):
+            w, b = self.folded()
+            r, shift = (None, None) if self.norm_fused else (self.r, self.shift)
+            return IF.IntLinearFn.apply(x, r, shift, self.act.s, self.act.z, w, b, self.ws, self.wz, self.a_bits,
+                                        self.w_bits, None)
 
     @torch.no_grad()
     def deploy(self) -> Dict[str, object]:
@@ -319,6 +346,13 @@ class QuantConv2dPatch(_Moded):
     def ws(self) -> Tensor:
         return self.log_ws.exp()
 
+    @property
+    def integer_forward(self) -> bool:
+        """As :class:`_Moded`, but overlapping patches (stride != kernel) keep ``"quant"`` mode's fake forward
+        (``"int"`` mode refuses them: they have no deployed form)."""
+        overlap = tuple(self.stride) != tuple(self.weight.shape[2:])
+        return super().integer_forward and not (overlap and self.mode == "quant")
+
     def weight_2d(self) -> Tensor:
         w = self.weight + self.dW
         return w.reshape(w.shape[0], -1)
@@ -337,18 +371,18 @@ class QuantConv2dPatch(_Moded):
             w = ops.fake_quantize_weight(w, self.ws, self.wz, self.w_bits)
         return F.conv2d(xq, w.reshape(self.weight.shape).to(xq.dtype), self.bias, self.stride)
 
-    @torch.no_grad()
     def _forward_int(self, x: Tensor) -> Tensor:
-        """im2col (:func:`quant.primitives.patchify`) + integer linear, NCHW output ``[B, D, H/p, W/p]``."""
+        """im2col (:func:`quant.primitives.patchify`) + integer linear (:class:`quant.int_forward.IntLinearFn`),
+        NCHW output ``[B, D, H/p, W/p]``; no gradient in ``"int"`` mode."""
         self._check_initialised()
         self.act._check_initialised()
-        d = self.deploy()
-        dim, _, ph, pw = d["kernel_shape"]
-        if tuple(d["stride"]) != (ph, pw):
-            raise NotImplementedError(f"'int' mode needs non-overlapping patches (stride {d['stride']} != {(ph, pw)})")
-        a = R.rescale_quantize(P.patchify(x, (ph, pw)), d["input"])
-        y = R.linear_codes(a, d["input"], d["codes"], self.w_bits, d["w_scale"], d["w_zero"], d["bias"])
-        return y.reshape(x.shape[0], x.shape[2] // ph, x.shape[3] // pw, dim).permute(0, 3, 1, 2)
+        ph, pw = self.weight.shape[2:]
+        if tuple(self.stride) != (ph, pw):
+            raise NotImplementedError(f"'int' mode needs non-overlapping patches (stride {tuple(self.stride)} != "
+                                      f"{(ph, pw)})")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.mode == "quant"):
+            return IF.IntLinearFn.apply(x, None, None, self.act.s, self.act.z, self.weight_2d(), self.bias, self.ws,
+                                        self.wz, self.act.bits, self.w_bits, (ph, pw))
 
     @torch.no_grad()
     def deploy(self) -> Dict[str, object]:
@@ -373,7 +407,9 @@ class QuantAttentionCore(_Moded):
     :func:`kernels.reference.quant_attention`); relative-position bias and mask are added in float; the
     probabilities ``P`` are fake-quantized at ``a_bits`` by a learnable ``softmax_quantizer``: ``"uniform"``
     (:class:`ActQuantizer`, integer ``P V``) or ``"sulq"`` (:class:`SULQuantizer`, table-dequantized ``P``, float
-    ``P V``; see :mod:`kernels.quant_attention_sulq`); softmax is float.
+    ``P V``; see :mod:`kernels.quant_attention_sulq`); softmax is float
+    (:func:`quant.int_forward.fake_attention`). Integer forward (``"int"`` mode, ``"quant"`` by default):
+    ``ops.quant_attention`` on the int8 codes (:class:`quant.int_forward.IntAttentionFn`, fake-quant gradients).
     """
 
     def __init__(self, a_bits, softmax_quantizer: str = "uniform"):
@@ -394,36 +430,21 @@ class QuantAttentionCore(_Moded):
                 mask: Optional[Tensor] = None) -> Tensor:
         """``rel_bias [H, L, L]``; ``mask [nW, L, L]`` with windows fastest in the batch (Swin) or a
         broadcastable additive mask (ViT ``attn_mask``)."""
-        if self.mode == "int" and self.q_quant.enabled:
+        if self.q_quant.enabled and (self.mode == "int" or (self.mode == "quant" and self.quant_forward == "int")):
             return self._forward_int(q, k, v, scale, rel_bias, mask)
-        q, k, v = self.q_quant(q), self.k_quant(k), self.v_quant(v)
-        attn = (q * scale) @ k.transpose(-2, -1)
-        if rel_bias is not None:
-            attn = attn + rel_bias.unsqueeze(0)
-        if mask is not None:
-            b, h, n, _ = attn.shape
-            if mask.dim() == 3:
-                nw = mask.shape[0]
-                attn = (attn.view(b // nw, nw, h, n, n) + mask.unsqueeze(1).unsqueeze(0)).view(b, h, n, n)
-            else:
-                attn = attn + mask
-        attn = attn.softmax(dim=-1)
-        attn = self.p_quant(attn)
-        return attn @ v
+        return IF.fake_attention(q, k, v, scale, rel_bias, mask, self.q_quant, self.k_quant, self.v_quant,
+                                 self.p_quant)
 
-    @torch.no_grad()
     def _forward_int(self, q: Tensor, k: Tensor, v: Tensor, scale: float, rel_bias: Optional[Tensor],
                      mask: Optional[Tensor]) -> Tensor:
-        """:func:`kernels.reference.quant_attention` on the int8 codes of ``q, k, v``."""
-        for m in (self.q_quant, self.k_quant, self.v_quant, self.p_quant):
+        """:class:`quant.int_forward.IntAttentionFn`: ``ops.quant_attention`` on the int8 codes of ``q, k, v``
+        (no gradient in ``"int"`` mode)."""
+        qs = (self.q_quant, self.k_quant, self.v_quant, self.p_quant)
+        for m in qs:
             m._check_initialised()
-        if mask is not None and mask.dim() != 3:
-            raise NotImplementedError("'int' mode takes only Swin's [nW, L, L] window mask, not a ViT attn_mask")
-        qps = self.deploy()
-        qc, kc, vc = (R.rescale_quantize(t.contiguous(), qps[n]) for t, n in ((q, "q"), (k, "k"), (v, "v")))
-        return R.quant_attention(qc, kc, vc, qps["q"], qps["k"], qps["v"], scale, qps["p"],
-                                 rel_bias=None if rel_bias is None else rel_bias.float().contiguous(),
-                                 mask=None if mask is None else mask.float())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.mode == "quant"):
+            return IF.IntAttentionFn.apply(self, scale, q, k, v, rel_bias, mask,
+                                           *(t for m in qs for t in (m.s, m.z)))
 
     def deploy(self) -> Dict[str, Optional[QParams]]:
         """Per-tensor QParams for ``q``, ``k``, ``v`` and the probabilities ``p`` (None each under A16); ``p`` is a
@@ -454,10 +475,12 @@ class ActCorrection(_Moded):
 class QuantLayerNorm(nn.LayerNorm, _Moded):
     """A LayerNorm feeding only ``consumer`` (a :class:`QuantLinear`), which the exporter fuses into it.
 
-    ``"float"``/``"calib"``/``"quant"``: the plain LayerNorm (the consumer applies its rescale). ``"int"``:
-    ``kernels.reference.layernorm`` with the folded affine of :meth:`folded_affine` (``gamma' = gamma / r``,
-    ``beta' = (beta - shift) / r``), the values the exported ``layernorm_quantize`` quantizes. ``weight``/``bias``
-    are the original module's parameters (same state-dict keys).
+    ``"float"``/``"calib"``, fake-quant ``"quant"``: the plain LayerNorm (the consumer applies its rescale). When
+    the consumer runs its integer forward (``"int"``, default ``"quant"``): ``kernels.reference.layernorm`` with the
+    folded affine of :meth:`folded_affine` (``gamma' = gamma / r``, ``beta' = (beta - shift) / r``), the values the
+    exported ``layernorm_quantize`` quantizes (:class:`quant.int_forward.FusedLayerNormFn`: in ``"quant"`` mode with
+    the gradients of ``(LN(x) - shift) / r``). ``weight``/``bias`` are the original module's parameters (same
+    state-dict keys).
     """
 
     def __init__(self, ln: nn.LayerNorm, consumer: QuantLinear):
@@ -478,15 +501,28 @@ class QuantLayerNorm(nn.LayerNorm, _Moded):
         return g, b
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.mode == "int" and self._consumer[0].integer_forward:
-            g, b = self.folded_affine()
-            return R.layernorm(x, g, b, self.eps)
+        c = self._consumer[0]
+        if c.integer_forward:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and c.mode == "quant"):
+                if c.rescale:
+                    return IF.FusedLayerNormFn.apply(x, self.weight, self.bias, c.r, c.shift, self.eps)
+                return R.layernorm(x, self.weight, self.bias, self.eps)
         return super().forward(x)
 
 
 def quant_modules(model: nn.Module):
     """All moded quantized modules of ``model`` (top-level ones, i.e. not their inner activation quantizers)."""
     return [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2dPatch, QuantAttentionCore))]
+
+
+def set_forward(model: nn.Module, forward: str) -> None:
+    """``"quant"`` mode's forward for every quantized module of ``model``: ``"int"`` (the deployed integer
+    arithmetic through :mod:`kernels.ops`, fake-quant gradients; the default) or ``"fake"`` (float fake-quant)."""
+    if forward not in FORWARDS:
+        raise ValueError(f"forward must be one of {FORWARDS}, got {forward!r}")
+    for m in model.modules():
+        if isinstance(m, _Moded):
+            m.set_forward(forward)
 
 
 def set_mode(model: nn.Module, mode: str) -> None:

@@ -391,8 +391,26 @@ def _exact_matmul(a: Tensor, b: Tensor) -> Tensor:
 
 
 def int_linear(a: Tensor, sa, za, w: Tensor, sw: Tensor, zw: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """Float32 output ``sa * sw[n] * int_gemm(a, w, za, zw) + bias[n]``."""
-    acc = int_gemm(a, w, za, zw).float()
+    """Float32 output ``sa * sw[n] * int_gemm(a, w, za, zw) + bias[n]``.
+
+    The integer sums are those of :func:`int_gemm` rounded to float32, computed directly as one float GEMM of the
+    centred codes ``(a - za) @ (w - zw[n])^T`` (exact in float32 while ``K max|a - za| max|w - zw|`` stays below
+    2^24, else in float64 and rounded once, like int32 -> float32): the same values with fewer passes."""
+    if a.dim() < 2 or w.dim() < 2 or a.shape[-1] != w.shape[-1]:
+        raise ValueError(f"int_linear needs a [M, K] and w [N, K] with equal K, got {tuple(a.shape)} and "
+                         f"{tuple(w.shape)}")
+    if a.is_floating_point() or w.is_floating_point():
+        raise TypeError(f"int_linear needs integer codes, got {a.dtype} and {w.dtype}")
+    k = a.shape[-1]
+    ac = a.to(torch.float32) - float(za)
+    wc = w.to(torch.float32) - torch.as_tensor(zw, device=a.device).to(torch.float32).reshape(-1, 1)
+    if ac.numel() == 0 or wc.numel() == 0:
+        acc = torch.zeros(*a.shape[:-1], w.shape[0], device=a.device)
+    else:
+        bound = k * float(ac.abs().max()) * float(wc.abs().max())
+        if bound >= 2 ** 53:
+            raise ValueError(f"integer GEMM too large to accumulate exactly (K={k})")
+        acc = ac @ wc.T if bound < 2 ** 24 else (ac.double() @ wc.double().T).float()
     y = acc * (float(sa) * torch.as_tensor(sw, dtype=torch.float32, device=a.device).reshape(1, -1))
     return y if bias is None else y + bias.float()
 

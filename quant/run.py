@@ -33,7 +33,8 @@ from quant.bits import parse_bits
 from quant.calibrate import calibrate
 from quant.errors import UserError
 from quant.models import eval_transform, load_model, resolve
-from quant.modules import SOFTMAX_QUANTIZERS, ActCorrection, QuantConv2dPatch, QuantLinear, quant_modules, set_mode
+from quant.modules import (FORWARDS, SOFTMAX_QUANTIZERS, ActCorrection, QuantConv2dPatch, QuantLinear, quant_modules,
+                           set_forward, set_mode)
 from quant.optimize import METHODS, OptimConfig, optimize
 from quant.correction import add_act_correction, train_act_correction
 from quant import fidelity as FI
@@ -87,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--correction-lr", type=float, default=1e-4, help="activation-correction Adam lr")
     p.add_argument("--softmax-quantizer", default="uniform", choices=SOFTMAX_QUANTIZERS,
                    help="quantizer of the attention probabilities: uniform (integer P V) or sulq (I&S-ViT)")
+    p.add_argument("--forward", default="int", choices=FORWARDS,
+                   help="forward pass of the optimisation: int (the deployed integer arithmetic through "
+                        "kernels.ops, straight-through/LSQ gradients) or fake (float fake-quant, for comparison)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast during optimisation (CUDA only)")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: never)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint <out>.state.pt")
@@ -174,7 +178,7 @@ def format_table(report: dict) -> str:
     acc = lambda d, k: f"{d[k]:.2f}" if k in d else "-"  # noqa: E731
     rows = [
         ("model", f"{report['model']} ({report['timm_name']})"),
-        ("bits / method", f"{report['bits']} / {report['method']}"),
+        ("bits / method", f"{report['bits']} / {report['method']} ({report.get('forward', 'int')} forward)"),
         ("FP top-1 (reference)", "-" if lit is None else f"{lit:.2f}"),
         ("FP top-1 / top-5", f"{acc(fp, 'top1')} / {acc(fp, 'top5')}"),
         ("quantized top-1 / top-5", f"{acc(q, 'top1')} / {acc(q, 'top5')}"),
@@ -183,6 +187,8 @@ def format_table(report: dict) -> str:
         ("calib images (skipped)", f"{report['calib_images']} ({report['skipped_images']['calib']})"),
         ("loss first -> last", "-" if not report["losses"] else
          f"{report['losses']['first']:.4g} -> {report['losses']['last']:.4g} ({report['steps']} steps)"),
+        ("optimisation time (s)", "-" if not report.get("steps") else f"{report['optimize_s']:.1f}" + (
+            "" if report.get("resumed") else f" ({1000 * report['optimize_s'] / report['steps']:.0f} ms/step)")),
         ("time (s)", f"{report['time_s']:.1f}"),
         ("peak memory (MiB)", mem),
         ("model size fp32 -> quantized (MiB)",
@@ -297,6 +303,7 @@ def run(args: argparse.Namespace) -> dict:
     except ValueError as e:
         raise UserError(f"--model {args.model}: {e}") from None
     calibrate(student, images.head(args.init_size).to(device))
+    set_forward(student, args.forward)
     ocfg = OptimConfig(method=args.method, iters=args.iters, batch_size=args.batch_size, lr_q=args.lr_q,
                        lr_w=args.lr_w, warmup=args.warmup, temperature=args.temperature, l2=args.l2,
                        seed=args.seed, save_every=args.save_every, state_path=state_path(out), resume=args.resume,
@@ -304,8 +311,10 @@ def run(args: argparse.Namespace) -> dict:
     fingerprint = {"model": args.model, "bits": cfg_bits.name, "calib_size": args.calib_size, "data": args.data,
                    **({"synthesis": args.synthesis} if args.data == INVERT else {}), "model_args": model_args,
                    "rescale": not args.no_rescale,
-                   "softmax_quantizer": args.softmax_quantizer}
+                   "softmax_quantizer": args.softmax_quantizer, "forward": args.forward}
+    t_opt = time.time()
     history = optimize(student, fp_model, images, ocfg, fingerprint, dist)
+    t_opt = time.time() - t_opt
     if not history["completed"]:
         return {"completed": False, "steps": history["steps"], "state_path": ocfg.state_path, "rank": dist.rank}
     if not dist.is_main:  # the parameters are the same on every rank; rank 0 evaluates, exports and reports
@@ -333,7 +342,8 @@ def run(args: argparse.Namespace) -> dict:
         "calib_images": len(images), "init_images": min(args.init_size, len(images)),
         "skipped_images": {"calib": 0 if calib_folder is None else len(calib_folder.skipped),
                            "val": 0 if val_folder is None else len(val_folder.skipped)},
-        "steps": history["steps"], "iters": args.iters, "batch_size": args.batch_size, "seed": args.seed,
+        "steps": history["steps"], "iters": args.iters, "forward": args.forward, "optimize_s": t_opt,
+        "resumed": bool(args.resume), "batch_size": args.batch_size, "seed": args.seed,
         "losses": {"first": losses[0], "last": losses[-1]} if losses else None,
         "time_s": time.time() - t0, "peak_memory": peak_memory(device), "size": model_size(fp_model, student),
         "device": str(device), "world_size": dist.world, "completed": True, "data_free": args.data == INVERT,

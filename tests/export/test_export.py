@@ -29,8 +29,10 @@ def _export(tmp_path, kind, bits, **over):
 def test_parity_with_fake_quant(tmp_path, real_images, kind, bits):
     """Same 1,000 real images (Swin, slower on CPU: the first 300). The optimiser's model in ``"int"`` mode and the
     loaded checkpoint (CPU reference path) agree bit for bit, so identical top-1 on every image and max logit
-    difference 0 (the bar: >= 99.9% and <= 1e-3 of the logit range). The float ``"quant"`` forward the optimiser
-    trains differs from both only by float rounding moving an activation across a code boundary on a few images."""
+    difference 0 (the bar: >= 99.9% and <= 1e-3 of the logit range). The ``"quant"`` forward the optimiser trains
+    is the same integer arithmetic by default (bit-equal too); its float fake-quant forward (``--forward fake``)
+    differs from both only by float rounding moving an activation across a code boundary on a few images."""
+    from quant.modules import set_forward
     _, q, path = _export(tmp_path, kind, bits)
     m = export.load(path)
     x = real_images[:SWIN_IMAGES] if kind == "swin" else real_images
@@ -39,11 +41,15 @@ def test_parity_with_fake_quant(tmp_path, real_images, kind, bits):
         set_mode(q, "int")
         a = q(x)
         set_mode(q, "quant")
+        assert torch.equal(q(x), b)
+        set_forward(q, "fake")
         c = q(x)
+        set_forward(q, "int")
     rng = a.max() - a.min()
     assert (a.argmax(1) == b.argmax(1)).float().mean().item() >= 0.999
     assert ((a - b).abs().amax(1) / rng).max() <= 1e-3
     assert torch.equal(a, b)
+    assert not torch.equal(c, b)
     per_image = (c - b).abs().amax(1) / rng
     assert (c.argmax(1) == b.argmax(1)).float().mean().item() >= 0.99
     assert per_image.median() <= 1e-6 and (per_image <= 1e-3).float().mean() >= 0.95

@@ -190,6 +190,21 @@ def test_bad_shapes_raise():
         P.percentile(torch.randn(10), 101)
 
 
+@pytest.mark.parametrize("k,hi,a_lo", [(64, 2, -1), (64, 15, -8), (770, 255, -128), (4096, 255, -128)])
+def test_int_linear_is_the_rounded_int_gemm(k, hi, a_lo):
+    """``int_linear``'s centred float GEMM (float32, or float64 past 2^24) gives bit for bit
+    ``sa * sw * float32(int_gemm) + bias``."""
+    g = torch.Generator().manual_seed(k + hi)
+    a = torch.randint(a_lo, -a_lo, (3, 9, k), generator=g, dtype=torch.int8)
+    w = torch.randint(0, hi + 1, (11, k), generator=g, dtype=torch.uint8)
+    zw = torch.randint(0, hi + 1, (11,), generator=g)
+    za = int(torch.randint(a_lo, -a_lo, (1,), generator=g))
+    sw, bias = torch.rand(11, generator=g) + 0.01, torch.randn(11, generator=g)
+    y = P.int_linear(a.reshape(-1, k), 0.037, za, w, sw, zw, bias)
+    want = P.int_gemm(a.reshape(-1, k), w, za, zw).float() * (0.037 * sw.reshape(1, -1)) + bias
+    assert torch.equal(y, want)
+
+
 @pytest.mark.parametrize("k,hi", [(64, 15), (1024, 255), (4096, 255)])
 def test_int_gemm_exact_on_both_float_paths(k, hi):
     """Small products go through float32, large ones (``K max|a| max|w| >= 2^24``) through float64: exact either

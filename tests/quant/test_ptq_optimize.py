@@ -69,10 +69,14 @@ def test_blockwise_lowers_loss_and_rtn_trains_nothing():
     assert all(torch.equal(v, dict(q.named_parameters())[n]) for n, v in snap.items())
 
 
-@pytest.mark.parametrize("method,iters,stop", [("e2e", 8, 4), ("blockwise", 3, 7)])
-def test_interrupt_and_resume_is_bit_exact(tmp_path, method, iters, stop):
+@pytest.mark.parametrize("method,iters,stop,forward", [("e2e", 8, 4, "int"), ("blockwise", 3, 7, "int"),
+                                                       ("e2e", 6, 3, "fake")])
+def test_interrupt_and_resume_is_bit_exact(tmp_path, method, iters, stop, forward):
+    """Both ``"quant"`` forwards (integer, the default, and float fake-quant) resume bit-exactly."""
+    from quant.modules import set_forward
     kind = "swin" if method == "blockwise" else "vit"
     fp, q_ref, x = _setup(kind, "w4a4", n=20)
+    set_forward(q_ref, forward)
     q_run = copy.deepcopy(q_ref)
     q_res = copy.deepcopy(q_ref)
     base = dict(method=method, iters=iters, batch_size=6, progress=False, seed=5, warmup=2)

@@ -151,6 +151,23 @@ def test_cli_stop_and_resume_equals_uninterrupted(tmp_path, checkpoint, capsys):
     assert ra["losses"] == rb["losses"] and rb["steps"] == 5
 
 
+def test_cli_forward_flag(tmp_path, checkpoint, capsys):
+    """``--forward fake`` trains with the float fake-quant forward (a different run from the default integer one:
+    resuming its checkpoint under the other forward is refused); a bad value exits with status 2."""
+    out = tmp_path / "fake"
+    flags = ["--iters", "3", "--save-every", "1"]
+    assert main(_args(out, checkpoint, *flags, "--forward", "fake", "--stop-after", "1")) == 0
+    assert main(_args(out, checkpoint, *flags, "--resume")) == 2
+    assert "different run" in capsys.readouterr().err
+    assert main(_args(out, checkpoint, *flags, "--forward", "fake", "--resume")) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["forward"] == "fake" and rep["steps"] == 3 and rep["optimize_s"] > 0
+    assert "(fake forward)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(_args(tmp_path / "bad", checkpoint, "--forward", "float"))
+    assert e.value.code == 2 and "error: argument --forward: invalid choice" in capsys.readouterr().err
+
+
 def test_model_size_counts_packed_codes():
     from quant.modules import QuantConv2dPatch, QuantLinear, quant_modules
     from quant.run import model_size

@@ -1,0 +1,220 @@
+"""Integer forward, fake-quant backward: the deployed arithmetic in the optimiser's forward pass.
+
+Each :class:`torch.autograd.Function` here computes in its forward exactly what the exported model computes, through
+:mod:`kernels.ops` (Triton on CUDA or with ``LOWBIT_TRITON=1``, else :mod:`kernels.reference`); ``"int"`` mode calls
+the same functions without gradients, so the two are bit-identical. The backward rebuilds the float fake-quant
+subgraph of the same layer from the saved float inputs (:func:`kernels.ops.fake_quantize`,
+:func:`kernels.ops.fake_quantize_weight`, :mod:`quant.primitives`) and backpropagates through it: the gradients
+are those of the fake-quant forward (``quant.run --forward fake``): STE for inputs, LSQ for steps and zero points,
+chain rule for the rescale/shift and the refinement ``dW`` (which the caller folds outside, as the fake path does).
+
+* :class:`IntLinearFn` -- ``y = packed_linear(quantize((x - shift) / r), pack(quantize(W')), s_w, z_w, b')`` for
+  ``x [..., K]`` (or the im2col patches of an image ``[B, C, H, W]``, output ``[B, N, H/p, W/p]``). Backward: the
+  dequantized tensors ``x_hat = fake_quantize(x)``, ``W_hat = fake_quantize_weight(W')`` are recomputed and
+  ``dL/dx_hat = g @ W_hat``, ``dL/dW_hat = g^T x_hat``, ``dL/db' = sum g`` are pushed through them (float matmuls).
+* :class:`IntAttentionFn` -- ``ops.quant_attention`` on the int8 codes of ``q, k, v [B, H, L, D]``. Backward:
+  the fake-quant attention (``P`` recomputed in float, never stored) is rebuilt and differentiated.
+* :class:`FusedLayerNormFn` -- the LayerNorm with the consumer's rescale folded into its affine
+  (``gamma / r``, ``(beta - shift) / r``), as deployed; backward of ``(LayerNorm(x) - shift) / r``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kernels import ops
+from kernels import reference as R
+from kernels.configs import ATTENTION_HEAD_DIMS
+from quant import packing
+from quant import primitives as P
+from quant.primitives import QParams, SULQParams
+
+
+def _leaves(tensors, needs):
+    """Detached copies of ``tensors`` (requiring grad where ``needs``) for rebuilding a subgraph in a backward."""
+    return [None if t is None else t.detach().requires_grad_(bool(n) and t.is_floating_point())
+            for t, n in zip(tensors, needs)]
+
+
+def _grads(outs, gouts, leaves, needs):
+    """``d(sum <outs, gouts>)/d leaves`` for the leaves that need it (None elsewhere)."""
+    want = [i for i, (t, n) in enumerate(zip(leaves, needs)) if n and t is not None]
+    pairs = [(o, g) for o, g in zip(outs, gouts) if o is not None and g is not None and o.requires_grad]
+    res = [None] * len(leaves)
+    if want and pairs:
+        got = torch.autograd.grad([o for o, _ in pairs], [leaves[i] for i in want], [g for _, g in pairs],
+                                  allow_unused=True)
+        for i, g in zip(want, got):
+            res[i] = g
+    return res
+
+
+# ---------------------------------------------------------------------------------------------- linear
+
+
+def act_qparams(s: Tensor, z: Tensor, bits) -> QParams:
+    """The deployed per-tensor quantizer of a learned ``(s, z)``: ``s`` and the rounded unsigned ``z``."""
+    return QParams(s.detach(), P.round_zero_point(z.detach(), bits), bits)
+
+
+def int_linear(x: Tensor, a_qp: QParams, r: Optional[Tensor], shift: Optional[Tensor], w: Tensor,
+               bias: Optional[Tensor], ws: Tensor, wz: Tensor, w_bits,
+               patch: Optional[Tuple[int, int]] = None) -> Tensor:
+    """The deployed linear (no gradient): codes ``a = ops.quantize((x - shift) / r)`` (of ``patchify(x)`` when
+    ``patch``), weight codes ``quantize(w, ws, wz)`` packed at ``w_bits``, ``ops.packed_linear``; float32 output
+    ``[..., N]`` (patch: ``[B, N, H/p, W/p]``)."""
+    xin = P.patchify(x, patch) if patch is not None else x
+    a = ops.quantize(xin, a_qp, r, shift)
+    codes = P.quantize(w.detach().float(), ws.detach(), wz.detach(), w_bits)
+    y = ops.packed_linear(a, a_qp, packing.pack(codes, w_bits), ws.detach().reshape(-1),
+                          P.round_zero_point(wz.detach(), w_bits).reshape(-1),
+                          None if bias is None else bias.detach().float())
+    if patch is not None:
+        ph, pw = patch
+        y = y.reshape(x.shape[0], x.shape[2] // ph, x.shape[3] // pw, -1).permute(0, 3, 1, 2)
+    return y
+
+
+class IntLinearFn(torch.autograd.Function):
+    """Integer forward of a quantized linear, fake-quant (STE/LSQ) backward.
+
+    ``apply(x, r, shift, s, z, w, bias, ws, wz, a_bits, w_bits, patch)``: ``x [..., K]`` float (or an image with
+    ``patch``), ``r``/``shift [K]`` the input rescale applied by the quantizer (None when a fused LayerNorm did it),
+    ``s``/``z`` the per-tensor input quantizer, ``w [N, K]`` the folded weight ``W' = (W + dW) * r``, ``bias`` ``b'``,
+    ``ws``/``wz [N, 1]`` the weight quantizer. Gradients for every tensor input, as
+    ``F.linear(fake_quantize((x - shift) / r), fake_quantize_weight(w), bias)``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, r, shift, s, z, w, bias, ws, wz, a_bits, w_bits, patch):
+        ctx.save_for_backward(x, r, shift, s, z, w, bias, ws, wz)
+        ctx.cfg = (a_bits, w_bits, patch)
+        return int_linear(x, act_qparams(s, z, a_bits), r, shift, w, bias, ws, wz, w_bits, patch)
+
+    @staticmethod
+    def backward(ctx, g):
+        a_bits, w_bits, patch = ctx.cfg
+        saved = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:9]
+        x, r, shift, s, z, w, bias, ws, wz = leaves = _leaves(saved, needs)
+        with torch.enable_grad():
+            xq = ops.fake_quantize(x, QParams(s, z, a_bits), r, shift)
+            if patch is not None:
+                xq = P.patchify(xq, patch)
+                g = g.permute(0, 2, 3, 1)
+            wq = ops.fake_quantize_weight(w, ws, wz, w_bits)
+            g2 = g.reshape(-1, wq.shape[0]).to(wq.dtype)
+            xq2 = xq.reshape(-1, wq.shape[1])
+            gx = (g2 @ wq.detach()).reshape(xq.shape) if any(needs[:5]) else None
+            gw = g2.t() @ xq2.detach() if any(needs[5:]) else None
+            gb = g2.sum(0).to(bias.dtype) if bias is not None and needs[6] else None
+            grads = _grads([xq, wq], [gx, gw], leaves, needs)
+        if bias is not None and needs[6]:
+            grads[6] = gb
+        return (*grads, None, None, None)
+
+
+# ---------------------------------------------------------------------------------------------- LayerNorm
+
+
+def fused_layernorm(x: Tensor, ln_w: Tensor, ln_b: Tensor, r: Tensor, shift: Tensor, eps: float) -> Tensor:
+    """The deployed ``(LayerNorm(x) - shift) / r``: :func:`kernels.reference.layernorm` with the folded affine
+    ``(gamma / r, (beta - shift) / r)`` (:func:`quant.primitives.fold_into_layernorm`), float32."""
+    g, b = P.fold_into_layernorm(ln_w.detach().float(), ln_b.detach().float(), r.detach().float(),
+                                 shift.detach().float())
+    return R.layernorm(x, g, b, eps)
+
+
+class FusedLayerNormFn(torch.autograd.Function):
+    """``apply(x, ln_w, ln_b, r, shift, eps)``: forward :func:`fused_layernorm`, backward that of
+    ``apply_rescale(F.layer_norm(x, ln_w, ln_b, eps), r, shift)`` (what the fake-quant consumer computes)."""
+
+    @staticmethod
+    def forward(ctx, x, ln_w, ln_b, r, shift, eps):
+        ctx.save_for_backward(x, ln_w, ln_b, r, shift)
+        ctx.eps = eps
+        return fused_layernorm(x, ln_w, ln_b, r, shift, eps)
+
+    @staticmethod
+    def backward(ctx, g):
+        needs = ctx.needs_input_grad[:5]
+        x, ln_w, ln_b, r, shift = leaves = _leaves(ctx.saved_tensors, needs)
+        with torch.enable_grad():
+            y = P.apply_rescale(F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, ctx.eps).float(), r, shift)
+            grads = _grads([y], [g], leaves, needs)
+        return (*grads, None)
+
+
+# ---------------------------------------------------------------------------------------------- attention
+
+
+def fake_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, rel_bias: Optional[Tensor], mask: Optional[Tensor],
+                   fq_q: Callable, fq_k: Callable, fq_v: Callable, fq_p: Callable) -> Tensor:
+    """The fake-quant attention ``fq_p(softmax(scale * fq_q(q) fq_k(k)^T + rel_bias + mask)) @ fq_v(v)`` in float
+    (``rel_bias [H, L, L]``; ``mask [nW, L, L]`` with windows fastest in the batch, or broadcastable additive)."""
+    q, k, v = fq_q(q), fq_k(k), fq_v(v)
+    attn = (q * scale) @ k.transpose(-2, -1)
+    if rel_bias is not None:
+        attn = attn + rel_bias.unsqueeze(0)
+    if mask is not None:
+        b, h, n, _ = attn.shape
+        if mask.dim() == 3:
+            nw = mask.shape[0]
+            attn = (attn.view(b // nw, nw, h, n, n) + mask.unsqueeze(1).unsqueeze(0)).view(b, h, n, n)
+        else:
+            attn = attn + mask
+    attn = attn.softmax(dim=-1)
+    return fq_p(attn) @ v
+
+
+def int_attention(q: Tensor, k: Tensor, v: Tensor, qps, scale: float, rel_bias: Optional[Tensor],
+                  mask: Optional[Tensor]) -> Tensor:
+    """The deployed attention (no gradient): ``ops.quant_attention`` on ``ops.quantize`` codes of ``q, k, v``
+    with ``qps = (q_qp, k_qp, v_qp, p_qp)`` (``p_qp`` a :class:`QParams` or :class:`SULQParams`). Head dims the
+    Triton kernels do not take run :func:`kernels.reference.quant_attention` on the same device."""
+    if mask is not None and mask.dim() != 3:
+        raise NotImplementedError("the integer attention takes only Swin's [nW, L, L] window mask, not a ViT "
+                                  "attn_mask; use the fake-quant forward (quant.modules.set_forward(model, 'fake'))")
+    q_qp, k_qp, v_qp, p_qp = qps
+    qc, kc, vc = (ops.quantize(t.contiguous(), qp) for t, qp in ((q, q_qp), (k, k_qp), (v, v_qp)))
+    rb = None if rel_bias is None else rel_bias.detach().float().contiguous()
+    mk = None if mask is None else mask.detach().float()
+    fn = ops.quant_attention if (not ops.triton_enabled(qc) or q.shape[-1] in ATTENTION_HEAD_DIMS) \
+        else R.quant_attention
+    return fn(qc, kc, vc, q_qp, k_qp, v_qp, scale, p_qp, rel_bias=rb, mask=mk)
+
+
+class IntAttentionFn(torch.autograd.Function):
+    """``apply(core, scale, q, k, v, rel_bias, mask, sq, zq, sk, zk, sv, zv, sp, zp)``: forward
+    :func:`int_attention` with the deployed quantizers of ``core`` (a :class:`quant.modules.QuantAttentionCore`) at
+    the given steps/zero points; backward of :func:`fake_attention` with ``core``'s fake quantizers at them
+    (recomputed from the saved ``q, k, v``)."""
+
+    @staticmethod
+    def forward(ctx, core, scale, q, k, v, rel_bias, mask, sq, zq, sk, zk, sv, zv, sp, zp):
+        ctx.save_for_backward(q, k, v, rel_bias, mask, sq, zq, sk, zk, sv, zv, sp, zp)
+        ctx.core, ctx.scale = core, scale
+        qps = [act_qparams(s, z, m.bits) for s, z, m in ((sq, zq, core.q_quant), (sk, zk, core.k_quant),
+                                                            (sv, zv, core.v_quant))]
+        pq = core.p_quant
+        if core.softmax_quantizer == "sulq":
+            p_qp = SULQParams(pq.eta.detach().clone(), sp.detach(), P.round_zero_point(zp.detach(), pq.bits), pq.bits)
+        else:
+            p_qp = act_qparams(sp, zp, pq.bits)
+        return int_attention(q, k, v, (*qps, p_qp), scale, rel_bias, mask)
+
+    @staticmethod
+    def backward(ctx, g):
+        core = ctx.core
+        needs = ctx.needs_input_grad[2:]
+        leaves = _leaves(ctx.saved_tensors, needs)
+        q, k, v, rel_bias, mask, sq, zq, sk, zk, sv, zv, sp, zp = leaves
+        with torch.enable_grad():
+            o = fake_attention(q, k, v, ctx.scale, rel_bias, mask,
+                               lambda t: core.q_quant.fake(t, sq, zq), lambda t: core.k_quant.fake(t, sk, zk),
+                               lambda t: core.v_quant.fake(t, sv, zv), lambda t: core.p_quant.fake(t, sp, zp))
+            grads = _grads([o], [g], leaves, needs)
+        return (None, None, *grads)
