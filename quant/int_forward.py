@@ -200,8 +200,8 @@ class IntAttentionFn(torch.autograd.Function):
         qps = [act_qparams(s, z, m.bits) for s, z, m in ((sq, zq, core.q_quant), (sk, zk, core.k_quant),
                                                             (sv, zv, core.v_quant))]
         pq = core.p_quant
-        if core.softmax_quantizer == "sulq":
-            p_qp = SULQParams(pq.eta.detach().clone(), sp.detach(), P.round_zero_point(zp.detach(), pq.bits), pq.bits)
+        if core.softmax_quantizer.startswith("sulq"):
+            p_qp = pq.qparams_at(sp, zp)
         else:
             p_qp = act_qparams(sp, zp, pq.bits)
         return int_attention(q, k, v, (*qps, p_qp), scale, rel_bias, mask)

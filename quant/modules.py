@@ -38,7 +38,7 @@ from quant.primitives import QParams, SULQParams
 MODES = ("float", "calib", "quant", "int")
 FORWARDS = ("int", "fake")
 QUANTIZED_MODES = ("quant", "int")
-SOFTMAX_QUANTIZERS = ("uniform", "sulq")
+SOFTMAX_QUANTIZERS = ("uniform", "sulq", "sulq-learned")
 ACT_PERCENTILES = (0.01, 99.99)
 
 
@@ -127,20 +127,25 @@ class ActQuantizer(_Moded):
 
 
 class SULQuantizer(_Moded):
-    """Per-tensor SULQ of post-softmax probabilities (I&S-ViT):
-    ``p_hat = 2^(-fake_quantize(-log2(p + eta), s, z, bits)) - eta``.
+    """Per-tensor SULQ of post-softmax probabilities (I&S-ViT), ``t = -log2(p + eta)`` quantized from the origin
+    ``x0``: ``p_hat = 2^(-t_hat) - eta``, ``t_hat = fake_quantize(t - x0, s, z, bits) + x0``.
 
-    The shift ``eta`` and the initial log-domain ``(s, z)`` are grid-searched on the calibration batch
-    (:func:`quant.primitives.init_sulq_params`, smallest ``mean((p_hat - p)^2)``); afterwards ``eta`` stays fixed
-    (a buffer) while ``s`` (as ``log_s``) and ``z`` are learned with the LSQ/STE gradients like every other quantizer.
+    ``published=True`` (``--softmax-quantizer sulq``): the exponent is rounded (``2^(-round(t_hat))``, power-of-two
+    levels minus ``eta``) and the initialisation is the authors' (:func:`quant.primitives.init_sulq_published`:
+    their ``eta`` grid, the grid spanning the data). ``published=False`` (``sulq-learned``): ``x0 = 0``, no
+    rounding, ``eta`` and ``(s, z)`` grid-searched by :func:`quant.primitives.init_sulq_params`. Afterwards
+    ``eta`` and ``x0`` stay fixed (buffers) while ``s`` (as ``log_s``) and ``z`` are learned with the LSQ/STE
+    gradients like every other quantizer.
     """
 
-    def __init__(self, bits):
+    def __init__(self, bits, published: bool = True):
         super().__init__()
         self.bits = bits
+        self.published = bool(published)
         self.log_s = nn.Parameter(torch.zeros(()))
         self.z = nn.Parameter(torch.zeros(()))
         self.register_buffer("eta", torch.tensor(1.0))
+        self.register_buffer("x0", torch.tensor(0.0))
         self.register_buffer("initialised", torch.tensor(False))
 
     @property
@@ -151,17 +156,23 @@ class SULQuantizer(_Moded):
     def s(self) -> Tensor:
         return self.log_s.exp()
 
+    def qparams_at(self, s: Tensor, z: Tensor) -> SULQParams:
+        """Deployable quantizer at log-domain step ``s`` and zero point ``z`` (rounded; 0-d tensors)."""
+        return SULQParams(self.eta.detach().clone(), s.detach().clone(), P.round_zero_point(z.detach(), self.bits),
+                          self.bits, self.x0.detach().clone(), self.published)
+
     def qparams(self) -> SULQParams:
-        """Deployable quantizer: ``eta``, log-domain ``s``, integer unsigned ``z`` (0-d each), bits."""
-        return SULQParams(self.eta.detach().clone(), self.s.detach().clone(),
-                          P.round_zero_point(self.z.detach(), self.bits), self.bits)
+        """Deployable quantizer: ``eta``, log-domain ``s``, integer unsigned ``z``, ``x0`` (0-d each), bits, pow2."""
+        return self.qparams_at(self.s, self.z)
 
     @torch.no_grad()
     def init_from(self, p: Tensor) -> None:
         if not self.enabled:
             return
-        sp = P.init_sulq_params(p.detach().float(), self.bits)
+        init = P.init_sulq_published if self.published else P.init_sulq_params
+        sp = init(p.detach().float(), self.bits)
         self.eta.copy_(sp.eta)
+        self.x0.copy_(torch.as_tensor(sp.x0))
         self.log_s.copy_(sp.s.log())
         self.z.copy_(sp.z)
         self.initialised.fill_(True)
@@ -176,7 +187,7 @@ class SULQuantizer(_Moded):
 
     def fake(self, p: Tensor, s: Tensor, z: Tensor) -> Tensor:
         """SULQ fake-quant of ``p`` with log-domain step ``s`` and zero point ``z`` (the ``"quant"`` forward)."""
-        return P.sulq_fake_quantize(p, self.eta, s, z, self.bits)
+        return P.sulq_fake_quantize(p, self.eta, s, z, self.bits, x0=self.x0, pow2=self.published)
 
 
 def _weight_qparams_init(module, w: Tensor) -> None:
@@ -419,7 +430,8 @@ class QuantAttentionCore(_Moded):
         self.softmax_quantizer = softmax_quantizer
         self.q_quant, self.k_quant = ActQuantizer(a_bits), ActQuantizer(a_bits)
         self.v_quant = ActQuantizer(a_bits)
-        self.p_quant = SULQuantizer(a_bits) if softmax_quantizer == "sulq" else ActQuantizer(a_bits)
+        self.p_quant = (SULQuantizer(a_bits, published=softmax_quantizer == "sulq")
+                        if softmax_quantizer.startswith("sulq") else ActQuantizer(a_bits))
 
     def set_mode(self, mode: str) -> None:
         super().set_mode(mode)

@@ -127,8 +127,8 @@ def quantize_model(model: nn.Module, bits, rescale: bool = True, softmax_quantiz
     """Replace the layers of a timm ViT/DeiT/Swin ``model`` by quantized ones (in place) and return it.
 
     ``bits``: a spec (``"w4a4"``) or :class:`BitConfig`. ``rescale``: learnable rescale/shift on post-LayerNorm
-    linears (always off under A16). ``softmax_quantizer``: ``"uniform"`` or ``"sulq"`` for the attention
-    probabilities. The model starts in ``"float"`` mode; calibrate it next (:func:`quant.calibrate.calibrate`).
+    linears (always off under A16). ``softmax_quantizer``: ``"uniform"``, ``"sulq"`` (I&S-ViT as published) or
+    ``"sulq-learned"`` for the attention probabilities. The model starts in ``"float"`` mode; calibrate it next (:func:`quant.calibrate.calibrate`).
     """
     if softmax_quantizer not in SOFTMAX_QUANTIZERS:
         raise ValueError(f"softmax quantizer must be one of {', '.join(SOFTMAX_QUANTIZERS)}, got {softmax_quantizer!r}")
