@@ -109,13 +109,15 @@ def act_codes(s: Tensor, z: Tensor, bits, int8: bool, name: str) -> Codes:
     return make_codes(zr - c, -c, qmax - c, int8, max(zr, qmax - zr))
 
 
-def codes_(t: Tensor, s: Tensor, c: Codes, inplace: bool = True) -> Tensor:
+def codes_(t: Tensor, s: Tensor, c: Codes, inplace: bool = True, clamp: bool = True) -> Tensor:
     """Codes of float32 ``t`` (overwritten when ``inplace``): ``clamp(round(t / s) + add, lo, hi)`` as in
-    ``primitives.quantize`` (the integer sum is exact below 2^24 and saturates the same way above)."""
+    ``primitives.quantize`` (the integer sum is exact below 2^24 and saturates the same way above); ``clamp=False``
+    where the caller knows the codes are in bounds."""
     t = (t.div_(s) if inplace else t / s).round_()
     if c.add_t is not None:
         t.add_(c.add_t)
-    t.clamp_(c.lo, c.hi)
+    if clamp:
+        t.clamp_(c.lo, c.hi)
     return t.to(torch.int8) if c.int8 else t
 
 
@@ -249,7 +251,8 @@ def linear(a: Tensor, p: LinearPlan, gelu: bool = False) -> Tensor:
 class AttentionPlan(NamedTuple):
     """One attention on the fast path: ``qk = scale * sq * sk`` and ``pv = sp * sv`` (the reference's Python-float
     products; ``qk_t``, ``pv_t`` as 0-d tensors), ``spans`` of q, k, v, p codes, ``p_codes``, ``sulq``,
-    ``bounds``: the Q, K, V clamp bounds when they are one pair, then the tensors (:func:`attention_tensors`; the
+    ``bounds``: the Q, K, V clamp bounds when they are one pair, ``p_clamp``: whether the probability codes need
+    their clamp (not when every ``P`` in ``[0, 1]`` already rounds into the bounds), then the tensors (:func:`attention_tensors`; the
     module's buffers): ``s3``, ``lo3``, ``hi3 [3, 1, 1, 1, 1]``, ``p_s``, ``p_eta``, ``p_table``, ``rel_bias``."""
 
     qk: float
@@ -258,6 +261,7 @@ class AttentionPlan(NamedTuple):
     p_codes: Optional[Codes]
     sulq: bool
     bounds: Optional[tuple] = None
+    p_clamp: bool = True
     qk_t: Optional[Tensor] = None
     pv_t: Optional[Tensor] = None
     s3: Optional[Tensor] = None
@@ -299,7 +303,7 @@ def attention(qkv: Tensor, b: int, n: int, heads: int, plan: AttentionPlan, mask
         u = codes_(p.add_(plan.p_eta).log2_().neg_(), plan.p_s, plan.p_codes).long()
         o = torch.matmul(plan.p_table[u], v)
     else:
-        o = exact_matmul(codes_(p, plan.p_s, plan.p_codes), v, gemm_dtype(n, sp, sv))
+        o = exact_matmul(codes_(p, plan.p_s, plan.p_codes, clamp=plan.p_clamp), v, gemm_dtype(n, sp, sv))
     return attention_output(o.view(b, heads, n, d), plan.pv_t)
 
 
@@ -309,6 +313,13 @@ def attention_output(o: Tensor, pv: Tensor) -> Tensor:
     if torch.compiler.is_compiling():
         return (o * pv).transpose(1, 2).reshape(b, n, h * d)
     return torch.mul(o.transpose(1, 2), pv, out=o.new_empty(b, n, h, d)).view(b, n, h * d)
+
+
+def probabilities_in_bounds(s: Tensor, c: Codes) -> bool:
+    """Whether ``round(p / s) + add`` lies in ``[lo, hi]`` for every float32 ``p`` in ``[0, 1 + 2^-20]`` (softmax
+    outputs, with a margin for its rounding), so the clamp of the probability codes changes nothing."""
+    top = torch.tensor(1.0 + 2.0 ** -20, dtype=torch.float32) / torch.as_tensor(s, dtype=torch.float32)
+    return c.lo <= c.add and float(top.round()) + c.add <= c.hi
 
 
 def attention_tensors(qps: dict, scale: float, name: str):
@@ -334,7 +345,8 @@ def attention_tensors(qps: dict, scale: float, name: str):
     pv = float(p.s) * float(qps["v"].s) if not sulq else float(qps["v"].s)
     pairs = {(codes[k].lo, codes[k].hi) for k in "qkv"}
     plan = AttentionPlan(qk, pv, (codes["q"].span, codes["k"].span, codes["v"].span, p_codes.span), p_codes, sulq,
-                         pairs.pop() if len(pairs) == 1 else None, scalar(qk), scalar(pv))
+                         pairs.pop() if len(pairs) == 1 else None, sulq or not probabilities_in_bounds(p.s, p_codes),
+                         scalar(qk), scalar(pv))
     return plan, t
 
 

@@ -18,6 +18,7 @@ They replace the matching modules of a float timm skeleton (see :func:`export.lo
 """
 from __future__ import annotations
 
+import math
 import types
 from typing import Dict, Optional
 
@@ -239,10 +240,11 @@ class PackedPatchEmbed(nn.Module):
         if x.dim() != 4 or x.shape[1] != c:
             raise ValueError(f"input must be [B, {c}, H, W] images, got shape {tuple(x.shape)}")
         if self.linear.fast is not None and not torch.compiler.is_compiling():
-            # the fast path checks the image once instead of every activation (kernels.reference's per-call scans)
+            # the fast path checks the image once instead of every activation (kernels.reference's per-call scans);
+            # a finite sum means every value is finite (one reduction), else the exact check decides
             if not x.is_floating_point():
                 raise TypeError(f"images must be a float32/float16/bfloat16 tensor, got {x.dtype}")
-            if not bool(torch.isfinite(x).all()):
+            if not math.isfinite(float(x.sum(dtype=torch.float32))) and not bool(torch.isfinite(x).all()):
                 raise ValueError("the images contain NaN or inf; clean the input (e.g. torch.nan_to_num) first")
         y = self.linear(P.patchify(x, (ph, pw)))
         return y.reshape(x.shape[0], x.shape[2] // ph, x.shape[3] // pw, d).permute(0, 3, 1, 2)
