@@ -349,7 +349,7 @@ def _flatten_block(block: nn.Module) -> None:
         return
     block.lowbit_block = FA.BlockPlan(attn.qkv.fast, attn.fast, attn.num_heads, attn.proj.fast, mlp.fc1.fast,
                                       mlp.fc2.fast)
-    block.lowbit_parts = tuple(parts)
+    block.lowbit_hooks = tuple(d for m in parts for d in (m._forward_hooks, m._forward_pre_hooks))  # (live dicts)
     block.forward = types.MethodType(_block_forward, block)
 
 
@@ -358,7 +358,7 @@ def _block_forward(self: nn.Module, x: Tensor, attn_mask: Optional[Tensor] = Non
     Python cost were a large share of the time), or timm's forward when its submodules carry forward hooks, a mask
     is given or the Triton path is on."""
     if (attn_mask is not None or is_causal or ops.triton_enabled(x) or _global_forward_hooks
-            or _global_forward_pre_hooks or any(m._forward_hooks or m._forward_pre_hooks for m in self.lowbit_parts)):
+            or _global_forward_pre_hooks or any(self.lowbit_hooks)):
         return type(self).forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
     return FA.vit_block(x, self.lowbit_block)
 
@@ -367,7 +367,7 @@ def drop_fast(model: nn.Module) -> nn.Module:
     """Remove the fast-path buffers: every quantized op goes through :mod:`kernels.ops` again (packed weights only)."""
     for m in model.modules():
         if m.__dict__.pop("lowbit_block", None) is not None:
-            del m.__dict__["forward"], m.__dict__["lowbit_parts"]
+            del m.__dict__["forward"], m.__dict__["lowbit_hooks"]
         if isinstance(m, (PackedLinear, _PackedAttention)) and m.fast is not None:
             for key in (_FAST_LINEAR if isinstance(m, PackedLinear) else _FAST_ATTENTION):
                 delattr(m, key)
