@@ -201,8 +201,8 @@ def test_large_batches_run_in_chunks(tmp_path, monkeypatch):
 
 def test_fused_vit_blocks_run_as_one_function(tmp_path, monkeypatch):
     """A timm ViT block with fused LayerNorms runs :func:`export.fast.vit_block` (no submodule calls) with the
-X
-    modules; ``drop_fast`` removes the block forwards."""
+    reference's logits bit for bit (SULQ, activation correction); a forward hook on a submodule sends that block
+    back through its modules; ``drop_fast`` removes the block forwards."""
     from timm.models.vision_transformer import Block
     from export import runtime
     from .export_utils import corrected
