@@ -24,6 +24,10 @@ head-major; ``S = (Qc Kc^T) * (scale sq sk)`` and ``O = (Pc Vc) * (sp sv)`` with
 where ``D`` or ``L`` times the code ranges reaches 2^24); SULQ probabilities dequantized through the precomputed
 ``primitives.sulq_table`` and multiplied as the reference does. Swin's relative position bias is gathered once.
 The float GEMMs assume IEEE float32 matmul (PyTorch's default ``float32_matmul_precision("highest")``).
+
+:func:`vit_block` runs a whole timm ViT block (fused LayerNorms) as one function: at batch 1 the activations are
+small and the per-op and per-module Python cost is most of the time, so constants are 0-d tensors and plans
+(NamedTuples holding their tensors) replace module attribute reads.
 """
 from __future__ import annotations
 
@@ -232,7 +236,7 @@ def input_codes(x: Tensor, p: LinearPlan, fresh: bool = False) -> Tensor:
 
 
 def linear(a: Tensor, p: LinearPlan, gelu: bool = False) -> Tensor:
-    """float32 ``y [M, N]`` of codes ``a [M, K]`` (int8 or float as ``p`` says); exact-erf GELU applied when ``gelu``."""
+    """float32 ``y [M, N]`` of codes ``a [M, K]`` (int8 or float as ``p`` says); exact-erf GELU when ``gelu``."""
     if p.backend == "int8":
         acc = torch._int_mm(a, p.w)
         if p.rowsum:
@@ -252,8 +256,9 @@ class AttentionPlan(NamedTuple):
     """One attention on the fast path: ``qk = scale * sq * sk`` and ``pv = sp * sv`` (the reference's Python-float
     products; ``qk_t``, ``pv_t`` as 0-d tensors), ``spans`` of q, k, v, p codes, ``p_codes``, ``sulq``,
     ``bounds``: the Q, K, V clamp bounds when they are one pair, ``p_clamp``: whether the probability codes need
-    their clamp (not when every ``P`` in ``[0, 1]`` already rounds into the bounds), then the tensors (:func:`attention_tensors`; the
-    module's buffers): ``s3``, ``lo3``, ``hi3 [3, 1, 1, 1, 1]``, ``p_s``, ``p_eta``, ``p_table``, ``rel_bias``."""
+    their clamp (not when every ``P`` in ``[0, 1]`` already rounds into the bounds), then the tensors
+    (:func:`attention_tensors`; the module's buffers): ``s3``, ``lo3``, ``hi3 [3, 1, 1, 1, 1]``, ``p_s``, ``p_eta``,
+    ``p_table``, ``rel_bias``."""
 
     qk: float
     pv: float
