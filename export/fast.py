@@ -24,6 +24,10 @@ head-major; ``S = (Qc Kc^T) * (scale sq sk)`` and ``O = (Pc Vc) * (sp sv)`` with
 where ``D`` or ``L`` times the code ranges reaches 2^24); SULQ probabilities dequantized through the precomputed
 ``primitives.sulq_table`` and multiplied as the reference does. Swin's relative position bias is gathered once.
 The float GEMMs assume IEEE float32 matmul (PyTorch's default ``float32_matmul_precision("highest")``).
+
+:func:`vit_block` runs a whole timm ViT block (fused LayerNorms) as one function: at batch 1 the activations are
+small and the per-op and per-module Python cost is most of the time, so constants are 0-d tensors and plans
+(NamedTuples holding their tensors) replace module attribute reads.
 """
 from __future__ import annotations
 
@@ -43,13 +47,24 @@ EXACT_F32 = 2 ** 24
 
 class Codes(NamedTuple):
     """How one activation quantizer emits codes on the fast path: ``clamp(round(x / s) + add, lo, hi)``, cast to
-    int8 when ``int8`` (``lo = -c``, ``hi = qmax - c``, ``add = round(z) - c``); ``span = max|code - (z - c)|``."""
+    int8 when ``int8`` (``lo = -c``, ``hi = qmax - c``, ``add = round(z) - c``); ``span = max|code - (z - c)|``;
+    ``add_t``: ``add`` as a 0-d float32 tensor, None when 0 (a tensor operand costs less per call than a float)."""
 
     add: float
     lo: float
     hi: float
     int8: bool
     span: int
+    add_t: Optional[Tensor] = None
+
+
+def scalar(v: float) -> Tensor:
+    """0-d float32 tensor of ``v``: the value a Python float operand of a float32 op is rounded to."""
+    return torch.tensor(float(v), dtype=torch.float32)
+
+
+def make_codes(add: float, lo: float, hi: float, int8: bool, span: int) -> Codes:
+    return Codes(float(add), float(lo), float(hi), int8, span, scalar(add) if add else None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,17 +110,18 @@ def act_codes(s: Tensor, z: Tensor, bits, int8: bool, name: str) -> Codes:
     check_qparams(name, s, z)
     zr, qmax = int(P.round_zero_point(torch.as_tensor(z, dtype=torch.float32), bits)), P.qmax(bits)
     c = (zr if qmax <= 127 else P.code_offset(bits)) if int8 else zr
-    return Codes(float(zr - c), float(-c), float(qmax - c), int8, max(zr, qmax - zr))
+    return make_codes(zr - c, -c, qmax - c, int8, max(zr, qmax - zr))
 
 
-def codes_(t: Tensor, s: Tensor, c: Codes, inplace: bool = True) -> Tensor:
+def codes_(t: Tensor, s: Tensor, c: Codes, inplace: bool = True, clamp: bool = True) -> Tensor:
     """Codes of float32 ``t`` (overwritten when ``inplace``): ``clamp(round(t / s) + add, lo, hi)`` as in
-    ``primitives.quantize`` (the integer sum is exact below 2^24 and saturates the same way above)."""
-    t = t.div_(s) if inplace else t / s
-    t.round_()
-    if c.add:
-        t.add_(c.add)
-    t.clamp_(c.lo, c.hi)
+    ``primitives.quantize`` (the integer sum is exact below 2^24 and saturates the same way above); ``clamp=False``
+    where the caller knows the codes are in bounds."""
+    t = (t.div_(s) if inplace else t / s).round_()
+    if c.add_t is not None:
+        t.add_(c.add_t)
+    if clamp:
+        t.clamp_(c.lo, c.hi)
     return t.to(torch.int8) if c.int8 else t
 
 
@@ -113,15 +129,29 @@ def f32(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float32 else x.float()
 
 
-def layernorm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
-    """:func:`kernels.reference.layernorm` with the same float ops, in place on its own temporaries."""
+class LayerNormPlan(NamedTuple):
+    """A fused LayerNorm: ``k`` (its width) and ``eps`` as 0-d float32 tensors, the affine ``weight``, ``bias``."""
+
+    k: Tensor
+    eps: Tensor
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+
+
+def layernorm_plan(k: int, eps: float, weight: Optional[Tensor], bias: Optional[Tensor]) -> LayerNormPlan:
+    return LayerNormPlan(scalar(k), scalar(eps), weight, bias)
+
+
+def layernorm(x: Tensor, ln: LayerNormPlan) -> Tensor:
+    """:func:`kernels.reference.layernorm` with the same float ops, in place on its own temporaries (``x.mean(-1)``
+    is ATen's CPU mean: the sum divided by the width)."""
     x = f32(x)
-    xc = x - x.mean(dim=-1, keepdim=True)
-    y = xc.div_((xc * xc).mean(dim=-1, keepdim=True).add_(eps).sqrt_())
-    if weight is not None:
-        y.mul_(weight)
-    if bias is not None:
-        y.add_(bias)
+    xc = x - x.sum(dim=-1, keepdim=True).div_(ln.k)
+    y = xc.div_((xc * xc).sum(dim=-1, keepdim=True).div_(ln.k).add_(ln.eps).sqrt_())
+    if ln.weight is not None:
+        y.mul_(ln.weight)
+    if ln.bias is not None:
+        y.add_(ln.bias)
     return y
 
 
@@ -136,19 +166,31 @@ def gemm_dtype(k: int, span_a: int, span_b: int) -> torch.dtype:
 
 def exact_matmul(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
     """float32 ``a @ b`` of integer-valued float32 tensors, computed in ``dtype`` (exact by :func:`gemm_dtype`)."""
+    mm = torch.bmm if a.dim() == 3 else torch.matmul
     if dtype == torch.float32:
-        return torch.matmul(a, b)
-    return torch.matmul(a.to(dtype), b.to(dtype)).float()
+        return mm(a, b)
+    return mm(a.to(dtype), b.to(dtype)).float()
 
 
 class LinearPlan(NamedTuple):
-    """Load-time constants of one linear (Python values; its tensors are buffers of the module)."""
+    """One linear on the fast path: load-time Python constants, then (filled in by the module) the tensors of a call,
+    the same objects as the module's buffers: ``w``, ``scale``, ``cw``, ``col_t`` (:func:`linear_tensors`),
+    ``bias``, and the input's step ``in_s``, fused LayerNorm ``ln`` or rescale ``r`` / ``shift``."""
 
     backend: str
     codes: Codes
     dtype: torch.dtype  # float backend: GEMM dtype
     rowsum: bool        # int8 backend, 8-bit weights: cw[n] * rowsum(a_t)
     col: bool           # int8 backend: + col[n]
+    w: Optional[Tensor] = None
+    scale: Optional[Tensor] = None
+    cw: Optional[Tensor] = None
+    col_t: Optional[Tensor] = None
+    bias: Optional[Tensor] = None
+    in_s: Optional[Tensor] = None
+    ln: Optional[LayerNormPlan] = None
+    r: Optional[Tensor] = None
+    shift: Optional[Tensor] = None
 
 
 def linear_tensors(pw: packing.PackedWeight, w_scale: Tensor, w_zero: Tensor, in_s: Tensor, in_z: Tensor, a_bits,
@@ -184,38 +226,59 @@ def linear_tensors(pw: packing.PackedWeight, w_scale: Tensor, w_zero: Tensor, in
     return plan, t
 
 
-def linear(a: Tensor, plan: LinearPlan, w: Tensor, scale: Tensor, bias: Optional[Tensor], cw: Optional[Tensor],
-           col: Optional[Tensor]) -> Tensor:
-    """float32 ``y [M, N]`` of codes ``a [M, K]`` (int8 or float as ``plan`` says)."""
-    if plan.backend == "int8":
-        acc = torch._int_mm(a, w)
-        if plan.rowsum:
-            acc.add_(a.sum(dim=-1, keepdim=True, dtype=torch.int32) * cw)
-        if plan.col:
-            acc.add_(col)
+def input_codes(x: Tensor, p: LinearPlan, fresh: bool = False) -> Tensor:
+    """Codes ``[M, K]`` of ``LN'(x)``, ``(x - shift) / r`` or ``x`` (``x [M, K]``; overwritten when ``fresh``)."""
+    if p.ln is not None:
+        return codes_(layernorm(x, p.ln), p.in_s, p.codes)
+    if p.r is None and p.shift is None:
+        return codes_(f32(x), p.in_s, p.codes, inplace=fresh and x.dtype == torch.float32)
+    return codes_(P.apply_rescale(f32(x), p.r, p.shift), p.in_s, p.codes)
+
+
+def linear(a: Tensor, p: LinearPlan, gelu: bool = False) -> Tensor:
+    """float32 ``y [M, N]`` of codes ``a [M, K]`` (int8 or float as ``p`` says); exact-erf GELU when ``gelu``."""
+    if p.backend == "int8":
+        acc = torch._int_mm(a, p.w)
+        if p.rowsum:
+            acc.add_(a.sum(dim=-1, keepdim=True, dtype=torch.int32) * p.cw)
+        if p.col:
+            acc.add_(p.col_t)
         y = acc.view(torch.float32).copy_(acc)  # acc.float() in place (same conversion, no new buffer)
-        y.mul_(scale)
+        y.mul_(p.scale)
     else:
-        y = exact_matmul(a, w, plan.dtype).mul_(scale)
-    if bias is not None:
-        y.add_(bias)
-    return y
+        y = exact_matmul(a, p.w, p.dtype).mul_(p.scale)
+    if p.bias is not None:
+        y.add_(p.bias)
+    return torch._C._nn.gelu_(y) if gelu else y  # F.gelu (exact erf) in place on the fresh y
 
 
 class AttentionPlan(NamedTuple):
-    """Load-time constants of one attention: centred-code bounds, ``qk = scale * sq * sk``, ``pv = sp * sv`` (the
-    reference's Python-float products), ``spans`` of q, k, v, p codes, ``sulq``."""
+    """One attention on the fast path: ``qk = scale * sq * sk`` and ``pv = sp * sv`` (the reference's Python-float
+    products; ``qk_t``, ``pv_t`` as 0-d tensors), ``spans`` of q, k, v, p codes, ``p_codes``, ``sulq``,
+    ``bounds``: the Q, K, V clamp bounds when they are one pair, ``p_clamp``: whether the probability codes need
+    their clamp (not when every ``P`` in ``[0, 1]`` already rounds into the bounds), then the tensors
+    (:func:`attention_tensors`; the module's buffers): ``s3``, ``lo3``, ``hi3 [3, 1, 1, 1, 1]``, ``p_s``, ``p_eta``,
+    ``p_table``, ``rel_bias``."""
 
     qk: float
     pv: float
     spans: tuple
     p_codes: Optional[Codes]
     sulq: bool
+    bounds: Optional[tuple] = None
+    p_clamp: bool = True
+    qk_t: Optional[Tensor] = None
+    pv_t: Optional[Tensor] = None
+    s3: Optional[Tensor] = None
+    lo3: Optional[Tensor] = None
+    hi3: Optional[Tensor] = None
+    p_s: Optional[Tensor] = None
+    p_eta: Optional[Tensor] = None
+    p_table: Optional[Tensor] = None
+    rel_bias: Optional[Tensor] = None
 
 
-def attention(qkv: Tensor, b: int, n: int, heads: int, plan: AttentionPlan, s3: Tensor, lo3: Tensor, hi3: Tensor,
-              p_s: Tensor, p_eta: Optional[Tensor], p_table: Optional[Tensor], rel_bias: Optional[Tensor],
-              mask: Optional[Tensor]) -> Tensor:
+def attention(qkv: Tensor, b: int, n: int, heads: int, plan: AttentionPlan, mask: Optional[Tensor] = None) -> Tensor:
     """float32 ``[b, n, C]`` attention output from the float qkv output ``[b * n, 3C]`` (overwritten).
 
     Same float ops as :func:`kernels.reference.quant_attention` on the codes of ``ops.quantize`` of Q, K, V."""
@@ -224,38 +287,50 @@ def attention(qkv: Tensor, b: int, n: int, heads: int, plan: AttentionPlan, s3: 
     # one pass reads the [b, n, 3, H, D] layout and writes head-major [3, b, H, n, D] codes (contiguous GEMM operands)
     t = qkv.view(b, n, 3, heads, d).permute(2, 0, 3, 1, 4)
     if torch.compiler.is_compiling():  # (out= into a permuted layout trips the compiler's reshape; it fuses anyway)
-        t = (t / s3).contiguous()
+        t = (t / plan.s3).contiguous()
     else:
-        t = torch.div(t, s3, out=qkv.new_empty(3, b, heads, n, d))
-    # clamp_min_/clamp_max_: clamp_ with tensor bounds is several times slower on the CPU (same values)
-    q, k, v = t.round_().clamp_min_(lo3).clamp_max_(hi3).reshape(3, bh, n, d).unbind(0)  # reshape: a view here
+        t = torch.div(t, plan.s3, out=qkv.new_empty(3, b, heads, n, d))
+    t.round_()
+    if plan.bounds is not None:
+        t.clamp_(*plan.bounds)
+    else:  # clamp_min_/clamp_max_: clamp_ with tensor bounds is several times slower on the CPU (same values)
+        t.clamp_min_(plan.lo3).clamp_max_(plan.hi3)
+    q, k, v = t.view(3, bh, n, d).unbind(0)
     sq, sk, sv, sp = plan.spans
-    s = exact_matmul(q, k.transpose(1, 2), gemm_dtype(d, sq, sk)).mul_(plan.qk)
-    if rel_bias is not None:
-        s.view(b, heads, n, n).add_(rel_bias)
+    s = exact_matmul(q, k.transpose(1, 2), gemm_dtype(d, sq, sk)).mul_(plan.qk_t)
+    if plan.rel_bias is not None:
+        s.view(b, heads, n, n).add_(plan.rel_bias)
     if mask is not None:
         nw = mask.shape[0]
         s.view(b // nw, nw, heads, n, n).add_(mask.float()[None, :, None])
     p = torch.softmax(s, dim=-1)
     if plan.sulq:
-        u = codes_(p.add_(p_eta).log2_().neg_(), p_s, plan.p_codes).long()
-        o = torch.matmul(p_table[u], v)
+        u = codes_(p.add_(plan.p_eta).log2_().neg_(), plan.p_s, plan.p_codes).long()
+        o = torch.matmul(plan.p_table[u], v)
     else:
-        o = exact_matmul(codes_(p, p_s, plan.p_codes), v, gemm_dtype(n, sp, sv))
-    return attention_output(o.view(b, heads, n, d), plan.pv)
+        o = exact_matmul(codes_(p, plan.p_s, plan.p_codes, clamp=plan.p_clamp), v, gemm_dtype(n, sp, sv))
+    return attention_output(o.view(b, heads, n, d), plan.pv_t)
 
 
-def attention_output(o: Tensor, pv: float) -> Tensor:
+def attention_output(o: Tensor, pv: Tensor) -> Tensor:
     """``(o * pv)`` of ``o [b, H, n, D]`` written token-major ``[b, n, H * D]`` in the same pass."""
     b, h, n, d = o.shape
     if torch.compiler.is_compiling():
         return (o * pv).transpose(1, 2).reshape(b, n, h * d)
-    return torch.mul(o.transpose(1, 2), pv, out=o.new_empty(b, n, h, d)).reshape(b, n, h * d)
+    return torch.mul(o.transpose(1, 2), pv, out=o.new_empty(b, n, h, d)).view(b, n, h * d)
+
+
+def probabilities_in_bounds(s: Tensor, c: Codes) -> bool:
+    """Whether ``round(p / s) + add`` lies in ``[lo, hi]`` for every float32 ``p`` in ``[0, 1 + 2^-20]`` (softmax
+    outputs, with a margin for its rounding), so the clamp of the probability codes changes nothing."""
+    top = torch.tensor(1.0 + 2.0 ** -20, dtype=torch.float32) / torch.as_tensor(s, dtype=torch.float32)
+    return c.lo <= c.add and float(top.round()) + c.add <= c.hi
 
 
 def attention_tensors(qps: dict, scale: float, name: str):
     """``(plan, tensors)`` of an attention's quantizers ``qps`` (``q, k, v``: :class:`QParams`, ``p``: QParams or
-    SULQParams); ``tensors``: ``fast_s3/lo3/hi3 [3]`` (step, clamp bounds of Q, K, V), ``fast_p_table``."""
+    SULQParams); ``tensors``: ``fast_s3/lo3/hi3 [3]`` (step, clamp bounds of Q, K, V), ``fast_p_table``; the plan's
+    tensor fields are left for the module to fill in."""
     codes = {k: act_codes(qps[k].s, qps[k].z, qps[k].bits, False, f"{name} {k}") for k in "qkv"}
     t = {"fast_s3": torch.stack([torch.as_tensor(qps[k].s, dtype=torch.float32).reshape(()) for k in "qkv"]),
          "fast_lo3": torch.tensor([codes[k].lo for k in "qkv"]), "fast_hi3": torch.tensor([codes[k].hi for k in "qkv"])}
@@ -267,11 +342,36 @@ def attention_tensors(qps: dict, scale: float, name: str):
             raise ValueError(f"{name}: SULQ shift eta must be one value > 0, got {eta.tolist()}")
         check_qparams(f"{name} p", p.s, p.z)
         zr = float(P.round_zero_point(torch.as_tensor(p.z, dtype=torch.float32), p.bits))
-        p_codes = Codes(zr, 0.0, float(P.qmax(p.bits)), False, P.qmax(p.bits))  # unsigned codes, table index
+        p_codes = make_codes(zr, 0, P.qmax(p.bits), False, P.qmax(p.bits))  # unsigned codes, table index
         t["fast_p_table"] = P.sulq_table(p.eta, p.s, p.z, p.bits)
     else:
         p_codes = act_codes(p.s, p.z, p.bits, False, f"{name} p")
-    plan = AttentionPlan(float(scale) * float(qps["q"].s) * float(qps["k"].s), float(p.s) * float(qps["v"].s)
-                         if not sulq else float(qps["v"].s),
-                         (codes["q"].span, codes["k"].span, codes["v"].span, p_codes.span), p_codes, sulq)
+    qk = float(scale) * float(qps["q"].s) * float(qps["k"].s)
+    pv = float(p.s) * float(qps["v"].s) if not sulq else float(qps["v"].s)
+    pairs = {(codes[k].lo, codes[k].hi) for k in "qkv"}
+    plan = AttentionPlan(qk, pv, (codes["q"].span, codes["k"].span, codes["v"].span, p_codes.span), p_codes, sulq,
+                         pairs.pop() if len(pairs) == 1 else None, sulq or not probabilities_in_bounds(p.s, p_codes),
+                         scalar(qk), scalar(pv))
     return plan, t
+
+
+class BlockPlan(NamedTuple):
+    """A timm ViT ``Block`` whose LayerNorms are fused into ``qkv`` and ``fc1`` and whose other parts are identities."""
+
+    qkv: LinearPlan
+    attn: AttentionPlan
+    heads: int
+    proj: LinearPlan
+    fc1: LinearPlan
+    fc2: LinearPlan
+
+
+def vit_block(x: Tensor, p: BlockPlan) -> Tensor:
+    """``x + attn(x)``, then ``+ mlp(.)``, for ``x [b, n, C]``: the block's module calls flattened into one function
+    (the same ops as the packed modules' fast path; the residual sums are added in place, ``a + b == b + a``)."""
+    b, n, c = x.shape
+    x = f32(x).reshape(-1, c)
+    o = attention(linear(input_codes(x, p.qkv), p.qkv), b, n, p.heads, p.attn)
+    x = linear(input_codes(o.view(b * n, -1), p.proj, fresh=True), p.proj).add_(x)
+    h = linear(input_codes(x, p.fc1), p.fc1, gelu=True)
+    return linear(codes_(h, p.fc2.in_s, p.fc2.codes), p.fc2).add_(x).view(b, n, -1)

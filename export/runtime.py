@@ -18,12 +18,14 @@ They replace the matching modules of a float timm skeleton (see :func:`export.lo
 """
 from __future__ import annotations
 
+import math
 import types
 from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from kernels import ops
 from quant import packing
@@ -82,8 +84,9 @@ class PackedLinear(nn.Module):
                                  requant=requant)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fast is not None and not ops.triton_enabled(x):
-            return self.fast_linear(self.fast_codes(x)).view(*x.shape[:-1], self.out_features)
+        p = self.fast
+        if p is not None and not ops.triton_enabled(x):
+            return FA.linear(FA.input_codes(x.reshape(-1, self.in_features), p), p).view(*x.shape[:-1], -1)
         return self.linear_codes(self.quantize_input(x))
 
     def prepare_fast(self, backend: str, name: str = "") -> None:
@@ -93,28 +96,10 @@ class PackedLinear(nn.Module):
         for key in _FAST_LINEAR:
             t = tensors.get(key)
             self.register_buffer(key, None if t is None else t.to(self.w_scale.device), persistent=False)
-        self.fast = plan
-
-    def fast_codes(self, x: Tensor) -> Tensor:
-        """Fast-path codes ``[M, K]`` (:class:`export.fast.Codes`) of ``LN'(x)``, ``(x - shift) / r`` or ``x``
-        (``x [..., K]``, leading dims flattened)."""
-        x, bufs = x.reshape(-1, self.in_features), self._buffers  # (dict reads: less per-call Python than getattr)
-        if self.ln_eps is not None:
-            y = FA.layernorm(x, bufs["ln_weight"], bufs["ln_bias"], self.ln_eps)
-            return FA.codes_(y, bufs["in_s"], self.fast.codes)
-        if bufs["r"] is None and bufs["shift"] is None:
-            return FA.codes_(FA.f32(x), bufs["in_s"], self.fast.codes, inplace=False)
-        return FA.codes_(P.apply_rescale(FA.f32(x), bufs["r"], bufs["shift"]), bufs["in_s"], self.fast.codes)
-
-    def fast_linear(self, a: Tensor, gelu: bool = False, requant: "Optional[PackedLinear]" = None) -> Tensor:
-        """Float32 ``y [M, N]`` of fast-path codes ``a [M, K]`` (exact-erf GELU when ``gelu``), or the fast-path
-        codes of ``requant``'s input."""
-        bufs = self._buffers
-        y = FA.linear(a, self.fast, bufs["fast_w"], bufs["fast_scale"], bufs["bias"], bufs["fast_cw"],
-                      bufs["fast_col"])
-        if gelu:
-            y = torch._C._nn.gelu_(y)  # F.gelu (exact erf) in place on the fresh y
-        return y if requant is None else FA.codes_(y, requant._buffers["in_s"], requant.fast.codes)
+        ln = None if self.ln_eps is None else FA.layernorm_plan(self.in_features, self.ln_eps, self.ln_weight,
+                                                                self.ln_bias)
+        self.fast = plan._replace(w=self.fast_w, scale=self.fast_scale, cw=self.fast_cw, col_t=self.fast_col,
+                                  bias=self.bias, in_s=self.in_s, ln=ln, r=self.r, shift=self.shift)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, fmt={self.fmt}, w_bits={self.w_bits}, "
@@ -129,9 +114,10 @@ class PackedMlp(nn.Module):
         self.fc1, self.fc2 = fc1, fc2
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fc1.fast is not None and not ops.triton_enabled(x):
-            h = self.fc1.fast_linear(self.fc1.fast_codes(x), gelu=True, requant=self.fc2)
-            return self.fc2.fast_linear(h).view(*x.shape[:-1], self.fc2.out_features)
+        p1, p2 = self.fc1.fast, self.fc2.fast
+        if p1 is not None and not ops.triton_enabled(x):
+            h = FA.linear(FA.input_codes(x.reshape(-1, self.fc1.in_features), p1), p1, gelu=True)
+            return FA.linear(FA.codes_(h, p2.in_s, p2.codes), p2).view(*x.shape[:-1], -1)
         h = self.fc1.linear_codes(self.fc1.quantize_input(x), gelu=True, requant=self.fc2.in_qp)
         return self.fc2.linear_codes(h)
 
@@ -170,15 +156,15 @@ class _PackedAttention(nn.Module):
         for key in _FAST_ATTENTION:
             t = tensors.get(key)
             self.register_buffer(key, None if t is None else t.to(self.q_s.device), persistent=False)
-        self.fast = plan
+        self.fast = plan._replace(s3=self.fast_s3, lo3=self.fast_lo3, hi3=self.fast_hi3, p_s=self.p_s,
+                                  p_eta=getattr(self, "p_eta", None), p_table=self.fast_p_table,
+                                  rel_bias=self.fast_rel_bias)
 
     def _attend_fast(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
-        b, n, _ = x.shape
-        qkv = self.qkv.fast_linear(self.qkv.fast_codes(x))
-        bufs = self._buffers
-        o = FA.attention(qkv, b, n, self.num_heads, self.fast, bufs["fast_s3"], bufs["fast_lo3"], bufs["fast_hi3"],
-                         bufs["p_s"], bufs.get("p_eta"), bufs["fast_p_table"], bufs["fast_rel_bias"], mask)
-        return self.proj.fast_linear(self.proj.fast_codes(o)).view(b, n, self.proj.out_features)
+        b, n, c = x.shape
+        p, pp = self.qkv.fast, self.proj.fast
+        o = FA.attention(FA.linear(FA.input_codes(x.reshape(-1, c), p), p), b, n, self.num_heads, self.fast, mask)
+        return FA.linear(FA.input_codes(o.view(b * n, -1), pp, fresh=True), pp).view(b, n, -1)
 
     def qp(self, name: str) -> "QParams | SULQParams":
         s, z, bits = getattr(self, f"{name}_s"), getattr(self, f"{name}_z"), self.attn_bits[name]
@@ -254,10 +240,11 @@ class PackedPatchEmbed(nn.Module):
         if x.dim() != 4 or x.shape[1] != c:
             raise ValueError(f"input must be [B, {c}, H, W] images, got shape {tuple(x.shape)}")
         if self.linear.fast is not None and not torch.compiler.is_compiling():
-            # the fast path checks the image once instead of every activation (kernels.reference's per-call scans)
+            # the fast path checks the image once instead of every activation (kernels.reference's per-call scans);
+            # a finite sum means every value is finite (one reduction), else the exact check decides
             if not x.is_floating_point():
                 raise TypeError(f"images must be a float32/float16/bfloat16 tensor, got {x.dtype}")
-            if not bool(torch.isfinite(x).all()):
+            if not math.isfinite(float(x.sum(dtype=torch.float32))) and not bool(torch.isfinite(x).all()):
                 raise ValueError("the images contain NaN or inf; clean the input (e.g. torch.nan_to_num) first")
         y = self.linear(P.patchify(x, (ph, pw)))
         return y.reshape(x.shape[0], x.shape[2] // ph, x.shape[3] // pw, d).permute(0, 3, 1, 2)
@@ -300,6 +287,8 @@ def prepare_fast(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
                 raise ValueError(f"the fast path is for the CPU but {name} is on {dev}; on CUDA the Triton kernels "
                                  f"run (load with device='cpu' or move the model first)")
             m.prepare_fast(backend, name)
+    for m in model.modules():
+        _flatten_block(m)
     plan = _chunk_plan(model)
     if plan is not None:
         model.lowbit_chunk_plan = plan
@@ -343,9 +332,42 @@ def _chunked_forward(self: nn.Module, x: Tensor, *args, **kwargs):
     return torch.cat([forward(self, c) for c in x.split(-(-x.shape[0] // k))])
 
 
+_BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+
+
+def _flatten_block(block: nn.Module) -> None:
+    """Give a timm ViT ``Block`` whose LayerNorms are fused (``norm1``, ``norm2``, layer scales and drop paths are
+    ``nn.Identity``) and whose ``attn`` / ``mlp`` are packed and fast the forward :func:`_block_forward`."""
+    from timm.models.vision_transformer import Block
+    if not isinstance(block, Block) or type(block).forward is not Block.forward:
+        return
+    parts = [getattr(block, k, None) for k in _BLOCK_PARTS]
+    attn, mlp = parts[1], parts[5]
+    if (not all(type(parts[i]) is nn.Identity for i in (0, 2, 3, 4, 6, 7))
+            or type(attn) is not PackedViTAttention or type(mlp) is not PackedMlp or attn.fast is None
+            or mlp.fc1.fast is None or mlp.fc1.fast.ln is None or attn.qkv.fast.ln is None):
+        return
+    block.lowbit_block = FA.BlockPlan(attn.qkv.fast, attn.fast, attn.num_heads, attn.proj.fast, mlp.fc1.fast,
+                                      mlp.fc2.fast)
+    block.lowbit_hooks = tuple(d for m in parts for d in (m._forward_hooks, m._forward_pre_hooks))  # (live dicts)
+    block.forward = types.MethodType(_block_forward, block)
+
+
+def _block_forward(self: nn.Module, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+    """The block's forward as one function (:func:`export.fast.vit_block`; at batch 1 the module calls and their
+    Python cost were a large share of the time), or timm's forward when its submodules carry forward hooks, a mask
+    is given or the Triton path is on."""
+    if (attn_mask is not None or is_causal or ops.triton_enabled(x) or _global_forward_hooks
+            or _global_forward_pre_hooks or any(self.lowbit_hooks)):
+        return type(self).forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
+    return FA.vit_block(x, self.lowbit_block)
+
+
 def drop_fast(model: nn.Module) -> nn.Module:
     """Remove the fast-path buffers: every quantized op goes through :mod:`kernels.ops` again (packed weights only)."""
     for m in model.modules():
+        if m.__dict__.pop("lowbit_block", None) is not None:
+            del m.__dict__["forward"], m.__dict__["lowbit_hooks"]
         if isinstance(m, (PackedLinear, _PackedAttention)) and m.fast is not None:
             for key in (_FAST_LINEAR if isinstance(m, PackedLinear) else _FAST_ATTENTION):
                 delattr(m, key)

@@ -197,3 +197,69 @@ def test_large_batches_run_in_chunks(tmp_path, monkeypatch):
     name, kw = arch("vit")
     both = export.export_model(q, tmp_path / "both.lowbit", arch=name, config=kw, bits="w4a4")
     assert not hasattr(export.load(both), "lowbit_chunk_plan")
+
+
+def test_fused_vit_blocks_run_as_one_function(tmp_path, monkeypatch):
+    """A timm ViT block with fused LayerNorms runs :func:`export.fast.vit_block` (no submodule calls) with the
+    reference's logits bit for bit (SULQ, activation correction); a forward hook on a submodule sends that block
+    back through its modules; ``drop_fast`` removes the block forwards."""
+    from timm.models.vision_transformer import Block
+    from export import runtime
+    from .export_utils import corrected
+    _, q = quantized("vit", "w4a4", softmax_quantizer="sulq")
+    corrected(q)  # a block-level forward hook (the activation correction) and SULQ probabilities
+    name, kw = arch("vit")
+    path = export.export_model(q, tmp_path / "sulq.lowbit", arch=name, config=kw, bits="w4a4")
+    m, ref = export.load(path), export.load(path, fast=False)
+    blocks = [b for b in m.modules() if isinstance(b, Block)]
+    assert blocks and all("forward" in b.__dict__ and b.lowbit_block.attn.sulq for b in blocks)
+    x = _inputs(3)
+    calls = []
+    monkeypatch.setattr(FA, "vit_block", lambda *a, orig=FA.vit_block: calls.append(1) or orig(*a))
+    with torch.no_grad():
+        want = ref(x)
+        assert torch.equal(m(x), want) and len(calls) == len(blocks)
+        seen = []
+        h = blocks[0].attn.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+        calls.clear()
+        assert torch.equal(m(x), want) and len(seen) == 1 and len(calls) == len(blocks) - 1
+        h.remove()
+        for b in (x, x[:1]):
+            assert torch.equal(m(b), want[: len(b)])
+        drop_fast(m)
+        assert not any("forward" in b.__dict__ or hasattr(b, "lowbit_block") for b in blocks)
+        calls.clear()
+        assert torch.equal(m(x), want) and not calls
+    assert runtime.is_fast(export.load(path))
+
+
+def test_layernorm_is_the_reference():
+    """:func:`export.fast.layernorm` (the mean as the sum over the width, 0-d tensor constants, in place) against
+    ``kernels.reference.layernorm`` bit for bit, widths that are and are not powers of two, with and without affine."""
+    from kernels import reference as R
+    g = torch.Generator().manual_seed(3)
+    for k in (5, 48, 100, 128, 192, 768):
+        x = torch.randn(257, k, generator=g) * 3 + torch.randn(257, 1, generator=g) * 50
+        w, b = torch.randn(k, generator=g), torch.randn(k, generator=g)
+        for eps in (1e-6, 1e-5):
+            for ww, bb in ((w, b), (None, None), (w, None)):
+                got = FA.layernorm(x, FA.layernorm_plan(k, eps, ww, bb))
+                assert torch.equal(got, R.layernorm(x, ww, bb, eps)), (k, eps, ww is None, bb is None)
+
+
+def test_probability_codes_skip_a_clamp_only_when_in_bounds():
+    """The clamp of the probability codes is left out only when every softmax output rounds into the bounds: then
+    the codes equal ``primitives.quantize``'s, including ``P = 1`` and a one-hot row."""
+    from quant import primitives as P
+    for s, bits, in_bounds in ((1 / 15, 4, True), (1 / 255, 8, True), (0.0258, 4, False), (1 / 15.6, 4, False)):
+        st, z = torch.tensor(s), torch.tensor(0.0)
+        c = FA.act_codes(st, z, bits, False, "p")
+        assert FA.probabilities_in_bounds(st, c) is in_bounds
+        if in_bounds:
+            logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(bits)) * 4
+            logits[0] = -1e4
+            logits[0, 3] = 0.0  # one-hot row: P = 1 exactly
+            p = torch.softmax(logits, dim=-1)
+            assert float(p.max()) == 1.0
+            got = FA.codes_(p.clone(), st, c, clamp=False)
+            assert torch.equal(got.long(), P.quantize(p, st, z, bits).long())
