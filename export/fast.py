@@ -257,7 +257,7 @@ class AttentionPlan(NamedTuple):
     products; ``qk_t``, ``pv_t`` as 0-d tensors), ``spans`` of q, k, v, p codes, ``p_codes``, ``sulq``,
     ``bounds``: the Q, K, V clamp bounds when they are one pair, ``p_clamp``: whether the probability codes need
     their clamp (not when every ``P`` in ``[0, 1]`` already rounds into the bounds), then the tensors
-    (:func:`attention_tensors`; the module's buffers): ``s3``, ``lo3``, ``hi3 [3, 1, 1, 1, 1]``, ``p_s``, ``p_eta``,
+    (:func:`attention_tensors`; the module's buffers): ``s3``, ``lo3``, ``hi3 [3, 1, 1, 1, 1]``, ``p_s``, ``p_eta``, ``p_x0``,
     ``p_table``, ``rel_bias``."""
 
     qk: float
@@ -274,6 +274,7 @@ class AttentionPlan(NamedTuple):
     hi3: Optional[Tensor] = None
     p_s: Optional[Tensor] = None
     p_eta: Optional[Tensor] = None
+    p_x0: Optional[Tensor] = None
     p_table: Optional[Tensor] = None
     rel_bias: Optional[Tensor] = None
 
@@ -305,7 +306,7 @@ def attention(qkv: Tensor, b: int, n: int, heads: int, plan: AttentionPlan, mask
         s.view(b // nw, nw, heads, n, n).add_(mask.float()[None, :, None])
     p = torch.softmax(s, dim=-1)
     if plan.sulq:
-        u = codes_(p.add_(plan.p_eta).log2_().neg_(), plan.p_s, plan.p_codes).long()
+        u = codes_(p.add_(plan.p_eta).log2_().neg_().sub_(plan.p_x0), plan.p_s, plan.p_codes).long()
         o = torch.matmul(plan.p_table[u], v)
     else:
         o = exact_matmul(codes_(p, plan.p_s, plan.p_codes, clamp=plan.p_clamp), v, gemm_dtype(n, sp, sv))
@@ -343,7 +344,7 @@ def attention_tensors(qps: dict, scale: float, name: str):
         check_qparams(f"{name} p", p.s, p.z)
         zr = float(P.round_zero_point(torch.as_tensor(p.z, dtype=torch.float32), p.bits))
         p_codes = make_codes(zr, 0, P.qmax(p.bits), False, P.qmax(p.bits))  # unsigned codes, table index
-        t["fast_p_table"] = P.sulq_table(p.eta, p.s, p.z, p.bits)
+        t["fast_p_table"] = P.sulq_table(p.eta, p.s, p.z, p.bits, p.x0, bool(p.pow2))
     else:
         p_codes = act_codes(p.s, p.z, p.bits, False, f"{name} p")
     qk = float(scale) * float(qps["q"].s) * float(qps["k"].s)

@@ -8,7 +8,7 @@ They replace the matching modules of a float timm skeleton (see :func:`export.lo
 * :class:`PackedMlp`: ``fc2(GELU(fc1(x)))`` with fc1's output requantized to fc2's input codes in the kernel.
 * :class:`PackedViTAttention` / :class:`PackedWindowAttention`: qkv -> per-tensor int8 Q, K, V ->
   :func:`kernels.ops.quant_attention` (Swin: relative position bias and shifted-window mask in float) -> proj;
-  probabilities quantized uniformly (:class:`QParams`) or by SULQ (:class:`SULQParams`, buffer ``p_eta``).
+  probabilities quantized uniformly (:class:`QParams`) or by SULQ (:class:`SULQParams`, buffers ``p_eta``, ``p_x0``).
 * :class:`BlockCorrection` + :func:`attach_correction`: a block's output ``y`` becomes ``y @ M^T`` (DFQ-ViT).
 * :class:`PackedPatchEmbed`: the patch convolution as im2col (order C, kh, kw) + packed linear, NCHW output.
 
@@ -127,14 +127,18 @@ def _scalar_buffer(module: nn.Module, name: str, v) -> None:
 
 
 def _qp_buffers(module: nn.Module, qps: Dict[str, "QParams | SULQParams"]) -> None:
-    """Buffers ``<name>_s``/``_z`` (0-d fp32) per quantizer; a :class:`SULQParams` adds ``<name>_eta``."""
-    module.attn_bits, module.sulq = {}, set()
+    """Buffers ``<name>_s``/``_z`` (0-d fp32) per quantizer; a :class:`SULQParams` adds ``<name>_eta`` and
+    ``<name>_x0`` (its ``pow2`` flag in :attr:`sulq_pow2`)."""
+    module.attn_bits, module.sulq, module.sulq_pow2 = {}, set(), set()
     for name, qp in qps.items():
         _scalar_buffer(module, f"{name}_s", qp.s)
         _scalar_buffer(module, f"{name}_z", qp.z)
         if isinstance(qp, SULQParams):
             _scalar_buffer(module, f"{name}_eta", qp.eta)
+            _scalar_buffer(module, f"{name}_x0", qp.x0)
             module.sulq.add(name)
+            if qp.pow2:
+                module.sulq_pow2.add(name)
         module.attn_bits[name] = qp.bits
 
 
@@ -157,7 +161,8 @@ class _PackedAttention(nn.Module):
             t = tensors.get(key)
             self.register_buffer(key, None if t is None else t.to(self.q_s.device), persistent=False)
         self.fast = plan._replace(s3=self.fast_s3, lo3=self.fast_lo3, hi3=self.fast_hi3, p_s=self.p_s,
-                                  p_eta=getattr(self, "p_eta", None), p_table=self.fast_p_table,
+                                  p_eta=getattr(self, "p_eta", None), p_x0=getattr(self, "p_x0", None),
+                                  p_table=self.fast_p_table,
                                   rel_bias=self.fast_rel_bias)
 
     def _attend_fast(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
@@ -169,7 +174,8 @@ class _PackedAttention(nn.Module):
     def qp(self, name: str) -> "QParams | SULQParams":
         s, z, bits = getattr(self, f"{name}_s"), getattr(self, f"{name}_z"), self.attn_bits[name]
         if name in self.sulq:
-            return SULQParams(getattr(self, f"{name}_eta"), s, z, bits)
+            return SULQParams(getattr(self, f"{name}_eta"), s, z, bits, getattr(self, f"{name}_x0"),
+                              name in self.sulq_pow2)
         return QParams(s, z, bits)
 
     def _attend(self, qkv: Tensor, rel_bias: Optional[Tensor], mask: Optional[Tensor]) -> Tensor:

@@ -18,7 +18,9 @@ SWIN_IMAGES = 300
 
 
 def _export(tmp_path, kind, bits, correction, sulq, **over):
-    _, q = quantized(kind, bits, softmax_quantizer="sulq" if sulq else "uniform", **over)
+    """``sulq``: False (uniform), True / "sulq" (published) or "sulq-learned"."""
+    _, q = quantized(kind, bits, softmax_quantizer=(sulq if isinstance(sulq, str) else "sulq") if sulq else "uniform",
+                     **over)
     if correction:
         corrected(q)
     name, kw = arch(kind, **over)
@@ -42,8 +44,8 @@ def _assert_parity(a, b):
 
 
 @pytest.mark.parametrize("kind", ["vit", "swin"])
-@pytest.mark.parametrize("correction,sulq", [(True, False), (False, True), (True, True)],
-                         ids=["act_correction", "sulq", "both"])
+@pytest.mark.parametrize("correction,sulq", [(True, False), (False, True), (True, True), (False, "sulq-learned")],
+                         ids=["act_correction", "sulq", "both", "sulq_learned"])
 def test_parity_with_fake_quant(tmp_path, real_images, kind, correction, sulq):
     q, path = _export(tmp_path, kind, "w4a4", correction, sulq)
     m = export.load(path)
@@ -107,6 +109,35 @@ def test_sulq_params_reach_the_attention_kernel(tmp_path, monkeypatch):
     etas = sorted(float(mod.eta) for mod in sulq.values())
     assert len(seen) == 2 and all(isinstance(p, SULQParams) for p in seen)
     assert sorted(float(p.eta) for p in seen) == etas
+
+
+@pytest.mark.parametrize("form", ["sulq", "sulq-learned"])
+def test_sulq_forms_in_the_file(tmp_path, form):
+    """The manifest names the form; ``p_x0`` and the power-of-two rounding travel; a file written before ``p_x0``
+    existed (``p_quantizer: "sulq"``, no ``p_x0``) loads as the learned form it was."""
+    from .test_errors import _rewrite
+    q, path = _export(tmp_path, "vit", "w4a4", correction=False, sulq=form)
+    tensors, man = fmt.load(path)
+    mods = {n.rpartition(".core.")[0]: mod for n, mod in q.named_modules() if isinstance(mod, SULQuantizer)}
+    attn = {e["name"]: e for e in man["modules"] if e["kind"] == "vit_attention"}
+    for n, mod in mods.items():
+        assert attn[n]["p_quantizer"] == form and mod.published == (form == "sulq")
+        assert torch.equal(tensors[f"quant.{n}.p_x0"], mod.x0.float().reshape(()))
+        assert (float(mod.x0) != 0) == (form == "sulq")
+    m = export.load(path, fast=False)
+    got = [a.qp("p") for a in m.modules() if hasattr(a, "sulq") and a.sulq]
+    assert len(got) == 2 and all(p.pow2 == (form == "sulq") for p in got)
+    if form == "sulq-learned":
+        def old(man_, t):
+            for e in man_["modules"]:
+                if e["kind"] == "vit_attention":
+                    e["p_quantizer"] = "sulq"
+                    del t[f"quant.{e['name']}.p_x0"]
+                    del man_["tensors"][f"quant.{e['name']}.p_x0"]
+        legacy = _rewrite(path, tmp_path / "legacy.lowbit", old)
+        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert torch.equal(export.load(legacy)(x), export.load(path)(x))
 
 
 def test_act_correction_manifest_errors(tmp_path):
