@@ -7,7 +7,9 @@ Each cell (bits, method, calibration data) is one ``quant.run`` pipeline run, bu
     --model demo --bits B --method M [--act-correction] --data <cifar10>/train|invert --calib-size N
     --val <cifar10>/test --val-size V --iters I --invert-steps S --seed 0 --out <temp folder>
 
-Methods: ``rtn``, ``blockwise``, ``e2e``, ``is-vit``, ``e2e+ac`` (``e2e`` with ``--act-correction``), and the
+Methods: ``rtn``, ``blockwise``, ``e2e``, ``is-vit`` (SOS as I&S-ViT's authors train it), ``is-vit-quant`` (the
+package's quantizer-training SOS), ``e2e+sulq`` / ``e2e+sulql`` (``e2e`` with I&S-ViT's published SULQ / the
+package's learned-step SULQ), ``e2e+ac`` (``e2e`` with ``--act-correction``), and the
 forward-pass comparison ``e2e+intfwd`` / ``e2e+fakefwd`` (``e2e`` with ``--forward int`` / ``--forward fake``: the
 optimiser's forward in the deployed integer arithmetic, the default, or in float fake-quant).
 Data: ``real`` (``--calib-size`` images of ``<data>/train``) and ``free`` (``--data invert``; the data-free images
@@ -37,8 +39,10 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-METHODS = ("rtn", "blockwise", "e2e", "is-vit", "e2e+ac", "e2e+intfwd", "e2e+fakefwd")
-VARIANT_FLAGS = {"ac": ["--act-correction"], "intfwd": ["--forward", "int"], "fakefwd": ["--forward", "fake"]}
+METHODS = ("rtn", "blockwise", "e2e", "is-vit", "is-vit-quant", "e2e+ac", "e2e+intfwd", "e2e+fakefwd", "e2e+sulq",
+           "e2e+sulql")
+VARIANT_FLAGS = {"ac": ["--act-correction"], "intfwd": ["--forward", "int"], "fakefwd": ["--forward", "fake"],
+                 "sulq": ["--softmax-quantizer", "sulq"], "sulql": ["--softmax-quantizer", "sulq-learned"]}
 SOURCES = ("real", "free")
 DEFAULT_BITS = ("w1.58a8", "w3a3", "w4a4", "w6a6")
 DEFAULT_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 5000, 10000)
@@ -392,7 +396,9 @@ def render_markdown(results: dict, tsne: Optional[dict] = None) -> str:
               f"`--seed {st.get('seed')}`, `--device {st.get('device')}`",
               f"- table: top-1 on {', '.join(map(str, n_val))} cifar10/test images (a seeded subset when fewer than "
               f"10,000); FP row: the float model on the same images",
-              "- methods: `rtn` (initialisation only), `blockwise`, `e2e` (the paper), `is-vit` (I&S-ViT SOS), "
+              "- methods: `rtn` (initialisation only), `blockwise`, `e2e` (the paper), `is-vit` (I&S-ViT SOS as its "
+              "authors train it: weights and biases, quantizers frozen), `is-vit-quant` (the same stages training the "
+              "quantizers), `e2e+sulq` / `e2e+sulql` (e2e with I&S-ViT's published SULQ / the learned-step SULQ), "
               "`e2e+ac` (e2e then DFQ-ViT `--act-correction`), `e2e+intfwd` / `e2e+fakefwd` (e2e with "
               "`--forward int`, the optimiser's forward in the deployed integer arithmetic, / `--forward fake`, "
               "float fake-quant; same gradients)",
