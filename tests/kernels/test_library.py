@@ -46,8 +46,9 @@ def test_opcheck_quant_attention(gen):
     args = (q, k, v, torch.randn(2, 9, 9, generator=gen), None, _f(0), _f(1), _f(-1), _f(0.01), _f(1 / 255),
             _f(0), _f(0.001), 8.0)
     torch.library.opcheck(L.quant_attention, args, test_utils=TESTS)
-    table = P.sulq_table(0.01, 0.3, 0.0, 4)
-    args = (q, k, v, None, None, _f(0), _f(1), _f(-1.0), _f(0.01), _f(0.01), _f(0.3), _f(0), table, _f(0.02), 4.0)
+    table = P.sulq_table(0.01, 0.3, 0.0, 4, 0.5, True)  # the published form: origin x0 = 0.5, rounded exponent
+    args = (q, k, v, None, None, _f(0), _f(1), _f(-1.0), _f(0.01), _f(0.01), _f(0.5), _f(0.3), _f(0), table, _f(0.02),
+            4.0)
     torch.library.opcheck(L.quant_attention_sulq, args, test_utils=TESTS)
 
 
