@@ -124,7 +124,7 @@ def psaq_patch_similarity_entropy(attn_out: torch.Tensor, heads: int, prefix: in
     b, n, c = attn_out.shape
     u = F.normalize(attn_out.float().reshape(b, n, heads, c // heads).mean(2)[:, prefix:], dim=-1)
     sims = (u @ u.transpose(1, 2)).reshape(b, -1)
-    lo, hi = float(sims.min()), float(sims.max())
+    lo, hi = float(sims.detach().min()), float(sims.detach().max())
     return kde_differential_entropy(sims, lo, hi, bandwidth, points).mean()
 
 
