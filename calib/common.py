@@ -35,6 +35,24 @@ def imagenet_wnids() -> tuple[str, ...]:
     return tuple(imagenet_info().label_names())
 
 
+def own_entries(out: Path, is_own: Callable[[Path, set], bool], what: str) -> list:
+    """Sorted visible entries of an existing ``--out`` (``[]`` when it does not exist), each of which
+    ``is_own(entry, wnids)`` must accept as this command's output (``what`` names it in the error); raises
+    :class:`quant.errors.UserError` for a file or foreign entries."""
+    from quant.errors import UserError
+    if not out.exists():
+        return []
+    if not out.is_dir():
+        raise UserError(f"--out {str(out)!r} exists and is not a folder; pick another --out")
+    wnids = set(imagenet_wnids())
+    entries = sorted(p for p in out.iterdir() if not p.name.startswith("."))
+    foreign = [p.name for p in entries if not is_own(p, wnids)]
+    if foreign:
+        raise UserError(f"--out {str(out)!r} exists and holds entries that are not {what} (e.g. {foreign[0]!r}); "
+                        f"pick a new --out (an earlier run's folder is resumed)")
+    return entries
+
+
 def parse_classes(spec: str) -> list[int]:
     """``all`` | ``a-b`` (inclusive) | comma list of indices or wnids, mixed -> sorted unique ImageNet indices."""
     names = imagenet_wnids()

@@ -24,8 +24,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from calib import sd_turbo as S
-from calib.common import (class_name, cli_main, finish_distributed, imagenet_info, imagenet_wnids, parse_classes,
-                          setup_distributed, shard)
+from calib.common import (class_name, cli_main, finish_distributed, imagenet_info, imagenet_wnids, own_entries,
+                          parse_classes, setup_distributed, shard)
 from quant.errors import UserError
 
 PHOTO_ADJECTIVES = ("good", "close-up", "bright", "dark", "cropped", "clean", "blurry", "sharp", "natural",
@@ -127,16 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_out(out: Path, per_class: int) -> None:
     """``--out`` must be new, or an ImageFolder of this command's ``<wnid>/`` class folders holding ``per_class``
     images each; :class:`UserError` otherwise."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise UserError(f"--out {str(out)!r} exists and is not a folder; pick another --out")
-    wnids = set(imagenet_wnids())
-    entries = sorted(p for p in out.iterdir() if not p.name.startswith("."))
-    foreign = [p.name for p in entries if not (p.is_dir() and p.name in wnids)]
-    if foreign:
-        raise UserError(f"--out {str(out)!r} exists and holds entries that are not class folders of calib.generate "
-                        f"(e.g. {foreign[0]!r}); pick a new --out (an earlier run's folder is resumed)")
+    entries = own_entries(out, lambda p, wnids: p.is_dir() and p.name in wnids, "class folders of calib.generate")
     for p in entries:
         n = sum(1 for f in p.iterdir() if f.suffix == ".png")
         if n != per_class:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from calib import sd_turbo as S
 from calib.classifier import Preprocess, attention_modules, classify, load_classifier
-from calib.common import (atomic_torch_save, cli_main, finish_distributed, imagenet_info, imagenet_wnids,
+from calib.common import (atomic_torch_save, cli_main, finish_distributed, imagenet_info, own_entries,
                           parse_classes, setup_distributed, shard)
 from quant.errors import UserError
 
@@ -202,16 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
 def check_out(out: Path, cfg: PromptConfig) -> None:
     """``--out`` must be new, or a folder of this command's ``<wnid>.pt`` files learned with the same settings
     (checked on its first file); :class:`UserError` otherwise."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise UserError(f"--out {str(out)!r} exists and is not a folder; pick another --out")
-    wnids = set(imagenet_wnids())
-    entries = sorted(p for p in out.iterdir() if not p.name.startswith("."))
-    foreign = [p.name for p in entries if not (p.suffix == ".pt" and p.stem in wnids and p.is_file())]
-    if foreign:
-        raise UserError(f"--out {str(out)!r} exists and holds files that are not learned prompts (e.g. "
-                        f"{foreign[0]!r}); pick a new --out (a folder of <wnid>.pt from an earlier run is resumed)")
+    entries = own_entries(out, lambda p, wnids: p.suffix == ".pt" and p.stem in wnids and p.is_file(),
+                          "learned prompts (<wnid>.pt)")
     if entries:
         try:
             old = torch.load(entries[0], map_location="cpu", weights_only=True).get("config")

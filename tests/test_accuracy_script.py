@@ -5,20 +5,11 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from bench import accuracy as A
+from tests.quant.ptq_utils import one_thread  # noqa: F401 (autouse: one intra-op thread)
 
 CIFAR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one intra-op thread (and leave the other core to parallel work)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -11,18 +11,10 @@ from PIL import Image
 
 from bench import accuracy as A
 from bench import tsne as T
+from tests.quant.ptq_utils import one_thread  # noqa: F401 (autouse: one intra-op thread)
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT / ".." / "shared" / "data" / "cifar10"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """O(N^2) t-SNE steps and the tiny demo run faster on one intra-op thread of a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_conditional_p_hits_the_perplexity(gen):
