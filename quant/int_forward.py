@@ -30,7 +30,7 @@ from kernels import reference as R
 from kernels.configs import ATTENTION_HEAD_DIMS
 from quant import packing
 from quant import primitives as P
-from quant.primitives import QParams, SULQParams
+from quant.primitives import QParams
 
 
 def _leaves(tensors, needs):
@@ -173,8 +173,8 @@ def fake_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, rel_bias: Opti
 def int_attention(q: Tensor, k: Tensor, v: Tensor, qps, scale: float, rel_bias: Optional[Tensor],
                   mask: Optional[Tensor]) -> Tensor:
     """The deployed attention (no gradient): ``ops.quant_attention`` on ``ops.quantize`` codes of ``q, k, v``
-    with ``qps = (q_qp, k_qp, v_qp, p_qp)`` (``p_qp`` a :class:`QParams` or :class:`SULQParams`). Head dims the
-    Triton kernels do not take run :func:`kernels.reference.quant_attention` on the same device."""
+    with ``qps = (q_qp, k_qp, v_qp, p_qp)`` (``p_qp`` a :class:`QParams` or :class:`quant.primitives.SULQParams`).
+    Head dims the Triton kernels do not take run :func:`kernels.reference.quant_attention` on the same device."""
     if mask is not None and mask.dim() != 3:
         raise NotImplementedError("the integer attention takes only Swin's [nW, L, L] window mask, not a ViT "
                                   "attn_mask; use the fake-quant forward (quant.modules.set_forward(model, 'fake'))")
@@ -197,14 +197,9 @@ class IntAttentionFn(torch.autograd.Function):
     def forward(ctx, core, scale, q, k, v, rel_bias, mask, sq, zq, sk, zk, sv, zv, sp, zp):
         ctx.save_for_backward(q, k, v, rel_bias, mask, sq, zq, sk, zk, sv, zv, sp, zp)
         ctx.core, ctx.scale = core, scale
-        qps = [act_qparams(s, z, m.bits) for s, z, m in ((sq, zq, core.q_quant), (sk, zk, core.k_quant),
-                                                            (sv, zv, core.v_quant))]
-        pq = core.p_quant
-        if core.softmax_quantizer.startswith("sulq"):
-            p_qp = pq.qparams_at(sp, zp)
-        else:
-            p_qp = act_qparams(sp, zp, pq.bits)
-        return int_attention(q, k, v, (*qps, p_qp), scale, rel_bias, mask)
+        qps = [m.qparams_at(s, z) for s, z, m in ((sq, zq, core.q_quant), (sk, zk, core.k_quant),
+                                                     (sv, zv, core.v_quant), (sp, zp, core.p_quant))]
+        return int_attention(q, k, v, qps, scale, rel_bias, mask)
 
     @staticmethod
     def backward(ctx, g):

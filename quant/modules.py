@@ -98,9 +98,13 @@ class ActQuantizer(_Moded):
     def s(self) -> Tensor:
         return self.log_s.exp()
 
+    def qparams_at(self, s: Tensor, z: Tensor) -> QParams:
+        """Deployable per-tensor quantizer at step ``s`` and zero point ``z``: ``s``, integer unsigned ``z``, bits."""
+        return QParams(s.detach().clone(), P.round_zero_point(z.detach(), self.bits), self.bits)
+
     def qparams(self) -> QParams:
         """Deployable per-tensor quantizer: ``s`` (0-d), integer unsigned ``z`` (0-d), bits."""
-        return QParams(self.s.detach().clone(), P.round_zero_point(self.z.detach(), self.bits), self.bits)
+        return self.qparams_at(self.s, self.z)
 
     @torch.no_grad()
     def init_from(self, x: Tensor) -> None:
@@ -417,8 +421,8 @@ class QuantAttentionCore(_Moded):
     ``q_hat, k_hat, v_hat`` are per-tensor fake-quantized at ``a_bits`` (``q`` before the scale, as in
     :func:`kernels.reference.quant_attention`); relative-position bias and mask are added in float; the
     probabilities ``P`` are fake-quantized at ``a_bits`` by a learnable ``softmax_quantizer``: ``"uniform"``
-    (:class:`ActQuantizer`, integer ``P V``) or ``"sulq"`` (:class:`SULQuantizer`, table-dequantized ``P``, float
-    ``P V``; see :mod:`kernels.quant_attention_sulq`); softmax is float
+    (:class:`ActQuantizer`, integer ``P V``) or ``"sulq"`` / ``"sulq-learned"`` (:class:`SULQuantizer`,
+    table-dequantized ``P``, float ``P V``; see :mod:`kernels.quant_attention_sulq`); softmax is float
     (:func:`quant.int_forward.fake_attention`). Integer forward (``"int"`` mode, ``"quant"`` by default):
     ``ops.quant_attention`` on the int8 codes (:class:`quant.int_forward.IntAttentionFn`, fake-quant gradients).
     """
@@ -460,7 +464,7 @@ class QuantAttentionCore(_Moded):
 
     def deploy(self) -> Dict[str, Optional[QParams]]:
         """Per-tensor QParams for ``q``, ``k``, ``v`` and the probabilities ``p`` (None each under A16); ``p`` is a
-        :class:`SULQParams` under ``softmax_quantizer="sulq"`` (``kernels.ops.quant_attention`` takes either)."""
+        :class:`SULQParams` under a SULQ ``softmax_quantizer`` (``kernels.ops.quant_attention`` takes either)."""
         return {name: (m.qparams() if m.enabled else None)
                 for name, m in (("q", self.q_quant), ("k", self.k_quant), ("v", self.v_quant), ("p", self.p_quant))}
 
