@@ -23,7 +23,8 @@ Methods
 
 Adam with lr ``lr_q`` (1e-3) for step sizes, zero points, rescale and shift and ``lr_w`` (1e-4) for the
 refinements ``dW``; per unit a linear warm-up over ``warmup`` steps (default 5/24 of ``iters``, the paper's
-5k of 24k) then cosine decay to zero. Batches are drawn without replacement from a seeded permutation per epoch.
+5k of 24k) then cosine decay to zero. Batches are drawn without replacement from a seeded permutation per epoch,
+and transformed by ``augment`` (:mod:`calib.augment`, seeded by the step; none by default).
 Checkpoints (trainable parameters, optimiser, scheduler, RNG states, sampler position) are written atomically
 every ``save_every`` steps; ``resume=True`` continues from one bit-exactly.
 
@@ -38,7 +39,7 @@ import math
 import os
 import random
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from calib.augment import augment_batch
 from calib.stream import CalibImages, as_images
 from quant.errors import UserError
 from quant.modules import QuantConv2dPatch, QuantLinear, quant_modules
@@ -71,6 +73,7 @@ class OptimConfig:
     bf16: bool = False
     progress: bool = True
     stop_after: Optional[int] = None
+    augment: Tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -88,7 +91,10 @@ class OptimConfig:
 
     def fingerprint(self) -> dict:
         keep = ("method", "iters", "batch_size", "lr_q", "lr_w", "warmup", "temperature", "l2", "seed", "bf16")
-        return {k: v for k, v in asdict(self).items() if k in keep}
+        fp = {k: v for k, v in asdict(self).items() if k in keep}
+        if self.augment:
+            fp["augment"] = list(self.augment)
+        return fp
 
 
 class EpochSampler:
@@ -386,6 +392,8 @@ def optimize(student: nn.Module, teacher: nn.Module, images, cfg: OptimConfig,
                     forward = dist.wrap(student, device)  # e2e: one unit, wrapped once
             sampler.next()
             x = next(batches).to(device, non_blocking=True)
+            if cfg.augment:
+                x = augment_batch(x, cfg.augment, (cfg.seed * 1000003 + step) * 4099 + dist.rank)
             with autocast:
                 loss = _unit_loss(student, teacher, x, unit, cfg, forward)
                 if dist.enabled:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from calib import data as D
+from calib.augment import parse_augment
 from calib import stream as S
 from quant import distributed as DI
 from quant import packing
@@ -68,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthesis", default="lowbit", choices=("lowbit", "psaq"),
                    help=f"patch-diversity loss of --data {INVERT}: lowbit (the package's) or psaq (PSAQ-ViT's "
                         f"patch-similarity entropy as published; calib.invert)")
+    p.add_argument("--augment", default="none", metavar="OPS",
+                   help="augment each optimisation batch: 'none' or a comma list of shift, flip, mix "
+                        "(calib.augment; the teacher sees the same augmented images)")
     p.add_argument("--method", default="e2e", choices=METHODS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0)
@@ -253,6 +257,10 @@ def run(args: argparse.Namespace) -> dict:
                         ("--fidelity-size", args.fidelity_size, 0)):
         if v is not None and v < lo:
             raise UserError(f"{flag} must be >= {lo}, got {v}")
+    try:
+        augment = parse_augment(args.augment)
+    except ValueError as e:
+        raise UserError(f"--augment: {e}") from None
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not args.overwrite:
         raise UserError(f"--out {args.out!r} already exists; pick another folder or pass --overwrite")
@@ -307,7 +315,7 @@ def run(args: argparse.Namespace) -> dict:
     ocfg = OptimConfig(method=args.method, iters=args.iters, batch_size=args.batch_size, lr_q=args.lr_q,
                        lr_w=args.lr_w, warmup=args.warmup, temperature=args.temperature, l2=args.l2,
                        seed=args.seed, save_every=args.save_every, state_path=state_path(out), resume=args.resume,
-                       bf16=args.bf16, progress=not args.no_progress, stop_after=args.stop_after)
+                       bf16=args.bf16, progress=not args.no_progress, stop_after=args.stop_after, augment=augment)
     fingerprint = {"model": args.model, "bits": cfg_bits.name, "calib_size": args.calib_size, "data": args.data,
                    **({"synthesis": args.synthesis} if args.data == INVERT else {}), "model_args": model_args,
                    "rescale": not args.no_rescale,
@@ -342,7 +350,8 @@ def run(args: argparse.Namespace) -> dict:
         "calib_images": len(images), "init_images": min(args.init_size, len(images)),
         "skipped_images": {"calib": 0 if calib_folder is None else len(calib_folder.skipped),
                            "val": 0 if val_folder is None else len(val_folder.skipped)},
-        "steps": history["steps"], "iters": args.iters, "forward": args.forward, "optimize_s": t_opt,
+        "steps": history["steps"], "iters": args.iters, "forward": args.forward, "augment": list(augment),
+        "optimize_s": t_opt,
         "resumed": bool(args.resume), "batch_size": args.batch_size, "seed": args.seed,
         "losses": {"first": losses[0], "last": losses[-1]} if losses else None,
         "time_s": time.time() - t0, "peak_memory": peak_memory(device), "size": model_size(fp_model, student),

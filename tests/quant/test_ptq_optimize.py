@@ -69,18 +69,23 @@ def test_blockwise_lowers_loss_and_rtn_trains_nothing():
     assert all(torch.equal(v, dict(q.named_parameters())[n]) for n, v in snap.items())
 
 
-@pytest.mark.parametrize("method,iters,stop,forward", [("e2e", 8, 4, "int"), ("blockwise", 3, 7, "int"),
-                                                       ("e2e", 6, 3, "fake")])
-def test_interrupt_and_resume_is_bit_exact(tmp_path, method, iters, stop, forward):
-    """Both ``"quant"`` forwards (integer, the default, and float fake-quant) resume bit-exactly."""
+@pytest.mark.parametrize("method,iters,stop,forward,augment", [
+    ("e2e", 8, 4, "int", ()), ("blockwise", 3, 7, "int", ()), ("e2e", 6, 3, "fake", ()),
+    ("e2e", 6, 3, "int", ("shift", "flip", "mix"))])
+def test_interrupt_and_resume_is_bit_exact(tmp_path, method, iters, stop, forward, augment):
+    """Both ``"quant"`` forwards (integer, the default, and float fake-quant) resume bit-exactly, with and without
+    batch augmentation."""
     from quant.modules import set_forward
     kind = "swin" if method == "blockwise" else "vit"
     fp, q_ref, x = _setup(kind, "w4a4", n=20)
     set_forward(q_ref, forward)
     q_run = copy.deepcopy(q_ref)
     q_res = copy.deepcopy(q_ref)
-    base = dict(method=method, iters=iters, batch_size=6, progress=False, seed=5, warmup=2)
+    base = dict(method=method, iters=iters, batch_size=6, progress=False, seed=5, warmup=2, augment=augment)
     ref = optimize(q_ref, fp, x, OptimConfig(**base))
+    if augment:
+        plain = optimize(copy.deepcopy(q_run), fp, x, OptimConfig(**{**base, "augment": ()}))
+        assert plain["losses"] != ref["losses"], "augmentation must change the batches"
     state = str(tmp_path / "state.pt")
     part = optimize(q_run, fp, x, OptimConfig(**base, save_every=stop, state_path=state, stop_after=stop))
     assert not part["completed"] and part["steps"] == stop
@@ -99,6 +104,9 @@ def test_resume_rejects_other_run(tmp_path):
     optimize(copy.deepcopy(q), fp, x, cfg)
     with pytest.raises(UserError, match="different run"):
         optimize(q, fp, x, OptimConfig(iters=3, batch_size=4, progress=False, state_path=state, resume=True))
+    with pytest.raises(UserError, match="different run"):
+        optimize(q, fp, x, OptimConfig(iters=2, batch_size=4, progress=False, state_path=state, resume=True,
+                                       augment=("flip",)))
     with pytest.raises(UserError, match="no checkpoint"):
         optimize(q, fp, x, OptimConfig(iters=3, progress=False, state_path=str(tmp_path / "none.pt"), resume=True))
     with pytest.raises(UserError, match="unknown method"):

@@ -75,6 +75,7 @@ BAD = {
     "offline weights": (["--checkpoint", None], "pass --checkpoint PATH"),
     "no cuda": (["--device", "cuda"], "CUDA is not available"),
     "bad model args": (["--model-args", "[1]"], "--model-args must be a JSON object"),
+    "bad augment": (["--augment", "flip,crop"], "--augment: unknown augmentation 'crop'; use 'none' or a comma list"),
 }
 
 
