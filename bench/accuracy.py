@@ -11,9 +11,13 @@ Methods: ``rtn``, ``blockwise``, ``e2e``, ``is-vit`` (SOS as I&S-ViT's authors t
 package's quantizer-training SOS), ``e2e+sulq`` / ``e2e+sulql`` (``e2e`` with I&S-ViT's published SULQ / the
 package's learned-step SULQ), ``e2e+ac`` (``e2e`` with ``--act-correction``), and the
 forward-pass comparison ``e2e+intfwd`` / ``e2e+fakefwd`` (``e2e`` with ``--forward int`` / ``--forward fake``: the
-optimiser's forward in the deployed integer arithmetic, the default, or in float fake-quant).
+optimiser's forward in the deployed integer arithmetic, the default, or in float fake-quant); ``e2e+psaq``
+(data-free only: ``e2e`` on images synthesized with ``--synthesis psaq``, PSAQ-ViT's loss as published);
+``e2e+eqt`` (``e2e`` with the optimisation wall-clock of ``blockwise``: ``--iters`` times the step-time ratio that
+:func:`equal_time_iters` measures).
 Data: ``real`` (``--calib-size`` images of ``<data>/train``) and ``free`` (``--data invert``; the data-free images
-are synthesized once with ``quant.run.synthesize_calibration`` and copied into each cell's ``<out>.invert`` folder,
+of each ``--synthesis`` are synthesized once with ``quant.run.synthesize_calibration`` and copied into each cell's
+``<out>.invert`` folder,
 which ``quant.run`` then finds complete, so the images are the ones a fresh CLI run makes). The calibration-size
 sweep runs ``--sweep-methods`` at ``--sweep-bits`` on real images for each of ``--sizes``, evaluated on
 ``--sweep-val-size`` test images. ``--part table|sweep`` (with ``--bits``/``--sources``/``--sweep-bits``) splits the
@@ -39,10 +43,12 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-METHODS = ("rtn", "blockwise", "e2e", "is-vit", "is-vit-quant", "e2e+ac", "e2e+intfwd", "e2e+fakefwd", "e2e+sulq",
-           "e2e+sulql")
+METHODS = ("rtn", "blockwise", "e2e", "e2e+eqt", "is-vit", "is-vit-quant", "e2e+ac", "e2e+intfwd", "e2e+fakefwd",
+           "e2e+sulq", "e2e+sulql", "e2e+psaq")
 VARIANT_FLAGS = {"ac": ["--act-correction"], "intfwd": ["--forward", "int"], "fakefwd": ["--forward", "fake"],
-                 "sulq": ["--softmax-quantizer", "sulq"], "sulql": ["--softmax-quantizer", "sulq-learned"]}
+                 "sulq": ["--softmax-quantizer", "sulq"], "sulql": ["--softmax-quantizer", "sulq-learned"],
+                 "psaq": ["--synthesis", "psaq"], "eqt": []}
+FREE_ONLY = ("psaq",)  # variants that change only the data-free images: no real-data cell
 SOURCES = ("real", "free")
 DEFAULT_BITS = ("w1.58a8", "w3a3", "w4a4", "w6a6")
 DEFAULT_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 5000, 10000)
@@ -164,15 +170,20 @@ def plan(args: argparse.Namespace) -> List[Cell]:
     cells = []
     if args.part in ("all", "table"):
         cells += [Cell("table", b, m, s, args.calib_size) for b in args.bits for m in args.methods
-                  for s in args.sources]
+                  for s in args.sources if s == "free" or not set(m.split("+")[1:]) & set(FREE_ONLY)]
     if not args.no_sweep and args.part in ("all", "sweep"):
         cells += [Cell("sweep", b, m, "real", n) for b in args.sweep_bits for n in args.sizes
                   for m in args.sweep_methods]
     return cells
 
 
-def cell_argv(cell: Cell, args: argparse.Namespace, out: str) -> List[str]:
-    """The ``python -m quant.run`` command line of ``cell`` writing into ``out``."""
+def synthesis_of(method: str) -> str:
+    """The ``--synthesis`` a method's data-free cell uses."""
+    return "psaq" if "psaq" in method.split("+")[1:] else "lowbit"
+
+
+def cell_argv(cell: Cell, args: argparse.Namespace, out: str, iters: Optional[int] = None) -> List[str]:
+    """The ``python -m quant.run`` command line of ``cell`` writing into ``out`` (``iters`` overrides ``--iters``)."""
     method, *variants = cell.method.split("+")
     ac = "ac" in variants
     data = os.path.join(args.data, "train") if cell.source == "real" else "invert"
@@ -182,7 +193,7 @@ def cell_argv(cell: Cell, args: argparse.Namespace, out: str) -> List[str]:
     for v in variants:
         argv += VARIANT_FLAGS[v]
     val_size = args.sweep_val_size if cell.kind == "sweep" else args.val_size
-    for flag, v in (("--iters", args.iters), ("--val-size", val_size),
+    for flag, v in (("--iters", args.iters if iters is None else iters), ("--val-size", val_size),
                     ("--invert-steps", args.invert_steps if cell.source == "free" else None),
                     ("--correction-iters", args.correction_iters if ac else None), ("--batch-size", args.batch_size),
                     ("--device", args.device), ("--workers", args.workers)):
@@ -234,12 +245,52 @@ def record_of(cell: Cell, report: dict, argv: List[str], wall_s: float) -> dict:
             "forward": report.get("forward"), "optimize_s": report.get("optimize_s"), "argv": argv}
 
 
+def equal_time_iters(args: argparse.Namespace, bits: str, probe_iters: int = 5, rounds: int = 3) -> dict:
+    """The ``--iters`` giving ``e2e`` the optimisation wall-clock that ``blockwise`` takes at ``args.iters`` (steps
+    per unit): both optimisers (default forward) run ``probe_iters`` steps per unit on the same random batch-sized
+    images, round-robin in this process ``rounds`` times; ``ratio`` = median blockwise / median e2e seconds.
+    Returns ``{"ratio", "iters", "probe_s": {method: [seconds]}}``."""
+    import copy
+    import statistics
+
+    import torch
+
+    from calib.invert import model_io
+    from quant.bits import parse_bits
+    from quant.calibrate import calibrate
+    from quant.models import load_model
+    from quant.modules import set_forward
+    from quant.optimize import OptimConfig, optimize
+    from quant.run import build_parser as run_parser
+    from quant.surgery import quantize_model
+
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    fp = load_model(args.model).to(device)
+    x = torch.randn(2 * args.batch_size, *model_io(fp)["input_size"]).to(device)
+    student = calibrate(quantize_model(copy.deepcopy(fp), parse_bits(bits)), x[:32])
+    set_forward(student, run_parser().get_default("forward"))
+    secs: Dict[str, List[float]] = {"blockwise": [], "e2e": []}
+    for _ in range(rounds):
+        for method in secs:
+            s = copy.deepcopy(student)
+            cfg = OptimConfig(method=method, iters=probe_iters, batch_size=args.batch_size, seed=args.seed,
+                              progress=False)
+            t0 = time.perf_counter()
+            optimize(s, fp, x, cfg)
+            secs[method].append(time.perf_counter() - t0)
+    ratio = statistics.median(secs["blockwise"]) / statistics.median(secs["e2e"])
+    return {"ratio": ratio, "iters": max(1, round(args.iters * ratio)), "probe_s": secs}
+
+
 def run_cell(cell: Cell, args: argparse.Namespace, workdir: str, invert_cache: Optional[str]) -> dict:
-    """Run ``cell`` through ``quant.run.run`` in a temporary ``--out`` under ``workdir``; return its record."""
+    """Run ``cell`` through ``quant.run.run`` in a temporary ``--out`` under ``workdir``; return its record
+    (``e2e+eqt``: ``--iters`` from :func:`equal_time_iters`, kept under ``budget``)."""
     from quant.run import build_parser as run_parser, run
     out = tempfile.mkdtemp(prefix="cell-", dir=workdir)
     os.rmdir(out)
-    argv = cell_argv(cell, args, out)
+    budget = equal_time_iters(args, cell.bits) if "eqt" in cell.method.split("+")[1:] else None
+    argv = cell_argv(cell, args, out, None if budget is None else budget["iters"])
     if cell.source == "free" and invert_cache is not None:
         shutil.copytree(invert_cache, out + ".invert")
     t0 = time.time()
@@ -251,10 +302,19 @@ def run_cell(cell: Cell, args: argparse.Namespace, workdir: str, invert_cache: O
     wall = time.time() - t0
     if not report.get("completed") or report.get("quantized") is None:
         raise RuntimeError(f"cell {cell.key} did not complete: {report}")
-    return record_of(cell, report, argv, wall)
+    rec = record_of(cell, report, argv, wall)
+    if budget is not None:
+        rec["budget"] = budget
+    return rec
 
 
-def synthesize_once(args: argparse.Namespace, folder: str) -> float:
+def invert_cache_name(args: argparse.Namespace, synthesis: str) -> str:
+    """The work folder of the data-free images of one ``--synthesis`` (lowbit's keeps its original name)."""
+    tag = "" if synthesis == "lowbit" else f"{synthesis}-"
+    return f"invert-{tag}{args.calib_size}-{args.invert_steps}-{args.seed}"
+
+
+def synthesize_once(args: argparse.Namespace, folder: str, synthesis: str = "lowbit") -> float:
     """The data-free images of ``--calib-size``, made by ``quant.run.synthesize_calibration`` with the arguments a
     cell's run resolves to; returns the seconds it took (0 when ``folder`` is complete already)."""
     import torch
@@ -266,7 +326,7 @@ def synthesize_once(args: argparse.Namespace, folder: str) -> float:
         return 0.0
     ns = run_parser().parse_args(["--model", args.model, "--bits", "w8a8", "--data", "invert",
                                   "--calib-size", str(args.calib_size), "--seed", str(args.seed),
-                                  "--invert-steps", str(args.invert_steps)])
+                                  "--invert-steps", str(args.invert_steps), "--synthesis", synthesis])
     ns.no_progress = args.no_progress
     t0 = time.time()
     torch.manual_seed(args.seed)
@@ -292,19 +352,20 @@ def run_all(args: argparse.Namespace) -> dict:
     cells = [c for c in plan(args) if c.key not in results["cells"]]
     workdir = os.path.join(args.out, ".accuracy-work")
     os.makedirs(workdir, exist_ok=True)
-    cache = None
-    if any(c.source == "free" for c in cells):
-        cache = os.path.join(workdir, f"invert-{args.calib_size}-{args.invert_steps}-{args.seed}")
-        secs = synthesize_once(args, cache)
+    caches = {}
+    for syn in sorted({synthesis_of(c.method) for c in cells if c.source == "free"}):
+        caches[syn] = os.path.join(workdir, invert_cache_name(args, syn))
+        secs = synthesize_once(args, caches[syn], syn)
         if secs:
-            results.setdefault("invert_time_s", {})[str(args.calib_size)] = secs
+            key = str(args.calib_size) if syn == "lowbit" else f"{syn}-{args.calib_size}"
+            results.setdefault("invert_time_s", {})[key] = secs
             save_results(path, results)
     for cell in tqdm(cells, desc="accuracy cells", unit="cell", disable=args.no_progress):
         twin = results["cells"].get(cell.twin_key) if args.sweep_val_size == args.val_size else None
         if twin is not None:
             rec = {**twin, "kind": cell.kind, "reused_from": cell.twin_key}
         else:
-            rec = run_cell(cell, args, workdir, cache)
+            rec = run_cell(cell, args, workdir, caches.get(synthesis_of(cell.method)))
         results["cells"][cell.key] = rec
         save_results(path, results)
     save_results(path, results)
@@ -369,6 +430,7 @@ def render_markdown(results: dict, tsne: Optional[dict] = None) -> str:
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['bits'].upper()} | {r['method']} | {r['source']} | {r.get('forward') or '-'} | {r['steps']} | "
                   f"{fmt_time(r['optimize_s'])} | {1000 * r['optimize_s'] / r['steps']:.0f} |" for r in timed]
+    lines += budget_section(table)
     sweep = [r for r in cells.values() if r["kind"] == "sweep"]
     if sweep:
         sweep_fp = sorted({round(r["fp_top1"], 6) for r in sweep})
@@ -401,13 +463,13 @@ def render_markdown(results: dict, tsne: Optional[dict] = None) -> str:
               "quantizers), `e2e+sulq` / `e2e+sulql` (e2e with I&S-ViT's published SULQ / the learned-step SULQ), "
               "`e2e+ac` (e2e then DFQ-ViT `--act-correction`), `e2e+intfwd` / `e2e+fakefwd` (e2e with "
               "`--forward int`, the optimiser's forward in the deployed integer arithmetic, / `--forward fake`, "
-              "float fake-quant; same gradients)",
+              "float fake-quant; same gradients), `e2e+psaq` (e2e on data-free images synthesized with PSAQ-ViT's "
+              "patch-similarity entropy as published, `--synthesis psaq`; the other data-free cells use the "
+              "package's `lowbit` loss), `e2e+eqt` (e2e given blockwise's optimisation wall-clock: more steps)",
               "- quantized top-1 is the exported model's: `quant.run` evaluates in `\"int\"` mode (integer arithmetic, "
               "float tensors at the checkpoint's fp16), bit-equal to `export.load` on the CPU",
               "- time: wall seconds of one `quant.run` (load, calibration, optimisation, evaluation, export)"
-              + (f"; the data-free images were synthesized once in "
-                 f"{fmt_time(sum(results['invert_time_s'].values()))} s and reused by every data-free cell"
-                 if results.get("invert_time_s") else ""),
+              + _invert_time_note(results.get("invert_time_s") or {}),
               f"- generated {results.get('generated', datetime.date.today().isoformat())}; {_versions()}; "
               f"{_machine(st.get('device') or 'cpu')}", ""]
     if len(fps) > 1:
@@ -415,6 +477,35 @@ def render_markdown(results: dict, tsne: Optional[dict] = None) -> str:
     for note in results.get("notes", []):
         lines.insert(-1, f"- note: {note}")
     return "\n".join(lines)
+
+
+def _invert_time_note(times: Dict[str, float]) -> str:
+    if not times:
+        return ""
+    parts = [f"{k.split('-')[0] if '-' in k else 'lowbit'}: {fmt_time(v)} s" for k, v in sorted(times.items())]
+    return (f"; the data-free images of each synthesis loss were synthesized once ({', '.join(parts)}) and reused "
+            f"by every data-free cell using that loss")
+
+
+def budget_section(table: List[dict]) -> List[str]:
+    """Blockwise vs e2e at its own steps vs ``e2e+eqt`` (e2e given blockwise's optimisation wall-clock)."""
+    eq = sorted((r for r in table if r.get("budget")), key=lambda r: (_bits_order(r["bits"]), r["source"]))
+    if not eq:
+        return []
+    by = {(r["bits"], r["method"], r["source"]): r for r in table}
+    lines = ["", "## Equal optimisation budget", "",
+             "`e2e+eqt` runs e2e for as many steps as take the optimisation wall-clock of `blockwise` at the same "
+             "bits (`--iters` steps per unit): both optimisers are timed round-robin in one process on a few steps "
+             "(`equal_time_iters`), and e2e gets `--iters` times the ratio.", "",
+             "| bits | data | blockwise top-1 | e2e top-1 (steps) | e2e+eqt top-1 (steps) | time ratio blockwise / e2e |",
+             "|---|---|---|---|---|---|"]
+    for r in eq:
+        bw, e2e = by.get((r["bits"], "blockwise", r["source"])), by.get((r["bits"], "e2e", r["source"]))
+        bw_s = "-" if bw is None else fmt_acc(bw["top1"])
+        e2e_s = "-" if e2e is None else f"{fmt_acc(e2e['top1'])} ({e2e['steps']})"
+        lines.append(f"| {r['bits'].upper()} | {r['source']} | {bw_s} | {e2e_s} | {fmt_acc(r['top1'])} "
+                     f"({r['steps']}) | {r['budget']['ratio']:.2f} |")
+    return lines
 
 
 def tsne_section(t: dict) -> List[str]:

@@ -150,3 +150,41 @@ def test_parts_share_one_file(cifar_small, tmp_path, monkeypatch):
     assert A.main(["--out", str(out), "--render-only", "--note", "ran beside another job"]) == 0
     assert json.loads((out / "accuracy.json").read_text())["notes"] == ["ran beside another job"]
     assert (out / "ACCURACY.md").read_text().count("- note: ran beside another job") == 1
+
+
+def test_psaq_and_equal_time_cells(cifar_small, tmp_path, monkeypatch):
+    """``e2e+psaq`` runs data-free only, on its own PSAQ-synthesized images; ``e2e+eqt`` gets ``--iters`` times the
+    measured blockwise / e2e time ratio and a row in the equal-budget section."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "bench"
+    argv = ["--data", str(cifar_small), "--out", str(out), "--bits", "w4a4", "--methods", "blockwise,e2e+psaq,e2e+eqt",
+            "--iters", "2", "--val-size", "20", "--calib-size", "16", "--invert-steps", "2", "--batch-size", "8",
+            "--workers", "0", "--device", "cpu", "--no-sweep", "--no-progress"]
+    assert A.main(argv) == 0
+    res = json.loads((out / "accuracy.json").read_text())
+    cells = res["cells"]
+    assert set(cells) == {f"table/w4a4/{m}/{s}/16" for m in ("blockwise", "e2e+eqt") for s in ("real", "free")} | {
+        "table/w4a4/e2e+psaq/free/16"}
+    psaq = cells["table/w4a4/e2e+psaq/free/16"]["argv"]
+    assert psaq[psaq.index("--synthesis") + 1] == "psaq" and psaq[psaq.index("--method") + 1] == "e2e"
+    assert all("--synthesis" not in r["argv"] for k, r in cells.items() if "psaq" not in k)
+    work = out / ".accuracy-work"
+    assert sorted(os.listdir(work)) == ["invert-16-2-0", "invert-16-2-0.done", "invert-psaq-16-2-0",
+                                        "invert-psaq-16-2-0.done"]
+    assert set(res["invert_time_s"]) == {"16", "psaq-16"} and min(res["invert_time_s"].values()) > 0
+    first = sorted((work / "invert-16-2-0").rglob("*.png"))[0]
+    assert first.read_bytes() != (work / "invert-psaq-16-2-0" / first.relative_to(work / "invert-16-2-0")).read_bytes()
+    for s in ("real", "free"):
+        r = cells[f"table/w4a4/e2e+eqt/{s}/16"]
+        b = r["budget"]
+        assert b["ratio"] > 1 and b["iters"] == max(1, round(2 * b["ratio"])) == r["steps"]
+        assert r["argv"][r["argv"].index("--iters") + 1] == str(b["iters"])
+        assert len(b["probe_s"]["blockwise"]) == len(b["probe_s"]["e2e"]) == 3
+    md = (out / "ACCURACY.md").read_text()
+    assert _rows(md)[("W4A4", "e2e+psaq")][:2] == ["-", "-"]
+    section = md.split("## Equal optimisation budget")[1].split("\n## ")[0]
+    bw = cells["table/w4a4/blockwise/real/16"]
+    eqt = cells["table/w4a4/e2e+eqt/real/16"]
+    assert (f"| W4A4 | real | {bw['top1']:.2f} | - | {eqt['top1']:.2f} ({eqt['steps']}) | "
+            f"{eqt['budget']['ratio']:.2f} |") in section
+    assert "psaq:" in md and "lowbit:" in md
