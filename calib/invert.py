@@ -23,16 +23,17 @@ For a batch of target classes ``y`` the pixels ``x`` (in the model's normalised 
   squared difference of neighbouring pixels. After each Adam step ``x`` is clamped to the valid pixel range.
 
 ``python -m calib.invert --model demo --per-class 16 --out DIR`` writes an ImageFolder (``DIR/<class index>/*.png``,
-class folders zero-padded so sorted order = class index), class by class and atomically; finished classes are
-skipped when run again.
+class folders zero-padded so sorted order = class index), each class folder atomically; an interrupted run resumes
+at the first unfinished batch, and finished classes are skipped when run again.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -217,11 +218,13 @@ def class_dir_name(c: int, num_classes: int) -> str:
 
 def write_image_folder(model, out: "str | Path", per_class: int, classes: Optional[Sequence[int]] = None,
                        cfg: InvertConfig = InvertConfig(), seed: int = 0, progress: bool = True) -> Path:
-    """Synthesize ``per_class`` images for each class into ``out/<class index>/<n>.png``, resumably.
+    """Synthesize ``per_class`` images for each class into ``out/<class index>/<batch>-<slot>.png``, resumably.
 
-    Classes are processed in batches of ``cfg.batch_size`` images in easy-to-hard order; each image is written as
-    soon as it is made (into its class's ``.tmp-*`` folder), so memory holds one batch whatever the image count;
-    each finished class folder appears atomically (``.tmp-*`` renamed), and folders already present are skipped.
+    The images are made in batches of ``cfg.batch_size`` in easy-to-hard order (a class's images spread over the
+    batches); each batch's images go into their classes' ``.tmp-*`` folders and the batch is then recorded in
+    ``out/.progress.json`` (atomically), so an interrupted run continues at the first unrecorded batch and makes
+    the same images; a class folder appears (its ``.tmp-*`` renamed) once all its images exist, and class folders
+    already present are skipped. Memory holds one batch whatever the image count.
     """
     if per_class < 1:
         raise ValueError(f"per_class must be >= 1, got {per_class}")
@@ -233,30 +236,57 @@ def write_image_folder(model, out: "str | Path", per_class: int, classes: Option
     if bad:
         raise ValueError(f"class indices {bad[:5]} outside [0, {nc})")
     todo = [c for c in classes if not (out / class_dir_name(c, nc)).is_dir()]
-    labels = torch.tensor([c for c in todo for _ in range(per_class)], dtype=torch.long)
-    if len(labels) == 0:
+    progress_file = out / ".progress.json"
+    if not todo:
+        progress_file.unlink(missing_ok=True)
         return out
-    # easy-to-hard: difficulty rises with the batch index; a class's images spread over the batches
+    plan = {"classes": todo, "per_class": per_class, "seed": seed, "config": asdict(cfg), "done": []}
+    if progress_file.is_file():
+        old = json.loads(progress_file.read_text())
+        if all(old.get(k) == plan[k] for k in ("per_class", "seed", "config")) and set(todo) <= set(old["classes"]):
+            plan["classes"], plan["done"] = old["classes"], old["done"]
+    labels = torch.tensor([c for c in plan["classes"] for _ in range(per_class)], dtype=torch.long)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     labels = labels[order]
     nb = math.ceil(len(labels) / cfg.batch_size)
-    for c in todo:  # a class left unfinished by an interrupted run starts over
+    batches = [labels[b * cfg.batch_size: (b + 1) * cfg.batch_size].tolist() for b in range(nb)]
+    done = set(plan["done"])
+    left = {c: 0 for c in todo}
+    for b in range(nb):
+        if b not in done:
+            for c in batches[b]:
+                if c in left:
+                    left[c] += 1
+    for c in todo:
         tmp = out / f".tmp-{class_dir_name(c, nc)}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    counts = {c: 0 for c in todo}
-    total = {c: per_class for c in todo}
-    bar = tqdm(range(nb), desc="data-free batches", unit="batch", disable=not progress)
-    for b in bar:
-        lab = labels[b * cfg.batch_size: (b + 1) * cfg.batch_size]
+        if not done:
+            shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(exist_ok=True)
+    bar = tqdm(range(nb), desc="data-free batches", unit="batch", disable=not progress, initial=len(done))
+    for b in range(nb):
+        if b in done:
+            continue
+        lab = torch.tensor(batches[b], dtype=torch.long)
         imgs = synthesize(model, lab, cfg, difficulty=b / max(1, nb - 1), seed=seed * 100003 + b, progress=False)
-        for img, c in zip(imgs, lab.tolist()):
-            tmp = out / f".tmp-{class_dir_name(c, nc)}"
-            _save_png(img, tmp / f"{counts[c]:05d}.png")
-            counts[c] += 1
-            if counts[c] == total[c]:
-                os.replace(tmp, out / class_dir_name(c, nc))
+        for k, (img, c) in enumerate(zip(imgs, batches[b])):
+            if c in left:
+                _save_png(img, out / f".tmp-{class_dir_name(c, nc)}" / f"{b:05d}-{k:03d}.png")
+        plan["done"].append(b)
+        _write_json_atomic(progress_file, plan)
+        for c in set(batches[b]) & set(left):
+            left[c] -= batches[b].count(c)
+            if left[c] == 0:
+                os.replace(out / f".tmp-{class_dir_name(c, nc)}", out / class_dir_name(c, nc))
+        bar.update(1)
+    bar.close()
+    progress_file.unlink(missing_ok=True)
     return out
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
 
 
 def main(argv=None):

@@ -62,6 +62,31 @@ def test_image_folder_resumes_and_is_atomic(tmp_path, monkeypatch):
         invert.write_image_folder(m, out, per_class=1, classes=[5], cfg=cfg, progress=False)
 
 
+def test_interrupted_synthesis_resumes_at_its_batch_with_the_same_images(tmp_path, monkeypatch):
+    m = _tiny()
+    cfg = invert.InvertConfig(steps=2, batch_size=3)
+    whole = invert.write_image_folder(m, tmp_path / "whole", per_class=4, classes=[0, 1, 2], cfg=cfg, progress=False)
+    real, calls = invert.synthesize, []
+
+    def crash_at_third(*a, **k):
+        calls.append(k["seed"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(invert, "synthesize", crash_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        invert.write_image_folder(m, tmp_path / "cut", per_class=4, classes=[0, 1, 2], cfg=cfg, progress=False)
+    assert (tmp_path / "cut" / ".progress.json").is_file()
+    calls.clear()
+    monkeypatch.setattr(invert, "synthesize", lambda *a, **k: calls.append(k["seed"]) or real(*a, **k))
+    invert.write_image_folder(m, tmp_path / "cut", per_class=4, classes=[0, 1, 2], cfg=cfg, progress=False)
+    assert calls == [2, 3]  # 12 images in 4 batches of 3: batches 0 and 1 were kept
+    files = sorted(p.relative_to(whole) for p in whole.rglob("*.png"))
+    assert len(files) == 12 and sorted(p.relative_to(tmp_path / "cut") for p in (tmp_path / "cut").rglob("*")
+                                      if p.is_file()) == files
+    assert all((whole / f).read_bytes() == (tmp_path / "cut" / f).read_bytes() for f in files)
+
+
 # PSAQ-ViT's patch-similarity entropy, from the paper's definition: normalised Gaussian KDE of the cosine
 # similarities, differential entropy by the trapezoid rule (values below are computed by hand in plain Python).
 
