@@ -19,7 +19,8 @@ Data: ``real`` (``--calib-size`` images of ``<data>/train``) and ``free`` (``--d
 of each ``--synthesis`` are synthesized once with ``quant.run.synthesize_calibration`` and copied into each cell's
 ``<out>.invert`` folder,
 which ``quant.run`` then finds complete, so the images are the ones a fresh CLI run makes). The calibration-size
-sweep runs ``--sweep-methods`` at ``--sweep-bits`` on real images for each of ``--sizes``, evaluated on
+sweep runs ``--sweep-methods`` at ``--sweep-bits`` on ``--sweep-sources`` images (default real; ``free``: that many
+data-free images, synthesized once per size, the paper's Figure 7) for each of ``--sizes``, evaluated on
 ``--sweep-val-size`` test images. ``--part table|sweep`` (with ``--bits``/``--sources``/``--sweep-bits``) splits the
 work between processes sharing one ``--out``: each saves its finished cells merged into the file under a lock.
 
@@ -133,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="quant.run --workers")
     p.add_argument("--sizes", type=_sizes, default=list(DEFAULT_SIZES), help="calibration sizes of the sweep")
     p.add_argument("--sweep-bits", type=_bits_list, default=["w4a4", "w1.58a8"], help="bit configs of the sweep")
+    p.add_argument("--sweep-sources", type=lambda v: _csv(v, SOURCES, "--sweep-sources"), default=["real"],
+                   help="calibration data of the sweep (free: data-free images of each size, the paper's Figure 7)")
     p.add_argument("--sweep-methods", type=lambda v: _csv(v, METHODS, "--sweep-methods"),
                    default=["e2e", "blockwise"], help="methods of the sweep")
     p.add_argument("--no-sweep", action="store_true", help="skip the calibration-size sweep")
@@ -172,8 +175,9 @@ def plan(args: argparse.Namespace) -> List[Cell]:
         cells += [Cell("table", b, m, s, args.calib_size) for b in args.bits for m in args.methods
                   for s in args.sources if s == "free" or not set(m.split("+")[1:]) & set(FREE_ONLY)]
     if not args.no_sweep and args.part in ("all", "sweep"):
-        cells += [Cell("sweep", b, m, "real", n) for b in args.sweep_bits for n in args.sizes
-                  for m in args.sweep_methods]
+        cells += [Cell("sweep", b, m, s, n) for s in args.sweep_sources for b in args.sweep_bits
+                  for n in args.sizes for m in args.sweep_methods
+                  if s == "free" or not set(m.split("+")[1:]) & set(FREE_ONLY)]
     return cells
 
 
@@ -308,14 +312,15 @@ def run_cell(cell: Cell, args: argparse.Namespace, workdir: str, invert_cache: O
     return rec
 
 
-def invert_cache_name(args: argparse.Namespace, synthesis: str) -> str:
-    """The work folder of the data-free images of one ``--synthesis`` (lowbit's keeps its original name)."""
+def invert_cache_name(args: argparse.Namespace, synthesis: str, size: int) -> str:
+    """The work folder of the ``size`` data-free images of one ``--synthesis`` (lowbit's without a tag)."""
     tag = "" if synthesis == "lowbit" else f"{synthesis}-"
-    return f"invert-{tag}{args.calib_size}-{args.invert_steps}-{args.seed}"
+    return f"invert-{tag}{size}-{args.invert_steps}-{args.seed}"
 
 
-def synthesize_once(args: argparse.Namespace, folder: str, synthesis: str = "lowbit") -> float:
-    """The data-free images of ``--calib-size``, made by ``quant.run.synthesize_calibration`` with the arguments a
+def synthesize_once(args: argparse.Namespace, folder: str, synthesis: str = "lowbit",
+                    size: Optional[int] = None) -> float:
+    """The ``size`` (default ``--calib-size``) data-free images, made by ``quant.run.synthesize_calibration`` with the arguments a
     cell's run resolves to; returns the seconds it took (0 when ``folder`` is complete already)."""
     import torch
 
@@ -325,7 +330,7 @@ def synthesize_once(args: argparse.Namespace, folder: str, synthesis: str = "low
     if os.path.exists(done):
         return 0.0
     ns = run_parser().parse_args(["--model", args.model, "--bits", "w8a8", "--data", "invert",
-                                  "--calib-size", str(args.calib_size), "--seed", str(args.seed),
+                                  "--calib-size", str(size or args.calib_size), "--seed", str(args.seed),
                                   "--invert-steps", str(args.invert_steps), "--synthesis", synthesis])
     ns.no_progress = args.no_progress
     t0 = time.time()
@@ -353,19 +358,18 @@ def run_all(args: argparse.Namespace) -> dict:
     workdir = os.path.join(args.out, ".accuracy-work")
     os.makedirs(workdir, exist_ok=True)
     caches = {}
-    for syn in sorted({synthesis_of(c.method) for c in cells if c.source == "free"}):
-        caches[syn] = os.path.join(workdir, invert_cache_name(args, syn))
-        secs = synthesize_once(args, caches[syn], syn)
+    for syn, n in sorted({(synthesis_of(c.method), c.calib_size) for c in cells if c.source == "free"}):
+        caches[syn, n] = os.path.join(workdir, invert_cache_name(args, syn, n))
+        secs = synthesize_once(args, caches[syn, n], syn, n)
         if secs:
-            key = str(args.calib_size) if syn == "lowbit" else f"{syn}-{args.calib_size}"
-            results.setdefault("invert_time_s", {})[key] = secs
+            results.setdefault("invert_time_s", {})[str(n) if syn == "lowbit" else f"{syn}-{n}"] = secs
             save_results(path, results)
     for cell in tqdm(cells, desc="accuracy cells", unit="cell", disable=args.no_progress):
         twin = results["cells"].get(cell.twin_key) if args.sweep_val_size == args.val_size else None
         if twin is not None:
             rec = {**twin, "kind": cell.kind, "reused_from": cell.twin_key}
         else:
-            rec = run_cell(cell, args, workdir, caches.get(synthesis_of(cell.method)))
+            rec = run_cell(cell, args, workdir, caches.get((synthesis_of(cell.method), cell.calib_size)))
         results["cells"][cell.key] = rec
         save_results(path, results)
     save_results(path, results)
@@ -431,7 +435,7 @@ def render_markdown(results: dict, tsne: Optional[dict] = None) -> str:
         lines += [f"| {r['bits'].upper()} | {r['method']} | {r['source']} | {r.get('forward') or '-'} | {r['steps']} | "
                   f"{fmt_time(r['optimize_s'])} | {1000 * r['optimize_s'] / r['steps']:.0f} |" for r in timed]
     lines += budget_section(table)
-    sweep = [r for r in cells.values() if r["kind"] == "sweep"]
+    sweep = [r for r in cells.values() if r["kind"] == "sweep" and r["source"] == "real"]
     if sweep:
         sweep_fp = sorted({round(r["fp_top1"], 6) for r in sweep})
         sweep_n = sorted({r["val_images"] for r in sweep})
@@ -447,6 +451,7 @@ def render_markdown(results: dict, tsne: Optional[dict] = None) -> str:
                                                                                        order[bm[1]])):
             lines.append(f"| {b.upper()} | {m} | " + " | ".join(
                 fmt_acc(sb[(b, m, n)]["top1"]) if (b, m, n) in sb else "-" for n in sizes) + " |")
+    lines += free_sweep_section(cells)
     if tsne is not None:
         lines += ["", *tsne_section(tsne)]
     n_val = sorted({r["val_images"] for r in table})
@@ -477,6 +482,27 @@ def render_markdown(results: dict, tsne: Optional[dict] = None) -> str:
     for note in results.get("notes", []):
         lines.insert(-1, f"- note: {note}")
     return "\n".join(lines)
+
+
+def free_sweep_section(cells: Dict[str, dict]) -> List[str]:
+    """The paper's Figure 7 as a table: top-1 against the number of data-free images, per bits and method."""
+    free = [r for r in cells.values() if r["kind"] == "sweep" and r["source"] == "free"]
+    if not free:
+        return []
+    order = {m: i for i, m in enumerate(METHODS)}
+    sizes = sorted({r["calib_size"] for r in free})
+    n_val = sorted({r["val_images"] for r in free})
+    lines = ["", "## Data-free calibration-set size (the paper's Figure 7)", "",
+             f"Top-1 % on {', '.join(f'{n:,}' for n in n_val)} cifar10/test images (seeded subset; FP32 on them: "
+             f"{', '.join(fmt_acc(f) for f in sorted({round(r['fp_top1'], 6) for r in free}))}) after calibrating on "
+             f"that many data-free images (`--data invert`, made once per size).", "",
+             "| bits | method | " + " | ".join(f"{n:,} synthetic" for n in sizes) + " |",
+             "|" + "---|" * (len(sizes) + 2)]
+    by = {(r["bits"], r["method"], r["calib_size"]): r for r in free}
+    for b, m in sorted({(r["bits"], r["method"]) for r in free}, key=lambda bm: (_bits_order(bm[0]), order[bm[1]])):
+        lines.append(f"| {b.upper()} | {m} | " + " | ".join(
+            fmt_acc(by[(b, m, n)]["top1"]) if (b, m, n) in by else "-" for n in sizes) + " |")
+    return lines
 
 
 def _invert_time_note(times: Dict[str, float]) -> str:
@@ -537,7 +563,7 @@ def _bits_order(b: str):
 
 def render_plot(results: dict, path: str) -> Optional[str]:
     """``calib_size.png``: top-1 against calibration-set size (log x), one panel per bit config of the sweep."""
-    sweep = [r for r in results["cells"].values() if r["kind"] == "sweep"]
+    sweep = [r for r in results["cells"].values() if r["kind"] == "sweep" and r["source"] == "real"]
     if not sweep:
         return None
     import matplotlib

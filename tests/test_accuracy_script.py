@@ -188,3 +188,30 @@ def test_psaq_and_equal_time_cells(cifar_small, tmp_path, monkeypatch):
     assert (f"| W4A4 | real | {bw['top1']:.2f} | - | {eqt['top1']:.2f} ({eqt['steps']}) | "
             f"{eqt['budget']['ratio']:.2f} |") in section
     assert "psaq:" in md and "lowbit:" in md
+    assert "Figure 7" not in md
+
+
+def test_data_free_size_sweep(cifar_small, tmp_path, monkeypatch):
+    """``--sweep-sources free``: one synthesis per size, reused by every method; the Figure 7 table; the real-data
+    sweep plot is not drawn from data-free cells."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "bench"
+    argv = ["--data", str(cifar_small), "--out", str(out), "--part", "sweep", "--sweep-sources", "free",
+            "--sweep-bits", "w4a4", "--sweep-methods", "rtn,e2e", "--sizes", "10,20", "--iters", "2",
+            "--sweep-val-size", "20", "--invert-steps", "2", "--batch-size", "8", "--workers", "0", "--device", "cpu",
+            "--no-progress"]
+    assert A.main(argv) == 0
+    res = json.loads((out / "accuracy.json").read_text())
+    assert set(res["cells"]) == {f"sweep/w4a4/{m}/free/{n}" for m in ("rtn", "e2e") for n in (10, 20)}
+    assert sorted(os.listdir(out / ".accuracy-work")) == ["invert-10-2-0", "invert-10-2-0.done", "invert-20-2-0",
+                                                          "invert-20-2-0.done"]
+    assert set(res["invert_time_s"]) == {"10", "20"}
+    for r in res["cells"].values():
+        assert r["calib_images"] == r["calib_size"] and r["argv"][r["argv"].index("--data") + 1] == "invert"
+    md = (out / "ACCURACY.md").read_text()
+    fig7 = md.split("## Data-free calibration-set size (the paper's Figure 7)")[1].split("\n## ")[0]
+    c = res["cells"]
+    assert (f"| W4A4 | e2e | {c['sweep/w4a4/e2e/free/10']['top1']:.2f} | {c['sweep/w4a4/e2e/free/20']['top1']:.2f} |"
+            in fig7)
+    assert "| 10 synthetic | 20 synthetic |" in fig7
+    assert "## Calibration-set size (real" not in md and not (out / "calib_size.png").exists()
