@@ -24,7 +24,8 @@ Methods
 Adam with lr ``lr_q`` (1e-3) for step sizes, zero points, rescale and shift and ``lr_w`` (1e-4) for the
 refinements ``dW``; per unit a linear warm-up over ``warmup`` steps (default 5/24 of ``iters``, the paper's
 5k of 24k) then cosine decay to zero. Batches are drawn without replacement from a seeded permutation per epoch,
-and transformed by ``augment`` (:mod:`calib.augment`, seeded by the step; none by default).
+and transformed by ``augment`` (:mod:`calib.augment`, seeded by the step; none by default), then, with
+``hard_steps``, moved towards where student and teacher disagree (:func:`hard_batch`).
 Checkpoints (trainable parameters, optimiser, scheduler, RNG states, sampler position) are written atomically
 every ``save_every`` steps; ``resume=True`` continues from one bit-exactly.
 
@@ -74,10 +75,15 @@ class OptimConfig:
     progress: bool = True
     stop_after: Optional[int] = None
     augment: Tuple[str, ...] = ()
+    hard_steps: int = 0
+    hard_step_size: float = 0.05
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise UserError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
+        if self.hard_steps < 0 or self.hard_step_size <= 0:
+            raise UserError(f"hard steps must be >= 0 and the hard step size > 0, got {self.hard_steps} and "
+                            f"{self.hard_step_size}")
         if self.iters < 0 or self.batch_size < 1:
             raise UserError(f"iters must be >= 0 and batch size >= 1, got {self.iters} and {self.batch_size}")
         if (self.save_every or self.resume) and not self.state_path:
@@ -94,6 +100,8 @@ class OptimConfig:
         fp = {k: v for k, v in asdict(self).items() if k in keep}
         if self.augment:
             fp["augment"] = list(self.augment)
+        if self.hard_steps:
+            fp["hard"] = [self.hard_steps, self.hard_step_size]
         return fp
 
 
@@ -189,6 +197,22 @@ def e2e_loss(student: nn.Module, teacher: nn.Module, x: Tensor, cfg: OptimConfig
     return {"mse": mse, "kl": kl, "l2": l2, "total": mse + kl + cfg.l2 * l2}
 
 
+def hard_batch(student: nn.Module, teacher: nn.Module, x: Tensor, cfg: OptimConfig, lo: Tensor,
+               hi: Tensor) -> Tensor:
+    """``x`` moved ``cfg.hard_steps`` signed-gradient steps of ``cfg.hard_step_size`` (normalised units) up the
+    student-teacher disagreement ``T^2 KL(teacher || student)``, kept in the valid pixel range ``[lo, hi]``: the
+    inputs on which the current student errs most (PSAQ-ViT V2's adaptive samples, refreshed every step and not
+    kept). Only ``x`` is differentiated; no parameter gradient is touched."""
+    xa = x.detach().clone()
+    for _ in range(cfg.hard_steps):
+        xa.requires_grad_(True)
+        with torch.enable_grad():
+            loss = kl_logits(student(xa), teacher(xa), cfg.temperature)
+            (g,) = torch.autograd.grad(loss, xa)
+        xa = torch.maximum(torch.minimum(xa.detach() + cfg.hard_step_size * g.sign(), hi), lo)
+    return xa.detach()
+
+
 @torch.no_grad()
 def evaluate_loss(student: nn.Module, teacher: nn.Module, images, cfg: OptimConfig,
                   batch_size: int = 32) -> float:
@@ -263,6 +287,15 @@ def _make_optim(unit: _Unit, cfg: OptimConfig):
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _pixel_range(model: nn.Module, device) -> Tuple[Tensor, Tensor]:
+    """The normalised values of pixels 0 and 1 per channel, ``[1, 3, 1, 1]`` each."""
+    from calib.invert import model_io
+    io = model_io(model)
+    mean = torch.tensor(io["mean"], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(io["std"], device=device).view(1, 3, 1, 1)
+    return (0 - mean) / std, (1 - mean) / std
 
 
 def _rng_state() -> dict:
@@ -374,6 +407,7 @@ def optimize(student: nn.Module, teacher: nn.Module, images, cfg: OptimConfig,
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     batches = _batch_stream(source, sampler, total - step, dist)
     forward = None
+    pixel_range = _pixel_range(teacher, device) if cfg.hard_steps else None
     try:
         while step < total:
             ui, local = divmod(step, cfg.iters)
@@ -394,6 +428,8 @@ def optimize(student: nn.Module, teacher: nn.Module, images, cfg: OptimConfig,
             x = next(batches).to(device, non_blocking=True)
             if cfg.augment:
                 x = augment_batch(x, cfg.augment, (cfg.seed * 1000003 + step) * 4099 + dist.rank)
+            if cfg.hard_steps:
+                x = hard_batch(student, teacher, x, cfg, *pixel_range)
             with autocast:
                 loss = _unit_loss(student, teacher, x, unit, cfg, forward)
                 if dist.enabled:

@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", default="none", metavar="OPS",
                    help="augment each optimisation batch: 'none' or a comma list of shift, flip, mix "
                         "(calib.augment; the teacher sees the same augmented images)")
+    p.add_argument("--hard-steps", type=int, default=0,
+                   help="move each optimisation batch this many signed-gradient steps up the student-teacher KL "
+                        "(adaptive hard samples; each step costs about one more forward/backward)")
+    p.add_argument("--hard-step-size", type=float, default=0.05, help="step of --hard-steps, in normalised units")
     p.add_argument("--method", default="e2e", choices=METHODS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0)
@@ -251,12 +255,15 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError("--bf16 needs --device cuda (bf16 autocast is a GPU option)")
     for flag, v, lo in (("--calib-size", args.calib_size, 1), ("--init-size", args.init_size, 1),
                         ("--batch-size", args.batch_size, 1), ("--iters", args.iters, 0),
-                        ("--save-every", args.save_every, 0), ("--workers", args.workers, 0),
+                        ("--hard-steps", args.hard_steps, 0), ("--save-every", args.save_every, 0),
+                        ("--workers", args.workers, 0),
                         ("--stop-after", args.stop_after, 1), ("--invert-steps", args.invert_steps, 1),
                         ("--correction-iters", args.correction_iters, 0),
                         ("--fidelity-size", args.fidelity_size, 0)):
         if v is not None and v < lo:
             raise UserError(f"{flag} must be >= {lo}, got {v}")
+    if not args.hard_step_size > 0:
+        raise UserError(f"--hard-step-size must be > 0, got {args.hard_step_size}")
     try:
         augment = parse_augment(args.augment)
     except ValueError as e:
@@ -315,7 +322,8 @@ def run(args: argparse.Namespace) -> dict:
     ocfg = OptimConfig(method=args.method, iters=args.iters, batch_size=args.batch_size, lr_q=args.lr_q,
                        lr_w=args.lr_w, warmup=args.warmup, temperature=args.temperature, l2=args.l2,
                        seed=args.seed, save_every=args.save_every, state_path=state_path(out), resume=args.resume,
-                       bf16=args.bf16, progress=not args.no_progress, stop_after=args.stop_after, augment=augment)
+                       bf16=args.bf16, progress=not args.no_progress, stop_after=args.stop_after, augment=augment,
+                       hard_steps=args.hard_steps, hard_step_size=args.hard_step_size)
     fingerprint = {"model": args.model, "bits": cfg_bits.name, "calib_size": args.calib_size, "data": args.data,
                    **({"synthesis": args.synthesis} if args.data == INVERT else {}), "model_args": model_args,
                    "rescale": not args.no_rescale,

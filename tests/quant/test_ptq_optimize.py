@@ -69,23 +69,23 @@ def test_blockwise_lowers_loss_and_rtn_trains_nothing():
     assert all(torch.equal(v, dict(q.named_parameters())[n]) for n, v in snap.items())
 
 
-@pytest.mark.parametrize("method,iters,stop,forward,augment", [
-    ("e2e", 8, 4, "int", ()), ("blockwise", 3, 7, "int", ()), ("e2e", 6, 3, "fake", ()),
-    ("e2e", 6, 3, "int", ("shift", "flip", "mix"))])
-def test_interrupt_and_resume_is_bit_exact(tmp_path, method, iters, stop, forward, augment):
+@pytest.mark.parametrize("method,iters,stop,forward,extra", [
+    ("e2e", 8, 4, "int", {}), ("blockwise", 3, 7, "int", {}), ("e2e", 6, 3, "fake", {}),
+    ("e2e", 6, 3, "int", {"augment": ("shift", "flip", "mix"), "hard_steps": 1})])
+def test_interrupt_and_resume_is_bit_exact(tmp_path, method, iters, stop, forward, extra):
     """Both ``"quant"`` forwards (integer, the default, and float fake-quant) resume bit-exactly, with and without
-    batch augmentation."""
+    batch augmentation and hard samples."""
     from quant.modules import set_forward
     kind = "swin" if method == "blockwise" else "vit"
     fp, q_ref, x = _setup(kind, "w4a4", n=20)
     set_forward(q_ref, forward)
     q_run = copy.deepcopy(q_ref)
     q_res = copy.deepcopy(q_ref)
-    base = dict(method=method, iters=iters, batch_size=6, progress=False, seed=5, warmup=2, augment=augment)
+    base = dict(method=method, iters=iters, batch_size=6, progress=False, seed=5, warmup=2, **extra)
     ref = optimize(q_ref, fp, x, OptimConfig(**base))
-    if augment:
-        plain = optimize(copy.deepcopy(q_run), fp, x, OptimConfig(**{**base, "augment": ()}))
-        assert plain["losses"] != ref["losses"], "augmentation must change the batches"
+    for k in extra:
+        plain = optimize(copy.deepcopy(q_run), fp, x, OptimConfig(**{**base, k: OptimConfig.__dataclass_fields__[k].default}))
+        assert plain["losses"] != ref["losses"], f"{k} must change the batches"
     state = str(tmp_path / "state.pt")
     part = optimize(q_run, fp, x, OptimConfig(**base, save_every=stop, state_path=state, stop_after=stop))
     assert not part["completed"] and part["steps"] == stop
@@ -95,6 +95,29 @@ def test_interrupt_and_resume_is_bit_exact(tmp_path, method, iters, stop, forwar
     assert a.keys() == b.keys()
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert not all(torch.equal(a[n], _trainable(q_run)[n]) for n in a), "the interrupted run must differ"
+
+
+def test_hard_batch_raises_the_disagreement_within_its_steps():
+    from quant.optimize import _pixel_range, hard_batch, kl_logits
+    fp = make_model("vit")
+    x = cifar_images(16)
+    q = calibrate(quantize_model(copy.deepcopy(fp), "w4a4"), x)
+    keep = x.clone()
+    lo, hi = _pixel_range(fp, "cpu")
+    assert bool((x >= lo).all() and (x <= hi).all())
+    cfg = OptimConfig(hard_steps=2, hard_step_size=0.05)
+    xa = hard_batch(q, fp, x, cfg, lo, hi)
+    with torch.no_grad():
+        before, after = kl_logits(q(x), fp(x), cfg.temperature), kl_logits(q(xa), fp(xa), cfg.temperature)
+    assert after > 1.2 * before
+    assert torch.equal(x, keep) and not xa.requires_grad
+    assert 0.05 < float((xa - x).abs().max()) <= 2 * 0.05 + 1e-6
+    assert bool((xa >= lo).all() and (xa <= hi).all())
+    assert all(p.grad is None for p in list(q.parameters()) + list(fp.parameters()))
+    with pytest.raises(UserError, match="hard steps"):
+        OptimConfig(hard_steps=-1)
+    with pytest.raises(UserError, match="hard step size"):
+        OptimConfig(hard_steps=1, hard_step_size=0.0)
 
 
 def test_resume_rejects_other_run(tmp_path):

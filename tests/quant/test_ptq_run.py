@@ -75,6 +75,8 @@ BAD = {
     "offline weights": (["--checkpoint", None], "pass --checkpoint PATH"),
     "no cuda": (["--device", "cuda"], "CUDA is not available"),
     "bad model args": (["--model-args", "[1]"], "--model-args must be a JSON object"),
+    "bad hard steps": (["--hard-steps", "-1"], "--hard-steps must be >= 0, got -1"),
+    "bad hard step size": (["--hard-step-size", "0"], "--hard-step-size must be > 0, got 0.0"),
     "bad augment": (["--augment", "flip,crop"], "--augment: unknown augmentation 'crop'; use 'none' or a comma list"),
 }
 
