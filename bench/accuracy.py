@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--correction-iters", type=int, default=None, help="quant.run --correction-iters for e2e+ac")
     p.add_argument("--batch-size", type=int, default=None, help="quant.run --batch-size")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--forward", choices=("int", "fake"), default=None,
+                   help="quant.run --forward of these cells (default quant.run's; the e2e+intfwd/fakefwd variants "
+                        "keep their own); recorded per cell, not a setting")
     p.add_argument("--device", default=None, help="quant.run --device (default: cuda if present)")
     p.add_argument("--workers", type=int, default=None, help="quant.run --workers")
     p.add_argument("--sizes", type=_sizes, default=list(DEFAULT_SIZES), help="calibration sizes of the sweep")
@@ -196,6 +199,8 @@ def cell_argv(cell: Cell, args: argparse.Namespace, out: str, iters: Optional[in
             "--seed", str(args.seed), "--out", out, "--no-progress"]
     for v in variants:
         argv += VARIANT_FLAGS[v]
+    if getattr(args, "forward", None) and "--forward" not in argv:
+        argv += ["--forward", args.forward]
     val_size = args.sweep_val_size if cell.kind == "sweep" else args.val_size
     for flag, v in (("--iters", args.iters if iters is None else iters), ("--val-size", val_size),
                     ("--invert-steps", args.invert_steps if cell.source == "free" else None),
@@ -251,7 +256,7 @@ def record_of(cell: Cell, report: dict, argv: List[str], wall_s: float) -> dict:
 
 def equal_time_iters(args: argparse.Namespace, bits: str, probe_iters: int = 5, rounds: int = 3) -> dict:
     """The ``--iters`` giving ``e2e`` the optimisation wall-clock that ``blockwise`` takes at ``args.iters`` (steps
-    per unit): both optimisers (default forward) run ``probe_iters`` steps per unit on the same random batch-sized
+    per unit): both optimisers (``--forward``) run ``probe_iters`` steps per unit on the same random batch-sized
     images, round-robin in this process ``rounds`` times; ``ratio`` = median blockwise / median e2e seconds.
     Returns ``{"ratio", "iters", "probe_s": {method: [seconds]}}``."""
     import copy
@@ -273,7 +278,7 @@ def equal_time_iters(args: argparse.Namespace, bits: str, probe_iters: int = 5, 
     fp = load_model(args.model).to(device)
     x = torch.randn(2 * args.batch_size, *model_io(fp)["input_size"]).to(device)
     student = calibrate(quantize_model(copy.deepcopy(fp), parse_bits(bits)), x[:32])
-    set_forward(student, run_parser().get_default("forward"))
+    set_forward(student, getattr(args, "forward", None) or run_parser().get_default("forward"))
     secs: Dict[str, List[float]] = {"blockwise": [], "e2e": []}
     for _ in range(rounds):
         for method in secs:

@@ -159,10 +159,11 @@ def test_psaq_and_equal_time_cells(cifar_small, tmp_path, monkeypatch):
     out = tmp_path / "bench"
     argv = ["--data", str(cifar_small), "--out", str(out), "--bits", "w4a4", "--methods", "blockwise,e2e+psaq,e2e+eqt",
             "--iters", "2", "--val-size", "20", "--calib-size", "16", "--invert-steps", "2", "--batch-size", "8",
-            "--workers", "0", "--device", "cpu", "--no-sweep", "--no-progress"]
+            "--workers", "0", "--device", "cpu", "--no-sweep", "--no-progress", "--forward", "fake"]
     assert A.main(argv) == 0
     res = json.loads((out / "accuracy.json").read_text())
     cells = res["cells"]
+    assert all(r["argv"][r["argv"].index("--forward") + 1] == "fake" == r["forward"] for r in cells.values())
     assert set(cells) == {f"table/w4a4/{m}/{s}/16" for m in ("blockwise", "e2e+eqt") for s in ("real", "free")} | {
         "table/w4a4/e2e+psaq/free/16"}
     psaq = cells["table/w4a4/e2e+psaq/free/16"]["argv"]
