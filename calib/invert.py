@@ -19,8 +19,11 @@ For a batch of target classes ``y`` the pixels ``x`` (in the model's normalised 
 - ``y_soft`` follows DFQ-ViT's easy-to-hard order: batch ``b`` of ``B`` has difficulty ``d = b / (B - 1)`` and
   puts ``1 - d * hard_mix`` on the target and the rest on a random other class, so the first batches are confident
   easy samples and the later ones lie closer to decision boundaries.
-- ``jitter`` is a random roll of up to ``jitter`` pixels and a random flip (DeepInversion); ``TV`` is the mean
-  squared difference of neighbouring pixels. After each Adam step ``x`` is clamped to the valid pixel range.
+- ``jitter`` is a random roll of up to ``jitter`` pixels and a random flip (DeepInversion), then, when set, a
+  random resized crop of ``a ~ U[crop_scale, 1]`` of the area and a colour shift ``(x + u) * exp(v)``, ``u, v ~
+  U[-color_shift, color_shift]`` per channel (Plug-In Inversion's augmentations); ``TV`` is the mean squared
+  difference of neighbouring pixels. ``x`` starts as ``init_std`` times Gaussian noise (normalised units) and is
+  clamped to the valid pixel range after each Adam step.
 
 ``python -m calib.invert --model demo --per-class 16 --out DIR`` writes an ImageFolder (``DIR/<class index>/*.png``,
 class folders zero-padded so sorted order = class index), each class folder atomically; an interrupted run resumes
@@ -63,6 +66,9 @@ class InvertConfig:
     kde_bandwidth: Optional[float] = None
     kde_points: Optional[int] = None
     synthesis: str = "lowbit"
+    init_std: float = 1.0
+    crop_scale: float = 1.0
+    color_shift: float = 0.0
 
     def __post_init__(self):
         if self.synthesis not in SYNTHESES:
@@ -175,7 +181,7 @@ def synthesize(model, labels: torch.Tensor, cfg: InvertConfig = InvertConfig(), 
                                 for f in feats]).mean()
     num_classes = model.num_classes
     targets = soft_targets(labels.cpu(), num_classes, difficulty, cfg.hard_mix, gen).to(dev)
-    x = torch.randn(len(labels), 3, h, w, generator=gen).to(dev).requires_grad_()
+    x = (cfg.init_std * torch.randn(len(labels), 3, h, w, generator=gen)).to(dev).requires_grad_()
     opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9))
     lo, hi = (0 - mean) / std, (1 - mean) / std
     try:
@@ -187,6 +193,11 @@ def synthesize(model, labels: torch.Tensor, cfg: InvertConfig = InvertConfig(), 
             xi = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
             if bool(torch.rand(1, generator=gen) < 0.5):
                 xi = xi.flip(3)
+            if cfg.crop_scale < 1:
+                xi = _random_resized_crop(xi, cfg.crop_scale, gen)
+            if cfg.color_shift > 0:
+                u = (torch.rand(2, 1, 3, 1, 1, generator=gen) * 2 - 1).to(dev) * cfg.color_shift
+                xi = (xi + u[0]) * torch.exp(u[1])
             feats.clear()
             logits = model(xi)
             ce = torch.sum(-targets * F.log_softmax(logits, -1), -1).mean()
@@ -205,6 +216,16 @@ def synthesize(model, labels: torch.Tensor, cfg: InvertConfig = InvertConfig(), 
             hk.remove()
         model.train(was_training)
     return (x.detach() * std + mean).clamp(0, 1).cpu()
+
+
+def _random_resized_crop(x: torch.Tensor, min_scale: float, gen: torch.Generator) -> torch.Tensor:
+    """One random crop of side ``sqrt(a)`` times the image's, ``a ~ U[min_scale, 1]`` of the area, resized back."""
+    h, w = x.shape[-2:]
+    f = math.sqrt(float(torch.empty(1).uniform_(min_scale, 1.0, generator=gen)))
+    ch, cw = max(1, round(h * f)), max(1, round(w * f))
+    i = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
+    j = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
+    return F.interpolate(x[:, :, i:i + ch, j:j + cw], size=(h, w), mode="bilinear", align_corners=False)
 
 
 def _save_png(img: torch.Tensor, path: Path) -> None:

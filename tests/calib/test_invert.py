@@ -19,6 +19,32 @@ def test_patch_similarity_entropy_prefers_diverse_patches(gen):
     assert invert.patch_similarity_entropy(diverse, 0.05, 64) > invert.patch_similarity_entropy(same + 1e-3 * diverse, 0.05, 64)
 
 
+def test_random_resized_crop_keeps_a_window_of_the_drawn_area():
+    ramp = torch.arange(32.0).view(1, 1, 1, 32).expand(1, 3, 32, 32)
+    assert torch.equal(invert._random_resized_crop(ramp, 1.0, torch.Generator().manual_seed(0)), ramp)
+    spans = []
+    for seed in range(40):
+        y = invert._random_resized_crop(ramp, 0.25, torch.Generator().manual_seed(seed))
+        assert y.shape == ramp.shape and torch.equal(y[:, :, :1].expand_as(y), y)  # rows stay equal
+        row = y[0, 0, 0]
+        assert bool((row[1:] >= row[:-1]).all()) and 0 <= float(row[0]) and float(row[-1]) <= 31
+        spans.append(float(row[-1] - row[0]))
+    assert min(spans) >= 0.5 * 32 - 2 and max(spans) > 28 and min(spans) < 24  # side in [sqrt(0.25), 1] x 32
+
+
+def test_init_std_scales_the_starting_noise():
+    m = _tiny()
+    lab = torch.tensor([0, 1])
+    flat = invert.synthesize(m, lab, invert.InvertConfig(steps=0, init_std=0.0), progress=False)
+    assert torch.allclose(flat, torch.full_like(flat, 0.5))
+    a = invert.synthesize(m, lab, invert.InvertConfig(steps=0, init_std=0.1), progress=False)
+    b = invert.synthesize(m, lab, invert.InvertConfig(steps=0, init_std=0.2), progress=False)
+    torch.testing.assert_close(b - 0.5, 2 * (a - 0.5))
+    c = invert.synthesize(m, lab, invert.InvertConfig(steps=3, crop_scale=0.5, color_shift=0.2), progress=False)
+    d = invert.synthesize(m, lab, invert.InvertConfig(steps=3), progress=False)
+    assert not torch.equal(c, d) and float(c.min()) >= 0 and float(c.max()) <= 1
+
+
 def test_soft_targets_easy_to_hard(gen):
     y = torch.tensor([0, 1, 2, 2])
     easy = invert.soft_targets(y, 3, 0.0, 0.4, gen)
