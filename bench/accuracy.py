@@ -50,7 +50,8 @@ VARIANT_FLAGS = {"ac": ["--act-correction"], "intfwd": ["--forward", "int"], "fa
                  "sulq": ["--softmax-quantizer", "sulq"], "sulql": ["--softmax-quantizer", "sulq-learned"],
                  "psaq": ["--synthesis", "psaq"], "eqt": []}
 FREE_ONLY = ("psaq",)  # variants that change only the data-free images: no real-data cell
-SOURCES = ("real", "free")
+SOURCES = ("real", "free", "free-noise")
+PRIOR_OF = {"free": "smooth", "free-noise": "noise"}  # data-free sources: quant.run --invert-prior
 DEFAULT_BITS = ("w1.58a8", "w3a3", "w4a4", "w6a6")
 DEFAULT_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 5000, 10000)
 SETTING_KEYS = ("model", "iters", "val_size", "sweep_val_size", "calib_size", "invert_steps", "correction_iters",
@@ -120,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=_bits_list, default=list(DEFAULT_BITS), help="table bit configs")
     p.add_argument("--methods", type=lambda v: _csv(v, METHODS, "--methods"), default=list(METHODS),
                    help="table methods (e2e+ac: e2e with --act-correction)")
-    p.add_argument("--sources", type=lambda v: _csv(v, SOURCES, "--sources"), default=list(SOURCES),
-                   help="calibration data: real (<data>/train) and/or free (data-free, --data invert)")
+    p.add_argument("--sources", type=lambda v: _csv(v, SOURCES, "--sources"), default=["real", "free"],
+                   help="calibration data: real (<data>/train), free (data-free, --data invert, the default smooth "
+                        "prior) and/or free-noise (--invert-prior noise, the first recipe)")
     p.add_argument("--iters", type=int, default=None, help="quant.run --iters (default: the model's, demo 300)")
     p.add_argument("--val-size", type=int, default=10000, help="cifar10/test images evaluated (seeded subset)")
     p.add_argument("--sweep-val-size", type=int, default=2000, help="cifar10/test images of the sweep's cells")
@@ -176,11 +178,11 @@ def plan(args: argparse.Namespace) -> List[Cell]:
     cells = []
     if args.part in ("all", "table"):
         cells += [Cell("table", b, m, s, args.calib_size) for b in args.bits for m in args.methods
-                  for s in args.sources if s == "free" or not set(m.split("+")[1:]) & set(FREE_ONLY)]
+                  for s in args.sources if s != "real" or not set(m.split("+")[1:]) & set(FREE_ONLY)]
     if not args.no_sweep and args.part in ("all", "sweep"):
         cells += [Cell("sweep", b, m, s, n) for s in args.sweep_sources for b in args.sweep_bits
                   for n in args.sizes for m in args.sweep_methods
-                  if s == "free" or not set(m.split("+")[1:]) & set(FREE_ONLY)]
+                  if s != "real" or not set(m.split("+")[1:]) & set(FREE_ONLY)]
     return cells
 
 
@@ -199,11 +201,13 @@ def cell_argv(cell: Cell, args: argparse.Namespace, out: str, iters: Optional[in
             "--seed", str(args.seed), "--out", out, "--no-progress"]
     for v in variants:
         argv += VARIANT_FLAGS[v]
+    if cell.source in PRIOR_OF:
+        argv += ["--invert-prior", PRIOR_OF[cell.source]]
     if getattr(args, "forward", None) and "--forward" not in argv:
         argv += ["--forward", args.forward]
     val_size = args.sweep_val_size if cell.kind == "sweep" else args.val_size
     for flag, v in (("--iters", args.iters if iters is None else iters), ("--val-size", val_size),
-                    ("--invert-steps", args.invert_steps if cell.source == "free" else None),
+                    ("--invert-steps", args.invert_steps if cell.source in PRIOR_OF else None),
                     ("--correction-iters", args.correction_iters if ac else None), ("--batch-size", args.batch_size),
                     ("--device", args.device), ("--workers", args.workers)):
         if v is not None:
@@ -212,10 +216,20 @@ def cell_argv(cell: Cell, args: argparse.Namespace, out: str, iters: Optional[in
 
 
 def load_results(path: str) -> dict:
+    """The JSON; data-free cells run before ``--invert-prior`` existed (no such flag in their argv: the noise
+    prior) are listed under the source ``free-noise``."""
     if not os.path.isfile(path):
         return {"settings": None, "cells": {}}
     with open(path) as f:
-        return json.load(f)
+        results = json.load(f)
+    cells = {}
+    for k, r in results.get("cells", {}).items():
+        if r.get("source") == "free" and "argv" in r and "--invert-prior" not in r["argv"]:
+            r = {**r, "source": "free-noise"}
+            k = Cell(r["kind"], r["bits"], r["method"], r["source"], r["calib_size"]).key
+        cells.setdefault(k, r)
+    results["cells"] = cells
+    return results
 
 
 def save_results(path: str, results: dict) -> None:
@@ -231,6 +245,8 @@ def save_results(path: str, results: dict) -> None:
                 results["cells"].setdefault(k, v)
             for k, v in (on_disk.get("invert_time_s") or {}).items():
                 results.setdefault("invert_time_s", {}).setdefault(k, v)
+            if "notes" in on_disk:  # written by add_notes; the file's are the latest
+                results["notes"] = on_disk["notes"]
         _write_json(path, results)
 
 
@@ -300,7 +316,7 @@ def run_cell(cell: Cell, args: argparse.Namespace, workdir: str, invert_cache: O
     os.rmdir(out)
     budget = equal_time_iters(args, cell.bits) if "eqt" in cell.method.split("+")[1:] else None
     argv = cell_argv(cell, args, out, None if budget is None else budget["iters"])
-    if cell.source == "free" and invert_cache is not None:
+    if cell.source in PRIOR_OF and invert_cache is not None:
         shutil.copytree(invert_cache, out + ".invert")
     t0 = time.time()
     try:
@@ -317,14 +333,18 @@ def run_cell(cell: Cell, args: argparse.Namespace, workdir: str, invert_cache: O
     return rec
 
 
-def invert_cache_name(args: argparse.Namespace, synthesis: str, size: int) -> str:
-    """The work folder of the ``size`` data-free images of one ``--synthesis`` (lowbit's without a tag)."""
-    tag = "" if synthesis == "lowbit" else f"{synthesis}-"
-    return f"invert-{tag}{size}-{args.invert_steps}-{args.seed}"
+def invert_tag(synthesis: str, prior: str) -> str:
+    """``""`` for the first recipe (lowbit loss, noise prior), else e.g. ``"psaq-smooth-"``."""
+    return "".join(f"{t}-" for t, first in ((synthesis, "lowbit"), (prior, "noise")) if t != first)
+
+
+def invert_cache_name(args: argparse.Namespace, synthesis: str, size: int, prior: str = "smooth") -> str:
+    """The work folder of the ``size`` data-free images of one ``--synthesis`` and ``--invert-prior``."""
+    return f"invert-{invert_tag(synthesis, prior)}{size}-{args.invert_steps}-{args.seed}"
 
 
 def synthesize_once(args: argparse.Namespace, folder: str, synthesis: str = "lowbit",
-                    size: Optional[int] = None) -> float:
+                    size: Optional[int] = None, prior: str = "smooth") -> float:
     """The ``size`` (default ``--calib-size``) data-free images, made by ``quant.run.synthesize_calibration`` with the arguments a
     cell's run resolves to; returns the seconds it took (0 when ``folder`` is complete already)."""
     import torch
@@ -336,7 +356,8 @@ def synthesize_once(args: argparse.Namespace, folder: str, synthesis: str = "low
         return 0.0
     ns = run_parser().parse_args(["--model", args.model, "--bits", "w8a8", "--data", "invert",
                                   "--calib-size", str(size or args.calib_size), "--seed", str(args.seed),
-                                  "--invert-steps", str(args.invert_steps), "--synthesis", synthesis])
+                                  "--invert-steps", str(args.invert_steps), "--synthesis", synthesis,
+                                  "--invert-prior", prior])
     ns.no_progress = args.no_progress
     t0 = time.time()
     torch.manual_seed(args.seed)
@@ -363,18 +384,20 @@ def run_all(args: argparse.Namespace) -> dict:
     workdir = os.path.join(args.out, ".accuracy-work")
     os.makedirs(workdir, exist_ok=True)
     caches = {}
-    for syn, n in sorted({(synthesis_of(c.method), c.calib_size) for c in cells if c.source == "free"}):
-        caches[syn, n] = os.path.join(workdir, invert_cache_name(args, syn, n))
-        secs = synthesize_once(args, caches[syn, n], syn, n)
+    for syn, prior, n in sorted({(synthesis_of(c.method), PRIOR_OF[c.source], c.calib_size) for c in cells
+                                 if c.source in PRIOR_OF}):
+        caches[syn, prior, n] = os.path.join(workdir, invert_cache_name(args, syn, n, prior))
+        secs = synthesize_once(args, caches[syn, prior, n], syn, n, prior)
         if secs:
-            results.setdefault("invert_time_s", {})[str(n) if syn == "lowbit" else f"{syn}-{n}"] = secs
+            results.setdefault("invert_time_s", {})[f"{invert_tag(syn, prior)}{n}"] = secs
             save_results(path, results)
     for cell in tqdm(cells, desc="accuracy cells", unit="cell", disable=args.no_progress):
         twin = results["cells"].get(cell.twin_key) if args.sweep_val_size == args.val_size else None
         if twin is not None:
             rec = {**twin, "kind": cell.kind, "reused_from": cell.twin_key}
         else:
-            rec = run_cell(cell, args, workdir, caches.get((synthesis_of(cell.method), cell.calib_size)))
+            rec = run_cell(cell, args, workdir, caches.get((synthesis_of(cell.method), PRIOR_OF.get(cell.source),
+                                                            cell.calib_size)))
         results["cells"][cell.key] = rec
         save_results(path, results)
     save_results(path, results)
@@ -412,7 +435,8 @@ def render_markdown(results: dict, tsne: Optional[dict] = None) -> str:
     sources = [s for s in SOURCES if any(r["source"] == s for r in table)]
     fps = sorted({round(r["fp_top1"], 6) for r in table})
     size = st.get("calib_size")
-    head = {"real": f"real ({size} cifar10/train)", "free": f"data-free ({size} synthesized)"}
+    head = {"real": f"real ({size} cifar10/train)", "free": f"data-free ({size} synthesized)",
+            "free-noise": f"data-free, noise prior ({size})"}
     lines = [f"# Accuracy of the {st.get('model')} model (CIFAR-10 test top-1 %)", "",
              "Generated by `python -m bench.accuracy` from `accuracy.json`; do not edit by hand.", ""]
     cols = ["bits", "method"] + [c for s in sources for c in (f"{head[s]} top-1", "time (s)")]
@@ -513,9 +537,13 @@ def free_sweep_section(cells: Dict[str, dict]) -> List[str]:
 def _invert_time_note(times: Dict[str, float]) -> str:
     if not times:
         return ""
-    parts = [f"{k.split('-')[0] if '-' in k else 'lowbit'}: {fmt_time(v)} s" for k, v in sorted(times.items())]
-    return (f"; the data-free images of each synthesis loss were synthesized once ({', '.join(parts)}) and reused "
-            f"by every data-free cell using that loss")
+    def label(k: str) -> str:
+        syn = "psaq" if "psaq-" in k else "lowbit"
+        prior = "smooth" if "smooth-" in k else "noise"
+        return f"{syn} loss, {prior} prior, {int(k.rsplit('-', 1)[-1]):,} images"
+    parts = [f"{label(k)}: {fmt_time(v)} s" for k, v in sorted(times.items(), key=lambda kv: label(kv[0]))]
+    return (f"; each set of data-free images was synthesized once ({'; '.join(parts)}) and reused by every "
+            f"data-free cell using that loss, prior and size")
 
 
 def budget_section(table: List[dict]) -> List[str]:

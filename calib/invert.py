@@ -50,29 +50,42 @@ from tqdm import tqdm
 SYNTHESES = ("lowbit", "psaq")
 
 
+PRIORS = {"smooth": {"w_tv": 1.0, "init_std": 0.2, "crop_scale": 0.3, "color_shift": 0.2},
+          "noise": {"w_tv": 0.05, "init_std": 1.0, "crop_scale": 1.0, "color_shift": 0.0}}
+
+
 @dataclass
 class InvertConfig:
     """``w_ps``, ``kde_bandwidth``, ``kde_points``: None takes the ``synthesis``'s own (psaq: 1, 0.01, 10; lowbit:
-    0.1, 0.05, 64)."""
+    0.1, 0.05, 64). ``w_tv``, ``init_std``, ``crop_scale``, ``color_shift``: None takes the image ``prior``'s
+    (:data:`PRIORS`): ``smooth`` (the default: strong TV, faint starting noise, random resized crops and colour
+    shifts) or ``noise`` (weak TV from unit noise, roll and flip only: the package's first recipe, whose images are
+    high-frequency noise to the eye)."""
 
     steps: int = 200
     lr: float = 0.1
     batch_size: int = 64
     w_ps: Optional[float] = None
-    w_tv: float = 0.05
+    w_tv: Optional[float] = None
     w_l2: float = 1e-4
     jitter: int = 2
     hard_mix: float = 0.4
     kde_bandwidth: Optional[float] = None
     kde_points: Optional[int] = None
     synthesis: str = "lowbit"
-    init_std: float = 1.0
-    crop_scale: float = 1.0
-    color_shift: float = 0.0
+    init_std: Optional[float] = None
+    crop_scale: Optional[float] = None
+    color_shift: Optional[float] = None
+    prior: str = "smooth"
 
     def __post_init__(self):
         if self.synthesis not in SYNTHESES:
             raise ValueError(f"unknown synthesis {self.synthesis!r}; use one of {', '.join(SYNTHESES)}")
+        if self.prior not in PRIORS:
+            raise ValueError(f"unknown image prior {self.prior!r}; use one of {', '.join(PRIORS)}")
+        for name, v in PRIORS[self.prior].items():
+            if getattr(self, name) is None:
+                setattr(self, name, v)
         own = {"psaq": (1.0, 0.01, 10), "lowbit": (0.1, 0.05, 64)}[self.synthesis]
         for name, v in zip(("w_ps", "kde_bandwidth", "kde_points"), own):
             if getattr(self, name) is None:
@@ -321,6 +334,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--synthesis", default="lowbit", choices=SYNTHESES,
                     help="patch-diversity term: psaq (PSAQ-ViT's as published) or lowbit (the package's variant)")
+    ap.add_argument("--prior", default="smooth", choices=tuple(PRIORS),
+                    help="image prior: smooth (default) or noise (the first recipe)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     from quant.errors import UserError
@@ -331,7 +346,7 @@ def main(argv=None):
     except UserError as e:
         raise SystemExit(f"error: {e}") from None
     classes = None if args.classes == "all" else [int(c) for c in args.classes.split(",")]
-    cfg = InvertConfig(steps=args.steps, batch_size=args.batch_size, synthesis=args.synthesis)
+    cfg = InvertConfig(steps=args.steps, batch_size=args.batch_size, synthesis=args.synthesis, prior=args.prior)
     out = write_image_folder(model, args.out, args.per_class, classes, cfg, args.seed)
     print(f"wrote {out}")
 

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="move each optimisation batch this many signed-gradient steps up the student-teacher KL "
                         "(adaptive hard samples; each step costs about one more forward/backward)")
     p.add_argument("--hard-step-size", type=float, default=0.05, help="step of --hard-steps, in normalised units")
+    p.add_argument("--invert-prior", default="smooth", choices=("smooth", "noise"),
+                   help="image prior of --data invert: smooth (strong TV, faint starting noise, random resized crops "
+                        "and colour shifts) or noise (the first recipe: weak TV from unit noise); calib.invert")
     p.add_argument("--method", default="e2e", choices=METHODS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0)
@@ -221,7 +224,7 @@ def synthesize_calibration(fp_model: nn.Module, folder: str, args: argparse.Name
         gen = torch.Generator().manual_seed(args.seed)
         per_class, classes = 1, sorted(torch.randperm(n_cls, generator=gen)[: args.calib_size].tolist())
     write_image_folder(fp_model, folder, per_class, classes,
-                       cfg=InvertConfig(steps=args.invert_steps, synthesis=args.synthesis),
+                       cfg=InvertConfig(steps=args.invert_steps, synthesis=args.synthesis, prior=args.invert_prior),
                        seed=args.seed, progress=not args.no_progress)
     return D.scan(folder, "--data")
 
@@ -325,7 +328,8 @@ def run(args: argparse.Namespace) -> dict:
                        bf16=args.bf16, progress=not args.no_progress, stop_after=args.stop_after, augment=augment,
                        hard_steps=args.hard_steps, hard_step_size=args.hard_step_size)
     fingerprint = {"model": args.model, "bits": cfg_bits.name, "calib_size": args.calib_size, "data": args.data,
-                   **({"synthesis": args.synthesis} if args.data == INVERT else {}), "model_args": model_args,
+                   **({"synthesis": args.synthesis, "prior": args.invert_prior} if args.data == INVERT else {}),
+                   "model_args": model_args,
                    "rescale": not args.no_rescale,
                    "softmax_quantizer": args.softmax_quantizer, "forward": args.forward}
     t_opt = time.time()

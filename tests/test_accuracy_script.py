@@ -58,8 +58,10 @@ def test_accuracy_script_end_to_end(cifar_small, tmp_path, monkeypatch):
     assert twin["reused_from"] == "table/w4a4/e2e/real/16" and twin["top1"] == cells[twin["reused_from"]]["top1"]
     assert sum("reused_from" in r for r in cells.values()) == 1
     assert len({r["fp_top1"] for r in cells.values()}) == 1
-    assert res["invert_time_s"]["16"] > 0
-    assert sorted(os.listdir(out / ".accuracy-work")) == ["invert-16-2-0", "invert-16-2-0.done"]  # cache only
+    assert res["invert_time_s"]["smooth-16"] > 0
+    assert sorted(os.listdir(out / ".accuracy-work")) == ["invert-smooth-16-2-0", "invert-smooth-16-2-0.done"]
+    assert all(r["argv"][r["argv"].index("--invert-prior") + 1] == "smooth" for r in cells.values()
+               if r["source"] == "free")
     assert not (tmp_path / "runs").exists()
 
     md = (out / "ACCURACY.md").read_text()
@@ -170,11 +172,12 @@ def test_psaq_and_equal_time_cells(cifar_small, tmp_path, monkeypatch):
     assert psaq[psaq.index("--synthesis") + 1] == "psaq" and psaq[psaq.index("--method") + 1] == "e2e"
     assert all("--synthesis" not in r["argv"] for k, r in cells.items() if "psaq" not in k)
     work = out / ".accuracy-work"
-    assert sorted(os.listdir(work)) == ["invert-16-2-0", "invert-16-2-0.done", "invert-psaq-16-2-0",
-                                        "invert-psaq-16-2-0.done"]
-    assert set(res["invert_time_s"]) == {"16", "psaq-16"} and min(res["invert_time_s"].values()) > 0
-    first = sorted((work / "invert-16-2-0").rglob("*.png"))[0]
-    assert first.read_bytes() != (work / "invert-psaq-16-2-0" / first.relative_to(work / "invert-16-2-0")).read_bytes()
+    assert sorted(os.listdir(work)) == ["invert-psaq-smooth-16-2-0", "invert-psaq-smooth-16-2-0.done",
+                                        "invert-smooth-16-2-0", "invert-smooth-16-2-0.done"]
+    assert set(res["invert_time_s"]) == {"smooth-16", "psaq-smooth-16"} and min(res["invert_time_s"].values()) > 0
+    lowbit, psaq_dir = work / "invert-smooth-16-2-0", work / "invert-psaq-smooth-16-2-0"
+    first = sorted(lowbit.rglob("*.png"))[0]
+    assert first.read_bytes() != (psaq_dir / first.relative_to(lowbit)).read_bytes()
     for s in ("real", "free"):
         r = cells[f"table/w4a4/e2e+eqt/{s}/16"]
         b = r["budget"]
@@ -188,7 +191,7 @@ def test_psaq_and_equal_time_cells(cifar_small, tmp_path, monkeypatch):
     eqt = cells["table/w4a4/e2e+eqt/real/16"]
     assert (f"| W4A4 | real | {bw['top1']:.2f} | - | {eqt['top1']:.2f} ({eqt['steps']}) | "
             f"{eqt['budget']['ratio']:.2f} |") in section
-    assert "psaq:" in md and "lowbit:" in md
+    assert "psaq loss, smooth prior, 16 images:" in md and "lowbit loss, smooth prior, 16 images:" in md
     assert "Figure 7" not in md
 
 
@@ -204,9 +207,9 @@ def test_data_free_size_sweep(cifar_small, tmp_path, monkeypatch):
     assert A.main(argv) == 0
     res = json.loads((out / "accuracy.json").read_text())
     assert set(res["cells"]) == {f"sweep/w4a4/{m}/free/{n}" for m in ("rtn", "e2e") for n in (10, 20)}
-    assert sorted(os.listdir(out / ".accuracy-work")) == ["invert-10-2-0", "invert-10-2-0.done", "invert-20-2-0",
-                                                          "invert-20-2-0.done"]
-    assert set(res["invert_time_s"]) == {"10", "20"}
+    assert sorted(os.listdir(out / ".accuracy-work")) == ["invert-smooth-10-2-0", "invert-smooth-10-2-0.done",
+                                                          "invert-smooth-20-2-0", "invert-smooth-20-2-0.done"]
+    assert set(res["invert_time_s"]) == {"smooth-10", "smooth-20"}
     for r in res["cells"].values():
         assert r["calib_images"] == r["calib_size"] and r["argv"][r["argv"].index("--data") + 1] == "invert"
     md = (out / "ACCURACY.md").read_text()
@@ -216,3 +219,34 @@ def test_data_free_size_sweep(cifar_small, tmp_path, monkeypatch):
             in fig7)
     assert "| 10 synthetic | 20 synthetic |" in fig7
     assert "## Calibration-set size (real" not in md and not (out / "calib_size.png").exists()
+
+
+def test_noise_prior_source_and_cells_from_before_the_prior(cifar_small, tmp_path, monkeypatch):
+    """``--sources free-noise`` runs ``--invert-prior noise`` on the first recipe's cache folder; a data-free cell
+    recorded before ``--invert-prior`` existed is listed as ``free-noise``, and a later save keeps the notes that
+    are on disk."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "bench"
+    argv = ["--data", str(cifar_small), "--out", str(out), "--bits", "w4a4", "--methods", "rtn", "--sources",
+            "free-noise", "--iters", "2", "--val-size", "20", "--calib-size", "16", "--invert-steps", "2",
+            "--batch-size", "8", "--workers", "0", "--device", "cpu", "--no-sweep", "--no-progress"]
+    assert A.main(argv) == 0
+    res = A.load_results(str(out / "accuracy.json"))
+    r = res["cells"]["table/w4a4/rtn/free-noise/16"]
+    assert r["argv"][r["argv"].index("--invert-prior") + 1] == "noise"
+    assert sorted(os.listdir(out / ".accuracy-work")) == ["invert-16-2-0", "invert-16-2-0.done"]
+    old = {**r, "source": "free", "method": "e2e", "argv": [a for a in r["argv"] if a not in ("--invert-prior", "noise")]}
+    raw = json.loads((out / "accuracy.json").read_text())
+    raw["cells"]["table/w4a4/e2e/free/16"] = old
+    A._write_json(str(out / "accuracy.json"), raw)
+    A.add_notes(str(out), ["kept"])
+    assert set(A.load_results(str(out / "accuracy.json"))["cells"]) == {"table/w4a4/rtn/free-noise/16",
+                                                                         "table/w4a4/e2e/free-noise/16"}
+    stale = A.load_results(str(out / "accuracy.json"))
+    stale.pop("notes")
+    A.save_results(str(out / "accuracy.json"), stale)
+    assert A.load_results(str(out / "accuracy.json"))["notes"] == ["kept"]
+    assert A.main(["--out", str(out), "--render-only"]) == 0
+    rows = _rows((out / "ACCURACY.md").read_text())
+    assert "data-free, noise prior (16) top-1" in (out / "ACCURACY.md").read_text()
+    assert rows[("W4A4", "e2e")][0] == f"{old['top1']:.2f}"

@@ -41,7 +41,7 @@ def test_init_std_scales_the_starting_noise():
     b = invert.synthesize(m, lab, invert.InvertConfig(steps=0, init_std=0.2), progress=False)
     torch.testing.assert_close(b - 0.5, 2 * (a - 0.5))
     c = invert.synthesize(m, lab, invert.InvertConfig(steps=3, crop_scale=0.5, color_shift=0.2), progress=False)
-    d = invert.synthesize(m, lab, invert.InvertConfig(steps=3), progress=False)
+    d = invert.synthesize(m, lab, invert.InvertConfig(steps=3, prior="noise"), progress=False)
     assert not torch.equal(c, d) and float(c.min()) >= 0 and float(c.max()) <= 1
 
 
