@@ -583,8 +583,8 @@ def tsne_section(t: dict) -> List[str]:
                      f"{s['knn_same_source_chance']:.3f} |")
     if st.get("invert_steps"):
         lines += ["", f"Data-free images: `calib.invert` as in `quant.run --data invert`, `--invert-steps "
-                      f"{st['invert_steps']}`, {st['free_per_class']} per class; real: {st['real_per_class']} per "
-                      f"class of `{st['data']}`."]
+                      f"{st['invert_steps']}`, `--invert-prior {st.get('invert_prior') or 'noise'}`, "
+                      f"{st['free_per_class']} per class; real: {st['real_per_class']} per class of `{st['data']}`."]
     return lines
 
 

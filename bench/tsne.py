@@ -249,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--free-per-class", type=int, default=50, help="data-free images per class (0: none)")
     p.add_argument("--invert-steps", type=int, default=None,
                    help="optimisation steps per data-free batch (default: the model's quant.run default, demo 100)")
+    p.add_argument("--invert-prior", default="smooth", choices=("smooth", "noise"),
+                   help="image prior of the data-free images (as quant.run --invert-prior)")
     p.add_argument("--free-dir", default=None,
                    help="keep the data-free images here (an existing folder's finished classes are reused)")
     p.add_argument("--images", type=_images_arg, action="append", default=[], metavar="NAME=DIR",
@@ -308,7 +310,7 @@ def run(args: argparse.Namespace) -> dict:
         with tempfile.TemporaryDirectory(prefix="tsne-free-") as tmp:
             folder = args.free_dir or tmp
             torch.manual_seed(args.seed)
-            write_image_folder(model, folder, args.free_per_class, classes, InvertConfig(steps=invert_steps),
+            write_image_folder(model, folder, args.free_per_class, classes, InvertConfig(steps=invert_steps, prior=args.invert_prior),
                                seed=args.seed, progress=progress)
             for c in classes:  # a reused folder may hold more images per class than asked now
                 have = len(os.listdir(os.path.join(folder, class_dir_name(c, n_cls))))
@@ -317,7 +319,7 @@ def run(args: argparse.Namespace) -> dict:
                                     f"--free-per-class {args.free_per_class}; pass another --free-dir")
             x, y = sample_images(folder, classes, args.free_per_class, transform, args.seed, "--free-dir")
         times["invert_s"] = time.time() - t0
-        sources.append(("data-free (calib.invert)", x, y))
+        sources.append((f"data-free (calib.invert, {args.invert_prior} prior)", x, y))
     for name, root in args.images:
         x, y = sample_images(root, classes, args.real_per_class, transform, args.seed, f"--images {name}")
         sources.append((name, x, y))
@@ -349,6 +351,7 @@ def run(args: argparse.Namespace) -> dict:
         "settings": {"model": args.model, "data": real_root, "classes": classes, "class_names": class_names,
                      "real_per_class": args.real_per_class, "free_per_class": args.free_per_class,
                      "invert_steps": invert_steps if args.free_per_class else None,
+                     "invert_prior": args.invert_prior if args.free_per_class else None,
                      "images": [name for name, _ in args.images], "perplexity": args.perplexity,
                      "iters": args.iters, "seed": args.seed, "knn": KNN},
         "sources": summary, "kl": round(kl, 5), "time_s": {k: round(v, 1) for k, v in times.items()},

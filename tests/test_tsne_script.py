@@ -52,7 +52,8 @@ def test_tsne_command_on_tiny_settings(tmp_path, capsys):
     assert T.main(argv) == 0
     assert "wrote" in capsys.readouterr().out
     res = json.loads((out / "tsne.json").read_text())
-    assert [s["name"] for s in res["sources"]] == ["real (cifar10/test)", "data-free (calib.invert)", "train"]
+    assert [s["name"] for s in res["sources"]] == ["real (cifar10/test)", "data-free (calib.invert, smooth prior)",
+                                                  "train"]
     assert [s["images"] for s in res["sources"]] == [16, 6, 8]
     assert res["settings"]["class_names"] == ["automobile", "frog"] and res["settings"]["invert_steps"] == 2
     pts = res["points"]
