@@ -57,7 +57,7 @@ def folder_tail(folder: D.ImageFolder, transform, size: int, skip: int, seed: in
 
 
 def synthesized(fp_model: nn.Module, transform, size: int, steps: int, seed: int, progress: bool = False,
-                synthesis: str = "lowbit") -> Tensor:
+                synthesis: str = "lowbit", prior: str = "smooth") -> Tensor:
     """``size`` images made like the data-free calibration set's hardest batch (random target classes, soft targets
     0.6 / 0.4 on two classes: near decision boundaries, where quantization flips predictions; easy synthesized images
     are agreed on almost always), 8-bit RGB then ``transform`` as the calibration reads its PNGs, with seeds the
@@ -67,7 +67,7 @@ def synthesized(fp_model: nn.Module, transform, size: int, steps: int, seed: int
 
     from calib.invert import InvertConfig, synthesize
 
-    cfg = InvertConfig(steps=steps, synthesis=synthesis)
+    cfg = InvertConfig(steps=steps, synthesis=synthesis, prior=prior)
     labels = torch.randint(int(fp_model.num_classes), (size,),
                            generator=torch.Generator().manual_seed(seed * 100003 + SYNTH_SEED))
     out = []
@@ -83,7 +83,7 @@ def held_out(fp_model: nn.Module, args: argparse.Namespace, calib_folder: Option
              val_folder: Optional[D.ImageFolder], transform) -> Tuple[Tensor, str]:
     """``(images, source)`` for :func:`agreement` as ``quant.run`` picks them (module docstring); ``args`` gives
     ``fidelity_size`` (None: 256 from a folder, 64 synthesized, at most ``calib_size``), ``seed``, ``calib_size``,
-    ``invert_steps``, ``synthesis``, ``no_progress``."""
+    ``invert_steps``, ``synthesis``, ``invert_prior``, ``no_progress``."""
     size = getattr(args, "fidelity_size", None)
     if val_folder is not None:
         return D.load_subset(val_folder, transform, size or FOLDER_SIZE, args.seed, "--val")[0], "val"
@@ -94,7 +94,8 @@ def held_out(fp_model: nn.Module, args: argparse.Namespace, calib_folder: Option
             return x, "data"
     n = size or min(SYNTH_SIZE, args.calib_size)
     return synthesized(fp_model, transform, n, args.invert_steps, args.seed, progress=not args.no_progress,
-                       synthesis=getattr(args, "synthesis", "lowbit")), \
+                       synthesis=getattr(args, "synthesis", "lowbit"),
+                       prior=getattr(args, "invert_prior", "smooth")), \
         "synthesized"
 
 
