@@ -236,6 +236,7 @@ def _images_arg(v: str) -> Tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from calib.invert import PRIORS
     p = argparse.ArgumentParser(prog="python -m bench.tsne",
                                 description="t-SNE of a model's last-block features on real vs data-free images "
                                             "(the paper's Figure 6): writes <out>/tsne.png and <out>/tsne.json.",
@@ -249,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--free-per-class", type=int, default=50, help="data-free images per class (0: none)")
     p.add_argument("--invert-steps", type=int, default=None,
                    help="optimisation steps per data-free batch (default: the model's quant.run default, demo 100)")
-    p.add_argument("--invert-prior", default="smooth", choices=("smooth", "noise"),
+    p.add_argument("--invert-prior", default="smooth", choices=tuple(PRIORS),
                    help="image prior of the data-free images (as quant.run --invert-prior)")
     p.add_argument("--free-dir", default=None,
                    help="keep the data-free images here (an existing folder's finished classes are reused)")
@@ -310,8 +311,9 @@ def run(args: argparse.Namespace) -> dict:
         with tempfile.TemporaryDirectory(prefix="tsne-free-") as tmp:
             folder = args.free_dir or tmp
             torch.manual_seed(args.seed)
-            write_image_folder(model, folder, args.free_per_class, classes, InvertConfig(steps=invert_steps, prior=args.invert_prior),
-                               seed=args.seed, progress=progress)
+            write_image_folder(model, folder, args.free_per_class, classes,
+                               InvertConfig(steps=invert_steps, prior=args.invert_prior), seed=args.seed,
+                               progress=progress)
             for c in classes:  # a reused folder may hold more images per class than asked now
                 have = len(os.listdir(os.path.join(folder, class_dir_name(c, n_cls))))
                 if have < args.free_per_class:

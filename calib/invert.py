@@ -36,6 +36,7 @@ import json
 import math
 import os
 import shutil
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -99,6 +100,13 @@ def model_io(model) -> dict:
     cfg = resolve_data_config({}, model=model)
     size = getattr(getattr(model, "patch_embed", None), "img_size", None) or cfg["input_size"][-2:]
     return {"input_size": (3, int(size[0]), int(size[1])), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
+
+
+def normalisation(model, device=None):
+    """``(mean, std)`` of the model's input normalisation, ``[1, 3, 1, 1]`` each on ``device``: pixel ``p`` in
+    [0, 1] enters the model as ``(p - mean) / std``."""
+    io = model_io(model)
+    return tuple(torch.tensor(io[k], device=device).view(1, 3, 1, 1) for k in ("mean", "std"))
 
 
 def _block_tokens(model) -> List[torch.nn.Module]:
@@ -166,12 +174,9 @@ def soft_targets(y: torch.Tensor, num_classes: int, difficulty: float, hard_mix:
 def synthesize(model, labels: torch.Tensor, cfg: InvertConfig = InvertConfig(), difficulty: float = 0.0,
                seed: int = 0, progress: bool = True) -> torch.Tensor:
     """Images ``[B, 3, H, W]`` in [0, 1] for target ``labels``, optimised through the frozen ``model``."""
-    io = model_io(model)
-    _, h, w = io["input_size"]
-    mean = torch.tensor(io["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(io["std"]).view(1, 3, 1, 1)
+    _, h, w = model_io(model)["input_size"]
     dev = next(model.parameters()).device
-    mean, std = mean.to(dev), std.to(dev)
+    mean, std = normalisation(model, dev)
     gen = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
@@ -285,17 +290,15 @@ def write_image_folder(model, out: "str | Path", per_class: int, classes: Option
     nb = math.ceil(len(labels) / cfg.batch_size)
     batches = [labels[b * cfg.batch_size: (b + 1) * cfg.batch_size].tolist() for b in range(nb)]
     done = set(plan["done"])
-    left = {c: 0 for c in todo}
-    for b in range(nb):
-        if b not in done:
-            for c in batches[b]:
-                if c in left:
-                    left[c] += 1
+    todo_set = set(todo)
+    left = Counter(c for b in range(nb) if b not in done for c in batches[b] if c in todo_set)
     for c in todo:
         tmp = out / f".tmp-{class_dir_name(c, nc)}"
         if not done:
             shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(exist_ok=True)
+        if not left[c]:  # all its batches were recorded before an interruption cut the rename
+            os.replace(tmp, out / class_dir_name(c, nc))
     bar = tqdm(range(nb), desc="data-free batches", unit="batch", disable=not progress, initial=len(done))
     for b in range(nb):
         if b in done:
@@ -303,11 +306,11 @@ def write_image_folder(model, out: "str | Path", per_class: int, classes: Option
         lab = torch.tensor(batches[b], dtype=torch.long)
         imgs = synthesize(model, lab, cfg, difficulty=b / max(1, nb - 1), seed=seed * 100003 + b, progress=False)
         for k, (img, c) in enumerate(zip(imgs, batches[b])):
-            if c in left:
+            if c in todo_set:
                 _save_png(img, out / f".tmp-{class_dir_name(c, nc)}" / f"{b:05d}-{k:03d}.png")
         plan["done"].append(b)
         _write_json_atomic(progress_file, plan)
-        for c in set(batches[b]) & set(left):
+        for c in set(batches[b]) & todo_set:
             left[c] -= batches[b].count(c)
             if left[c] == 0:
                 os.replace(out / f".tmp-{class_dir_name(c, nc)}", out / class_dir_name(c, nc))

@@ -291,10 +291,8 @@ def _make_optim(unit: _Unit, cfg: OptimConfig):
 
 def _pixel_range(model: nn.Module, device) -> Tuple[Tensor, Tensor]:
     """The normalised values of pixels 0 and 1 per channel, ``[1, 3, 1, 1]`` each."""
-    from calib.invert import model_io
-    io = model_io(model)
-    mean = torch.tensor(io["mean"], device=device).view(1, 3, 1, 1)
-    std = torch.tensor(io["std"], device=device).view(1, 3, 1, 1)
+    from calib.invert import normalisation
+    mean, std = normalisation(model, device)
     return (0 - mean) / std, (1 - mean) / std
 
 

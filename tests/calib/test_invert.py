@@ -1,3 +1,5 @@
+import dataclasses
+import json
 import math
 import torch
 import pytest
@@ -111,6 +113,15 @@ def test_interrupted_synthesis_resumes_at_its_batch_with_the_same_images(tmp_pat
     assert len(files) == 12 and sorted(p.relative_to(tmp_path / "cut") for p in (tmp_path / "cut").rglob("*")
                                       if p.is_file()) == files
     assert all((whole / f).read_bytes() == (tmp_path / "cut" / f).read_bytes() for f in files)
+
+    # cut between a class's last recorded batch and its folder's rename: the next run renames it, making nothing
+    (tmp_path / "cut" / "0001").rename(tmp_path / "cut" / ".tmp-0001")
+    progress = {"classes": [1], "per_class": 4, "seed": 0, "config": dataclasses.asdict(cfg), "done": [0, 1, 2, 3]}
+    (tmp_path / "cut" / ".progress.json").write_text(json.dumps(progress))
+    calls.clear()
+    invert.write_image_folder(m, tmp_path / "cut", per_class=4, classes=[0, 1, 2], cfg=cfg, progress=False)
+    assert calls == [] and len(list((tmp_path / "cut" / "0001").glob("*.png"))) == 4
+    assert not (tmp_path / "cut" / ".progress.json").exists()
 
 
 # PSAQ-ViT's patch-similarity entropy, from the paper's definition: normalised Gaussian KDE of the cosine
