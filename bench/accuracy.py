@@ -178,17 +178,27 @@ def plan(args: argparse.Namespace) -> List[Cell]:
     cells = []
     if args.part in ("all", "table"):
         cells += [Cell("table", b, m, s, args.calib_size) for b in args.bits for m in args.methods
-                  for s in args.sources if s != "real" or not set(m.split("+")[1:]) & set(FREE_ONLY)]
+                  for s in args.sources if runs_on(m, s)]
     if not args.no_sweep and args.part in ("all", "sweep"):
         cells += [Cell("sweep", b, m, s, n) for s in args.sweep_sources for b in args.sweep_bits
                   for n in args.sizes for m in args.sweep_methods
-                  if s != "real" or not set(m.split("+")[1:]) & set(FREE_ONLY)]
+                  if runs_on(m, s)]
     return cells
+
+
+def variants_of(method: str) -> List[str]:
+    """``"e2e+ac"`` -> ``["ac"]``: the flags (:data:`VARIANT_FLAGS`) a method adds to its base."""
+    return method.split("+")[1:]
+
+
+def runs_on(method: str, source: str) -> bool:
+    """Whether ``method`` has a cell on ``source`` (variants of the synthesis only run data-free)."""
+    return source != "real" or not set(variants_of(method)) & set(FREE_ONLY)
 
 
 def synthesis_of(method: str) -> str:
     """The ``--synthesis`` a method's data-free cell uses."""
-    return "psaq" if "psaq" in method.split("+")[1:] else "lowbit"
+    return "psaq" if "psaq" in variants_of(method) else "lowbit"
 
 
 def cell_argv(cell: Cell, args: argparse.Namespace, out: str, iters: Optional[int] = None) -> List[str]:
@@ -314,7 +324,7 @@ def run_cell(cell: Cell, args: argparse.Namespace, workdir: str, invert_cache: O
     from quant.run import build_parser as run_parser, run
     out = tempfile.mkdtemp(prefix="cell-", dir=workdir)
     os.rmdir(out)
-    budget = equal_time_iters(args, cell.bits) if "eqt" in cell.method.split("+")[1:] else None
+    budget = equal_time_iters(args, cell.bits) if "eqt" in variants_of(cell.method) else None
     argv = cell_argv(cell, args, out, None if budget is None else budget["iters"])
     if cell.source in PRIOR_OF and invert_cache is not None:
         shutil.copytree(invert_cache, out + ".invert")
@@ -345,8 +355,8 @@ def invert_cache_name(args: argparse.Namespace, synthesis: str, size: int, prior
 
 def synthesize_once(args: argparse.Namespace, folder: str, synthesis: str = "lowbit",
                     size: Optional[int] = None, prior: str = "smooth") -> float:
-    """The ``size`` (default ``--calib-size``) data-free images, made by ``quant.run.synthesize_calibration`` with the arguments a
-    cell's run resolves to; returns the seconds it took (0 when ``folder`` is complete already)."""
+    """The ``size`` (default ``--calib-size``) data-free images, made by ``quant.run.synthesize_calibration`` with
+    the arguments a cell's run resolves to; returns the seconds it took (0 when ``folder`` is complete already)."""
     import torch
 
     from quant.models import load_model
@@ -472,14 +482,7 @@ def render_markdown(results: dict, tsne: Optional[dict] = None) -> str:
                   f"Top-1 % on {', '.join(f'{n:,}' for n in sweep_n)} cifar10/test images (seeded subset; FP32 on "
                   f"them: {', '.join(fmt_acc(f) for f in sweep_fp)}).", "",
                   "![e2e vs blockwise against calibration-set size](calib_size.png)", ""]
-        sizes = sorted({r["calib_size"] for r in sweep})
-        lines += ["| bits | method | " + " | ".join(str(n) for n in sizes) + " |",
-                  "|" + "---|" * (len(sizes) + 2)]
-        sb = {(r["bits"], r["method"], r["calib_size"]): r for r in sweep}
-        for b, m in sorted({(r["bits"], r["method"]) for r in sweep}, key=lambda bm: (_bits_order(bm[0]),
-                                                                                       order[bm[1]])):
-            lines.append(f"| {b.upper()} | {m} | " + " | ".join(
-                fmt_acc(sb[(b, m, n)]["top1"]) if (b, m, n) in sb else "-" for n in sizes) + " |")
+        lines += size_table(sweep, str)
     lines += free_sweep_section(cells)
     if tsne is not None:
         lines += ["", *tsne_section(tsne)]
@@ -518,17 +521,21 @@ def free_sweep_section(cells: Dict[str, dict]) -> List[str]:
     free = [r for r in cells.values() if r["kind"] == "sweep" and r["source"] == "free"]
     if not free:
         return []
-    order = {m: i for i, m in enumerate(METHODS)}
-    sizes = sorted({r["calib_size"] for r in free})
     n_val = sorted({r["val_images"] for r in free})
     lines = ["", "## Data-free calibration-set size (the paper's Figure 7)", "",
              f"Top-1 % on {', '.join(f'{n:,}' for n in n_val)} cifar10/test images (seeded subset; FP32 on them: "
              f"{', '.join(fmt_acc(f) for f in sorted({round(r['fp_top1'], 6) for r in free}))}) after calibrating on "
-             f"that many data-free images (`--data invert`, made once per size).", "",
-             "| bits | method | " + " | ".join(f"{n:,} synthetic" for n in sizes) + " |",
-             "|" + "---|" * (len(sizes) + 2)]
-    by = {(r["bits"], r["method"], r["calib_size"]): r for r in free}
-    for b, m in sorted({(r["bits"], r["method"]) for r in free}, key=lambda bm: (_bits_order(bm[0]), order[bm[1]])):
+             f"that many data-free images (`--data invert`, made once per size).", ""]
+    return lines + size_table(free, lambda n: f"{n:,} synthetic")
+
+
+def size_table(rows: List[dict], head) -> List[str]:
+    """Markdown table of top-1 per (bits, method) row and calibration-size column (``head(size)`` its title)."""
+    order = {m: i for i, m in enumerate(METHODS)}
+    sizes = sorted({r["calib_size"] for r in rows})
+    by = {(r["bits"], r["method"], r["calib_size"]): r for r in rows}
+    lines = ["| bits | method | " + " | ".join(head(n) for n in sizes) + " |", "|" + "---|" * (len(sizes) + 2)]
+    for b, m in sorted({(r["bits"], r["method"]) for r in rows}, key=lambda bm: (_bits_order(bm[0]), order[bm[1]])):
         lines.append(f"| {b.upper()} | {m} | " + " | ".join(
             fmt_acc(by[(b, m, n)]["top1"]) if (b, m, n) in by else "-" for n in sizes) + " |")
     return lines
