@@ -473,6 +473,7 @@ def render_markdown(results: dict, tsne: Optional[dict] = None) -> str:
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['bits'].upper()} | {r['method']} | {r['source']} | {r.get('forward') or '-'} | {r['steps']} | "
                   f"{fmt_time(r['optimize_s'])} | {1000 * r['optimize_s'] / r['steps']:.0f} |" for r in timed]
+    lines += seed_section(table)
     lines += budget_section(table)
     sweep = [r for r in cells.values() if r["kind"] == "sweep" and r["source"] == "real"]
     if sweep:
@@ -551,6 +552,39 @@ def _invert_time_note(times: Dict[str, float]) -> str:
     parts = [f"{label(k)}: {fmt_time(v)} s" for k, v in sorted(times.items(), key=lambda kv: label(kv[0]))]
     return (f"; each set of data-free images was synthesized once ({'; '.join(parts)}) and reused by every "
             f"data-free cell using that loss, prior and size")
+
+
+SEED_PAIRS = (("SULQ softmax quantizer", "e2e+sulq", ("e2e+sulql",)),
+              ("SOS stage training", "is-vit", ("is-vit-quant",)),
+              ("patch-similarity synthesis loss", "e2e+psaq", ("e2e+intfwd", "e2e+fakefwd", "e2e")))
+
+
+def forward_of(r: dict) -> str:
+    """The optimiser forward of a cell; cells that recorded none ran before the integer forward (float fake-quant)."""
+    return r.get("forward") or "fake"
+
+
+def seed_section(table: List[dict]) -> List[str]:
+    """Each seed method as its authors published it beside the package's variant of it (:data:`SEED_PAIRS`), on
+    the same bits, calibration source and optimiser forward."""
+    rows = []
+    for what, published, variants in SEED_PAIRS:
+        for f in sorted((r for r in table if r["method"] == published),
+                        key=lambda r: (_bits_order(r["bits"]), SOURCES.index(r["source"]))):
+            v = next((r for m in variants for r in table if r["method"] == m and r["bits"] == f["bits"]
+                      and r["source"] == f["source"] and forward_of(r) == forward_of(f)), None)
+            if v is not None:
+                rows.append(f"| {what} | {f['bits'].upper()} | {f['source']} | {forward_of(f)} | {published} "
+                            f"{fmt_acc(f['top1'])} | {v['method']} {fmt_acc(v['top1'])} | "
+                            f"{v['top1'] - f['top1']:+.2f} |")
+    if not rows:
+        return []
+    return ["", "## Seed methods as published vs the package's variants", "",
+            "Each published method beside the package's variant of the same step, on the same bits, calibration "
+            "images and optimiser forward (`e2e+psaq`'s variant is e2e on the package's `lowbit` synthesis). "
+            "Positive: the package's variant is better.", "",
+            "| step | bits | data | forward | as published top-1 | package's variant top-1 | variant - published |",
+            "|---|---|---|---|---|---|---|", *rows]
 
 
 def budget_section(table: List[dict]) -> List[str]:

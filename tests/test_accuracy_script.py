@@ -250,3 +250,26 @@ def test_noise_prior_source_and_cells_from_before_the_prior(cifar_small, tmp_pat
     rows = _rows((out / "ACCURACY.md").read_text())
     assert "data-free, noise prior (16) top-1" in (out / "ACCURACY.md").read_text()
     assert rows[("W4A4", "e2e")][0] == f"{old['top1']:.2f}"
+
+
+def test_seed_section_pairs_like_with_like():
+    """Each published method is paired with the package's variant on the same bits, source and forward (a cell
+    without a recorded forward ran the fake one); no partner, no row."""
+    def cell(bits, method, source, top1, forward=None):
+        r = {"kind": "table", "bits": bits, "method": method, "source": source, "top1": top1}
+        return r if forward is None else {**r, "forward": forward}
+    table = [cell("w4a4", "e2e+sulq", "real", 76.47, "int"), cell("w4a4", "e2e+sulql", "real", 76.53, "int"),
+             cell("w3a3", "e2e+sulq", "real", 73.31, "int"), cell("w3a3", "e2e+sulql", "real", 73.94, "fake"),
+             cell("w4a4", "is-vit", "real", 76.56), cell("w4a4", "is-vit-quant", "real", 76.76),
+             cell("w1.58a8", "e2e+psaq", "free", 65.00, "fake"), cell("w1.58a8", "e2e", "free", 66.43, "fake"),
+             cell("w1.58a8", "e2e+intfwd", "free", 60.00, "int"),
+             cell("w4a4", "e2e+psaq", "free-noise", 74.00, "int"), cell("w4a4", "e2e+intfwd", "free-noise", 73.49, "int"),
+             cell("w4a4", "e2e", "free-noise", 73.24)]
+    lines = A.seed_section(table)
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| step")]
+    assert rows == [
+        "| SULQ softmax quantizer | W4A4 | real | int | e2e+sulq 76.47 | e2e+sulql 76.53 | +0.06 |",
+        "| SOS stage training | W4A4 | real | fake | is-vit 76.56 | is-vit-quant 76.76 | +0.20 |",
+        "| patch-similarity synthesis loss | W1.58A8 | free | fake | e2e+psaq 65.00 | e2e 66.43 | +1.43 |",
+        "| patch-similarity synthesis loss | W4A4 | free-noise | int | e2e+psaq 74.00 | e2e+intfwd 73.49 | -0.51 |"]
+    assert A.seed_section([cell("w4a4", "e2e+sulq", "real", 76.47, "int")]) == []
