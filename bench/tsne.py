@@ -236,7 +236,7 @@ def _images_arg(v: str) -> Tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from calib.invert import PRIORS
+    from calib.invert import PRIOR_NAMES
     p = argparse.ArgumentParser(prog="python -m bench.tsne",
                                 description="t-SNE of a model's last-block features on real vs data-free images "
                                             "(the paper's Figure 6): writes <out>/tsne.png and <out>/tsne.json.",
@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--free-per-class", type=int, default=50, help="data-free images per class (0: none)")
     p.add_argument("--invert-steps", type=int, default=None,
                    help="optimisation steps per data-free batch (default: the model's quant.run default, demo 100)")
-    p.add_argument("--invert-prior", default="smooth", choices=tuple(PRIORS),
+    p.add_argument("--invert-prior", default="smooth", choices=PRIOR_NAMES,
                    help="image prior of the data-free images (as quant.run --invert-prior)")
     p.add_argument("--free-dir", default=None,
                    help="keep the data-free images here (an existing folder's finished classes are reused)")

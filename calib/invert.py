@@ -24,6 +24,8 @@ For a batch of target classes ``y`` the pixels ``x`` (in the model's normalised 
   U[-color_shift, color_shift]`` per channel (Plug-In Inversion's augmentations); ``TV`` is the mean squared
   difference of neighbouring pixels. ``x`` starts as ``init_std`` times Gaussian noise (normalised units) and is
   clamped to the valid pixel range after each Adam step.
+- The image ``prior`` sets ``w_tv``, ``init_std``, ``crop_scale`` and ``color_shift`` (:data:`PRIORS`); ``mixed``
+  alternates ``smooth`` and ``noise`` batch by batch, so one set holds both kinds for the same synthesis time.
 
 ``python -m calib.invert --model demo --per-class 16 --out DIR`` writes an ImageFolder (``DIR/<class index>/*.png``,
 class folders zero-padded so sorted order = class index), each class folder atomically; an interrupted run resumes
@@ -37,7 +39,7 @@ import math
 import os
 import shutil
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -53,6 +55,8 @@ SYNTHESES = ("lowbit", "psaq")
 
 PRIORS = {"smooth": {"w_tv": 1.0, "init_std": 0.2, "crop_scale": 0.3, "color_shift": 0.2},
           "noise": {"w_tv": 0.05, "init_std": 1.0, "crop_scale": 1.0, "color_shift": 0.0}}
+MIXTURES = {"mixed": ("smooth", "noise")}
+PRIOR_NAMES = (*PRIORS, *MIXTURES)
 
 
 @dataclass
@@ -60,8 +64,9 @@ class InvertConfig:
     """``w_ps``, ``kde_bandwidth``, ``kde_points``: None takes the ``synthesis``'s own (psaq: 1, 0.01, 10; lowbit:
     0.1, 0.05, 64). ``w_tv``, ``init_std``, ``crop_scale``, ``color_shift``: None takes the image ``prior``'s
     (:data:`PRIORS`): ``smooth`` (the default: strong TV, faint starting noise, random resized crops and colour
-    shifts) or ``noise`` (weak TV from unit noise, roll and flip only: the package's first recipe, whose images are
-    high-frequency noise to the eye)."""
+    shifts), ``noise`` (weak TV from unit noise, roll and flip only: the package's first recipe, whose images are
+    high-frequency noise to the eye) or a mixture (:data:`MIXTURES`; ``mixed``: batch ``b`` of
+    :func:`write_image_folder` takes ``("smooth", "noise")[b % 2]``, see :meth:`for_batch`)."""
 
     steps: int = 200
     lr: float = 0.1
@@ -82,15 +87,22 @@ class InvertConfig:
     def __post_init__(self):
         if self.synthesis not in SYNTHESES:
             raise ValueError(f"unknown synthesis {self.synthesis!r}; use one of {', '.join(SYNTHESES)}")
-        if self.prior not in PRIORS:
-            raise ValueError(f"unknown image prior {self.prior!r}; use one of {', '.join(PRIORS)}")
-        for name, v in PRIORS[self.prior].items():
+        if self.prior not in PRIOR_NAMES:
+            raise ValueError(f"unknown image prior {self.prior!r}; use one of {', '.join(PRIOR_NAMES)}")
+        for name, v in PRIORS.get(self.prior, {}).items():
             if getattr(self, name) is None:
                 setattr(self, name, v)
         own = {"psaq": (1.0, 0.01, 10), "lowbit": (0.1, 0.05, 64)}[self.synthesis]
         for name, v in zip(("w_ps", "kde_bandwidth", "kde_points"), own):
             if getattr(self, name) is None:
                 setattr(self, name, v)
+
+    def for_batch(self, b: int) -> "InvertConfig":
+        """The config of batch ``b``: a mixture's ``b % len``-th prior (fields set explicitly are kept), else self."""
+        if self.prior not in MIXTURES:
+            return self
+        parts = MIXTURES[self.prior]
+        return replace(self, prior=parts[b % len(parts)])
 
 
 def model_io(model) -> dict:
@@ -173,7 +185,9 @@ def soft_targets(y: torch.Tensor, num_classes: int, difficulty: float, hard_mix:
 
 def synthesize(model, labels: torch.Tensor, cfg: InvertConfig = InvertConfig(), difficulty: float = 0.0,
                seed: int = 0, progress: bool = True) -> torch.Tensor:
-    """Images ``[B, 3, H, W]`` in [0, 1] for target ``labels``, optimised through the frozen ``model``."""
+    """Images ``[B, 3, H, W]`` in [0, 1] for target ``labels``, optimised through the frozen ``model`` (a mixture
+    prior: its first)."""
+    cfg = cfg.for_batch(0)
     _, h, w = model_io(model)["input_size"]
     dev = next(model.parameters()).device
     mean, std = normalisation(model, dev)
@@ -304,7 +318,7 @@ def write_image_folder(model, out: "str | Path", per_class: int, classes: Option
         if b in done:
             continue
         lab = torch.tensor(batches[b], dtype=torch.long)
-        imgs = synthesize(model, lab, cfg, difficulty=b / max(1, nb - 1), seed=seed * 100003 + b, progress=False)
+        imgs = synthesize(model, lab, cfg.for_batch(b), difficulty=b / max(1, nb - 1), seed=seed * 100003 + b, progress=False)
         for k, (img, c) in enumerate(zip(imgs, batches[b])):
             if c in todo_set:
                 _save_png(img, out / f".tmp-{class_dir_name(c, nc)}" / f"{b:05d}-{k:03d}.png")
@@ -337,8 +351,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--synthesis", default="lowbit", choices=SYNTHESES,
                     help="patch-diversity term: psaq (PSAQ-ViT's as published) or lowbit (the package's variant)")
-    ap.add_argument("--prior", default="smooth", choices=tuple(PRIORS),
-                    help="image prior: smooth (default) or noise (the first recipe)")
+    ap.add_argument("--prior", default="smooth", choices=PRIOR_NAMES,
+                    help="image prior: smooth (default), noise (the first recipe) or mixed (batches alternate)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     from quant.errors import UserError

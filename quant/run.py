@@ -27,7 +27,7 @@ from torch import nn
 
 from calib import data as D
 from calib.augment import parse_augment
-from calib.invert import PRIORS
+from calib.invert import PRIOR_NAMES
 from calib import stream as S
 from quant import distributed as DI
 from quant import packing
@@ -77,9 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="move each optimisation batch this many signed-gradient steps up the student-teacher KL "
                         "(adaptive hard samples; each step costs about one more forward/backward)")
     p.add_argument("--hard-step-size", type=float, default=0.05, help="step of --hard-steps, in normalised units")
-    p.add_argument("--invert-prior", default="auto", choices=("auto", *PRIORS),
+    p.add_argument("--invert-prior", default="auto", choices=("auto", *PRIOR_NAMES),
                    help="image prior of --data invert: smooth (strong TV, faint starting noise, random resized crops "
-                        "and colour shifts), noise (the first recipe: weak TV from unit noise; calib.invert), or auto: "
+                        "and colour shifts), noise (the first recipe: weak TV from unit noise; calib.invert), mixed "
+                        "(batches alternate smooth and noise), or auto: "
                         "smooth for 8-bit or float activations, noise below (what measured better on the demo)")
     p.add_argument("--method", default="e2e", choices=METHODS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:N")

@@ -206,3 +206,25 @@ def test_psaq_synthesis_hooks_attention_outputs(kind, monkeypatch):
         assert seen[0] == ((2, 17, 32), 2, 1)  # 16 patches + class token, width 32, class token dropped
     else:
         assert seen[0] == ((2 * 4, 16, 16), 1, 0)  # 4 windows of 4x4 tokens per image, no prefix token
+
+
+def test_mixed_prior_alternates_the_priors_batch_by_batch(tmp_path):
+    """``prior="mixed"``: batch ``b`` is made exactly as ``("smooth", "noise")[b % 2]`` makes it (same labels, seed
+    and difficulty), so the set is the even batches of a smooth set and the odd batches of a noise set."""
+    c = invert.InvertConfig(prior="mixed", w_l2=2e-4)
+    assert c.w_tv is None and c.for_batch(0) == invert.InvertConfig(prior="smooth", w_l2=2e-4)
+    assert c.for_batch(3) == invert.InvertConfig(prior="noise", w_l2=2e-4)
+    assert invert.InvertConfig(prior="mixed", w_tv=0.5).for_batch(1).w_tv == 0.5
+    assert invert.InvertConfig(prior="noise").for_batch(0).prior == "noise"
+    with pytest.raises(ValueError, match="unknown image prior 'nope'; use one of smooth, noise, mixed"):
+        invert.InvertConfig(prior="nope")
+    m = _tiny()
+    sets = {p: invert.write_image_folder(m, tmp_path / p, per_class=3, classes=[0, 1, 2],
+                                         cfg=invert.InvertConfig(steps=2, batch_size=2, prior=p), progress=False)
+            for p in ("mixed", "smooth", "noise")}
+    files = sorted(p.relative_to(sets["mixed"]) for p in sets["mixed"].rglob("*.png"))
+    assert len(files) == 9 and {int(f.name.split("-")[0]) for f in files} == set(range(5))
+    for f in files:
+        twin = sets[("smooth", "noise")[int(f.name.split("-")[0]) % 2]] / f
+        assert (sets["mixed"] / f).read_bytes() == twin.read_bytes()
+    assert (sets["smooth"] / files[0]).read_bytes() != (sets["noise"] / files[0]).read_bytes()
