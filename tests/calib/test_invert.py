@@ -228,3 +228,19 @@ def test_mixed_prior_alternates_the_priors_batch_by_batch(tmp_path):
         twin = sets[("smooth", "noise")[int(f.name.split("-")[0]) % 2]] / f
         assert (sets["mixed"] / f).read_bytes() == twin.read_bytes()
     assert (sets["smooth"] / files[0]).read_bytes() != (sets["noise"] / files[0]).read_bytes()
+
+
+def test_gaussian_kernel_mean_matches_autograd_of_the_formula(gen):
+    """The KDE of the lowbit entropy (analytic backward) against autograd through the plain formula."""
+    v = (torch.rand(3, 50, generator=gen, dtype=torch.float64) * 2 - 1).requires_grad_()
+    grid, h = torch.linspace(-1, 1, 7, dtype=torch.float64), 0.05
+    g = torch.randn(3, 7, generator=gen, dtype=torch.float64)
+    ref = torch.exp(-0.5 * ((v[:, :, None] - grid) / h) ** 2).mean(1)
+    (ref_grad,) = torch.autograd.grad((ref * g).sum(), v)
+    out = invert._GaussianKernelMean.apply(v, grid, h)
+    (grad,) = torch.autograd.grad((out * g).sum(), v)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+    assert grad.abs().max() > 0.1  # the check is not on vanishing gradients
+    assert torch.autograd.gradcheck(lambda x: invert._GaussianKernelMean.apply(x, grid, h), (v[:1, :6].detach()
+                                                                                         .requires_grad_(),))
