@@ -47,22 +47,25 @@ def test_synthesis_flag_reaches_the_inversion(tmp_path, checkpoint, monkeypatch,
     assert seen and set(seen) == {synthesis}
 
 
-@pytest.mark.parametrize("bits,flag,prior", [("w1.58a8", None, "smooth"), ("w4a4", None, "noise"),
-                                              ("w4a4", "smooth", "smooth"), ("w1.58a8", "noise", "noise")])
+@pytest.mark.parametrize("bits,flag,prior", [("w1.58a8", None, "smooth"), ("w4a4", None, "mixed"),
+                                              ("w4a4", "smooth", "smooth"), ("w1.58a8", "noise", "noise"),
+                                              ("w1.58a8", "mixed", "mixed")])
 def test_invert_prior_auto_follows_the_activation_bits(tmp_path, checkpoint, monkeypatch, bits, flag, prior):
-    """``--invert-prior auto`` (the default): smooth images for 8-bit activations, noise ones below; the calibration
-    set and the synthesized fidelity images use the same prior, and the report records it."""
+    """``--invert-prior auto`` (the default): smooth images for 8-bit activations, mixed ones below; the calibration
+    set and the synthesized fidelity images use the same prior (a mixture: its first for batch 0), and the report
+    records it."""
     from calib import invert
-    from calib.invert import PRIORS
+    from calib.invert import MIXTURES, PRIORS
     seen = []
     real = invert.synthesize
-    monkeypatch.setattr(invert, "synthesize", lambda m, y, cfg, **k: seen.append((cfg.prior, cfg.w_tv)) or
-                        real(m, y, cfg, **k))
+    monkeypatch.setattr(invert, "synthesize", lambda m, y, cfg, **k: seen.append(
+        (cfg.for_batch(0).prior, cfg.for_batch(0).w_tv)) or real(m, y, cfg, **k))
     argv = ["--model", "vit_s", "--bits", bits, "--checkpoint", checkpoint, "--model-args", json.dumps(SMALL),
             "--calib-size", "4", "--init-size", "4", "--iters", "1", "--batch-size", "4", "--invert-steps", "2",
             "--no-progress", "--workers", "0", "--out", str(tmp_path / "o")]
     assert main(argv + ([] if flag is None else ["--invert-prior", flag])) == 0
-    assert len(seen) >= 2 and set(seen) == {(prior, PRIORS[prior]["w_tv"])}
+    first = MIXTURES.get(prior, (prior,))[0]
+    assert len(seen) >= 2 and set(seen) == {(first, PRIORS[first]["w_tv"])}
     assert json.loads((tmp_path / "o" / "report.json").read_text())["invert_prior"] == prior
 
 
