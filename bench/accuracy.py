@@ -51,7 +51,8 @@ VARIANT_FLAGS = {"ac": ["--act-correction"], "intfwd": ["--forward", "int"], "fa
                  "psaq": ["--synthesis", "psaq"], "eqt": []}
 FREE_ONLY = ("psaq",)  # variants that change only the data-free images: no real-data cell
 SOURCES = ("real", "free", "free-noise", "free-mixed")
-PRIOR_OF = {"free": "smooth", "free-noise": "noise", "free-mixed": "mixed"}  # data-free sources: quant.run --invert-prior
+# data-free sources: their quant.run --invert-prior
+PRIOR_OF = {"free": "smooth", "free-noise": "noise", "free-mixed": "mixed"}
 DEFAULT_BITS = ("w1.58a8", "w3a3", "w4a4", "w6a6")
 DEFAULT_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 5000, 10000)
 SETTING_KEYS = ("model", "iters", "val_size", "sweep_val_size", "calib_size", "invert_steps", "correction_iters",
@@ -123,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="table methods (e2e+ac: e2e with --act-correction)")
     p.add_argument("--sources", type=lambda v: _csv(v, SOURCES, "--sources"), default=["real", "free"],
                    help="calibration data: real (<data>/train), free (data-free, --data invert, the default smooth "
-                        "prior), free-noise (--invert-prior noise, the first recipe) and/or free-mixed (--invert-prior mixed)")
+                        "prior), free-noise (--invert-prior noise, the first recipe) and/or free-mixed "
+                        "(--invert-prior mixed)")
     p.add_argument("--iters", type=int, default=None, help="quant.run --iters (default: the model's, demo 300)")
     p.add_argument("--val-size", type=int, default=10000, help="cifar10/test images evaluated (seeded subset)")
     p.add_argument("--sweep-val-size", type=int, default=2000, help="cifar10/test images of the sweep's cells")

@@ -133,7 +133,7 @@ def _block_tokens(model) -> List[torch.nn.Module]:
 
 class _GaussianKernelMean(torch.autograd.Function):
     """``f[b, k] = mean_j exp(-z^2 / 2)``, ``z = (v[b, j] - grid[k]) / h``, with the analytic gradient
-    ``df/dv[b, j] = -sum_k g[b, k] exp(-z^2 / 2) z / (h n)`` (a third of the memory traffic of autograd's)."""
+    ``df/dv[b, j] = -sum_k g[b, k] exp(-z^2 / 2) z / (h n)``, keeping only the kernel values for the backward."""
 
     @staticmethod
     def forward(ctx, v, grid, h):
@@ -203,9 +203,10 @@ def soft_targets(y: torch.Tensor, num_classes: int, difficulty: float, hard_mix:
 
 def synthesize(model, labels: torch.Tensor, cfg: InvertConfig = InvertConfig(), difficulty: float = 0.0,
                seed: int = 0, progress: bool = True) -> torch.Tensor:
-    """Images ``[B, 3, H, W]`` in [0, 1] for target ``labels``, optimised through the frozen ``model`` (a mixture
-    prior: its first)."""
-    cfg = cfg.for_batch(0)
+    """Images ``[B, 3, H, W]`` in [0, 1] for target ``labels``, optimised through the frozen ``model``; ``cfg`` has
+    one prior (a mixture's batch config comes from :meth:`InvertConfig.for_batch`)."""
+    if cfg.prior in MIXTURES:
+        raise ValueError(f"prior {cfg.prior!r} is a mixture; pass cfg.for_batch(b) for batch b")
     _, h, w = model_io(model)["input_size"]
     dev = next(model.parameters()).device
     mean, std = normalisation(model, dev)
@@ -336,7 +337,8 @@ def write_image_folder(model, out: "str | Path", per_class: int, classes: Option
         if b in done:
             continue
         lab = torch.tensor(batches[b], dtype=torch.long)
-        imgs = synthesize(model, lab, cfg.for_batch(b), difficulty=b / max(1, nb - 1), seed=seed * 100003 + b, progress=False)
+        imgs = synthesize(model, lab, cfg.for_batch(b), difficulty=b / max(1, nb - 1), seed=seed * 100003 + b,
+                          progress=False)
         for k, (img, c) in enumerate(zip(imgs, batches[b])):
             if c in todo_set:
                 _save_png(img, out / f".tmp-{class_dir_name(c, nc)}" / f"{b:05d}-{k:03d}.png")

@@ -61,18 +61,20 @@ def synthesized(fp_model: nn.Module, transform, size: int, steps: int, seed: int
     """``size`` images made like the data-free calibration set's hardest batch (random target classes, soft targets
     0.6 / 0.4 on two classes: near decision boundaries, where quantization flips predictions; easy synthesized images
     are agreed on almost always), 8-bit RGB then ``transform`` as the calibration reads its PNGs, with seeds the
-    calibration synthesis does not use."""
+    calibration synthesis does not use; a mixture prior alternates its priors over batches of ``batch_size /
+    parts`` images, so the set holds each kind as the calibration set does."""
     import numpy as np
     from PIL import Image
 
-    from calib.invert import InvertConfig, synthesize
+    from calib.invert import MIXTURES, InvertConfig, synthesize
 
     cfg = InvertConfig(steps=steps, synthesis=synthesis, prior=prior)
     labels = torch.randint(int(fp_model.num_classes), (size,),
                            generator=torch.Generator().manual_seed(seed * 100003 + SYNTH_SEED))
+    step = cfg.batch_size // len(MIXTURES.get(prior, (prior,)))
     out = []
-    for b in range(0, size, cfg.batch_size):
-        imgs = synthesize(fp_model, labels[b:b + cfg.batch_size], cfg, difficulty=1.0,
+    for i, b in enumerate(range(0, size, step)):
+        imgs = synthesize(fp_model, labels[b:b + step], cfg.for_batch(i), difficulty=1.0,
                           seed=seed * 100003 + SYNTH_SEED + b, progress=progress)
         for img in imgs:
             out.append(transform(Image.fromarray((img.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8))))

@@ -244,3 +244,8 @@ def test_gaussian_kernel_mean_matches_autograd_of_the_formula(gen):
     assert grad.abs().max() > 0.1  # the check is not on vanishing gradients
     assert torch.autograd.gradcheck(lambda x: invert._GaussianKernelMean.apply(x, grid, h), (v[:1, :6].detach()
                                                                                          .requires_grad_(),))
+
+
+def test_synthesize_refuses_an_unresolved_mixture():
+    with pytest.raises(ValueError, match=r"mixture; pass cfg.for_batch\(b\)"):
+        invert.synthesize(_tiny(), torch.tensor([0]), invert.InvertConfig(steps=1, prior="mixed"), progress=False)

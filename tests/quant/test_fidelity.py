@@ -78,3 +78,17 @@ def test_fidelity_size_flag(tmp_path, checkpoint, capsys):
     assert main(["--model", "vit_s", "--bits", "w4a4", "--checkpoint", checkpoint, "--fidelity-size", "-1",
                  "--out", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err.count("error: --fidelity-size must be >= 0") == 1
+
+
+@pytest.mark.parametrize("prior,want", [("mixed", ["smooth", "noise", "smooth"]), ("noise", ["noise", "noise"])])
+def test_synthesized_fidelity_images_follow_a_mixture_prior(monkeypatch, prior, want):
+    """A mixture prior alternates over half-size batches (both kinds even in one calibration batch's worth); a
+    single prior keeps whole batches."""
+    from calib import invert
+    seen = []
+    monkeypatch.setattr(invert, "synthesize", lambda m, y, cfg, **k: seen.append((cfg.prior, len(y))) or
+                        torch.rand(len(y), 3, 32, 32))
+    x = FI.synthesized(_model(0), lambda img: torch.zeros(3, 32, 32), 80, steps=1, seed=0, prior=prior)
+    assert x.shape == (80, 3, 32, 32)
+    assert [p for p, _ in seen] == want
+    assert [n for _, n in seen] == ([32, 32, 16] if prior == "mixed" else [64, 16])
