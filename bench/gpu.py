@@ -7,7 +7,8 @@ Sections, each run even if an earlier one failed (its error is recorded and the 
              reference's pre-rounding value sits within 1e-3 of a tie; float outputs within the tolerances of
              ``tests/kernels`` (GEMM ``1e-5`` relative; attention ``<= 5%`` of the range, and ``< 2%`` of the
              elements beyond float rounding, the tie flips of P).
-``kernels``  medians of :func:`triton.testing.do_bench` (the L2 is flushed before every call), inputs random:
+``kernels``  medians of :func:`triton.testing.do_bench_cudagraph` (kernel time: the call replayed in a CUDA graph, so
+             the host's launch cost, which the models section measures, is out of both sides), inputs random:
              packed GEMMs (W1.58A8, W3A3, W4A4, W4A8, W8A8) at ViT-B shapes, ``M = 197 x {1, 8, 64}``, against
              fp16 ``matmul`` and ``torch._int_mm``; the fused LayerNorm-quantize against a device copy of the same
              input bytes (bandwidth counts bytes read + written); quantized attention against fp16 SDPA at
@@ -80,7 +81,7 @@ class Bench:
             return statistics.median(ts) * 1e3
         if not model:
             import triton
-            return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+            return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
         for _ in range(3):
             fn()
         torch.cuda.synchronize()
@@ -294,6 +295,7 @@ def section_kernels(b: Bench) -> None:
     import torch
     import torch.nn.functional as F
 
+    from kernels import configs as C
     from kernels import ops
     from quant import primitives as P
     from quant.primitives import QParams
@@ -323,6 +325,13 @@ def section_kernels(b: Bench) -> None:
                 out_dt = torch.float16
                 ms = b.time_ms(lambda: ops.packed_linear(a, qp, pw, sw, zw, bias, out_dtype=out_dt))
                 b.row("gemm", case, name, ms, flops, "TOPS")
+                if C.unpack_first(pw.fmt, m):  # the dispatcher unpacks first; time the fused kernel beside it
+                    keep, C.UNPACK_MIN_M = C.UNPACK_MIN_M, 1 << 62
+                    try:
+                        ms = b.time_ms(lambda: ops.packed_linear(a, qp, pw, sw, zw, bias, out_dtype=out_dt))
+                    finally:
+                        C.UNPACK_MIN_M = keep
+                    b.row("gemm", case, f"{name} fused unpack", ms, flops, "TOPS")
             print(f"  gemm {case} done", flush=True)
 
     c = 64 if b.dry else 768
@@ -403,6 +412,26 @@ def _export(b: Bench, arch: str, args: dict, bits: str, tmp: Path):
     return fp, path, size
 
 
+def _sync_check(b: Bench, name: str, model, size: int) -> None:
+    """The deployed forward (after a first call) makes no host-device synchronisation (``set_sync_debug_mode``)."""
+    import warnings
+
+    import torch
+    x = torch.randn(2, 3, size, size, device=b.dev)
+    with torch.inference_mode():
+        model(x)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode(1)
+            try:
+                model(x)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message).splitlines()[0] for w in caught if "called a synchronizing" in str(w.message)]
+    b.check(f"{name} eager forward without host sync", not syncs,
+            f"{len(syncs)} synchronizing calls" + (f", first: {syncs[0][:120]}" if syncs else ""))
+
+
 def section_models(b: Bench, models: Optional[List[str]] = None, compile_models=("vit_b",)) -> None:
     import torch
 
@@ -425,6 +454,8 @@ def section_models(b: Bench, models: Optional[List[str]] = None, compile_models=
                     impls = {}
                 tag = bits.upper()
                 impls[f"{tag} eager"] = export.load(path, device=b.dev)
+                if not b.dry:
+                    _sync_check(b, f"{name} {tag}", impls[f"{tag} eager"], size)
                 if name in compile_models and not b.dry:
                     impls[f"{tag} compiled"] = export.load(path, device=b.dev, compile=True)
                 for batch in batches:
@@ -550,8 +581,9 @@ def markdown(res: dict) -> str:
              "Written by the script from this run's own measurements; do not edit by hand.", ""]
     lines += [f"- {k}: {v}" for k, v in env.items()]
     lines += ["", "Speeds are ratios to the baseline measured in the same process (`x` = faster when > 1): kernel "
-              "medians of `triton.testing.do_bench` with the L2 flushed; models and the optimiser by CUDA events "
-              "or wall clock around whole calls.", ""]
+              "medians of `triton.testing.do_bench_cudagraph` (GPU time of the call replayed in a CUDA graph, the "
+              "host's launch cost out of both sides); models and the optimiser by CUDA events or wall clock around "
+              "whole calls (eager: host launch cost included; compiled: `torch.compile` with CUDA graphs).", ""]
     fails = [c for c in res["checks"] if not c["ok"]]
     lines += ["## Checks against `kernels.reference`", "",
               f"{len(res['checks']) - len(fails)} of {len(res['checks'])} passed.", ""]

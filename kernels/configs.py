@@ -80,6 +80,15 @@ GEMM_CANDIDATES = (
 )
 
 
+#: the tiles timed on an H100 by ``bench/gemm_sweep.py`` (data: ``bench/gemm_sweep_h100.json``) from which the ViT-B
+#: rows of the sm_90 table were taken: compile-checked there, at the shapes and with the epilogues they run
+SWEEP_TILES = (
+    GemmConfig(64, 64, 128, 4, 4), GemmConfig(64, 128, 128, 4, 3), GemmConfig(64, 128, 128, 8, 3),
+    GemmConfig(64, 256, 128, 8, 3), GemmConfig(128, 64, 128, 8, 3), GemmConfig(128, 128, 128, 8, 3),
+    GemmConfig(128, 128, 128, 8, 4),
+)
+
+
 def gemm_rule(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:
     """Largest of the candidate tiles whose grid still gives every SM a tile (fewest tiles, full machine);
     the smallest tile when none does."""
@@ -97,6 +106,25 @@ def gemm_config(fmt: str, m: int, n: int, k: int, target: Target) -> Optional[Ge
         row = gemm_table.SM90.get((fmt, m_bucket(m), n, k))
         return GemmConfig(*row) if row is not None else None
     return gemm_rule(m, n, k, target.num_sms)
+
+
+#: rows from which a packed (non-``int8``) weight is first unpacked to int8 codes (:mod:`kernels.unpack_codes`)
+#: and multiplied by the int8 GEMM instead of unpacking inside the GEMM's main loop. Measured on H100 (bench/RESULTS.md,
+#: CUDA-graph kernel times): at M = 197, 1576 and 12608 the fused int4 GEMM took 1.6-3x the int8 GEMM's time (the
+#: per-tile unpack feeds the tensor cores from registers), while unpacking a ViT-B weight takes a few microseconds.
+UNPACK_MIN_M = 128
+
+
+def unpack_first(fmt: str, m: int) -> bool:
+    """Whether an ``M``-row GEMM on a ``fmt`` weight runs as unpack + int8 GEMM (see :data:`UNPACK_MIN_M`)."""
+    return fmt != "int8" and m >= UNPACK_MIN_M
+
+
+def unpack_blocks(target: Target) -> Tuple[int, int, dict]:
+    """``(BLOCK_N, BLOCK_K, options)`` of :mod:`kernels.unpack_codes`."""
+    if target.interpreted:
+        return 64, 128, {}
+    return 32, 128, dict(num_warps=4, **GPU_OPTIONS)
 
 
 # ---------------------------------------------------------------------------------------------- attention

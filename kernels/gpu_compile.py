@@ -204,6 +204,15 @@ def gemm_launch(fmt: str, m: int, n: int, k: int, target, config=None, bias=True
                                 config)
 
 
+def unpack_launch(fmt: str, n: int, k: int, target):
+    """The dispatcher's weight-unpack launch (:mod:`kernels.unpack_codes`) for an ``N x K`` weight, on meta tensors."""
+    from quant import packing
+    from . import library as L
+    kp = packing.padded_k(k, fmt)
+    planes = [_meta(n, kp // per, dtype=torch.uint8) for _, per in packing.FORMATS[fmt].planes]
+    return L.unpack_codes_launch(planes, fmt, k, _meta(n, k, dtype=torch.int8), target)
+
+
 def attention_launch(b: int, h: int, l: int, d: int, target, sulq=False, bias=False, mask=False, p_bits=8.0):
     from . import library as L
     q = _meta(b, h, l, d, dtype=torch.int8)
@@ -237,7 +246,10 @@ def dispatcher_launches(arch: int) -> list:
 
     fc1 = mlp_shapes()
     for m, n, k in gemm_problems():
-        for fmt in fmts:
+        for packed in fmts:
+            fmt = "int8" if C.unpack_first(packed, m) else packed
+            if fmt != packed:
+                add(unpack_launch(packed, n, k, target))
             cfg = C.gemm_config(fmt, m, n, k, target) or C.gemm_rule(m, n, k)
             add(gemm_launch(fmt, m, n, k, target, cfg))
             if (k, n) in fc1:  # the GELU + requant epilogue runs on fc1 only (export.runtime.PackedMlp)

@@ -24,6 +24,7 @@ from .packed_gemm import packed_gemm_kernel
 from .quant_attention import quant_attention_kernel
 from .quant_attention_sulq import quant_attention_sulq_kernel
 from .rescale_quantize import rescale_quantize_kernel
+from .unpack_codes import unpack_codes_kernel
 
 
 def _interpreted() -> bool:
@@ -35,8 +36,15 @@ def _store_dtype(dt: torch.dtype) -> torch.dtype:
     return torch.float32 if dt == torch.bfloat16 and _interpreted() else dt
 
 
+_DUMMIES = {}
+
+
 def _dummy(t: Tensor) -> Tensor:
-    return torch.empty(1, dtype=torch.float32, device=t.device)
+    """A one-element float32 placeholder for an absent pointer argument (one per device, never read)."""
+    d = _DUMMIES.get(t.device)
+    if d is None:
+        d = _DUMMIES[t.device] = torch.empty(1, dtype=torch.float32, device=t.device)
+    return d
 
 
 def _opt(t: Optional[Tensor], like: Tensor) -> Tensor:
@@ -218,6 +226,17 @@ def packed_gemm_launch(a2: Tensor, planes: List[Tensor], fmt: str, k: int, colsu
     return Launch(packed_gemm_kernel, grid, args, {**meta, **cfg.meta()}, cfg.options())
 
 
+def unpack_codes_launch(planes: List[Tensor], fmt: str, k: int, out: Tensor, target: Target) -> Launch:
+    """The launch that writes the int8 codes ``out [N, K]`` of a ``fmt`` weight's ``planes``."""
+    n = out.shape[0]
+    bn, bk, opts = C.unpack_blocks(target)
+    w1 = planes[1] if len(planes) > 1 else _dummy(out)
+    return Launch(unpack_codes_kernel, (triton.cdiv(n, bn), triton.cdiv(k, bk)),
+                  dict(w0_ptr=planes[0], w1_ptr=w1, out_ptr=out, N=n, K=k, stride_w0=planes[0].stride(0),
+                       stride_w1=planes[1].stride(0) if len(planes) > 1 else 0, stride_o=out.stride(0)),
+                  dict(LOAD_W=GEMM_LOADERS[fmt], BLOCK_N=bn, BLOCK_K=bk), opts)
+
+
 @torch.library.custom_op("lowbit::packed_linear", mutates_args=())
 def packed_linear(a: Tensor, planes: List[Tensor], fmt: str, k: int, colsum: Tensor, sa: Tensor, za: Tensor,
                   sw: Tensor, zw: Tensor, bias: Optional[Tensor], gelu: bool, out_dtype: torch.dtype,
@@ -229,8 +248,13 @@ def packed_linear(a: Tensor, planes: List[Tensor], fmt: str, k: int, colsum: Ten
     requant = rq_s is not None
     out = torch.empty((m, n), dtype=torch.int8 if requant else _store_dtype(out_dtype), device=a.device)
     if m and n:
+        target = Target.of(a)
+        if C.unpack_first(fmt, m):
+            codes = torch.empty((n, k), dtype=torch.int8, device=a.device)
+            unpack_codes_launch(planes, fmt, k, codes, target)()
+            planes, fmt = [codes], "int8"
         packed_gemm_launch(a2, planes, fmt, k, colsum, sa, za, sw, zw, bias, gelu, out, rq_s, rq_zr, rq_bits,
-                           Target.of(a))()
+                           target)()
     return out.to(torch.int8 if requant else out_dtype).reshape(*a.shape[:-1], n)
 
 

@@ -10,7 +10,8 @@ traces through them without graph breaks (argument checks that need host values 
 from __future__ import annotations
 
 import os
-from typing import Optional, Union
+import weakref
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -50,6 +51,27 @@ def _checking() -> bool:
     return not torch.compiler.is_compiling()
 
 
+def _memo(tag: str, values: Tuple, fn: Callable):
+    """``fn()``, kept on ``values[0]`` (a tensor) and reused while every tensor of ``values`` is the same object with
+    the same storage and version and every number is equal: a deployed quantizer's parameters are checked and
+    converted once, not on every call (no host sync, no small kernels). Recomputed under ``torch.compile``, for
+    inference tensors (no version counter), and for tensors that require grad while grad is on (the optimiser's)."""
+    tensors = [t for t in values if torch.is_tensor(t)]
+    if (torch.compiler.is_compiling() or not torch.is_tensor(values[0])
+            or not all(torch.is_tensor(v) or isinstance(v, (int, float)) for v in values)
+            or any(t.is_inference() for t in tensors)
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
+        return fn()
+    key = tuple((v.data_ptr(), v._version) if torch.is_tensor(v) else v for v in values)
+    memo = values[0].__dict__.setdefault("_lowbit_memo", {})
+    hit = memo.get(tag)
+    if hit is not None and hit[1] == key and all(r() is t for r, t in zip(hit[0], tensors)):
+        return hit[2]
+    out = fn()
+    memo[tag] = (tuple(weakref.ref(t) for t in tensors), key, out)
+    return out
+
+
 def _same_device(ref: Tensor, **tensors) -> None:
     for name, t in tensors.items():
         if t is not None and torch.is_tensor(t) and t.device != ref.device:
@@ -66,11 +88,14 @@ def _scalar(name: str, v, like: Tensor) -> Tensor:
 def _act_qparams(x: Tensor, qp: QParams):
     """``(s [1] float32, rounded unsigned z [1] float32)`` of a per-tensor activation quantizer, checked."""
     P.check_bits(qp.bits)
-    s, z = _scalar("step size s", qp.s, x), _scalar("zero point z", qp.z, x)
-    if _checking():
-        P.check_step(s)
-        P._check_finite("zero point z", z)
-    return s, P.round_zero_point(z, qp.bits)
+
+    def prepare():
+        s, z = _scalar("step size s", qp.s, x), _scalar("zero point z", qp.z, x)
+        if _checking():
+            P.check_step(s)
+            P._check_finite("zero point z", z)
+        return s, P.round_zero_point(z, qp.bits)
+    return _memo(f"act {qp.bits} {x.device}", (qp.s, qp.z), prepare)
 
 
 def _channel_vecs(x: Tensor, **vecs):
@@ -239,27 +264,46 @@ def packed_linear(a: Tensor, a_qp: QParams, w: packing.PackedWeight, w_scale: Te
     if out_dtype not in _FLOATS:
         raise TypeError(f"out_dtype must be float32/float16/bfloat16, got {out_dtype}")
     _same_device(a, w_scale=w_scale, w_zero=w_zero, bias=bias)
-    sw = torch.as_tensor(w_scale, dtype=torch.float32, device=a.device).reshape(-1).contiguous()
-    zw = P.round_zero_point(torch.as_tensor(w_zero, dtype=torch.float32, device=a.device), w.bits).reshape(-1)
-    if zw.numel() != w.n or sw.numel() != w.n:
-        raise ValueError(f"w_scale and w_zero need one value per output channel ({w.n})")
     if bias is not None and tuple(bias.shape) != (w.n,):
         raise ValueError(f"bias must have shape [{w.n}], got {tuple(bias.shape)}")
-    if w.fmt == "int8":
-        zw = zw - P.code_offset(w.bits)
-    sa = _scalar("activation step s", a_qp.s, a)
-    za = P.signed_zero_point(_scalar("activation zero point z", a_qp.z, a), a_qp.bits)
+
+    def weight_params():
+        sw = torch.as_tensor(w_scale, dtype=torch.float32, device=a.device).reshape(-1).contiguous()
+        zw = P.round_zero_point(torch.as_tensor(w_zero, dtype=torch.float32, device=a.device), w.bits).reshape(-1)
+        if zw.numel() != w.n or sw.numel() != w.n:
+            raise ValueError(f"w_scale and w_zero need one value per output channel ({w.n})")
+        if w.fmt == "int8":
+            zw = zw - P.code_offset(w.bits)
+        return sw, zw.to(torch.int32).contiguous()
+
+    def act_params():
+        sa = _scalar("activation step s", a_qp.s, a)
+        return sa, P.signed_zero_point(_scalar("activation zero point z", a_qp.z, a), a_qp.bits)
+    sw, zw = _memo(f"weight {w.bits} {a.device}", (w_scale, w_zero), weight_params)
+    sa, za = _memo(f"act signed {a_qp.bits} {a.device}", (a_qp.s, a_qp.z), act_params)
     rq_s = rq_zr = None
     rq_bits = 8.0
     if requant is not None:
         rq_s, rq_zr = _act_qparams(a, requant)
         rq_bits = float(requant.bits)
     planes = [w.planes[name] for name, _ in packing.FORMATS[w.fmt].planes]
-    return L.packed_linear(a, planes, w.fmt, w.k, weight_colsum(w), sa, za, sw, zw.to(torch.int32).contiguous(),
+    return L.packed_linear(a, planes, w.fmt, w.k, weight_colsum(w), sa, za, sw, zw,
                            None if bias is None else bias.contiguous(), bool(gelu), out_dtype, rq_s, rq_zr, rq_bits)
 
 
 # ---------------------------------------------------------------------------------------------- attention
+
+
+_P_DEFAULTS = {}
+
+
+def _default_p_qparams(bits, device) -> QParams:
+    """The probability quantizer used when none is given: step ``1 / qmax``, zero point 0 (one per bits, device)."""
+    key = (float(bits), device)
+    if key not in _P_DEFAULTS:
+        _P_DEFAULTS[key] = QParams(torch.tensor(1.0 / P.qmax(bits), device=device), torch.tensor(0.0, device=device),
+                                   bits)
+    return _P_DEFAULTS[key]
 
 
 def quant_attention(q: Tensor, k: Tensor, v: Tensor, q_qp: QParams, k_qp: QParams, v_qp: QParams, scale: float,
@@ -281,21 +325,28 @@ def quant_attention(q: Tensor, k: Tensor, v: Tensor, q_qp: QParams, k_qp: QParam
     if mask is not None and (mask.dim() != 3 or tuple(mask.shape[1:]) != (l, l) or b % mask.shape[0]):
         raise ValueError(f"mask must be [nW, L, L] with B divisible by nW, got {tuple(mask.shape)} for B={b}")
     if p_qp is None:
-        p_qp = QParams(torch.tensor(1.0 / P.qmax(q_qp.bits)), torch.tensor(0.0), q_qp.bits)
+        p_qp = _default_p_qparams(q_qp.bits, q.device)
     for qp in (q_qp, k_qp, v_qp, p_qp):
         P.check_bits(qp.bits)
-    sq, sk, sv = (_scalar("step size s", qp.s, q) for qp in (q_qp, k_qp, v_qp))
-    zq, zk, zv = (P.signed_zero_point(_scalar("zero point z", qp.z, q), qp.bits) for qp in (q_qp, k_qp, v_qp))
-    qk_scale = (sq.double() * float(scale) * sk.double()).float()
-    if isinstance(p_qp, SULQParams):
-        eta = _scalar("SULQ shift eta", p_qp.eta, q)
-        if _checking() and not bool((eta > 0).all()):
-            raise ValueError(f"SULQ shift eta must be > 0, got {float(eta)}; re-initialise the quantizer")
-        sp, zp = _act_qparams(q, QParams(p_qp.s, p_qp.z, p_qp.bits))
-        x0 = _scalar("SULQ origin x0", p_qp.x0, q)
-        table = P.sulq_table(eta, sp, zp, p_qp.bits, x0, bool(p_qp.pow2)).to(q.device)
-        return L.quant_attention_sulq(q, k, v, rel_bias, mask, zq, zk, zv.float(), qk_scale, eta, x0, sp, zp, table,
-                                      sv, float(p_qp.bits))
-    sp, zp = _act_qparams(q, p_qp)
-    pv_scale = (sp.double() * sv.double()).float()
-    return L.quant_attention(q, k, v, rel_bias, mask, zq, zk, zv, qk_scale, sp, zp, pv_scale, float(p_qp.bits))
+    sulq = isinstance(p_qp, SULQParams)
+
+    def prepare():
+        sq, sk, sv = (_scalar("step size s", qp.s, q) for qp in (q_qp, k_qp, v_qp))
+        zq, zk, zv = (P.signed_zero_point(_scalar("zero point z", qp.z, q), qp.bits) for qp in (q_qp, k_qp, v_qp))
+        qk_scale = (sq.double() * float(scale) * sk.double()).float()
+        if sulq:
+            eta = _scalar("SULQ shift eta", p_qp.eta, q)
+            if _checking() and not bool((eta > 0).all()):
+                raise ValueError(f"SULQ shift eta must be > 0, got {float(eta)}; re-initialise the quantizer")
+            sp, zp = _act_qparams(q, QParams(p_qp.s, p_qp.z, p_qp.bits))
+            x0 = _scalar("SULQ origin x0", p_qp.x0, q)
+            table = P.sulq_table(eta, sp, zp, p_qp.bits, x0, bool(p_qp.pow2)).to(q.device).contiguous()
+            return zq, zk, zv.float(), qk_scale, eta, x0, sp, zp, table, sv
+        sp, zp = _act_qparams(q, p_qp)
+        return zq, zk, zv, qk_scale, sp, zp, (sp.double() * sv.double()).float()
+    params = (q_qp.s, q_qp.z, k_qp.s, k_qp.z, v_qp.s, v_qp.z, p_qp.s, p_qp.z) + ((p_qp.eta, p_qp.x0) if sulq else ())
+    tag = f"attention {scale!r} {[qp.bits for qp in (q_qp, k_qp, v_qp, p_qp)]} {sulq and bool(p_qp.pow2)} {q.device}"
+    prepared = _memo(tag, params, prepare)
+    if sulq:
+        return L.quant_attention_sulq(q, k, v, rel_bias, mask, *prepared, float(p_qp.bits))
+    return L.quant_attention(q, k, v, rel_bias, mask, *prepared, float(p_qp.bits))

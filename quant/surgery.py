@@ -133,6 +133,7 @@ def quantize_model(model: nn.Module, bits, rescale: bool = True, softmax_quantiz
     if softmax_quantizer not in SOFTMAX_QUANTIZERS:
         raise ValueError(f"softmax quantizer must be one of {', '.join(SOFTMAX_QUANTIZERS)}, got {softmax_quantizer!r}")
     cfg: BitConfig = parse_bits(bits)
+    device = next(model.parameters()).device
     if quant_modules(model):
         raise ValueError("model is already quantized")
     names = [n for n, m in model.named_modules() if isinstance(m, (Attention, WindowAttention))]
@@ -162,7 +163,7 @@ def quantize_model(model: nn.Module, bits, rescale: bool = True, softmax_quantiz
             if name not in ("weight", "bias"):
                 p.requires_grad_(True)
     model.quant_bits = cfg
-    return model
+    return model.to(device)
 
 
 def blocks(model: nn.Module) -> List[nn.Module]:

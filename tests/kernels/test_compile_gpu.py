@@ -58,7 +58,9 @@ def test_every_kernel_format_and_variant_is_covered(reports, arch):
     reps = reports[arch]
     assert {x["name"] for x in reps} == {
         "packed_gemm_kernel", "quant_attention_kernel", "quant_attention_sulq_kernel", "rescale_quantize_kernel",
-        "layernorm_quantize_kernel", "fake_quantize_fwd_kernel", "fake_quantize_bwd_kernel"}
+        "layernorm_quantize_kernel", "fake_quantize_fwd_kernel", "fake_quantize_bwd_kernel", "unpack_codes_kernel"}
+    unpacks = [x["config"] for x in reps if x["name"] == "unpack_codes_kernel"]
+    assert {c.split("LOAD_W=")[1].split(",")[0] for c in unpacks} == {"load_2bit", "load_int3", "load_int4"}
     gemm = [x["config"] for x in reps if x["name"] == "packed_gemm_kernel"]
     assert {c.split("LOAD_W=")[1].split(",")[0] for c in gemm} == {"load_2bit", "load_int3", "load_int4", "load_int8"}
     for flag in ("HAS_BIAS", "GELU", "REQUANT"):

@@ -14,18 +14,37 @@ def test_table_covers_every_literature_problem_with_checked_configs():
         for fmt in ("2bit", "int3", "int4", "int8"):
             cfg = C.gemm_config(fmt, m, n, k, H100)
             assert cfg is not None, (fmt, m, n, k)
-    assert {C.GemmConfig(*row) for row in gemm_table.SM90.values()} <= set(C.GEMM_CANDIDATES)
+    assert {C.GemmConfig(*row) for row in gemm_table.SM90.values()} <= set(C.GEMM_CANDIDATES) | set(C.SWEEP_TILES)
 
 
-def test_batch_one_fills_the_h100():
-    """ViT-B at batch 1 (M = 197): every linear's grid gives each of the 132 SMs a tile, or uses the smallest."""
+def test_rule_fills_the_h100_at_batch_one():
+    """ViT-B at batch 1 (M = 197): the rule's grid gives each of the 132 SMs a tile, or uses the smallest tile."""
     vit_b = MODELS["vit_b"]
     for k, n in vit_b.linears[1:-1]:
-        cfg = C.gemm_config("int4", 197, n, k, H100)
+        cfg = C.gemm_rule(197, n, k)
         tiles = triton.cdiv(197, cfg.block_m) * triton.cdiv(n, cfg.block_n)
         assert tiles >= 132 or cfg == C.GEMM_CANDIDATES[0], (k, n, cfg, tiles)
-    big = C.gemm_config("int4", 197 * 64, 3072, 768, H100)
+    big = C.gemm_rule(197 * 64, 3072, 768)
     assert big.block_m * big.block_n >= 64 * 128  # large batches keep large tiles
+
+
+def test_vit_b_rows_are_the_fastest_timed_tiles():
+    """The sm_90 table's ViT-B rows are the fastest tile of the H100 sweep (bench/gemm_sweep_h100.json) among
+    :data:`kernels.configs.SWEEP_TILES`, for every format and M bucket."""
+    import json
+    from pathlib import Path
+    rows = json.loads((Path(__file__).resolve().parents[2] / "bench" / "gemm_sweep_h100.json").read_text())
+    allowed = set(C.SWEEP_TILES) | set(C.GEMM_CANDIDATES)
+    best = {}
+    for r in rows:
+        cfg = C.GemmConfig(*r["cfg"]) if "cfg" in r else None
+        if r["ph"] == "B" and "ms" in r and r["same"] and cfg in allowed:
+            key = (r["fmt"], C.m_bucket(r["m"]), r["n"], r["k"])
+            if key not in best or r["ms"] < best[key][0]:
+                best[key] = (r["ms"], cfg)
+    assert len(best) == 48
+    for key, (_, cfg) in best.items():
+        assert C.GemmConfig(*gemm_table.SM90[key]) == cfg, key
 
 
 def test_unknown_shapes_autotune_on_h100_and_use_the_rule_elsewhere():

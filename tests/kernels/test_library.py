@@ -102,3 +102,30 @@ def test_dispatch_switch(gen, monkeypatch):
     finally:
         ops.use_triton(None)
     assert calls == [1]
+
+
+def test_deployed_qparams_are_checked_once_and_rechecked_when_changed(gen, monkeypatch):
+    """Per-call parameter preparation (checks that read device values, zero-point rounding) runs once per
+    quantizer parameter tensor and again after it changes in place or is replaced: a deployed model's forward has
+    no host sync, and a bad value set later is still refused."""
+    calls = []
+    real = P.check_step
+    monkeypatch.setattr(P, "check_step", lambda s: (calls.append(1), real(s)))
+    x = torch.randn(5, 64, generator=gen)
+    qp = QParams(torch.tensor(0.05), torch.tensor(7.0), 4)
+    with triton_path():
+        first = ops.quantize(x, qp)
+        for _ in range(3):
+            assert torch.equal(ops.quantize(x, qp), first)
+        assert len(calls) == 1
+        qp.s.mul_(2.0)
+        assert not torch.equal(ops.quantize(x, qp), first) and len(calls) == 2
+        qp.s.fill_(-1.0)
+        with pytest.raises(ValueError, match="step size s must be > 0"):
+            ops.quantize(x, qp)
+        fresh = QParams(torch.tensor(0.05), torch.tensor(7.0), 4)
+        assert torch.equal(ops.quantize(x, fresh), first) and len(calls) == 4
+        trained = QParams(torch.tensor(0.05, requires_grad=True), torch.tensor(7.0), 4)
+        ops.quantize(x, trained)
+        ops.quantize(x, trained)
+        assert len(calls) == 6
