@@ -513,7 +513,30 @@ def section_optim(b: Bench) -> None:
         b.row("optim", f"{arch} W4A4 e2e batch {bs}", name, sec * 1e3 / steps, 1.0, "it/s", peak_mib=peak,
               loss_first=hist["losses"][0], loss_last=hist["losses"][-1])
         print(f"  optimiser {name}: {steps / sec:.2f} it/s", flush=True)
+        if not bf16:
+            b.extra["optim_profile"] = _profile(lambda: optimize(q, fp, images, OptimConfig(iters=2, **cfg)), b.dry)
     _triton(None)
+
+
+def _profile(fn: Callable[[], object], dry: bool, top: int = 15) -> dict:
+    """``torch.profiler`` of ``fn``: the ops with the most host (self CPU) and device time, and the count of calls
+    that synchronise the host with the device (``aten::item``, ``aten::is_nonzero``, ``cudaStreamSynchronize``,
+    ``cudaDeviceSynchronize``, ``aten::_local_scalar_dense``)."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([] if dry else [ProfilerActivity.CUDA])
+    with profile(activities=acts) as prof:
+        fn()
+    ev = prof.key_averages()
+
+    def rows(key):
+        out = sorted(ev, key=lambda e: getattr(e, key, 0) or 0, reverse=True)[:top]
+        return [dict(name=e.key[:80], calls=e.count, self_cpu_ms=e.self_cpu_time_total / 1e3,
+                     device_ms=(getattr(e, "self_device_time_total", 0) or 0) / 1e3) for e in out]
+    syncing = ("aten::item", "aten::is_nonzero", "aten::_local_scalar_dense", "cudaStreamSynchronize",
+               "cudaDeviceSynchronize")
+    return dict(by_cpu=rows("self_cpu_time_total"), by_device=rows("self_device_time_total"),
+                syncs={e.key: e.count for e in ev if e.key in syncing},
+                total_calls=sum(e.count for e in ev))
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -603,6 +626,16 @@ def markdown(res: dict) -> str:
             peak = f"{r['peak_mib']:.0f}" if r.get("peak_mib") else ""
             lines.append(f"| {r['case']} | {r['impl']} | {r['ms']:.4f} | {r['rate']:.3f} {r['unit']} | "
                          f"{_fmt_ratio(r)} | {peak} |")
+    prof = res.get("extra", {}).get("optim_profile")
+    if prof:
+        lines += ["", "## optimiser profile (fp32, one `optimize` call of 2 steps)", "",
+                  f"{prof['total_calls']} profiled calls; host-device synchronising calls: "
+                  + (", ".join(f"{k} x{v}" for k, v in prof["syncs"].items()) or "none"), ""]
+        for key, title in (("by_device", "device"), ("by_cpu", "host (self CPU)")):
+            lines += [f"Most {title} time:", "", "| op | calls | self CPU ms | device ms |", "| --- | ---: | ---: | ---: |"]
+            lines += [f"| `{r['name']}` | {r['calls']} | {r['self_cpu_ms']:.2f} | {r['device_ms']:.2f} |"
+                      for r in prof[key]]
+            lines.append("")
     if res["errors"]:
         lines += ["", "## Sections that failed", ""]
         lines += [f"- {k}: `{v.strip().splitlines()[-1]}`" for k, v in res["errors"].items()]
@@ -620,7 +653,7 @@ def _write(b: Bench, out: Path, dry: bool, seconds: dict) -> str:
     """Write ``results.json`` and ``RESULTS.md`` (after every section, so a cut-off run keeps what it measured)."""
     _ratios(b.rows)
     res = dict(env={**_env(dry), "seconds": seconds}, checks=b.checks, targets=_targets(b.rows), rows=b.rows,
-               errors=b.errors)
+               errors=b.errors, extra=b.extra)
     _atomic_write(out / "results.json", json.dumps(res, indent=1))
     md = markdown(res)
     _atomic_write(out / "RESULTS.md", md)

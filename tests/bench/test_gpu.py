@@ -42,6 +42,9 @@ def test_dry_run_writes_every_section(tmp_path):
     assert {i for _, i in models} >= {"baseline timm fp16 eager", "W4A4 eager", "W1.58A8 eager"}
     optim = [r for r in res["rows"] if r["section"] == "optim"]
     assert [r["impl"] for r in optim] == ["fp32", "bf16 autocast"] and all(r["rate"] > 0 for r in optim)
+    prof = res["extra"]["optim_profile"]
+    assert any(r["name"] == "lowbit::fake_quantize_bwd" and r["calls"] > 0 for r in prof["by_cpu"])
+    assert "optimiser profile" in (tmp_path / "RESULTS.md").read_text()
     assert len(res["targets"]) == len(gpu.TARGETS)
     md = (tmp_path / "RESULTS.md").read_text()
     for head in ("## Checks", "## Targets", "## gemm", "## quantize", "## attention", "## model", "## optim"):
