@@ -69,3 +69,14 @@ def test_mlp_shapes_are_the_models_fc1():
     from kernels.shapes import MODELS, mlp_shapes
     assert all(set(m.mlp) <= set(m.linears) and m.mlp for m in MODELS.values())
     assert (768, 3072) in mlp_shapes() and (96, 384) in mlp_shapes() and (768, 1000) not in mlp_shapes()
+
+
+def test_regenerating_the_table_keeps_its_rows(tmp_path):
+    """``python -m kernels.configs`` (``write_table``) keeps the H100-timed rows and the docstring."""
+    import importlib.util
+    out = tmp_path / "table.py"
+    C.write_table(str(out))
+    spec = importlib.util.spec_from_file_location("regenerated", out)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.SM90 == gemm_table.SM90 and mod.__doc__ == gemm_table.__doc__
