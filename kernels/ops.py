@@ -254,41 +254,73 @@ def packed_linear(a: Tensor, a_qp: QParams, w: packing.PackedWeight, w_scale: Te
     """Integer linear on int8 codes and a packed weight (see :func:`kernels.reference.packed_linear`)."""
     if not triton_enabled(a):
         return R.packed_linear(a, a_qp, w, w_scale, w_zero, bias, gelu, out_dtype, requant)
+    _check_act_codes(a)
+    _check_packed(w, a)
+    planes = [w.planes[name] for name, _ in packing.FORMATS[w.fmt].planes]
+    return _int_linear(a, a_qp, planes, w.fmt, w.n, w.k, w.bits, lambda: weight_colsum(w), w_scale, w_zero, bias,
+                       gelu, out_dtype, requant)
+
+
+def linear_codes(a: Tensor, a_qp: QParams, qw: Tensor, w_bits, w_scale: Tensor, w_zero: Tensor,
+                 bias: Optional[Tensor] = None, gelu: bool = False, out_dtype: torch.dtype = torch.float32,
+                 requant: Optional[QParams] = None) -> Tensor:
+    """:func:`packed_linear` on unpacked unsigned weight codes ``qw [N, K]`` (the optimiser's integer forward: no
+    packing). On the Triton path the codes go to the GEMM as int8 ``qw - code_offset(w_bits)`` through the ``int8``
+    loader (the arithmetic of the unpack-first path, bit-identical to :func:`packed_linear`)."""
+    if not triton_enabled(a):
+        return R.linear_codes(a, a_qp, qw, w_bits, w_scale, w_zero, bias, gelu, out_dtype, requant)
+    _check_act_codes(a)
+    P.check_bits(w_bits)
+    if not torch.is_tensor(qw) or qw.dim() != 2 or qw.is_floating_point() or qw.dtype == torch.bool:
+        raise TypeError(f"weight codes must be an integer [N, K] tensor, got "
+                        f"{qw.dtype if torch.is_tensor(qw) else type(qw).__name__} {tuple(getattr(qw, 'shape', ()))}")
+    _same_device(a, qw=qw)
+    q8 = (qw.to(torch.int16) - P.code_offset(w_bits)).to(torch.int8).contiguous()
+    n, k = q8.shape
+    return _int_linear(a, a_qp, [q8], "int8", n, k, w_bits,
+                       lambda: q8.to(torch.int32).sum(dim=1, dtype=torch.int32).contiguous(), w_scale, w_zero, bias,
+                       gelu, out_dtype, requant)
+
+
+def _check_act_codes(a: Tensor) -> None:
     if not torch.is_tensor(a) or a.dtype != torch.int8:
         raise TypeError(f"activation codes must be int8 (signed storage), got "
                         f"{a.dtype if torch.is_tensor(a) else type(a).__name__}; quantize them first")
-    _check_packed(w, a)
-    if a.dim() < 1 or a.shape[-1] != w.k:
-        raise ValueError(f"activation codes have K={a.shape[-1] if a.dim() else None} but the packed weight "
-                         f"has K={w.k}")
+
+
+def _int_linear(a: Tensor, a_qp: QParams, planes, fmt: str, n: int, k: int, w_bits, colsum: Callable,
+                w_scale, w_zero, bias, gelu: bool, out_dtype: torch.dtype, requant: Optional[QParams]) -> Tensor:
+    """The checks and parameter preparation shared by :func:`packed_linear` and :func:`linear_codes`; ``planes``
+    in the layout of ``fmt`` (``int8``: signed storage ``q - code_offset(w_bits)``), ``colsum()`` their row sums."""
+    if a.dim() < 1 or a.shape[-1] != k:
+        raise ValueError(f"activation codes have K={a.shape[-1] if a.dim() else None} but the weight has K={k}")
     if out_dtype not in _FLOATS:
         raise TypeError(f"out_dtype must be float32/float16/bfloat16, got {out_dtype}")
     _same_device(a, w_scale=w_scale, w_zero=w_zero, bias=bias)
-    if bias is not None and tuple(bias.shape) != (w.n,):
-        raise ValueError(f"bias must have shape [{w.n}], got {tuple(bias.shape)}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape [{n}], got {tuple(bias.shape)}")
 
     def weight_params():
         sw = torch.as_tensor(w_scale, dtype=torch.float32, device=a.device).reshape(-1).contiguous()
-        zw = P.round_zero_point(torch.as_tensor(w_zero, dtype=torch.float32, device=a.device), w.bits).reshape(-1)
-        if zw.numel() != w.n or sw.numel() != w.n:
-            raise ValueError(f"w_scale and w_zero need one value per output channel ({w.n})")
-        if w.fmt == "int8":
-            zw = zw - P.code_offset(w.bits)
+        zw = P.round_zero_point(torch.as_tensor(w_zero, dtype=torch.float32, device=a.device), w_bits).reshape(-1)
+        if zw.numel() != n or sw.numel() != n:
+            raise ValueError(f"w_scale and w_zero need one value per output channel ({n})")
+        if fmt == "int8":
+            zw = zw - P.code_offset(w_bits)
         return sw, zw.to(torch.int32).contiguous()
 
     def act_params():
         sa = _scalar("activation step s", a_qp.s, a)
         return sa, P.signed_zero_point(_scalar("activation zero point z", a_qp.z, a), a_qp.bits)
-    sw, zw = _memo(f"weight {w.bits} {a.device}", (w_scale, w_zero), weight_params)
+    sw, zw = _memo(f"weight {fmt} {w_bits} {a.device}", (w_scale, w_zero), weight_params)
     sa, za = _memo(f"act signed {a_qp.bits} {a.device}", (a_qp.s, a_qp.z), act_params)
     rq_s = rq_zr = None
     rq_bits = 8.0
     if requant is not None:
         rq_s, rq_zr = _act_qparams(a, requant)
         rq_bits = float(requant.bits)
-    planes = [w.planes[name] for name, _ in packing.FORMATS[w.fmt].planes]
-    return L.packed_linear(a, planes, w.fmt, w.k, weight_colsum(w), sa, za, sw, zw,
-                           None if bias is None else bias.contiguous(), bool(gelu), out_dtype, rq_s, rq_zr, rq_bits)
+    return L.packed_linear(a, planes, fmt, k, colsum(), sa, za, sw, zw, None if bias is None else bias.contiguous(),
+                           bool(gelu), out_dtype, rq_s, rq_zr, rq_bits)
 
 
 # ---------------------------------------------------------------------------------------------- attention

@@ -28,7 +28,6 @@ from torch import Tensor
 from kernels import ops
 from kernels import reference as R
 from kernels.configs import ATTENTION_HEAD_DIMS
-from quant import packing
 from quant import primitives as P
 from quant.primitives import QParams
 
@@ -64,14 +63,15 @@ def int_linear(x: Tensor, a_qp: QParams, r: Optional[Tensor], shift: Optional[Te
                bias: Optional[Tensor], ws: Tensor, wz: Tensor, w_bits,
                patch: Optional[Tuple[int, int]] = None) -> Tensor:
     """The deployed linear (no gradient): codes ``a = ops.quantize((x - shift) / r)`` (of ``patchify(x)`` when
-    ``patch``), weight codes ``quantize(w, ws, wz)`` packed at ``w_bits``, ``ops.packed_linear``; float32 output
+    ``patch``), weight codes ``quantize(w, ws, wz)``, ``ops.linear_codes`` (the arithmetic of ``ops.packed_linear``
+    on the packed codes, without packing them every step); float32 output
     ``[..., N]`` (patch: ``[B, N, H/p, W/p]``)."""
     xin = P.patchify(x, patch) if patch is not None else x
     a = ops.quantize(xin, a_qp, r, shift)
     codes = P.quantize(w.detach().float(), ws.detach(), wz.detach(), w_bits)
-    y = ops.packed_linear(a, a_qp, packing.pack(codes, w_bits), ws.detach().reshape(-1),
-                          P.round_zero_point(wz.detach(), w_bits).reshape(-1),
-                          None if bias is None else bias.detach().float())
+    y = ops.linear_codes(a, a_qp, codes, w_bits, ws.detach().reshape(-1),
+                         P.round_zero_point(wz.detach(), w_bits).reshape(-1),
+                         None if bias is None else bias.detach().float())
     if patch is not None:
         ph, pw = patch
         y = y.reshape(x.shape[0], x.shape[2] // ph, x.shape[3] // pw, -1).permute(0, 3, 1, 2)
