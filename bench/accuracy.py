@@ -44,8 +44,8 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-METHODS = ("rtn", "blockwise", "e2e", "e2e+eqt", "is-vit", "is-vit-quant", "e2e+ac", "e2e+intfwd", "e2e+fakefwd",
-           "e2e+sulq", "e2e+sulql", "e2e+psaq")
+METHODS = ("rtn", "blockwise", "e2e", "e2e+eqt", "is-vit", "is-vit-quant", "e2e+ac", "e2e+ac+eqt", "e2e+intfwd",
+           "e2e+fakefwd", "e2e+sulq", "e2e+sulql", "e2e+psaq")
 VARIANT_FLAGS = {"ac": ["--act-correction"], "intfwd": ["--forward", "int"], "fakefwd": ["--forward", "fake"],
                  "sulq": ["--softmax-quantizer", "sulq"], "sulql": ["--softmax-quantizer", "sulq-learned"],
                  "psaq": ["--synthesis", "psaq"], "eqt": []}

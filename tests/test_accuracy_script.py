@@ -273,3 +273,12 @@ def test_seed_section_pairs_like_with_like():
         "| patch-similarity synthesis loss | W1.58A8 | free | fake | e2e+psaq 65.00 | e2e 66.43 | +1.43 |",
         "| patch-similarity synthesis loss | W4A4 | free-noise | int | e2e+psaq 74.00 | e2e+intfwd 73.49 | -0.51 |"]
     assert A.seed_section([cell("w4a4", "e2e+sulq", "real", 76.47, "int")]) == []
+
+
+def test_combined_variants_compose():
+    """``e2e+ac+eqt``: e2e with ``--act-correction`` (and its iterations) for the equal-budget step count."""
+    args = A.build_parser().parse_args(["--data", "d", "--out", "o", "--correction-iters", "5"])
+    argv = A.cell_argv(A.Cell("table", "w1.58a8", "e2e+ac+eqt", "free", 1024), args, "x", iters=77)
+    assert argv[argv.index("--method") + 1] == "e2e" and "--act-correction" in argv
+    assert argv[argv.index("--iters") + 1] == "77" and argv[argv.index("--correction-iters") + 1] == "5"
+    assert A.variants_of("e2e+ac+eqt") == ["ac", "eqt"] and A.runs_on("e2e+ac+eqt", "real")
