@@ -1,66 +1,27 @@
-"""``python bench/gemm_sweep.py OUT [AB] [budget_s]``: the H100 sweep behind the sm_90 GEMM table (CUDA GPU only).
+"""``python bench/gemm_sweep.py OUT [budget_s]``: the H100 sweep behind the sm_90 GEMM table (CUDA GPU only).
 
-Phase ``A``: where the activation row sums of the zero-point correction are taken (``ROWSUM`` 0: in the main loop,
-as :mod:`kernels.packed_gemm`; 1: a second pass over A; 2: not at all, a lower bound; 3: a ``tl.dot`` with ones), for
-int8/int4 weights. Phase ``B``: the shipped kernel, every packed format, ViT-B shapes ``M = 197 x {1, 8, 64}``, 13
-tiles. Kernel time is the median of :func:`triton.testing.do_bench_cudagraph`; every tile's output is compared
-with the first tile's (``same``); compiles are warmed in 15 processes first. Writes ``OUT/exp.json`` (kept as
-``bench/gemm_sweep_h100.json``) and prints the fastest tile per problem beside fp16 ``matmul`` / ``torch._int_mm``.
+The shipped kernel (:mod:`kernels.packed_gemm`), every packed format, ViT-B shapes ``M = 197 x {1, 8, 64}``, 13 tiles.
+Kernel time is the median of :func:`triton.testing.do_bench_cudagraph`; every tile's output is compared with the
+first tile's (``same``); compiles are warmed in 15 processes first. Writes ``OUT/exp.json`` (kept as
+``bench/gemm_sweep_h100.json``, the ``"B"`` rows) and prints the fastest tile per problem beside fp16 ``matmul`` /
+``torch._int_mm``. The JSON's ``"A"`` rows come from a since-removed experiment of the same run, a copy of the kernel
+that took the activation row sums of the zero-point correction elsewhere (``v`` 0: in the main loop, as shipped;
+1: a second pass over A; 2: not at all, a lower bound; 3: a ``tl.dot`` with ones): the second pass was slower, the
+dot within 7% of the shipped loop either way, and dropping the sums (if the quantize kernel made them) would save
+10-20% at int8.
 """
 import json, os, sys, time, itertools
 import multiprocessing as mp
-import torch, triton, triton.language as tl
+import torch, triton
 sys.path.insert(0, os.getcwd())
-from kernels import library as L, configs as C, unpack
-from kernels._helpers import gemm_epilogue
+from kernels import library as L, configs as C
 from quant import packing, primitives as P
 
 
-@triton.jit
-def exp_gemm(a_ptr, w0_ptr, w1_ptr, out_ptr, colsum_ptr, sa_ptr, za_ptr, sw_ptr, zw_ptr,
-             bias_ptr, rq_s_ptr, rq_z_ptr, M, N, K, stride_am, stride_w0, stride_w1, stride_om,
-             LOAD_W: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, REQUANT: tl.constexpr,
-             RQ_QMAX: tl.constexpr, RQ_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, ROWSUM: tl.constexpr):
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    group_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_m
-    pid_n = (pid % width) // group_m
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    rowsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    rs2 = tl.zeros((BLOCK_M, 16), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :],
-                    mask=mask_m[:, None] & (offs_k[None, :] < K), other=0)
-        w = LOAD_W(w0_ptr, w1_ptr, stride_w0, stride_w1, offs_n, mask_n, k0, K, BLOCK_N, BLOCK_K)
-        acc += tl.dot(a, tl.trans(w), out_dtype=tl.int32)
-        if ROWSUM == 0:
-            rowsum += tl.sum(a.to(tl.int32), axis=1)
-        if ROWSUM == 3:
-            rs2 += tl.dot(a, tl.full((BLOCK_K, 16), 1, tl.int8), out_dtype=tl.int32)
-    if ROWSUM == 1:
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :],
-                        mask=mask_m[:, None] & (offs_k[None, :] < K), other=0)
-            rowsum += tl.sum(a.to(tl.int32), axis=1)
-    if ROWSUM == 3:
-        rowsum = tl.max(rs2, axis=1)
-    gemm_epilogue(acc, rowsum, offs_m, offs_n, M, N, K, out_ptr, stride_om, colsum_ptr, sa_ptr, za_ptr,
-                  sw_ptr, zw_ptr, bias_ptr, rq_s_ptr, rq_z_ptr, HAS_BIAS, GELU, REQUANT, RQ_QMAX, RQ_OFFSET)
-
 BITS = {"2bit": 1.58, "int3": 3, "int4": 4, "int8": 8}
-CFGS = [(16,64,128,4,4),(32,64,64,4,3),(64,64,128,4,4),(64,128,128,8,3),(32,128,128,4,3),(64,128,128,4,3),
-        (128,64,128,8,3),(128,128,64,8,3),(128,128,128,8,3),(64,256,128,8,3),(128,256,64,8,3),(128,128,128,8,4),(64,128,64,4,4)]
+CFGS = [(16, 64, 128, 4, 4), (32, 64, 64, 4, 3), (64, 64, 128, 4, 4), (64, 128, 128, 8, 3), (32, 128, 128, 4, 3),
+        (64, 128, 128, 4, 3), (128, 64, 128, 8, 3), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (64, 256, 128, 8, 3),
+        (128, 256, 64, 8, 3), (128, 128, 128, 8, 4), (64, 128, 64, 4, 4)]
 
 def problem(fmt, m, n, k, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -71,24 +32,13 @@ def problem(fmt, m, n, k, seed=0):
     planes = [pw.planes[nm] for nm, _ in packing.FORMATS[fmt].planes]
     colsum = (q - (P.code_offset(bits) if fmt == "int8" else 0)).sum(1).to(torch.int32)
     f = lambda *s: torch.rand(*s, device="cuda", generator=g) + 0.5
-    return dict(a=a, planes=planes, colsum=colsum, sa=f(1) * 0.01, za=torch.tensor([3], device="cuda", dtype=torch.int32).float(),
+    return dict(a=a, planes=planes, colsum=colsum, sa=f(1) * 0.01, za=torch.tensor([3.0], device="cuda"),
                 sw=f(n) * 0.01, zw=torch.randint(0, 3, (n,), device="cuda", generator=g, dtype=torch.int32), bias=f(n),
                 out=torch.empty(m, n, device="cuda", dtype=torch.float16))
 
-def launch(p, fmt, k, cfg, variant):
-    c = C.GemmConfig(*cfg)
-    lx = L.packed_gemm_launch(p["a"], p["planes"], fmt, k, p["colsum"], p["sa"], p["za"], p["sw"], p["zw"], p["bias"],
-                              False, p["out"], None, None, 8.0, C.Target(False, 90, 132), c)
-    if variant is None:
-        return lx
-    lx.kernel = exp_gemm
-    lx.meta = {**lx.meta, "ROWSUM": variant}
-    return lx
-
-def jobs_a():
-    for fmt, m, (n, k), v, cfg in itertools.product(("int8", "int4"), (197, 12608), ((768, 768), (3072, 768)), (0, 1, 2, 3),
-                                                    [CFGS[i] for i in (0, 3, 5, 8, 9, 10)]):
-        yield ("A", fmt, m, n, k, v, cfg)
+def launch(p, fmt, k, cfg):
+    return L.packed_gemm_launch(p["a"], p["planes"], fmt, k, p["colsum"], p["sa"], p["za"], p["sw"], p["zw"], p["bias"],
+                                False, p["out"], None, None, 8.0, C.Target(False, 90, 132), C.GemmConfig(*cfg))
 
 def jobs_b():
     for fmt, m, (n, k), cfg in itertools.product(("2bit", "int3", "int4", "int8"), (197, 1576, 12608),
@@ -102,7 +52,7 @@ def warm(js):
         _, fmt, m, n, k, v, cfg = j
         try:
             p = problem(fmt, m, n, k)
-            lx = launch(p, fmt, k, cfg, v)
+            lx = launch(p, fmt, k, cfg)
             ck = lx.kernel[lx.grid](**lx.args, **lx.meta, **lx.options)
             out.append((j, getattr(ck, "n_spills", -1), getattr(ck, "n_regs", -1), ""))
         except Exception as e:
@@ -111,10 +61,9 @@ def warm(js):
 
 if __name__ == "__main__":
     outdir = sys.argv[1]
-    phases = sys.argv[2] if len(sys.argv) > 2 else "AB"
-    budget = float(sys.argv[3]) if len(sys.argv) > 3 else 400
+    budget = float(sys.argv[2]) if len(sys.argv) > 2 else 400
     t_start = time.time()
-    js = (list(jobs_a()) if "A" in phases else []) + (list(jobs_b()) if "B" in phases else [])
+    js = list(jobs_b())
     # one compile per (fmt, cfg, variant, M % 16 class): warm those in parallel
     seen, uniq = set(), []
     for j in js:
@@ -141,34 +90,36 @@ if __name__ == "__main__":
         if pk not in probs:
             probs = {pk: problem(fmt, m, n, k)}
         p = probs[pk]
-        lx = launch(p, fmt, k, cfg, v)
+        lx = launch(p, fmt, k, cfg)
         lx()
         torch.cuda.synchronize()
-        ok = True
-        if v != 2:
-            if pk not in ref:
-                ref[pk] = p["out"].clone()
-            ok = bool(torch.equal(ref[pk], p["out"]))
+        if pk not in ref:
+            ref[pk] = p["out"].clone()
+        ok = bool(torch.equal(ref[pk], p["out"]))
         ms = triton.testing.do_bench_cudagraph(lx, rep=30, return_mode="median")
         rows.append(dict(ph=ph, fmt=fmt, m=m, n=n, k=k, v=v, cfg=cfg, ms=ms, spills=sp, regs=rg, same=ok))
     # baselines
     for m, (n, k) in itertools.product((197, 1576, 12608), ((2304, 768), (768, 768), (3072, 768), (768, 3072))):
-        x = torch.randn(m, k, device="cuda", dtype=torch.float16); w = torch.randn(k, n, device="cuda", dtype=torch.float16)
-        a = torch.randint(-100, 100, (m, k), device="cuda", dtype=torch.int8); wi = torch.randint(-100, 100, (n, k), device="cuda", dtype=torch.int8).t()
-        rows.append(dict(ph="base", m=m, n=n, k=k, fp16=triton.testing.do_bench_cudagraph(lambda: x @ w, rep=30, return_mode="median"),
-                         int_mm=triton.testing.do_bench_cudagraph(lambda: torch._int_mm(a, wi), rep=30, return_mode="median")))
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        w = torch.randn(k, n, device="cuda", dtype=torch.float16)
+        a = torch.randint(-100, 100, (m, k), device="cuda", dtype=torch.int8)
+        wi = torch.randint(-100, 100, (n, k), device="cuda", dtype=torch.int8).t()
+        bench = triton.testing.do_bench_cudagraph
+        rows.append(dict(ph="base", m=m, n=n, k=k, fp16=bench(lambda: x @ w, rep=30, return_mode="median"),
+                         int_mm=bench(lambda: torch._int_mm(a, wi), rep=30, return_mode="median")))
     json.dump(rows, open(os.path.join(outdir, "exp.json"), "w"))
-    # summary: best per problem (phase B) and per variant (phase A)
+    # summary: best tile per problem
     base = {(r["m"], r["n"], r["k"]): r for r in rows if r["ph"] == "base"}
     best = {}
     for r in rows:
-        if r["ph"] in ("A", "B") and "ms" in r:
+        if r["ph"] == "B" and "ms" in r:
             key = (r["ph"], r["fmt"], r["m"], r["n"], r["k"], r["v"])
             if key not in best or r["ms"] < best[key]["ms"]:
                 best[key] = r
     for key, r in sorted(best.items(), key=lambda kv: str(kv[0])):
         b = base.get((r["m"], r["n"], r["k"]))
-        print(key, r["cfg"], f"{r['ms']*1e3:.1f}us", f"fp16 {b['fp16']*1e3:.1f}us int_mm {b['int_mm']*1e3:.1f}us" if b else "",
+        vs = f"fp16 {b['fp16'] * 1e3:.1f}us int_mm {b['int_mm'] * 1e3:.1f}us" if b else ""
+        print(key, r["cfg"], f"{r['ms'] * 1e3:.1f}us", vs,
               "spills", r["spills"], "same", r["same"])
     print("errors:", [ (r["fmt"], r["cfg"], r["v"], r["err"][:80]) for r in rows if "err" in r][:10])
     print(f"total {time.time() - t_start:.0f}s")

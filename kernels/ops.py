@@ -226,7 +226,11 @@ def weight_colsum(w: packing.PackedWeight) -> Tensor:
 
 
 def _colsum(w: packing.PackedWeight) -> Tensor:
-    q = w.planes["q"][:, : w.k] if w.fmt == "int8" else packing.unpack(w)
+    return _row_sums(w.planes["q"][:, : w.k] if w.fmt == "int8" else packing.unpack(w))
+
+
+def _row_sums(q: Tensor) -> Tensor:
+    """int32 ``[N]`` sums over K of weight codes ``q [N, K]`` (the GEMM epilogue's ``colsum``)."""
     return q.to(torch.int32).sum(dim=1, dtype=torch.int32).contiguous()
 
 
@@ -278,8 +282,7 @@ def linear_codes(a: Tensor, a_qp: QParams, qw: Tensor, w_bits, w_scale: Tensor, 
     q8 = (qw.to(torch.int16) - P.code_offset(w_bits)).to(torch.int8).contiguous()
     n, k = q8.shape
     return _int_linear(a, a_qp, [q8], "int8", n, k, w_bits,
-                       lambda: q8.to(torch.int32).sum(dim=1, dtype=torch.int32).contiguous(), w_scale, w_zero, bias,
-                       gelu, out_dtype, requant)
+                       lambda: _row_sums(q8), w_scale, w_zero, bias, gelu, out_dtype, requant)
 
 
 def _check_act_codes(a: Tensor) -> None:
