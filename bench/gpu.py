@@ -369,6 +369,13 @@ def section_kernels(b: Bench) -> None:
             q, k, v = (P.quantize(t, qp.s, qp.z, bits, signed=True) for t, qp in zip(xs, qps))
             b.row("attention", case, f"quant_attention a{bits}",
                   b.time_ms(lambda: ops.quant_attention(q, k, v, *qps, scale=d ** -0.5, rel_bias=bias)), flops, "TOPS")
+            # as the exported models run it: Q, K, V read in place from the qkv GEMM's codes [B, L, 3, H, D], the
+            # output requantized heads-last for proj (no float activation written)
+            qkv = torch.stack([t.transpose(1, 2) for t in (q, k, v)], 2).contiguous()
+            qv, kv, vv = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            b.row("attention", case, f"quant_attention a{bits} fused",
+                  b.time_ms(lambda: ops.quant_attention(qv, kv, vv, *qps, scale=d ** -0.5, rel_bias=bias,
+                                                        heads_last=True, requant=qps[0])), flops, "TOPS")
         print(f"  attention {case} done", flush=True)
     _triton(None)
 

@@ -178,13 +178,19 @@ class _PackedAttention(nn.Module):
                               name in self.sulq_pow2)
         return QParams(s, z, bits)
 
-    def _attend(self, qkv: Tensor, rel_bias: Optional[Tensor], mask: Optional[Tensor]) -> Tensor:
-        """``qkv [3, B, H, L, D]`` float -> float ``[B, L, H*D]``."""
-        q, k, v = (ops.quantize(t.contiguous(), self.qp(n)) for t, n in zip(qkv.unbind(0), "qkv"))
-        o = ops.quant_attention(q, k, v, self.qp("q"), self.qp("k"), self.qp("v"), self.scale, self.qp("p"),
-                                rel_bias=rel_bias, mask=mask)
-        b, h, l, d = o.shape
-        return o.transpose(1, 2).reshape(b, l, h * d)
+    def _attend(self, x: Tensor, rel_bias: Optional[Tensor], mask: Optional[Tensor]) -> Tensor:
+        """``proj(attention(qkv(x)))`` for ``x [B, L, C]`` on int8 codes end to end: the qkv GEMM's epilogue emits
+        the Q, K, V codes (a per-column requant), the attention reads them in place from ``[B, L, 3, H, D]`` and its
+        epilogue emits ``proj``'s input codes heads-last, so no float activation is written in between."""
+        b, n, _ = x.shape
+        qps = [self.qp(name) for name in "qkv"]
+        per = self.qkv.out_features // 3
+        qkv = self.qkv.linear_codes(self.qkv.quantize_input(x), requant=ops.stacked_qparams(qps, (per,) * 3))
+        q, k, v = qkv.view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        proj = self.proj
+        o = ops.quant_attention(q, k, v, *qps, self.scale, self.qp("p"), rel_bias=rel_bias, mask=mask,
+                                heads_last=True, requant=proj.in_qp, requant_r=proj.r, requant_shift=proj.shift)
+        return proj.linear_codes(o.view(b, n, -1))
 
 
 class PackedViTAttention(_PackedAttention):
@@ -202,9 +208,7 @@ class PackedViTAttention(_PackedAttention):
             raise NotImplementedError("attention masks are not supported by the packed ViT attention")
         if self.fast is not None and not ops.triton_enabled(x):
             return self._attend_fast(x, None)
-        b, n, _ = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return self.proj(self._attend(qkv, None, None))
+        return self._attend(x, None, None)
 
 
 class PackedWindowAttention(_PackedAttention):
@@ -227,9 +231,7 @@ class PackedWindowAttention(_PackedAttention):
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         if self.fast is not None and not ops.triton_enabled(x):
             return self._attend_fast(x, mask)
-        b_, n, _ = x.shape
-        qkv = self.qkv(x).reshape(b_, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        return self.proj(self._attend(qkv, self.rel_pos_bias(), None if mask is None else mask.float()))
+        return self._attend(x, self.rel_pos_bias(), None if mask is None else mask.float())
 
 
 class PackedPatchEmbed(nn.Module):

@@ -43,10 +43,11 @@ def gelu_erf(y):
 def gemm_epilogue(acc, rowsum, offs_m, offs_n, M, N, K, out_ptr, stride_om, colsum_ptr, sa_ptr, za_ptr,
                   sw_ptr, zw_ptr, bias_ptr, rq_s_ptr, rq_z_ptr,
                   HAS_BIAS: tl.constexpr, GELU: tl.constexpr, REQUANT: tl.constexpr,
-                  RQ_QMAX: tl.constexpr, RQ_OFFSET: tl.constexpr):
+                  RQ_QMAX: tl.constexpr, RQ_OFFSET: tl.constexpr, RQ_PER_COL: tl.constexpr):
     """Zero-point algebra of ``quant.primitives.int_gemm``, scales, bias, GELU; store float or requantized codes.
 
-    ``y = (sa * sw[n]) * (acc - zw[n] rowsum[m] - za colsum[n] + K za zw[n]) + bias[n]``.
+    ``y = (sa * sw[n]) * (acc - zw[n] rowsum[m] - za colsum[n] + K za zw[n]) + bias[n]``; the requant quantizer is
+    per tensor, or per output column (``RQ_PER_COL``: e.g. the Q, K and V quantizers of a qkv projection).
     """
     mask_n = offs_n < N
     za = tl.load(za_ptr).to(tl.int32)
@@ -63,8 +64,12 @@ def gemm_epilogue(acc, rowsum, offs_m, offs_n, M, N, K, out_ptr, stride_om, cols
     out_mask = (offs_m[:, None] < M) & mask_n[None, :]
     ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     if REQUANT:
-        rs = tl.load(rq_s_ptr).to(tl.float32)
-        rz = tl.load(rq_z_ptr).to(tl.float32)
+        if RQ_PER_COL:
+            rs = tl.load(rq_s_ptr + offs_n, mask=mask_n, other=1.0).to(tl.float32)[None, :]
+            rz = tl.load(rq_z_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        else:
+            rs = tl.load(rq_s_ptr).to(tl.float32)
+            rz = tl.load(rq_z_ptr).to(tl.float32)
         tl.store(ptrs, quantize_signed(y, rs, rz, RQ_QMAX, RQ_OFFSET), mask=out_mask)
     else:
         tl.store(ptrs, y.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=out_mask)

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
-import triton
 
 from . import gemm_table
 
@@ -29,11 +28,19 @@ class Target:
 
     @staticmethod
     def of(t: torch.Tensor) -> "Target":
-        if os.environ.get("TRITON_INTERPRET", "0") == "1" or not t.is_cuda:
-            return Target(interpreted=True)
-        major, minor = torch.cuda.get_device_capability(t.device)
-        sms = torch.cuda.get_device_properties(t.device).multi_processor_count
-        return Target(interpreted=False, arch=10 * major + minor, num_sms=sms)
+        if not t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1":
+            return _INTERPRETED
+        index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+        target = _GPU_TARGETS.get(index)
+        if target is None:
+            major, minor = torch.cuda.get_device_capability(index)
+            sms = torch.cuda.get_device_properties(index).multi_processor_count
+            target = _GPU_TARGETS[index] = Target(interpreted=False, arch=10 * major + minor, num_sms=sms)
+        return target
+
+
+_INTERPRETED = Target(interpreted=True)
+_GPU_TARGETS: dict = {}
 
 
 #: compile options of every GPU launch: no FMA contraction, so the float epilogues round like the torch reference
@@ -57,8 +64,14 @@ class GemmConfig:
         return dict(num_warps=self.num_warps, num_stages=self.num_stages, **GPU_OPTIONS)
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` on the host (``triton.cdiv`` is a jit function: microseconds per host call)."""
+    return -(-a // b)
+
+
 def pow2(n: int, lo: int = 16, hi: int = 1 << 30) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+    """The next power of two ``>= n``, clamped to ``[lo, hi]``."""
+    return max(lo, min(hi, 1 << (max(int(n), 1) - 1).bit_length()))
 
 
 #: M buckets of the table: a row's key is the smallest bucket >= M (the last one is open-ended)
@@ -93,7 +106,7 @@ def gemm_rule(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:
     """Largest of the candidate tiles whose grid still gives every SM a tile (fewest tiles, full machine);
     the smallest tile when none does."""
     for cfg in reversed(GEMM_CANDIDATES):
-        if triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n) >= num_sms:
+        if cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n) >= num_sms:
             return cfg
     return GEMM_CANDIDATES[0]
 

@@ -188,8 +188,9 @@ def _meta(*shape, dtype=torch.float32) -> torch.Tensor:
 
 
 def gemm_launch(fmt: str, m: int, n: int, k: int, target, config=None, bias=True, gelu=False, out_dtype=torch.float32,
-                rq_bits=None):
-    """The dispatcher's packed-GEMM launch for an ``M x N x K`` problem, on meta tensors."""
+                rq_bits=None, rq_per_col=False):
+    """The dispatcher's packed-GEMM launch for an ``M x N x K`` problem, on meta tensors (``rq_per_col``: the
+    requant quantizer has a step and zero point per output column, as for a qkv projection)."""
     from quant import packing
     from . import library as L
     kp = packing.padded_k(k, fmt)
@@ -200,8 +201,8 @@ def gemm_launch(fmt: str, m: int, n: int, k: int, target, config=None, bias=True
     out = _meta(m, n, dtype=torch.int8 if rq else out_dtype)
     return L.packed_gemm_launch(_meta(m, k, dtype=torch.int8), planes, fmt, k, _meta(n, **i32), _meta(1), _meta(1),
                                 _meta(n), _meta(n, **i32), _meta(n) if bias else None, gelu, out,
-                                _meta(1) if rq else None, _meta(1) if rq else None, float(rq_bits or 8), target,
-                                config)
+                                _meta(n if rq_per_col else 1) if rq else None,
+                                _meta(n if rq_per_col else 1) if rq else None, float(rq_bits or 8), target, config)
 
 
 def unpack_launch(fmt: str, n: int, k: int, target):
@@ -213,17 +214,27 @@ def unpack_launch(fmt: str, n: int, k: int, target):
     return L.unpack_codes_launch(planes, fmt, k, _meta(n, k, dtype=torch.int8), target)
 
 
-def attention_launch(b: int, h: int, l: int, d: int, target, sulq=False, bias=False, mask=False, p_bits=8.0):
+def attention_launch(b: int, h: int, l: int, d: int, target, sulq=False, bias=False, mask=False, p_bits=8.0,
+                     fused=False, rescale=False):
+    """The dispatcher's attention launch on meta tensors; ``fused``: as the exported models run it (Q, K, V read in
+    place from a qkv output ``[B, L, 3, H, D]``, output requantized heads-last, with a ``rescale`` r / shift)."""
     from . import library as L
     q = _meta(b, h, l, d, dtype=torch.int8)
+    out = _meta(b, h, l, d)
+    rq = {}
+    if fused:
+        q, k, v = _meta(b, l, 3, h, d, dtype=torch.int8).permute(2, 0, 3, 1, 4).unbind(0)
+        out = _meta(b, l, h, d, dtype=torch.int8).permute(0, 2, 1, 3)
+        rq = dict(rq_r=_meta(h * d) if rescale else None, rq_shift=_meta(h * d) if rescale else None,
+                  rq_s=_meta(1), rq_z=_meta(1), rq_bits=4.0)
     if sulq:
         p = dict(eta_ptr=_meta(1), x0_ptr=_meta(1), sp_ptr=_meta(1), zp_ptr=_meta(1), table_ptr=_meta(256),
                  sv_ptr=_meta(1))
     else:
         p = dict(sp_ptr=_meta(1), zp_ptr=_meta(1), pv_scale_ptr=_meta(1))
-    return L.quant_attention_launch(q, q, q, _meta(b, h, l, d), _meta(h, l, l) if bias else None,
-                                    _meta(4, l, l) if mask else None, _meta(1), _meta(1), _meta(1), _meta(1), p,
-                                    p_bits, target)
+    k, v = (k, v) if fused else (q, q)
+    return L.quant_attention_launch(q, k, v, out, _meta(h, l, l) if bias else None, _meta(4, l, l) if mask else None,
+                                    _meta(1), _meta(1), _meta(1), _meta(1), p, p_bits, target, **rq)
 
 
 def dispatcher_launches(arch: int) -> list:
@@ -235,7 +246,7 @@ def dispatcher_launches(arch: int) -> list:
     compiled binary depends on."""
     from . import configs as C
     from . import library as L
-    from .shapes import BATCHES, attention_shapes, gemm_problems, linear_shapes, mlp_shapes, norm_widths
+    from .shapes import BATCHES, attention_shapes, gemm_problems, linear_shapes, mlp_shapes, norm_widths, qkv_shapes
     target = C.Target(interpreted=False, arch=arch)
     fmts = tuple(L.GEMM_LOADERS)
     a_bits = (3.0, 4.0, 6.0, 8.0)
@@ -244,7 +255,7 @@ def dispatcher_launches(arch: int) -> list:
     def add(lx):
         out.setdefault(lx.key(), lx)
 
-    fc1 = mlp_shapes()
+    fc1, qkv = mlp_shapes(), qkv_shapes()
     for m, n, k in gemm_problems():
         for packed in fmts:
             fmt = "int8" if C.unpack_first(packed, m) else packed
@@ -254,6 +265,8 @@ def dispatcher_launches(arch: int) -> list:
             add(gemm_launch(fmt, m, n, k, target, cfg))
             if (k, n) in fc1:  # the GELU + requant epilogue runs on fc1 only (export.runtime.PackedMlp)
                 add(gemm_launch(fmt, m, n, k, target, cfg, gelu=True, rq_bits=4.0))
+            if (k, n) in qkv:  # per-column requant into Q, K, V codes (export.runtime._PackedAttention)
+                add(gemm_launch(fmt, m, n, k, target, cfg, rq_bits=4.0, rq_per_col=True))
     for cfg in C.GEMM_CANDIDATES:
         for fmt in fmts:
             for m in (197, 12608):
@@ -268,14 +281,20 @@ def dispatcher_launches(arch: int) -> list:
             for rq in a_bits:
                 add(gemm_launch(fmt, 1576, 768, 768, target, big, bias=bias, gelu=True, rq_bits=rq))
                 add(gemm_launch(fmt, 1576, 768, 768, target, big, bias=bias, gelu=False, rq_bits=rq))
+                add(gemm_launch(fmt, 1576, 2304, 768, target, big, bias=bias, rq_bits=rq, rq_per_col=True))
 
     for l, d in attention_shapes():
         for b in (1, 64):
             for sulq in (False, True):
                 add(attention_launch(b, 3, l, d, target, sulq=sulq))
+                for rescale in (False, True):
+                    add(attention_launch(b, 3, l, d, target, sulq=sulq, fused=True, rescale=rescale))
                 if l == 49:
                     add(attention_launch(b, 3, l, d, target, sulq=sulq, bias=True))
                     add(attention_launch(b, 3, l, d, target, sulq=sulq, bias=True, mask=True))
+                    add(attention_launch(b, 3, l, d, target, sulq=sulq, bias=True, fused=True, rescale=True))
+                    add(attention_launch(b, 3, l, d, target, sulq=sulq, bias=True, mask=True, fused=True,
+                                         rescale=True))
         for p in a_bits:
             add(attention_launch(8, 3, l, d, target, sulq=False, p_bits=p))
             add(attention_launch(8, 3, l, d, target, sulq=True, p_bits=p))

@@ -27,6 +27,34 @@ from .rescale_quantize import rescale_quantize_kernel
 from .unpack_codes import unpack_codes_kernel
 
 
+class LowbitOp:
+    """A kernel entry point registered as ``torch.ops.lowbit.<name>`` (``.op``, what ``torch.compile`` traces and
+    ``torch.library.opcheck`` checks) whose eager calls on plain tensors run the Python body directly: the
+    ``torch.library`` dispatch (autograd fallthrough, redispatch, alias checks) costs more host time per call than
+    building the launch, and the exported models make ~200 such calls per forward."""
+
+    def __init__(self, name: str, fn):
+        self.fn, self.qualname = fn, f"lowbit::{name}"
+        self.op = torch.library.custom_op(self.qualname, mutates_args=())(fn)
+        self.__doc__, self.__name__ = fn.__doc__, fn.__name__
+
+    def register_fake(self, fake):
+        return self.op.register_fake(fake)
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling() or type(args[0]) is not torch.Tensor:
+            return self.op(*args)
+        if torch._C._autograd._profiler_enabled():  # keep the op's name in profiles
+            with torch.profiler.record_function(self.qualname):
+                return self.fn(*args)
+        return self.fn(*args)
+
+
+def lowbit_op(name: str):
+    """Decorator: ``fn`` as a :class:`LowbitOp` named ``lowbit::<name>``."""
+    return lambda fn: LowbitOp(name, fn)
+
+
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -63,14 +91,14 @@ def rescale_quantize_launch(x2: Tensor, out: Tensor, r: Optional[Tensor], shift:
                             zr: Tensor, bits: float, target: Target) -> Launch:
     m, c = x2.shape
     bm, bc, opts = C.elementwise_blocks(c, target)
-    return Launch(rescale_quantize_kernel, (triton.cdiv(m, bm), triton.cdiv(c, bc)),
+    return Launch(rescale_quantize_kernel, (C.cdiv(m, bm), C.cdiv(c, bc)),
                   dict(x_ptr=x2, out_ptr=out, r_ptr=_opt(r, x2), shift_ptr=_opt(shift, x2), s_ptr=s, z_ptr=zr, M=m,
                        C=c, stride_xm=x2.stride(0), stride_om=out.stride(0)),
                   dict(HAS_R=r is not None, HAS_SHIFT=shift is not None, QMAX=P.qmax(bits),
                        OFFSET=P.code_offset(bits), BLOCK_M=bm, BLOCK_C=bc), opts)
 
 
-@torch.library.custom_op("lowbit::rescale_quantize", mutates_args=())
+@lowbit_op("rescale_quantize")
 def rescale_quantize(x: Tensor, r: Optional[Tensor], shift: Optional[Tensor], s: Tensor, zr: Tensor,
                      bits: float) -> Tensor:
     x2 = _rows(x)
@@ -90,7 +118,7 @@ def layernorm_quantize_launch(x2: Tensor, out: Tensor, ln_weight: Optional[Tenso
                               bits: float, target: Target) -> Launch:
     m, c = x2.shape
     bm, bc, opts = C.layernorm_blocks(c, target)
-    return Launch(layernorm_quantize_kernel, (triton.cdiv(m, bm),),
+    return Launch(layernorm_quantize_kernel, (C.cdiv(m, bm),),
                   dict(x_ptr=x2, out_ptr=out, lnw_ptr=_opt(ln_weight, x2), lnb_ptr=_opt(ln_bias, x2),
                        r_ptr=_opt(r, x2), shift_ptr=_opt(shift, x2), s_ptr=s, z_ptr=zr, M=m, C=c, eps=float(eps),
                        stride_xm=x2.stride(0), stride_om=out.stride(0)),
@@ -99,7 +127,7 @@ def layernorm_quantize_launch(x2: Tensor, out: Tensor, ln_weight: Optional[Tenso
                        BLOCK_C=bc), opts)
 
 
-@torch.library.custom_op("lowbit::layernorm_quantize", mutates_args=())
+@lowbit_op("layernorm_quantize")
 def layernorm_quantize(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], eps: float,
                        r: Optional[Tensor], shift: Optional[Tensor], s: Tensor, zr: Tensor, bits: float) -> Tensor:
     x2 = _rows(x)
@@ -121,14 +149,14 @@ def fake_quantize_fwd_launch(x2: Tensor, out: Tensor, r: Optional[Tensor], shift
                              z: Tensor, bits: float, target: Target) -> Launch:
     m, c = x2.shape
     bm, bc, opts = C.elementwise_blocks(c, target)
-    return Launch(fake_quantize_fwd_kernel, (triton.cdiv(m, bm), triton.cdiv(c, bc)),
+    return Launch(fake_quantize_fwd_kernel, (C.cdiv(m, bm), C.cdiv(c, bc)),
                   dict(x_ptr=x2, out_ptr=out, r_ptr=_opt(r, x2), shift_ptr=_opt(shift, x2), s_ptr=s, z_ptr=z, M=m,
                        C=c, stride_xm=x2.stride(0), stride_s=0 if s.numel() == 1 else 1),
                   dict(HAS_R=r is not None, HAS_SHIFT=shift is not None, QMAX=P.qmax(bits), BLOCK_M=bm,
                        BLOCK_C=bc), opts)
 
 
-@torch.library.custom_op("lowbit::fake_quantize_fwd", mutates_args=())
+@lowbit_op("fake_quantize_fwd")
 def fake_quantize_fwd(x: Tensor, r: Optional[Tensor], shift: Optional[Tensor], s: Tensor, z: Tensor,
                       bits: float) -> Tensor:
     """float32 ``x_hat`` of ``x [..., C]``; ``s, z`` hold 1 (per tensor) or ``M = numel / C`` (per row) values."""
@@ -149,7 +177,7 @@ def fake_quantize_bwd_launch(g2: Tensor, x2: Tensor, r: Optional[Tensor], shift:
     """The launch and its outputs ``(gx, gr_part [nM, C], gsh_part [nM, C], gs_part [M, nC], gz_part [M, nC])``."""
     m, c = x2.shape
     bm, bc, opts = C.elementwise_blocks(c, target)
-    nm, nc = triton.cdiv(m, bm), triton.cdiv(c, bc)
+    nm, nc = C.cdiv(m, bm), C.cdiv(c, bc)
     f32 = dict(dtype=torch.float32, device=x2.device)
     gx = torch.empty((m, c), dtype=_store_dtype(x2.dtype), device=x2.device)
     parts = (torch.zeros((nm, c), **f32), torch.zeros((nm, c), **f32), torch.zeros((m, nc), **f32),
@@ -163,7 +191,7 @@ def fake_quantize_bwd_launch(g2: Tensor, x2: Tensor, r: Optional[Tensor], shift:
     return launch, (gx, *parts)
 
 
-@torch.library.custom_op("lowbit::fake_quantize_bwd", mutates_args=())
+@lowbit_op("fake_quantize_bwd")
 def fake_quantize_bwd(g: Tensor, x: Tensor, r: Optional[Tensor], shift: Optional[Tensor], s: Tensor, z: Tensor,
                       bits: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(gx [x.shape, x.dtype], gr [C], gshift [C], gs_rows [M], gz_rows [M])`` (s, z gradients summed per row)."""
@@ -217,12 +245,13 @@ def packed_gemm_launch(a2: Tensor, planes: List[Tensor], fmt: str, k: int, colsu
                 M=m, N=n, K=k, stride_am=a2.stride(0), stride_w0=planes[0].stride(0),
                 stride_w1=planes[1].stride(0) if len(planes) > 1 else 0, stride_om=out.stride(0))
     meta = dict(LOAD_W=GEMM_LOADERS[fmt], HAS_BIAS=bias is not None, GELU=gelu, REQUANT=requant,
-                RQ_QMAX=P.qmax(rq_bits) if requant else 0, RQ_OFFSET=P.code_offset(rq_bits) if requant else 0)
+                RQ_QMAX=P.qmax(rq_bits) if requant else 0, RQ_OFFSET=P.code_offset(rq_bits) if requant else 0,
+                RQ_PER_COL=requant and rq_s.numel() > 1)
     if cfg is None:
         def grid(mt):
-            return (triton.cdiv(m, mt["BLOCK_M"]) * triton.cdiv(n, mt["BLOCK_N"]),)
+            return (C.cdiv(m, mt["BLOCK_M"]) * C.cdiv(n, mt["BLOCK_N"]),)
         return Launch(_autotuned_gemm(), grid, args, meta, dict(C.GPU_OPTIONS))
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    grid = (C.cdiv(m, cfg.block_m) * C.cdiv(n, cfg.block_n),)
     return Launch(packed_gemm_kernel, grid, args, {**meta, **cfg.meta()}, cfg.options())
 
 
@@ -231,13 +260,13 @@ def unpack_codes_launch(planes: List[Tensor], fmt: str, k: int, out: Tensor, tar
     n = out.shape[0]
     bn, bk, opts = C.unpack_blocks(target)
     w1 = planes[1] if len(planes) > 1 else _dummy(out)
-    return Launch(unpack_codes_kernel, (triton.cdiv(n, bn), triton.cdiv(k, bk)),
+    return Launch(unpack_codes_kernel, (C.cdiv(n, bn), C.cdiv(k, bk)),
                   dict(w0_ptr=planes[0], w1_ptr=w1, out_ptr=out, N=n, K=k, stride_w0=planes[0].stride(0),
                        stride_w1=planes[1].stride(0) if len(planes) > 1 else 0, stride_o=out.stride(0)),
                   dict(LOAD_W=GEMM_LOADERS[fmt], BLOCK_N=bn, BLOCK_K=bk), opts)
 
 
-@torch.library.custom_op("lowbit::packed_linear", mutates_args=())
+@lowbit_op("packed_linear")
 def packed_linear(a: Tensor, planes: List[Tensor], fmt: str, k: int, colsum: Tensor, sa: Tensor, za: Tensor,
                   sw: Tensor, zw: Tensor, bias: Optional[Tensor], gelu: bool, out_dtype: torch.dtype,
                   rq_s: Optional[Tensor], rq_zr: Optional[Tensor], rq_bits: float) -> Tensor:
@@ -269,55 +298,97 @@ def _(a, planes, fmt, k, colsum, sa, za, sw, zw, bias, gelu, out_dtype, rq_s, rq
 
 def quant_attention_launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, rel_bias: Optional[Tensor],
                            mask: Optional[Tensor], zq: Tensor, zk: Tensor, zv: Tensor, qk_scale: Tensor,
-                           p_args: dict, p_bits: float, target: Target) -> Launch:
+                           p_args: dict, p_bits: float, target: Target, rq_r: Optional[Tensor] = None,
+                           rq_shift: Optional[Tensor] = None, rq_s: Optional[Tensor] = None,
+                           rq_z: Optional[Tensor] = None, rq_bits: float = 8.0) -> Launch:
     """Either attention kernel: ``p_args`` holds ``sp, zp, pv_scale`` (uniform) or ``eta, x0, sp, zp, table, sv``
-    (SULQ), keyed by the kernel's pointer names."""
+    (SULQ), keyed by the kernel's pointer names. ``q, k, v`` share strides (last one 1); ``out`` is ``[B, H, L, D]``
+    in any strides (last one 1), int8 when requantizing (``rq_s`` given)."""
     b, h, l, d = q.shape
     sulq = "table_ptr" in p_args
+    requant = rq_s is not None
     bm, bn, opts = C.attention_config(l, d, target, rel_bias is not None or mask is not None, sulq)
     kernel = quant_attention_sulq_kernel if sulq else quant_attention_kernel
-    return Launch(kernel, (triton.cdiv(l, bm), b * h),
+    sb, sh, sl, _ = q.stride()
+    ob, oh, ol, _ = out.stride()
+    return Launch(kernel, (C.cdiv(l, bm), b * h),
                   dict(q_ptr=q, k_ptr=k, v_ptr=v, out_ptr=out, bias_ptr=_opt(rel_bias, q), mask_ptr=_opt(mask, q),
-                       zq_ptr=zq, zk_ptr=zk, zv_ptr=zv, qk_scale_ptr=qk_scale, **p_args, H=h, L=l,
-                       NW=mask.shape[0] if mask is not None else 1),
+                       zq_ptr=zq, zk_ptr=zk, zv_ptr=zv, qk_scale_ptr=qk_scale, **p_args, r_ptr=_opt(rq_r, q),
+                       shift_ptr=_opt(rq_shift, q), rq_s_ptr=_opt(rq_s, q), rq_z_ptr=_opt(rq_z, q), H=h, L=l,
+                       NW=mask.shape[0] if mask is not None else 1, stride_b=sb, stride_h=sh, stride_l=sl,
+                       stride_ob=ob, stride_oh=oh, stride_ol=ol),
                   dict(D=d, HAS_BIAS=rel_bias is not None, HAS_MASK=mask is not None, P_QMAX=P.qmax(p_bits),
-                       P_OFFSET=P.code_offset(p_bits), BLOCK_M=bm, BLOCK_N=bn), opts)
+                       P_OFFSET=P.code_offset(p_bits), HAS_R=rq_r is not None, HAS_SHIFT=rq_shift is not None,
+                       REQUANT=requant, RQ_QMAX=P.qmax(rq_bits) if requant else 0,
+                       RQ_OFFSET=P.code_offset(rq_bits) if requant else 0, BLOCK_M=bm, BLOCK_N=bn), opts)
 
 
-def _attention(q, k, v, rel_bias, mask, zq, zk, zv, qk_scale, p_args, p_bits) -> Tensor:
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+def _qkv_views(q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``q, k, v`` as they are when they share strides with a unit last one (e.g. slices of one qkv tensor), else
+    contiguous copies."""
+    if q.stride() == k.stride() == v.stride() and q.stride(-1) == 1:
+        return q, k, v
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+def _attention_out(q: Tensor, heads_last: bool, requant: bool) -> Tuple[Tensor, Tensor]:
+    """``(out, its [B, H, L, D] view)``: ``out`` is ``[B, L, H, D]`` when ``heads_last``, int8 when ``requant``."""
+    b, h, l, d = q.shape
+    dt = torch.int8 if requant else torch.float32
+    if heads_last:
+        out = torch.empty((b, l, h, d), dtype=dt, device=q.device)
+        return out, out.permute(0, 2, 1, 3)
+    out = torch.empty((b, h, l, d), dtype=dt, device=q.device)
+    return out, out
+
+
+def _attention(q, k, v, rel_bias, mask, zq, zk, zv, qk_scale, p_args, p_bits, heads_last, rq_r, rq_shift, rq_s,
+               rq_z, rq_bits) -> Tensor:
+    q, k, v = _qkv_views(q, k, v)
     rel_bias = rel_bias.contiguous() if rel_bias is not None else None
     mask = mask.contiguous() if mask is not None else None
-    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    out, view = _attention_out(q, heads_last, rq_s is not None)
     if q.numel():
-        quant_attention_launch(q, k, v, out, rel_bias, mask, zq, zk, zv, qk_scale, p_args, p_bits, Target.of(q))()
+        quant_attention_launch(q, k, v, view, rel_bias, mask, zq, zk, zv, qk_scale, p_args, p_bits, Target.of(q),
+                               rq_r, rq_shift, rq_s, rq_z, rq_bits)()
     return out
 
 
-@torch.library.custom_op("lowbit::quant_attention", mutates_args=())
+def _attention_fake(q, heads_last, rq_s):
+    return _attention_out(q, heads_last, rq_s is not None)[0]
+
+
+@lowbit_op("quant_attention")
 def quant_attention(q: Tensor, k: Tensor, v: Tensor, rel_bias: Optional[Tensor], mask: Optional[Tensor],
                     zq: Tensor, zk: Tensor, zv: Tensor, qk_scale: Tensor, sp: Tensor, zp: Tensor, pv_scale: Tensor,
-                    p_bits: float) -> Tensor:
-    """float32 ``O [B, H, L, D]`` from int8 ``q, k, v [B, H, L, D]`` (see :mod:`kernels.quant_attention`)."""
+                    p_bits: float, heads_last: bool, rq_r: Optional[Tensor], rq_shift: Optional[Tensor],
+                    rq_s: Optional[Tensor], rq_z: Optional[Tensor], rq_bits: float) -> Tensor:
+    """``O`` from int8 ``q, k, v [B, H, L, D]`` (see :mod:`kernels.quant_attention`): float32 ``[B, H, L, D]``, or
+    ``[B, L, H, D]`` when ``heads_last``; int8 codes of ``(O - rq_shift) / rq_r`` when ``rq_s`` is given."""
     return _attention(q, k, v, rel_bias, mask, zq, zk, zv, qk_scale,
-                      dict(sp_ptr=sp, zp_ptr=zp, pv_scale_ptr=pv_scale), p_bits)
+                      dict(sp_ptr=sp, zp_ptr=zp, pv_scale_ptr=pv_scale), p_bits, heads_last, rq_r, rq_shift, rq_s,
+                      rq_z, rq_bits)
 
 
 @quant_attention.register_fake
-def _(q, k, v, rel_bias, mask, zq, zk, zv, qk_scale, sp, zp, pv_scale, p_bits):
-    return torch.empty(q.shape, dtype=torch.float32, device=q.device)
+def _(q, k, v, rel_bias, mask, zq, zk, zv, qk_scale, sp, zp, pv_scale, p_bits, heads_last, rq_r, rq_shift, rq_s,
+      rq_z, rq_bits):
+    return _attention_fake(q, heads_last, rq_s)
 
 
-@torch.library.custom_op("lowbit::quant_attention_sulq", mutates_args=())
+@lowbit_op("quant_attention_sulq")
 def quant_attention_sulq(q: Tensor, k: Tensor, v: Tensor, rel_bias: Optional[Tensor], mask: Optional[Tensor],
                          zq: Tensor, zk: Tensor, zv: Tensor, qk_scale: Tensor, eta: Tensor, x0: Tensor, sp: Tensor,
-                         zp: Tensor, table: Tensor, sv: Tensor, p_bits: float) -> Tensor:
-    """float32 ``O [B, H, L, D]`` with SULQ probability codes (see :mod:`kernels.quant_attention_sulq`)."""
+                         zp: Tensor, table: Tensor, sv: Tensor, p_bits: float, heads_last: bool,
+                         rq_r: Optional[Tensor], rq_shift: Optional[Tensor], rq_s: Optional[Tensor],
+                         rq_z: Optional[Tensor], rq_bits: float) -> Tensor:
+    """:func:`quant_attention` with SULQ probability codes (see :mod:`kernels.quant_attention_sulq`)."""
     return _attention(q, k, v, rel_bias, mask, zq, zk, zv, qk_scale,
                       dict(eta_ptr=eta, x0_ptr=x0, sp_ptr=sp, zp_ptr=zp, table_ptr=table.contiguous(), sv_ptr=sv),
-                      p_bits)
+                      p_bits, heads_last, rq_r, rq_shift, rq_s, rq_z, rq_bits)
 
 
 @quant_attention_sulq.register_fake
-def _(q, k, v, rel_bias, mask, zq, zk, zv, qk_scale, eta, x0, sp, zp, table, sv, p_bits):
-    return torch.empty(q.shape, dtype=torch.float32, device=q.device)
+def _(q, k, v, rel_bias, mask, zq, zk, zv, qk_scale, eta, x0, sp, zp, table, sv, p_bits, heads_last, rq_r, rq_shift,
+      rq_s, rq_z, rq_bits):
+    return _attention_fake(q, heads_last, rq_s)

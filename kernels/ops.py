@@ -98,8 +98,47 @@ def _act_qparams(x: Tensor, qp: QParams):
     return _memo(f"act {qp.bits} {x.device}", (qp.s, qp.z), prepare)
 
 
-def _channel_vecs(x: Tensor, **vecs):
-    c = x.shape[-1]
+def _requant_qparams(x: Tensor, qp: QParams, n: int):
+    """:func:`_act_qparams`, or for a quantizer with one step / zero point per output column (``[n]``) the
+    checked float32 ``(s [n], rounded z [n])``."""
+    if torch.as_tensor(qp.s).numel() == 1 and torch.as_tensor(qp.z).numel() == 1:
+        return _act_qparams(x, qp)
+    P.check_bits(qp.bits)
+
+    def prepare():
+        s = torch.as_tensor(qp.s, dtype=torch.float32, device=x.device).reshape(-1).contiguous()
+        z = torch.as_tensor(qp.z, dtype=torch.float32, device=x.device).reshape(-1)
+        if s.numel() != n or z.numel() != n:
+            raise ValueError(f"a per-column requant quantizer needs one step and zero point per output column "
+                             f"({n}), got {s.numel()} and {z.numel()}")
+        if _checking():
+            P.check_step(s)
+            P._check_finite("zero point z", z)
+        return s, P.round_zero_point(z, qp.bits).contiguous()
+    return _memo(f"requant {qp.bits} {n} {x.device}", (qp.s, qp.z), prepare)
+
+
+def stacked_qparams(qps, sizes) -> QParams:
+    """One per-column quantizer from per-tensor ones of equal bits, ``qps[i]`` repeated ``sizes[i]`` times (the Q, K,
+    V quantizers over a qkv projection's output columns, for :func:`packed_linear`'s ``requant``); built once per
+    version of the parameters."""
+    bits = {float(qp.bits) for qp in qps}
+    if len(bits) != 1:
+        raise ValueError(f"stacked quantizers must share one bit width, got {sorted(bits)}")
+    values = tuple(t for qp in qps for t in (qp.s, qp.z))
+
+    def build():
+        with torch.inference_mode(False):  # keys of _requant_qparams' memo: inference tensors are never memoized
+            return tuple(torch.cat([torch.as_tensor(getattr(qp, f), dtype=torch.float32).reshape(1).expand(int(n))
+                                    for qp, n in zip(qps, sizes)]) for f in ("s", "z"))
+    s, z = _memo(f"stacked {tuple(sizes)}", values, build)
+    return QParams(s, z, qps[0].bits)
+
+
+def _channel_vecs(x: Tensor, channels: Optional[int] = None, **vecs):
+    """float32 contiguous copies (views when already so) of per-channel vectors, checked to have ``channels``
+    (default ``x.shape[-1]``) entries; None stays None."""
+    c = x.shape[-1] if channels is None else channels
     out = []
     for name, t in vecs.items():
         R._check_channel_vec(name, t, c)
@@ -320,7 +359,7 @@ def _int_linear(a: Tensor, a_qp: QParams, planes, fmt: str, n: int, k: int, w_bi
     rq_s = rq_zr = None
     rq_bits = 8.0
     if requant is not None:
-        rq_s, rq_zr = _act_qparams(a, requant)
+        rq_s, rq_zr = _requant_qparams(a, requant, n)
         rq_bits = float(requant.bits)
     return L.packed_linear(a, planes, fmt, k, colsum(), sa, za, sw, zw, None if bias is None else bias.contiguous(),
                            bool(gelu), out_dtype, rq_s, rq_zr, rq_bits)
@@ -343,13 +382,27 @@ def _default_p_qparams(bits, device) -> QParams:
 
 def quant_attention(q: Tensor, k: Tensor, v: Tensor, q_qp: QParams, k_qp: QParams, v_qp: QParams, scale: float,
                     p_qp: Optional[Union[QParams, SULQParams]] = None, rel_bias: Optional[Tensor] = None,
-                    mask: Optional[Tensor] = None) -> Tensor:
+                    mask: Optional[Tensor] = None, heads_last: bool = False, requant: Optional[QParams] = None,
+                    requant_r: Optional[Tensor] = None, requant_shift: Optional[Tensor] = None) -> Tensor:
     """Attention on int8 codes (see :func:`kernels.reference.quant_attention`); ``p_qp`` a uniform
-    :class:`QParams` (integer ``P V``) or :class:`SULQParams` (table-dequantized ``P``, float ``P V``)."""
+    :class:`QParams` (integer ``P V``) or :class:`SULQParams` (table-dequantized ``P``, float ``P V``).
+
+    ``q, k, v`` may be strided views (the slices of a qkv output ``[B, L, 3, H, D]`` are read in place). Returns
+    float32 ``O [B, H, L, D]``, or ``[B, L, H, D]`` when ``heads_last``; with ``requant`` (the next linear's input
+    quantizer, channels ``h * D + d``, optional rescale ``requant_r`` / ``requant_shift``) the int8 codes of
+    :func:`quantize` of that output instead, from the kernel's epilogue."""
     if not triton_enabled(q):
-        return R.quant_attention(q, k, v, q_qp, k_qp, v_qp, scale, p_qp, rel_bias, mask)
+        o = R.quant_attention(q, k, v, q_qp, k_qp, v_qp, scale, p_qp, rel_bias, mask)
+        if heads_last or requant is not None:
+            o = o.transpose(1, 2)
+        if requant is not None:
+            b, l, h, d = o.shape
+            o = R.rescale_quantize(o.reshape(b, l, h * d), requant, requant_r, requant_shift).view(b, l, h, d)
+            if not heads_last:
+                o = o.transpose(1, 2).contiguous()
+        return o
     R.check_qkv(q, k, v)
-    _same_device(q, k=k, v=v, rel_bias=rel_bias, mask=mask)
+    _same_device(q, k=k, v=v, rel_bias=rel_bias, mask=mask, requant_r=requant_r, requant_shift=requant_shift)
     b, h, l, d = q.shape
     if d not in ATTENTION_HEAD_DIMS:
         raise ValueError(f"head dim {d} is not supported by the Triton attention kernels (supported: "
@@ -364,6 +417,14 @@ def quant_attention(q: Tensor, k: Tensor, v: Tensor, q_qp: QParams, k_qp: QParam
     for qp in (q_qp, k_qp, v_qp, p_qp):
         P.check_bits(qp.bits)
     sulq = isinstance(p_qp, SULQParams)
+    rq_s = rq_zr = rq_r = rq_sh = None
+    rq_bits = 8.0
+    if requant is not None:
+        rq_s, rq_zr = _act_qparams(q, requant)
+        rq_bits = float(requant.bits)
+        rq_r, rq_sh = _channel_vecs(q, h * d, r=requant_r, shift=requant_shift)
+    elif requant_r is not None or requant_shift is not None:
+        raise ValueError("requant_r / requant_shift rescale the requantized output: pass requant too")
 
     def prepare():
         sq, sk, sv = (_scalar("step size s", qp.s, q) for qp in (q_qp, k_qp, v_qp))
@@ -382,6 +443,7 @@ def quant_attention(q: Tensor, k: Tensor, v: Tensor, q_qp: QParams, k_qp: QParam
     params = (q_qp.s, q_qp.z, k_qp.s, k_qp.z, v_qp.s, v_qp.z, p_qp.s, p_qp.z) + ((p_qp.eta, p_qp.x0) if sulq else ())
     tag = f"attention {scale!r} {[qp.bits for qp in (q_qp, k_qp, v_qp, p_qp)]} {sulq and bool(p_qp.pow2)} {q.device}"
     prepared = _memo(tag, params, prepare)
+    out = (bool(heads_last), rq_r, rq_sh, rq_s, rq_zr, rq_bits)
     if sulq:
-        return L.quant_attention_sulq(q, k, v, rel_bias, mask, *prepared, float(p_qp.bits))
-    return L.quant_attention(q, k, v, rel_bias, mask, *prepared, float(p_qp.bits))
+        return L.quant_attention_sulq(q, k, v, rel_bias, mask, *prepared, float(p_qp.bits), *out)
+    return L.quant_attention(q, k, v, rel_bias, mask, *prepared, float(p_qp.bits), *out)

@@ -18,7 +18,7 @@ from ._helpers import gemm_epilogue
 def packed_gemm_kernel(a_ptr, w0_ptr, w1_ptr, out_ptr, colsum_ptr, sa_ptr, za_ptr, sw_ptr, zw_ptr,
                        bias_ptr, rq_s_ptr, rq_z_ptr, M, N, K, stride_am, stride_w0, stride_w1, stride_om,
                        LOAD_W: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, REQUANT: tl.constexpr,
-                       RQ_QMAX: tl.constexpr, RQ_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr,
+                       RQ_QMAX: tl.constexpr, RQ_OFFSET: tl.constexpr, RQ_PER_COL: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -42,4 +42,5 @@ def packed_gemm_kernel(a_ptr, w0_ptr, w1_ptr, out_ptr, colsum_ptr, sa_ptr, za_pt
         acc += tl.dot(a, tl.trans(w), out_dtype=tl.int32)
         rowsum += tl.sum(a.to(tl.int32), axis=1)
     gemm_epilogue(acc, rowsum, offs_m, offs_n, M, N, K, out_ptr, stride_om, colsum_ptr, sa_ptr, za_ptr,
-                  sw_ptr, zw_ptr, bias_ptr, rq_s_ptr, rq_z_ptr, HAS_BIAS, GELU, REQUANT, RQ_QMAX, RQ_OFFSET)
+                  sw_ptr, zw_ptr, bias_ptr, rq_s_ptr, rq_z_ptr, HAS_BIAS, GELU, REQUANT, RQ_QMAX, RQ_OFFSET,
+                  RQ_PER_COL)

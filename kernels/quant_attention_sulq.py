@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ._helpers import quantize_signed
-from .quant_attention import _scores, load_query_tile, row_max_sum
+from .quant_attention import _scores, load_query_tile, row_max_sum, store_output
 
 
 @triton.jit
@@ -27,14 +27,17 @@ def split_dot_f16(a, b16):
 
 @triton.jit
 def quant_attention_sulq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bias_ptr, mask_ptr, zq_ptr, zk_ptr, zv_ptr,
-                                qk_scale_ptr, eta_ptr, x0_ptr, sp_ptr, zp_ptr, table_ptr, sv_ptr, H, L, NW,
-                                D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-                                P_QMAX: tl.constexpr, P_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_N: tl.constexpr):
-    """Contiguous ``q, k, v [B, H, L, D]`` int8 -> ``out [B, H, L, D]`` float32; grid ``(cdiv(L, BLOCK_M), B * H)``.
-    ``zq, zk, zv`` signed zero points; ``eta, x0, sp, zp`` (rounded, unsigned) the SULQ quantizer; ``table [2^bits]``."""
+                                qk_scale_ptr, eta_ptr, x0_ptr, sp_ptr, zp_ptr, table_ptr, sv_ptr, r_ptr, shift_ptr,
+                                rq_s_ptr, rq_z_ptr, H, L, NW, stride_b, stride_h, stride_l, stride_ob, stride_oh,
+                                stride_ol, D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+                                P_QMAX: tl.constexpr, P_OFFSET: tl.constexpr, HAS_R: tl.constexpr,
+                                HAS_SHIFT: tl.constexpr, REQUANT: tl.constexpr, RQ_QMAX: tl.constexpr,
+                                RQ_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """int8 ``q, k, v`` views ``[B, H, L, D]`` -> ``out`` (float32 or requantized int8, as
+    :func:`kernels.quant_attention.store_output`); grid ``(cdiv(L, BLOCK_M), B * H)``. ``zq, zk, zv`` signed zero
+    points; ``eta, x0, sp, zp`` (rounded, unsigned) the SULQ quantizer; ``table [2^bits]``."""
     base, offs_m, offs_d, valid_m, q, rowsum_q, bias_base, mask_base = load_query_tile(
-        q_ptr, bias_ptr, mask_ptr, H, L, NW, D, BLOCK_M)
+        q_ptr, bias_ptr, mask_ptr, H, L, NW, stride_b, stride_h, stride_l, D, BLOCK_M)
     zq = tl.load(zq_ptr).to(tl.int32)
     zk = tl.load(zk_ptr).to(tl.int32)
     zv = tl.load(zv_ptr)
@@ -46,20 +49,21 @@ def quant_attention_sulq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bias_ptr, mask_ptr
     k_base = k_ptr + base
     v_base = v_ptr + base
 
-    m_i, l_i = row_max_sum(q, rowsum_q, k_base, bias_base, mask_base, offs_m, offs_d, L, zq, zk, qk_scale,
+    m_i, l_i = row_max_sum(q, rowsum_q, k_base, stride_l, bias_base, mask_base, offs_m, offs_d, L, zq, zk, qk_scale,
                            D, HAS_BIAS, HAS_MASK, BLOCK_M, BLOCK_N)
 
     acc = tl.zeros((BLOCK_M, D), tl.float32)
     for n0 in range(0, L, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         valid_n = offs_n < L
-        s = _scores(q, rowsum_q, k_base, bias_base, mask_base, offs_m, offs_n, offs_d, L, zq, zk, qk_scale,
+        s = _scores(q, rowsum_q, k_base, stride_l, bias_base, mask_base, offs_m, offs_n, offs_d, L, zq, zk, qk_scale,
                     D, HAS_BIAS, HAS_MASK)
         p = tl.math.div_rn(tl.exp(s - m_i[:, None]), l_i[:, None])
         pc = quantize_signed(-tl.log2(p + eta) - x0, sp, zp, P_QMAX, P_OFFSET)
         ph = tl.load(table_ptr + (pc.to(tl.int32) + P_OFFSET))
         ph = tl.where(valid_n[None, :], ph, 0.0)
-        v = tl.load(v_base + offs_n[:, None] * D + offs_d[None, :], mask=valid_n[:, None], other=0)
+        v = tl.load(v_base + offs_n[:, None] * stride_l + offs_d[None, :], mask=valid_n[:, None], other=0)
         acc += split_dot_f16(ph, (v.to(tl.float32) - zv).to(tl.float16))
     o = acc * tl.load(sv_ptr)
-    tl.store(out_ptr + base + offs_m[:, None] * D + offs_d[None, :], o, mask=valid_m[:, None])
+    store_output(o, out_ptr, H, offs_m, offs_d, valid_m, stride_ob, stride_oh, stride_ol, r_ptr, shift_ptr,
+                 rq_s_ptr, rq_z_ptr, D, HAS_R, HAS_SHIFT, REQUANT, RQ_QMAX, RQ_OFFSET)

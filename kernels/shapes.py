@@ -72,6 +72,12 @@ def mlp_shapes() -> set:
     return {s for m in MODELS.values() for s in m.mlp}
 
 
+def qkv_shapes() -> set:
+    """``(K, N = 3K)`` of every qkv projection (the linears whose output the runtime requantizes per column into the
+    Q, K and V codes)."""
+    return {(k, n) for m in MODELS.values() for k, n in m.linears if n == 3 * k}
+
+
 def attention_shapes() -> List[Tuple[int, int]]:
     return sorted({a for m in MODELS.values() for a in m.attention} | set(EXTRA_ATTENTION))
 

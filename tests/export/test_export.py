@@ -195,3 +195,71 @@ def test_vit_b_size_ratio(tmp_path, bits, limit):
     ratio = path.stat().st_size / E.fp16_state_bytes(fp)
     assert ratio <= limit, ratio
     assert ratio >= {"w1.58a8": 0.125, "w4a4": 0.25}[bits]  # the packed weights alone: 2 / 16 and 4 / 16 bits
+
+
+def _unfused_attention(a, x, mask):
+    """The attention block as separate ops: float qkv, per-slice quantize, float attention, float proj input."""
+    from kernels import ops
+    b, n, _ = x.shape
+    qkv = a.qkv(x).reshape(b, n, 3, a.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = (ops.quantize(t.contiguous(), a.qp(name)) for t, name in zip(qkv.unbind(0), "qkv"))
+    swin = isinstance(a, PackedWindowAttention)
+    o = ops.quant_attention(q, k, v, a.qp("q"), a.qp("k"), a.qp("v"), a.scale, a.qp("p"),
+                            rel_bias=a.rel_pos_bias() if swin else None,
+                            mask=None if mask is None else mask.float())
+    return a.proj(o.transpose(1, 2).reshape(b, n, -1))
+
+
+@pytest.mark.parametrize("kind,bits", [("vit", "w4a4"), ("swin", "w3a3"), ("vit", "w1.58a8")])
+def test_fused_attention_equals_the_unfused_ops(tmp_path, kind, bits):
+    """The deployed attention (qkv GEMM emitting Q/K/V codes, attention read in place and emitting proj's input
+    codes) is bit-identical to quantize -> attention -> quantize as separate ops, on the Triton path (interpreter)
+    and on the reference path."""
+    from kernels import ops
+    over = dict(embed_dim=64, num_heads=2) if kind == "vit" else dict(embed_dim=64)  # head dim 32
+    _, _, path = _export(tmp_path, kind, bits, **over)
+    m = export.load(path, fast=False)
+    mods = [x for x in m.modules() if isinstance(x, (PackedViTAttention, PackedWindowAttention))]
+    seen = []
+    hooks = [x.register_forward_pre_hook(lambda mod, args, kw: seen.append((mod, args, kw)), with_kwargs=True)
+             for x in mods[:2] + mods[-1:]]
+    with torch.no_grad():
+        m(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5)))
+    for h in hooks:
+        h.remove()
+    assert seen
+    for flag in (True, False):
+        ops.use_triton(flag)
+        try:
+            with torch.no_grad():
+                for a, args, kw in seen:
+                    mask = kw.get("mask", args[1] if len(args) > 1 else None)
+                    fused, unfused = a(args[0], mask) if mask is not None else a(args[0]), _unfused_attention(
+                        a, args[0], mask)
+                    assert fused.dtype == unfused.dtype and torch.equal(fused, unfused), (flag, type(a).__name__)
+        finally:
+            ops.use_triton(None)
+
+
+def test_deployed_forward_checks_its_quantizers_once(tmp_path, monkeypatch):
+    """After the first forward (in inference mode, as deployed), the Triton path re-checks no quantizer: a check
+    is a host sync on a GPU. The per-column Q/K/V requant quantizer included."""
+    from kernels import ops
+    from quant import primitives as P
+    over = dict(embed_dim=64, num_heads=2)
+    _, _, path = _export(tmp_path, "vit", "w4a4", **over)
+    m = export.load(path, fast=False)
+    checks = []
+    real = P.check_step
+    monkeypatch.setattr(P, "check_step", lambda s: checks.append(1) or real(s))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    ops.use_triton(True)
+    try:
+        with torch.inference_mode():
+            first = m(x)
+            assert checks
+            checks.clear()
+            again = m(x)
+    finally:
+        ops.use_triton(None)
+    assert checks == [] and torch.equal(first, again)

@@ -22,11 +22,11 @@ def _f(*v):
 def test_opcheck_quantize_ops(gen):
     x = torch.randn(3, 20, generator=gen)
     r, sh = torch.rand(20, generator=gen) + 0.5, torch.randn(20, generator=gen)
-    torch.library.opcheck(L.rescale_quantize, (x, r, sh, _f(0.1), _f(7.0), 4.0), test_utils=TESTS)
-    torch.library.opcheck(L.layernorm_quantize, (x, r, sh, 1e-6, None, None, _f(0.1), _f(7.0), 4.0),
+    torch.library.opcheck(L.rescale_quantize.op, (x, r, sh, _f(0.1), _f(7.0), 4.0), test_utils=TESTS)
+    torch.library.opcheck(L.layernorm_quantize.op, (x, r, sh, 1e-6, None, None, _f(0.1), _f(7.0), 4.0),
                           test_utils=TESTS)
-    torch.library.opcheck(L.fake_quantize_fwd, (x, r, sh, _f(0.1), _f(7.0), 4.0), test_utils=TESTS)
-    torch.library.opcheck(L.fake_quantize_bwd, (torch.randn(3, 20, generator=gen), x, r, None, _f(0.1), _f(7.0),
+    torch.library.opcheck(L.fake_quantize_fwd.op, (x, r, sh, _f(0.1), _f(7.0), 4.0), test_utils=TESTS)
+    torch.library.opcheck(L.fake_quantize_bwd.op, (torch.randn(3, 20, generator=gen), x, r, None, _f(0.1), _f(7.0),
                                                 4.0), test_utils=TESTS)
 
 
@@ -37,19 +37,23 @@ def test_opcheck_packed_linear(gen, bits):
     planes = [pw.planes[n] for n, _ in packing.FORMATS[pw.fmt].planes]
     args = (a, planes, pw.fmt, 24, ops.weight_colsum(pw), _f(0.1), _f(-1.0), torch.rand(5, generator=gen) + 0.1,
             torch.ones(5, dtype=torch.int32), torch.randn(5, generator=gen), True, torch.float16, None, None, 8.0)
-    torch.library.opcheck(L.packed_linear, args, test_utils=TESTS)
-    torch.library.opcheck(L.packed_linear, args[:-3] + (_f(0.05), _f(100.0), 8.0), test_utils=TESTS)
+    torch.library.opcheck(L.packed_linear.op, args, test_utils=TESTS)
+    torch.library.opcheck(L.packed_linear.op, args[:-3] + (_f(0.05), _f(100.0), 8.0), test_utils=TESTS)
 
 
 def test_opcheck_quant_attention(gen):
     q, k, v = (torch.randint(-5, 5, (1, 2, 9, 32), dtype=torch.int8, generator=gen) for _ in range(3))
     args = (q, k, v, torch.randn(2, 9, 9, generator=gen), None, _f(0), _f(1), _f(-1), _f(0.01), _f(1 / 255),
             _f(0), _f(0.001), 8.0)
-    torch.library.opcheck(L.quant_attention, args, test_utils=TESTS)
+    plain = (False, None, None, None, None, 8.0)
+    torch.library.opcheck(L.quant_attention.op, args + plain, test_utils=TESTS)
+    requant = (True, torch.rand(64, generator=gen) + 0.5, torch.randn(64, generator=gen), _f(0.01), _f(7.0), 4.0)
+    torch.library.opcheck(L.quant_attention.op, args + requant, test_utils=TESTS)
     table = P.sulq_table(0.01, 0.3, 0.0, 4, 0.5, True)  # the published form: origin x0 = 0.5, rounded exponent
     args = (q, k, v, None, None, _f(0), _f(1), _f(-1.0), _f(0.01), _f(0.01), _f(0.5), _f(0.3), _f(0), table, _f(0.02),
             4.0)
-    torch.library.opcheck(L.quant_attention_sulq, args, test_utils=TESTS)
+    torch.library.opcheck(L.quant_attention_sulq.op, args + plain, test_utils=TESTS)
+    torch.library.opcheck(L.quant_attention_sulq.op, args + requant, test_utils=TESTS)
 
 
 def test_compile_fullgraph_through_dispatch(gen):
@@ -129,3 +133,23 @@ def test_deployed_qparams_are_checked_once_and_rechecked_when_changed(gen, monke
         ops.quantize(x, trained)
         ops.quantize(x, trained)
         assert len(calls) == 6
+
+
+def test_eager_calls_skip_the_dispatcher_and_match_it(gen, monkeypatch):
+    """Eager calls on plain tensors run the op's body directly (no torch.library dispatch: host time), with the
+    result of the registered op; fake tensors (and compiled graphs, above) still go through the op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    x = torch.randn(5, 24, generator=gen)
+    s, z = _f(0.07), _f(7.0)
+    dispatched = []
+    op = L.rescale_quantize.op
+    monkeypatch.setattr(L.rescale_quantize, "op", lambda *a: dispatched.append(1) or op(*a))
+    with triton_path():
+        direct = L.rescale_quantize(x, None, None, s, z, 4.0)
+        assert dispatched == []
+        assert torch.equal(direct, op(x, None, None, s, z, 4.0))
+        assert torch.equal(direct, R.rescale_quantize(x, QParams(s, z, 4)))
+        with FakeTensorMode() as mode:
+            fx = mode.from_tensor(x)
+            out = L.rescale_quantize(fx, None, None, mode.from_tensor(s), mode.from_tensor(z), 4.0)
+        assert dispatched == [1] and out.shape == x.shape and out.dtype == torch.int8
