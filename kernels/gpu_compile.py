@@ -219,7 +219,7 @@ def attention_launch(b: int, h: int, l: int, d: int, target, sulq=False, bias=Fa
     """The dispatcher's attention launch on meta tensors; ``fused``: as the exported models run it (Q, K, V read in
     place from a qkv output ``[B, L, 3, H, D]``, output requantized heads-last, with a ``rescale`` r / shift)."""
     from . import library as L
-    q = _meta(b, h, l, d, dtype=torch.int8)
+    q = k = v = _meta(b, h, l, d, dtype=torch.int8)
     out = _meta(b, h, l, d)
     rq = {}
     if fused:
@@ -232,7 +232,6 @@ def attention_launch(b: int, h: int, l: int, d: int, target, sulq=False, bias=Fa
                  sv_ptr=_meta(1))
     else:
         p = dict(sp_ptr=_meta(1), zp_ptr=_meta(1), pv_scale_ptr=_meta(1))
-    k, v = (k, v) if fused else (q, q)
     return L.quant_attention_launch(q, k, v, out, _meta(h, l, l) if bias else None, _meta(4, l, l) if mask else None,
                                     _meta(1), _meta(1), _meta(1), _meta(1), p, p_bits, target, **rq)
 

@@ -78,44 +78,29 @@ def _same_device(ref: Tensor, **tensors) -> None:
             raise ValueError(f"{name} is on {t.device} but the input is on {ref.device}; move it with .to(device)")
 
 
-def _scalar(name: str, v, like: Tensor) -> Tensor:
+def _scalar(name: str, v, like: Tensor, n: int = 1) -> Tensor:
+    """float32 ``[n]`` of ``v`` on ``like``'s device: a per-tensor scalar, or (``n > 1``) one value per column."""
     t = torch.as_tensor(v, dtype=torch.float32, device=like.device)
-    if t.numel() != 1:
-        raise ValueError(f"{name} must be a per-tensor scalar, got shape {tuple(t.shape)}")
-    return t.reshape(1)
+    if t.numel() != n:
+        raise ValueError(f"{name} must be a per-tensor scalar, got shape {tuple(t.shape)}" if n == 1 else
+                         f"{name} must hold one value per output column ({n}), got shape {tuple(t.shape)}")
+    return t.reshape(n)
 
 
-def _act_qparams(x: Tensor, qp: QParams):
-    """``(s [1] float32, rounded unsigned z [1] float32)`` of a per-tensor activation quantizer, checked."""
+def _act_qparams(x: Tensor, qp: QParams, columns: int = 1):
+    """``(s, rounded unsigned z)``, float32 ``[1]``, of a per-tensor activation quantizer, checked; with ``columns``
+    a quantizer that holds one step and zero point per output column (``[columns]``: a requant over a qkv
+    projection's Q, K, V columns) is taken too."""
     P.check_bits(qp.bits)
+    n = columns if columns > 1 and torch.as_tensor(qp.s).numel() > 1 else 1
 
     def prepare():
-        s, z = _scalar("step size s", qp.s, x), _scalar("zero point z", qp.z, x)
+        s, z = _scalar("step size s", qp.s, x, n), _scalar("zero point z", qp.z, x, n)
         if _checking():
             P.check_step(s)
             P._check_finite("zero point z", z)
         return s, P.round_zero_point(z, qp.bits)
-    return _memo(f"act {qp.bits} {x.device}", (qp.s, qp.z), prepare)
-
-
-def _requant_qparams(x: Tensor, qp: QParams, n: int):
-    """:func:`_act_qparams`, or for a quantizer with one step / zero point per output column (``[n]``) the
-    checked float32 ``(s [n], rounded z [n])``."""
-    if torch.as_tensor(qp.s).numel() == 1 and torch.as_tensor(qp.z).numel() == 1:
-        return _act_qparams(x, qp)
-    P.check_bits(qp.bits)
-
-    def prepare():
-        s = torch.as_tensor(qp.s, dtype=torch.float32, device=x.device).reshape(-1).contiguous()
-        z = torch.as_tensor(qp.z, dtype=torch.float32, device=x.device).reshape(-1)
-        if s.numel() != n or z.numel() != n:
-            raise ValueError(f"a per-column requant quantizer needs one step and zero point per output column "
-                             f"({n}), got {s.numel()} and {z.numel()}")
-        if _checking():
-            P.check_step(s)
-            P._check_finite("zero point z", z)
-        return s, P.round_zero_point(z, qp.bits).contiguous()
-    return _memo(f"requant {qp.bits} {n} {x.device}", (qp.s, qp.z), prepare)
+    return _memo(f"act {qp.bits} {n} {x.device}", (qp.s, qp.z), prepare)
 
 
 def stacked_qparams(qps, sizes) -> QParams:
@@ -128,7 +113,7 @@ def stacked_qparams(qps, sizes) -> QParams:
     values = tuple(t for qp in qps for t in (qp.s, qp.z))
 
     def build():
-        with torch.inference_mode(False):  # keys of _requant_qparams' memo: inference tensors are never memoized
+        with torch.inference_mode(False):  # keys of _act_qparams' memo: inference tensors are never memoized
             return tuple(torch.cat([torch.as_tensor(getattr(qp, f), dtype=torch.float32).reshape(1).expand(int(n))
                                     for qp, n in zip(qps, sizes)]) for f in ("s", "z"))
     s, z = _memo(f"stacked {tuple(sizes)}", values, build)
@@ -359,7 +344,7 @@ def _int_linear(a: Tensor, a_qp: QParams, planes, fmt: str, n: int, k: int, w_bi
     rq_s = rq_zr = None
     rq_bits = 8.0
     if requant is not None:
-        rq_s, rq_zr = _requant_qparams(a, requant, n)
+        rq_s, rq_zr = _act_qparams(a, requant, columns=n)
         rq_bits = float(requant.bits)
     return L.packed_linear(a, planes, fmt, k, colsum(), sa, za, sw, zw, None if bias is None else bias.contiguous(),
                            bool(gelu), out_dtype, rq_s, rq_zr, rq_bits)

@@ -68,6 +68,27 @@ def test_packed_linear_requant_codes(gen, m, k, n, wbits, abits, dt):
     assert_codes_match_up_to_ties(codes, ref, y / rq.s)
 
 
+def test_packed_linear_per_column_requant(gen):
+    """A requant quantizer with a step and zero point per output column (Q, K, V over a qkv projection) matches the
+    reference column by column; a vector of the wrong length is refused."""
+    m, k, n, wbits, abits = 37, 64, 48, 4, 4
+    a, qp, pw, sw, zw, bias = _problem(gen, m, k, n, wbits, abits)
+    y = R.packed_linear(a, qp, pw, sw, zw, bias)
+    parts = [QParams(*P.init_act_qparams(y[:, i * 16:(i + 1) * 16], abits), abits) for i in range(3)]
+    rq = ops.stacked_qparams(parts, (16, 16, 16))
+    assert rq.s.shape == (n,) and len(set(rq.s.tolist())) == 3
+    ref = R.packed_linear(a, qp, pw, sw, zw, bias, requant=rq)
+    with triton_path():
+        codes = run_poisoned(lambda: ops.packed_linear(a, qp, pw, sw, zw, bias, requant=rq), 99, -99)
+        with pytest.raises(ValueError, match="one value per output column"):
+            ops.packed_linear(a, qp, pw, sw, zw, bias, requant=QParams(rq.s[:-1], rq.z[:-1], abits))
+    assert codes.dtype == torch.int8 and codes.shape == (m, n)
+    assert_codes_match_up_to_ties(codes, ref, y / rq.s)
+    for i, part in enumerate(parts):  # each column block is that block's own per-tensor quantization
+        cols = slice(i * 16, (i + 1) * 16)
+        assert torch.equal(ref[:, cols], P.quantize(y[:, cols], part.s, part.z, abits, signed=True))
+
+
 def test_packed_linear_batched_leading_dims_and_colsum_cache(gen):
     a, qp, pw, sw, zw, bias = _problem(gen, 6, 64, 10, 4, 8)
     a3 = a.reshape(2, 3, 64)
