@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
-import json
 import os
 import statistics
 import sys
 import tempfile
 import time
 from typing import List, Optional
+
+from calib.common import atomic_write_json
 
 #: small stand-in for the test suite: ViT with head dim 32
 TINY = ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10))
@@ -85,10 +86,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"host time per forward (launches stubbed): {r['host_ms_median']:.2f} ms "
           f"(median of {args.repeats} x {args.iters})")
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(r, f, indent=1)
-        os.replace(tmp, args.json)
+        atomic_write_json(r, args.json)
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -114,6 +115,18 @@ def atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(obj, path) -> None:
+    """``obj`` as indented JSON into a hidden temp file beside ``path``, renamed onto it (removed on failure)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(obj, indent=1))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from ._helpers import quantize_signed, rescale
+from ._helpers import div_rcp, quantize_signed, rescale
 
 
 @triton.jit
@@ -20,7 +20,8 @@ def layernorm_quantize_kernel(x_ptr, out_ptr, lnw_ptr, lnb_ptr, r_ptr, shift_ptr
     mean = tl.sum(x, axis=1) / C
     xc = tl.where(mask, x - mean[:, None], 0.0)
     var = tl.sum(xc * xc, axis=1) / C
-    y = tl.math.div_rn(xc, tl.sqrt_rn(var + eps)[:, None])
+    std = tl.sqrt_rn(var + eps)
+    y = div_rcp(xc, std[:, None], tl.math.div_rn(1.0, std)[:, None])
     if HAS_LNW:
         y = y * tl.load(lnw_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
     if HAS_LNB:

@@ -13,7 +13,7 @@ next linear's input, ``quantize((O - shift[c]) / r[c])`` with channel ``c = h * 
 import triton
 import triton.language as tl
 
-from ._helpers import quantize_signed, rescale
+from ._helpers import div_rcp, quantize_signed, rescale
 
 
 @triton.jit
@@ -109,6 +109,7 @@ def quant_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bias_ptr, mask_ptr, zq_
 
     m_i, l_i = row_max_sum(q, rowsum_q, k_base, stride_l, bias_base, mask_base, offs_m, offs_d, L, zq, zk, qk_scale,
                            D, HAS_BIAS, HAS_MASK, BLOCK_M, BLOCK_N)
+    rl_i = tl.math.div_rn(1.0, l_i)
 
     acc = tl.zeros((BLOCK_M, D), tl.int32)
     rowsum_p = tl.zeros((BLOCK_M,), tl.int32)
@@ -119,7 +120,7 @@ def quant_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bias_ptr, mask_ptr, zq_
         valid_n = offs_n < L
         s = _scores(q, rowsum_q, k_base, stride_l, bias_base, mask_base, offs_m, offs_n, offs_d, L, zq, zk, qk_scale,
                     D, HAS_BIAS, HAS_MASK)
-        p = tl.math.div_rn(tl.exp(s - m_i[:, None]), l_i[:, None])
+        p = div_rcp(tl.exp(s - m_i[:, None]), l_i[:, None], rl_i[:, None])
         pc = quantize_signed(p, sp, zp, P_QMAX, P_OFFSET)
         pc = tl.where(valid_n[None, :], pc, 0).to(tl.int8)
         v = tl.load(v_base + offs_n[:, None] * stride_l + offs_d[None, :], mask=valid_n[:, None], other=0)

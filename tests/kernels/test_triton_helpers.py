@@ -1,0 +1,68 @@
+"""The shared ``@triton.jit`` helpers against torch's float32 arithmetic (interpreter on CPU)."""
+import torch
+import triton
+import triton.language as tl
+
+from kernels._helpers import div_rcp, quantize_signed, rne_small
+
+
+@triton.jit
+def _div_kernel(a_ptr, b_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    a = tl.load(a_ptr + offs, mask=mask, other=1.0)
+    b = tl.load(b_ptr + offs, mask=mask, other=1.0)
+    tl.store(out_ptr + offs, div_rcp(a, b, tl.math.div_rn(1.0, b)), mask=mask)
+
+
+@triton.jit
+def _round_kernel(x_ptr, out_ptr, codes_ptr, s_ptr, z_ptr, n, QMAX: tl.constexpr, OFFSET: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, rne_small(tl.minimum(tl.maximum(x, -4194304.0), 4194304.0)), mask=mask)
+    tl.store(codes_ptr + offs, quantize_signed(x, tl.load(s_ptr), tl.load(z_ptr), QMAX, OFFSET), mask=mask)
+
+
+def _run(kernel, n, *args, **meta):
+    kernel[(triton.cdiv(n, 4096),)](*args, n, BLOCK=4096, **meta)
+
+
+def test_div_rcp_is_ieee_division():
+    """Markstein's correction from a rounded reciprocal equals ``a / b`` bit for bit: random mantissas over 2^+-60,
+    numerators next to powers of two, and quotients at and next to .5 ties (where ``a * (1 / b)`` is wrong)."""
+    g = torch.Generator().manual_seed(0)
+    n = 1 << 17
+    mant = lambda: 1.0 + torch.rand(n, generator=g, dtype=torch.float64)
+    expo = lambda: torch.randint(-60, 61, (n,), generator=g).double()
+    sign = torch.randint(0, 2, (n,), generator=g).double() * 2 - 1
+    a = (sign * mant() * 2.0 ** expo()).float()
+    b = (mant() * 2.0 ** expo()).float()
+    edge = (2.0 ** torch.randint(-20, 21, (n,), generator=g).double()).float()
+    a_edge = torch.nextafter(edge, torch.zeros(n))
+    k = torch.randint(-300, 301, (n,), generator=g).float()
+    a_tie = (k + 0.5) * b
+    a_near = torch.nextafter(a_tie, a_tie * 2)
+    a_all, b_all = torch.cat([a, a_edge, a_tie, a_near]), torch.cat([b, b, b, b])
+    out = torch.empty_like(a_all)
+    _run(_div_kernel, a_all.numel(), a_all, b_all, out)
+    ref = a_all / b_all
+    assert torch.equal(out, ref), f"{int((out != ref).sum())} of {ref.numel()} quotients differ"
+    assert not torch.equal(a_tie * (1.0 / b), a_tie / b)  # the cases where multiplying by 1 / b rounds wrong
+
+
+def test_rounding_and_codes_at_ties():
+    """``rne_small`` is ``torch.round`` (half to even) and ``quantize_signed`` is the primitive's formula, at exact
+    .5 ties, next to them, and far out of range."""
+    g = torch.Generator().manual_seed(1)
+    k = torch.randint(-400, 401, (1 << 14,), generator=g).float()
+    x = torch.cat([k + 0.5, torch.nextafter(k + 0.5, k), torch.nextafter(k + 0.5, k + 1), k,
+                   torch.randn(1 << 14, generator=g) * 1e6, torch.tensor([3e7, -3e7, 4194304.5, -4194303.5])])
+    s, zr, qmax, offset = 0.75, 9.0, 15, 8
+    out, codes = torch.empty_like(x), torch.empty(x.shape, dtype=torch.int8)
+    _run(_round_kernel, x.numel(), x, out, codes, torch.tensor([s]), torch.tensor([zr]), QMAX=qmax, OFFSET=offset)
+    xc = x.clamp(-4194304.0, 4194304.0)
+    assert torch.equal(out, torch.round(xc))
+    ref = (torch.clamp(torch.round(x / s) + zr, 0, qmax) - offset).to(torch.int8)
+    assert torch.equal(codes, ref)
