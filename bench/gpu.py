@@ -291,6 +291,36 @@ def section_checks(b: Bench) -> None:
 # ---------------------------------------------------------------------------------------------- kernels
 
 
+#: (BLOCK_M, num_warps) tried for LayerNorm-quantize beside the shipped :func:`kernels.configs.layernorm_blocks`
+LN_CONFIGS = ((1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (4, 2), (1, 4), (2, 4), (4, 4), (8, 4), (8, 8), (16, 8))
+
+
+def _layernorm_config_sweep(b: Bench, x, lw, lb, qp, case: str, nbytes: int) -> None:
+    """Rows ``layernorm_quantize BM=.. w=..``: the launch ``ops.layernorm_quantize`` makes, at other row blocks and
+    warp counts (a failed check where its codes differ from the shipped config's), to choose the config from a GPU
+    run."""
+    import torch
+    from kernels import library as L, ops
+    from kernels.configs import Target
+    from kernels.ops import _act_qparams
+    s, zr = _act_qparams(x, qp)
+    ref = ops.layernorm_quantize(x, lw, lb, 1e-6, qp)
+    for bm, warps in LN_CONFIGS[:2] if b.dry else LN_CONFIGS:
+        out = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+        lx = L.layernorm_quantize_launch(x, out, lw, lb, 1e-6, None, None, s, zr, float(qp.bits), Target.of(x))
+        lx.meta["BLOCK_M"], lx.options["num_warps"] = bm, warps
+        lx.grid = (-(-x.shape[0] // bm),)
+        try:
+            lx()
+            if not torch.equal(out, ref):
+                b.check(f"layernorm_quantize BM={bm} w={warps} {case}", False, "codes differ from the shipped config's")
+            ms = b.time_ms(lx)
+        except Exception as e:  # noqa: BLE001 - a config that fails to compile or launch is a result here
+            b.errors[f"layernorm_quantize BM={bm} w={warps} {case}"] = f"{type(e).__name__}: {str(e)[:200]}"
+            continue
+        b.row("quantize", case, f"layernorm_quantize BM={bm} w={warps}", ms, (nbytes + x.numel()) / 1e9, "GB/s")
+
+
 def section_kernels(b: Bench) -> None:
     import torch
     import torch.nn.functional as F
@@ -350,6 +380,7 @@ def section_kernels(b: Bench) -> None:
               b.time_ms(lambda: ops.layernorm_quantize(x, lw, lb, 1e-6, qp)), (nbytes + x.numel()) / 1e9, "GB/s")
         b.row("quantize", case, "rescale_quantize", b.time_ms(lambda: ops.quantize(x, qp, r, sh)),
               (nbytes + x.numel()) / 1e9, "GB/s")
+        _layernorm_config_sweep(b, x, lw, lb, qp, case, nbytes)
 
     att = [(1, 2, 49, 32, True)] if b.dry else [
         (1, 12, 197, 64, False), (8, 12, 197, 64, False), (64, 12, 197, 64, False), (1, 12, 577, 64, False),
