@@ -300,16 +300,15 @@ def _layernorm_config_sweep(b: Bench, x, lw, lb, qp, case: str, nbytes: int) -> 
     warp counts (a failed check where its codes differ from the shipped config's), to choose the config from a GPU
     run."""
     import torch
-    from kernels import library as L, ops
-    from kernels.configs import Target
+    from kernels import configs as C, library as L, ops
     from kernels.ops import _act_qparams
     s, zr = _act_qparams(x, qp)
     ref = ops.layernorm_quantize(x, lw, lb, 1e-6, qp)
     for bm, warps in LN_CONFIGS[:2] if b.dry else LN_CONFIGS:
         out = torch.empty(x.shape, dtype=torch.int8, device=x.device)
-        lx = L.layernorm_quantize_launch(x, out, lw, lb, 1e-6, None, None, s, zr, float(qp.bits), Target.of(x))
+        lx = L.layernorm_quantize_launch(x, out, lw, lb, 1e-6, None, None, s, zr, float(qp.bits), C.Target.of(x))
         lx.meta["BLOCK_M"], lx.options["num_warps"] = bm, warps
-        lx.grid = (-(-x.shape[0] // bm),)
+        lx.grid = (C.cdiv(x.shape[0], bm),)
         try:
             lx()
             if not torch.equal(out, ref):

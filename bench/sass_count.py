@@ -31,11 +31,7 @@ _SLOW_PATH = re.compile(r"\n\s*\$__internal[\w$]*:")
 def sass(launch, arch: int = 90) -> str:
     """The SASS text of ``launch`` compiled for ``sm_<arch>``."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    sig, const, attrs = G.signature(launch)
-    k = triton.compile(ASTSource(fn=launch.kernel, signature=sig, constexprs=const, attrs=attrs),
-                       target=GPUTarget("cuda", arch, 32), options=dict(launch.options))
+    k = G.compile_kernel(launch, arch)
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")

@@ -71,9 +71,9 @@ def fake_quantize_bwd_kernel(x_ptr, g_ptr, r_ptr, shift_ptr, s_ptr, z_ptr, gx_pt
     tl.store(gz_part_ptr + offs_m * n_cb + pid_c, tl.sum(gz, axis=1), mask=mask_m)
     if HAS_R:
         r = tl.load(r_ptr + offs_c, mask=mask_c, other=1.0).to(tl.float32)[None, :]
-        rr = tl.math.div_rn(1.0, r)
-        gx = div_rcp(gxr, r, rr)
-        gr = -(gxr * div_rcp(xr, r, rr))
+        rcp_r = tl.math.div_rn(1.0, r)
+        gx = div_rcp(gxr, r, rcp_r)
+        gr = -(gxr * div_rcp(xr, r, rcp_r))
         tl.store(gr_part_ptr + pid_m * C + offs_c, tl.sum(tl.where(mask, gr, 0.0), axis=0), mask=mask_c)
     else:
         gx = gxr

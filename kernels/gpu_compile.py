@@ -88,17 +88,21 @@ def _ptxas_stats(ptx: str, arch: int) -> tuple:
     return int(regs.group(1)) if regs else 0, max(spills or [0])
 
 
-def compile_launch(launch, arch: int) -> CompileReport:
-    """Compile ``launch`` for ``sm_<arch>`` (90 or 80) with its own warps and stages; never raises."""
+def compile_kernel(launch, arch: int):
+    """The compiled kernel of ``launch`` for ``sm_<arch>`` (``.asm`` holds its TTGIR, PTX and cubin)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    sig, const, attrs = signature(launch)
+    src = ASTSource(fn=launch.kernel, signature=sig, constexprs=const, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(launch.options))
 
+
+def compile_launch(launch, arch: int) -> CompileReport:
+    """Compile ``launch`` for ``sm_<arch>`` (90 or 80) with its own warps and stages; never raises."""
     rep = CompileReport(launch.kernel.__name__, arch, launch.describe(), ok=False)
     try:
-        sig, const, attrs = signature(launch)
-        src = ASTSource(fn=launch.kernel, signature=sig, constexprs=const, attrs=attrs)
-        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(launch.options))
+        k = compile_kernel(launch, arch)
         ptx = k.asm["ptx"]
         ttgir = k.asm["ttgir"]
         rep.shared = int(k.metadata.shared)
