@@ -8,7 +8,8 @@ first tile's (``same``); compiles are warmed in 15 processes first. Writes ``OUT
 that took the activation row sums of the zero-point correction elsewhere (``v`` 0: in the main loop, as shipped;
 1: a second pass over A; 2: not at all, a lower bound; 3: a ``tl.dot`` with ones): the second pass was slower, the
 dot within 7% of the shipped loop either way, and dropping the sums (if the quantize kernel made them) would save
-10-20% at int8.
+10-20% at int8. The kernel now drops them for centred weight codes ``w - zw`` (``W_CENTERED``, what every packed
+format runs after the unpack); the ``"centred"`` variant rows time that.
 """
 import json, os, sys, time, itertools
 import multiprocessing as mp
@@ -23,27 +24,36 @@ CFGS = [(16, 64, 128, 4, 4), (32, 64, 64, 4, 3), (64, 64, 128, 4, 4), (64, 128, 
         (64, 128, 128, 4, 3), (128, 64, 128, 8, 3), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (64, 256, 128, 8, 3),
         (128, 256, 64, 8, 3), (128, 128, 128, 8, 4), (64, 128, 64, 4, 4)]
 
-def problem(fmt, m, n, k, seed=0):
+def problem(fmt, m, n, k, seed=0, v=None):
+    """``v == "centred"``: int8 codes ``q - zw`` of a 4-bit weight, as the dispatcher unpacks packed weights."""
     g = torch.Generator(device="cuda").manual_seed(seed)
-    bits = BITS[fmt]
+    bits = 4 if v == "centred" else BITS[fmt]
     a = torch.randint(-128, 128, (m, k), device="cuda", generator=g, dtype=torch.int32).to(torch.int8)
     q = torch.randint(0, int(P.qmax(bits)) + 1, (n, k), device="cuda", generator=g, dtype=torch.int32)
-    pw = packing.pack(q, bits)
-    planes = [pw.planes[nm] for nm, _ in packing.FORMATS[fmt].planes]
-    colsum = (q - (P.code_offset(bits) if fmt == "int8" else 0)).sum(1).to(torch.int32)
+    zw = torch.randint(0, 3, (n,), device="cuda", generator=g, dtype=torch.int32)
+    if v == "centred":
+        planes, colsum = [(q - zw[:, None]).to(torch.int8)], q.sum(1).to(torch.int32)
+    else:
+        pw = packing.pack(q, bits)
+        planes = [pw.planes[nm] for nm, _ in packing.FORMATS[fmt].planes]
+        colsum = (q - (P.code_offset(bits) if fmt == "int8" else 0)).sum(1).to(torch.int32)
     f = lambda *s: torch.rand(*s, device="cuda", generator=g) + 0.5
     return dict(a=a, planes=planes, colsum=colsum, sa=f(1) * 0.01, za=torch.tensor([3.0], device="cuda"),
-                sw=f(n) * 0.01, zw=torch.randint(0, 3, (n,), device="cuda", generator=g, dtype=torch.int32), bias=f(n),
-                out=torch.empty(m, n, device="cuda", dtype=torch.float16))
+                sw=f(n) * 0.01, zw=zw, bias=f(n), out=torch.empty(m, n, device="cuda", dtype=torch.float16),
+                centred=v == "centred")
 
 def launch(p, fmt, k, cfg):
     return L.packed_gemm_launch(p["a"], p["planes"], fmt, k, p["colsum"], p["sa"], p["za"], p["sw"], p["zw"], p["bias"],
-                                False, p["out"], None, None, 8.0, C.Target(False, 90, 132), C.GemmConfig(*cfg))
+                                False, p["out"], None, None, 8.0, C.Target(False, 90, 132), C.GemmConfig(*cfg),
+                                centered=p["centred"])
 
 def jobs_b():
     for fmt, m, (n, k), cfg in itertools.product(("2bit", "int3", "int4", "int8"), (197, 1576, 12608),
                                                  ((768, 2304), (768, 768), (768, 3072), (3072, 768)), CFGS):
         yield ("B", fmt, m, k, n, None, cfg)
+    for m, (n, k), cfg in itertools.product((197, 1576, 12608), ((768, 2304), (768, 768), (768, 3072), (3072, 768)),
+                                            CFGS):  # what every packed format runs from UNPACK_MIN_M rows
+        yield ("B", "int8", m, k, n, "centred", cfg)
 
 def warm(js):
     torch.cuda.init()
@@ -51,7 +61,7 @@ def warm(js):
     for j in js:
         _, fmt, m, n, k, v, cfg = j
         try:
-            p = problem(fmt, m, n, k)
+            p = problem(fmt, m, n, k, v=v)
             lx = launch(p, fmt, k, cfg)
             ck = lx.kernel[lx.grid](**lx.args, **lx.meta, **lx.options)
             out.append((j, getattr(ck, "n_spills", -1), getattr(ck, "n_regs", -1), ""))
@@ -86,9 +96,9 @@ if __name__ == "__main__":
         sp, rg, err = comp[str((fmt, v, cfg, m % 16 == 0))]
         if err:
             rows.append(dict(ph=ph, fmt=fmt, m=m, n=n, k=k, v=v, cfg=cfg, err=err)); continue
-        pk = (fmt, m, n, k)
+        pk = (fmt, m, n, k, v)
         if pk not in probs:
-            probs = {pk: problem(fmt, m, n, k)}
+            probs = {pk: problem(fmt, m, n, k, v=v)}
         p = probs[pk]
         lx = launch(p, fmt, k, cfg)
         lx()

@@ -320,6 +320,39 @@ def _layernorm_config_sweep(b: Bench, x, lw, lb, qp, case: str, nbytes: int) -> 
         b.row("quantize", case, f"layernorm_quantize BM={bm} w={warps}", ms, (nbytes + x.numel()) / 1e9, "GB/s")
 
 
+#: (BLOCK_M, BLOCK_N, num_warps, num_stages) tried for the unbiased fused attention beside the shipped
+#: :func:`kernels.configs.attention_config`
+ATTENTION_CONFIGS = ((64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 4, 3),
+                     (128, 64, 4, 2))
+
+
+def _attention_config_sweep(b: Bench, case: str, flops: float, run) -> None:
+    """Rows ``quant_attention a8 fused BM=.. BN=.. w=.. s=..``: ``run()`` (the fused attention call) with
+    :func:`kernels.configs.attention_config` replaced by each of :data:`ATTENTION_CONFIGS` (a failed check where
+    the codes differ from the shipped config's), to choose the tiles from a GPU run."""
+    import torch
+    from kernels import configs as C
+    ref = run()
+    real = C.attention_config
+    for bm, bn, warps, stages in ATTENTION_CONFIGS[:2] if b.dry else ATTENTION_CONFIGS:
+        name = f"quant_attention a8 fused BM={bm} BN={bn} w={warps} s={stages}"
+
+        def cfg(*args, **kw):
+            opts = real(*args, **kw)[2]
+            return bm, bn, {**opts, "num_warps": warps, "num_stages": stages} if opts else {}
+        C.attention_config = cfg
+        try:
+            if not torch.equal(run(), ref):
+                b.check(f"{name} {case}", False, "codes differ from the shipped config's")
+            ms = b.time_ms(run)
+        except Exception as e:  # noqa: BLE001 - a config that fails to compile or launch is a result here
+            b.errors[f"{name} {case}"] = f"{type(e).__name__}: {str(e)[:200]}"
+            continue
+        finally:
+            C.attention_config = real
+        b.row("attention", case, name, ms, flops, "TOPS")
+
+
 def section_kernels(b: Bench) -> None:
     import torch
     import torch.nn.functional as F
@@ -403,9 +436,12 @@ def section_kernels(b: Bench) -> None:
             # output requantized heads-last for proj (no float activation written)
             qkv = torch.stack([t.transpose(1, 2) for t in (q, k, v)], 2).contiguous()
             qv, kv, vv = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            b.row("attention", case, f"quant_attention a{bits} fused",
-                  b.time_ms(lambda: ops.quant_attention(qv, kv, vv, *qps, scale=d ** -0.5, rel_bias=bias,
-                                                        heads_last=True, requant=qps[0])), flops, "TOPS")
+            def fused():
+                return ops.quant_attention(qv, kv, vv, *qps, scale=d ** -0.5, rel_bias=bias, heads_last=True,
+                                           requant=qps[0])
+            b.row("attention", case, f"quant_attention a{bits} fused", b.time_ms(fused), flops, "TOPS")
+            if bits == 8 and (b.dry or not swin):
+                _attention_config_sweep(b, case, flops, fused)
         print(f"  attention {case} done", flush=True)
     _triton(None)
 

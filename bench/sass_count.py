@@ -5,7 +5,13 @@ Per launch: the main-path instruction count (the out-of-line IEEE-division slow 
 elements one thread handles, the ``MUFU`` (reciprocal / sqrt / exp units), ``BAR`` (barriers) and ``CALL`` counts. A
 static count, not a timing: it says where the element-wise kernels stand against the ~27 instructions per element
 at which an H100 stops being memory-bound on 2-byte in / 1-byte out (3.35 TB/s against 132 SMs x 4 x 32 lanes
-x 1.75 GHz); ``python -m bench.gpu`` times them. ``--json PATH`` writes the rows.
+x 1.75 GHz); ``python -m bench.gpu`` times them.
+
+A second table takes the loops: the packed GEMM's main loop at the ViT-B batch-64 linears as deployed (int8 codes
+after the unpack, centred) and, for comparison, with the activation row sums (uncentred int8, as W8A8 runs), with
+the issue cycles a warp scheduler needs per iteration (loop instructions x warps / 4 schedulers) against the
+tensor-core cycles of its ``BM x BN x BK`` int8 MACs (4,096 per SM per cycle on an H100: 1,979 dense TOPS); and the
+attention kernel's two key loops, per score. ``--json PATH`` writes the rows.
 """
 from __future__ import annotations
 
@@ -26,6 +32,10 @@ from kernels.configs import Target
 
 _INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)")
 _SLOW_PATH = re.compile(r"\n\s*\$__internal[\w$]*:")
+_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+_BRANCH = re.compile(r"\bBRA\s+(?:\S+\s+)?`?\(?(\.L_x_\d+)")
+#: int8 MACs per SM per cycle of an H100's tensor cores (1,979 dense TOPS / 2 / 132 SMs / 1.83 GHz)
+IGMMA_MACS_PER_CYCLE = 4096
 
 
 def sass(launch, arch: int = 90) -> str:
@@ -47,6 +57,57 @@ def count(launch, elements_per_thread: float, arch: int = 90) -> dict:
     total = sum(ops.values())
     return dict(instructions=total, per_element=round(total / elements_per_thread, 1), mufu=ops["MUFU"],
                 bar=ops["BAR"], call=ops["CALL"])
+
+
+def loops(text: str) -> list:
+    """Opcode counters of the loop bodies of a SASS listing (a label up to the backward branch to it), in order."""
+    lines = text.splitlines()
+    labels, out = {}, []
+    for i, line in enumerate(lines):
+        m = _LABEL.match(line)
+        if m:
+            labels[m.group(1)] = i
+        b = _BRANCH.search(line)
+        if b and labels.get(b.group(1), i) < i:
+            body = (_INSTR.search(x) for x in lines[labels[b.group(1)]:i + 1])
+            out.append(collections.Counter(x.group(1).split(".")[0] for x in body if x))
+    return out
+
+
+def gemm_loop(launch, arch: int = 90) -> dict:
+    """The packed GEMM's main loop (its longest loop): instructions, reductions (``SHFL``), ``IGMMA`` count, and
+    issue against tensor-core cycles per iteration."""
+    body = max(loops(_SLOW_PATH.split(sass(launch, arch))[0]), key=lambda c: sum(c.values()))
+    n = sum(body.values())
+    mt = launch.meta
+    return dict(loop=n, shfl=body["SHFL"], mma=body["IGMMA"] + body["IMMA"],
+                issue_cycles=round(n * launch.options["num_warps"] / 4),
+                tensor_cycles=round(mt["BLOCK_M"] * mt["BLOCK_N"] * mt["BLOCK_K"] / IGMMA_MACS_PER_CYCLE))
+
+
+def gemm_launches(arch: int = 90) -> list:
+    """``(name, launch)`` of the ViT-B batch-64 linears as the dispatcher runs them (M = 12608)."""
+    t = Target(interpreted=False, arch=arch)
+    m = 12608
+    return [
+        ("qkv 768->2304, per-column requant (centred int8 after unpack)",
+         G.gemm_launch("int8", m, 2304, 768, t, rq_bits=4.0, rq_per_col=True, centered=True)),
+        ("proj 768->768 (centred)", G.gemm_launch("int8", m, 768, 768, t, centered=True)),
+        ("proj 768->768, activation row sums in the loop (uncentred int8: W8A8)",
+         G.gemm_launch("int8", m, 768, 768, t)),
+        ("fc1 768->3072, GELU + requant (centred)",
+         G.gemm_launch("int8", m, 3072, 768, t, gelu=True, rq_bits=4.0, centered=True)),
+        ("fc2 3072->768 (centred)", G.gemm_launch("int8", m, 768, 3072, t, centered=True)),
+    ]
+
+
+def attention_loops(arch: int = 90) -> dict:
+    """Instructions per score of the fused attention's two key loops (ViT-B batch 64: L = 197, D = 64)."""
+    lx = G.attention_launch(64, 12, 197, 64, Target(interpreted=False, arch=arch), fused=True)
+    per_thread = lx.meta["BLOCK_M"] * lx.meta["BLOCK_N"] / (32 * lx.options["num_warps"])
+    bodies = loops(_SLOW_PATH.split(sass(lx, arch))[0])
+    return dict(kernel="quant_attention a8 fused: key loops", config=lx.describe(),
+                per_score=[round(sum(b.values()) / per_thread, 1) for b in bodies])
 
 
 def launches(arch: int = 90) -> list:
@@ -96,6 +157,19 @@ def main(argv=None) -> int:
         rows.append(r)
         print(f"| {name} | {r['instructions']} | {r['per_element']} | {r['mufu']} | {r['bar']} | {r['call']} |",
               flush=True)
+    print(f"\n| packed GEMM main loop (sm_{args.arch}, ViT-B batch 64, M = 12608) | tile | instructions | SHFL | "
+          "IGMMA | issue cycles | tensor cycles |")
+    print("|---|---|---|---|---|---|---|")
+    for name, lx in gemm_launches(args.arch):
+        mt = lx.meta
+        r = dict(kernel=name, tile=f"{mt['BLOCK_M']}x{mt['BLOCK_N']}x{mt['BLOCK_K']}/{lx.options['num_warps']}w",
+                 **gemm_loop(lx, args.arch))
+        rows.append(r)
+        print(f"| {name} | {r['tile']} | {r['loop']} | {r['shfl']} | {r['mma']} | {r['issue_cycles']} | "
+              f"{r['tensor_cycles']} |", flush=True)
+    r = attention_loops(args.arch)
+    rows.append(r)
+    print(f"\n{r['kernel']} [{r['config']}]: {' and '.join(map(str, r['per_score']))} instructions per score")
     if args.json:
         atomic_write_json(rows, args.json)
     return 0

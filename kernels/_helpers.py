@@ -62,11 +62,13 @@ def gelu_erf(y):
 def gemm_epilogue(acc, rowsum, offs_m, offs_n, M, N, K, out_ptr, stride_om, colsum_ptr, sa_ptr, za_ptr,
                   sw_ptr, zw_ptr, bias_ptr, rq_s_ptr, rq_z_ptr,
                   HAS_BIAS: tl.constexpr, GELU: tl.constexpr, REQUANT: tl.constexpr,
-                  RQ_QMAX: tl.constexpr, RQ_OFFSET: tl.constexpr, RQ_PER_COL: tl.constexpr):
+                  RQ_QMAX: tl.constexpr, RQ_OFFSET: tl.constexpr, RQ_PER_COL: tl.constexpr,
+                  W_CENTERED: tl.constexpr):
     """Zero-point algebra of ``quant.primitives.int_gemm``, scales, bias, GELU; store float or requantized codes.
 
-    ``y = (sa * sw[n]) * (acc - zw[n] rowsum[m] - za colsum[n] + K za zw[n]) + bias[n]``; the requant quantizer is
-    per tensor, or per output column (``RQ_PER_COL``: e.g. the Q, K and V quantizers of a qkv projection).
+    ``y = (sa * sw[n]) * (acc - zw[n] rowsum[m] - za colsum[n] + K za zw[n]) + bias[n]``, without the rowsum term
+    when ``W_CENTERED`` (``acc`` then sums ``a (w - zw)``); the requant quantizer is per tensor, or per output column
+    (``RQ_PER_COL``: e.g. the Q, K and V quantizers of a qkv projection).
     """
     mask_n = offs_n < N
     za = tl.load(za_ptr).to(tl.int32)
@@ -74,7 +76,9 @@ def gemm_epilogue(acc, rowsum, offs_m, offs_n, M, N, K, out_ptr, stride_om, cols
     zw = tl.load(zw_ptr + offs_n, mask=mask_n, other=0).to(tl.int32)
     colsum = tl.load(colsum_ptr + offs_n, mask=mask_n, other=0)
     sw = tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    acc = acc - zw[None, :] * rowsum[:, None] - za * colsum[None, :] + (K * za) * zw[None, :]
+    if not W_CENTERED:
+        acc = acc - zw[None, :] * rowsum[:, None]
+    acc = acc - za * colsum[None, :] + (K * za) * zw[None, :]
     y = acc.to(tl.float32) * (sa * sw)[None, :]
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]

@@ -192,9 +192,10 @@ def _meta(*shape, dtype=torch.float32) -> torch.Tensor:
 
 
 def gemm_launch(fmt: str, m: int, n: int, k: int, target, config=None, bias=True, gelu=False, out_dtype=torch.float32,
-                rq_bits=None, rq_per_col=False):
+                rq_bits=None, rq_per_col=False, centered=False):
     """The dispatcher's packed-GEMM launch for an ``M x N x K`` problem, on meta tensors (``rq_per_col``: the
-    requant quantizer has a step and zero point per output column, as for a qkv projection)."""
+    requant quantizer has a step and zero point per output column, as for a qkv projection; ``centered``: int8
+    codes ``w - zw``, as after an unpack)."""
     from quant import packing
     from . import library as L
     kp = packing.padded_k(k, fmt)
@@ -206,7 +207,8 @@ def gemm_launch(fmt: str, m: int, n: int, k: int, target, config=None, bias=True
     return L.packed_gemm_launch(_meta(m, k, dtype=torch.int8), planes, fmt, k, _meta(n, **i32), _meta(1), _meta(1),
                                 _meta(n), _meta(n, **i32), _meta(n) if bias else None, gelu, out,
                                 _meta(n if rq_per_col else 1) if rq else None,
-                                _meta(n if rq_per_col else 1) if rq else None, float(rq_bits or 8), target, config)
+                                _meta(n if rq_per_col else 1) if rq else None, float(rq_bits or 8), target, config,
+                                centered)
 
 
 def unpack_launch(fmt: str, n: int, k: int, target):
@@ -215,7 +217,7 @@ def unpack_launch(fmt: str, n: int, k: int, target):
     from . import library as L
     kp = packing.padded_k(k, fmt)
     planes = [_meta(n, kp // per, dtype=torch.uint8) for _, per in packing.FORMATS[fmt].planes]
-    return L.unpack_codes_launch(planes, fmt, k, _meta(n, k, dtype=torch.int8), target)
+    return L.unpack_codes_launch(planes, fmt, k, _meta(n, dtype=torch.int32), _meta(n, k, dtype=torch.int8), target)
 
 
 def attention_launch(b: int, h: int, l: int, d: int, target, sulq=False, bias=False, mask=False, p_bits=8.0,
@@ -262,29 +264,33 @@ def dispatcher_launches(arch: int) -> list:
     for m, n, k in gemm_problems():
         for packed in fmts:
             fmt = "int8" if C.unpack_first(packed, m) else packed
-            if fmt != packed:
+            c = fmt != packed
+            if c:
                 add(unpack_launch(packed, n, k, target))
             cfg = C.gemm_config(fmt, m, n, k, target) or C.gemm_rule(m, n, k)
-            add(gemm_launch(fmt, m, n, k, target, cfg))
+            add(gemm_launch(fmt, m, n, k, target, cfg, centered=c))
             if (k, n) in fc1:  # the GELU + requant epilogue runs on fc1 only (export.runtime.PackedMlp)
-                add(gemm_launch(fmt, m, n, k, target, cfg, gelu=True, rq_bits=4.0))
+                add(gemm_launch(fmt, m, n, k, target, cfg, gelu=True, rq_bits=4.0, centered=c))
             if (k, n) in qkv:  # per-column requant into Q, K, V codes (export.runtime._PackedAttention)
-                add(gemm_launch(fmt, m, n, k, target, cfg, rq_bits=4.0, rq_per_col=True))
+                add(gemm_launch(fmt, m, n, k, target, cfg, rq_bits=4.0, rq_per_col=True, centered=c))
+    variants = [(fmt, False) for fmt in fmts] + [("int8", True)]
     for cfg in C.GEMM_CANDIDATES:
-        for fmt in fmts:
+        for fmt, c in variants:
             for m in (197, 12608):
-                add(gemm_launch(fmt, m, 768, 768, target, cfg))
-                add(gemm_launch(fmt, m, 3072, 768, target, cfg, gelu=True, rq_bits=8.0))
+                add(gemm_launch(fmt, m, 768, 768, target, cfg, centered=c))
+                add(gemm_launch(fmt, m, 3072, 768, target, cfg, gelu=True, rq_bits=8.0, centered=c))
     big = C.GEMM_CANDIDATES[-1]
-    for fmt in fmts:
+    for fmt, c in variants:
         for bias in (False, True):
             for dt in (torch.float32, torch.float16, torch.bfloat16):
                 for gelu in (False, True):
-                    add(gemm_launch(fmt, 1576, 768, 768, target, big, bias=bias, gelu=gelu, out_dtype=dt))
+                    add(gemm_launch(fmt, 1576, 768, 768, target, big, bias=bias, gelu=gelu, out_dtype=dt,
+                                    centered=c))
             for rq in a_bits:
-                add(gemm_launch(fmt, 1576, 768, 768, target, big, bias=bias, gelu=True, rq_bits=rq))
-                add(gemm_launch(fmt, 1576, 768, 768, target, big, bias=bias, gelu=False, rq_bits=rq))
-                add(gemm_launch(fmt, 1576, 2304, 768, target, big, bias=bias, rq_bits=rq, rq_per_col=True))
+                add(gemm_launch(fmt, 1576, 768, 768, target, big, bias=bias, gelu=True, rq_bits=rq, centered=c))
+                add(gemm_launch(fmt, 1576, 768, 768, target, big, bias=bias, gelu=False, rq_bits=rq, centered=c))
+                add(gemm_launch(fmt, 1576, 2304, 768, target, big, bias=bias, rq_bits=rq, rq_per_col=True,
+                                centered=c))
 
     for l, d in attention_shapes():
         for b in (1, 64):

@@ -233,9 +233,12 @@ def _autotuned_gemm():
 def packed_gemm_launch(a2: Tensor, planes: List[Tensor], fmt: str, k: int, colsum: Tensor, sa: Tensor, za: Tensor,
                        sw: Tensor, zw: Tensor, bias: Optional[Tensor], gelu: bool, out: Tensor,
                        rq_s: Optional[Tensor], rq_zr: Optional[Tensor], rq_bits: float, target: Target,
-                       config: Optional[C.GemmConfig] = None) -> Launch:
+                       config: Optional[C.GemmConfig] = None, centered: bool = False) -> Launch:
     """The launch of ``out [M, N] = a2 [M, K] @ planes^T`` with its epilogue; ``config`` overrides the table
-    (``None`` from the table means autotune: the launch then carries no block sizes)."""
+    (``None`` from the table means autotune: the launch then carries no block sizes); ``centered``: the ``int8``
+    planes hold ``w - zw[n]`` (``colsum`` and ``zw`` still those of the codes ``w``)."""
+    if centered and fmt != "int8":
+        raise ValueError(f"centred weight codes come as an int8 plane, got format {fmt!r}")
     m, n = a2.shape[0], sw.numel()
     requant = rq_s is not None
     cfg = config or C.gemm_config(fmt, m, n, k, target)
@@ -246,7 +249,7 @@ def packed_gemm_launch(a2: Tensor, planes: List[Tensor], fmt: str, k: int, colsu
                 stride_w1=planes[1].stride(0) if len(planes) > 1 else 0, stride_om=out.stride(0))
     meta = dict(LOAD_W=GEMM_LOADERS[fmt], HAS_BIAS=bias is not None, GELU=gelu, REQUANT=requant,
                 RQ_QMAX=P.qmax(rq_bits) if requant else 0, RQ_OFFSET=P.code_offset(rq_bits) if requant else 0,
-                RQ_PER_COL=requant and rq_s.numel() > 1)
+                RQ_PER_COL=requant and rq_s.numel() > 1, W_CENTERED=centered)
     if cfg is None:
         def grid(mt):
             return (C.cdiv(m, mt["BLOCK_M"]) * C.cdiv(n, mt["BLOCK_N"]),)
@@ -255,13 +258,14 @@ def packed_gemm_launch(a2: Tensor, planes: List[Tensor], fmt: str, k: int, colsu
     return Launch(packed_gemm_kernel, grid, args, {**meta, **cfg.meta()}, cfg.options())
 
 
-def unpack_codes_launch(planes: List[Tensor], fmt: str, k: int, out: Tensor, target: Target) -> Launch:
-    """The launch that writes the int8 codes ``out [N, K]`` of a ``fmt`` weight's ``planes``."""
+def unpack_codes_launch(planes: List[Tensor], fmt: str, k: int, zw: Tensor, out: Tensor, target: Target) -> Launch:
+    """The launch that writes the centred int8 codes ``out [N, K] = w - zw[n]`` of a ``fmt`` weight's ``planes``
+    (``zw`` int32 ``[N]``)."""
     n = out.shape[0]
     bn, bk, opts = C.unpack_blocks(target)
     w1 = planes[1] if len(planes) > 1 else _dummy(out)
     return Launch(unpack_codes_kernel, (C.cdiv(n, bn), C.cdiv(k, bk)),
-                  dict(w0_ptr=planes[0], w1_ptr=w1, out_ptr=out, N=n, K=k, stride_w0=planes[0].stride(0),
+                  dict(w0_ptr=planes[0], w1_ptr=w1, zw_ptr=zw, out_ptr=out, N=n, K=k, stride_w0=planes[0].stride(0),
                        stride_w1=planes[1].stride(0) if len(planes) > 1 else 0, stride_o=out.stride(0)),
                   dict(LOAD_W=GEMM_LOADERS[fmt], BLOCK_N=bn, BLOCK_K=bk), opts)
 
@@ -269,9 +273,11 @@ def unpack_codes_launch(planes: List[Tensor], fmt: str, k: int, out: Tensor, tar
 @lowbit_op("packed_linear")
 def packed_linear(a: Tensor, planes: List[Tensor], fmt: str, k: int, colsum: Tensor, sa: Tensor, za: Tensor,
                   sw: Tensor, zw: Tensor, bias: Optional[Tensor], gelu: bool, out_dtype: torch.dtype,
-                  rq_s: Optional[Tensor], rq_zr: Optional[Tensor], rq_bits: float) -> Tensor:
+                  rq_s: Optional[Tensor], rq_zr: Optional[Tensor], rq_bits: float, centered: bool = False) -> Tensor:
     """``a [..., K]`` int8 codes times the packed weight ``planes`` (format ``fmt``); ``zw`` the zero point of the
-    stored weight codes, ``colsum`` their row sums over K (int32 [N]). Requantizes when ``rq_s`` is given."""
+    stored weight codes, ``colsum`` their row sums over K (int32 [N]); ``centered``: the ``int8`` plane holds
+    ``w - zw[n]`` instead. Requantizes when ``rq_s`` is given. From :data:`kernels.configs.UNPACK_MIN_M` rows a
+    packed weight is first unpacked to centred int8 codes."""
     a2 = _rows(a)
     m, n = a2.shape[0], sw.numel()
     requant = rq_s is not None
@@ -280,15 +286,15 @@ def packed_linear(a: Tensor, planes: List[Tensor], fmt: str, k: int, colsum: Ten
         target = Target.of(a)
         if C.unpack_first(fmt, m):
             codes = torch.empty((n, k), dtype=torch.int8, device=a.device)
-            unpack_codes_launch(planes, fmt, k, codes, target)()
-            planes, fmt = [codes], "int8"
+            unpack_codes_launch(planes, fmt, k, zw, codes, target)()
+            planes, fmt, centered = [codes], "int8", True
         packed_gemm_launch(a2, planes, fmt, k, colsum, sa, za, sw, zw, bias, gelu, out, rq_s, rq_zr, rq_bits,
-                           target)()
+                           target, centered=centered)()
     return out.to(torch.int8 if requant else out_dtype).reshape(*a.shape[:-1], n)
 
 
 @packed_linear.register_fake
-def _(a, planes, fmt, k, colsum, sa, za, sw, zw, bias, gelu, out_dtype, rq_s, rq_zr, rq_bits):
+def _(a, planes, fmt, k, colsum, sa, za, sw, zw, bias, gelu, out_dtype, rq_s, rq_zr, rq_bits, centered=False):
     dt = torch.int8 if rq_s is not None else out_dtype
     return a.new_empty((*a.shape[:-1], sw.numel()), dtype=dt)
 

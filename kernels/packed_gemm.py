@@ -5,7 +5,10 @@
 (:mod:`kernels.unpack`): it reads the packed bytes of a ``[BLOCK_N, BLOCK_K]`` tile and returns the int8 codes,
 unpacked in registers with shifts and in-thread joins. The tile is transposed (K-major, as the tensor cores take
 8-bit operands) into ``tl.dot`` with int32 accumulation; the zero-point / scale / bias / GELU / requant epilogue is
-:func:`kernels._helpers.gemm_epilogue` (``colsum`` of the stored weight codes precomputed).
+:func:`kernels._helpers.gemm_epilogue` (``colsum`` of the stored weight codes precomputed). ``W_CENTERED``: the
+loader's codes are already ``w - zw[n]`` (:mod:`kernels.unpack_codes` writes them so), so the ``zw rowsum(a)`` term
+vanishes and the main loop never reduces the activation tile (on sm_90 that reduction was about half of the loop's
+instructions: byte permutes, adds and shuffles beside four ``IGMMA``).
 Grid: ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)``, row tiles grouped by ``GROUP_M`` for L2 reuse of the weight.
 """
 import triton
@@ -18,7 +21,8 @@ from ._helpers import gemm_epilogue
 def packed_gemm_kernel(a_ptr, w0_ptr, w1_ptr, out_ptr, colsum_ptr, sa_ptr, za_ptr, sw_ptr, zw_ptr,
                        bias_ptr, rq_s_ptr, rq_z_ptr, M, N, K, stride_am, stride_w0, stride_w1, stride_om,
                        LOAD_W: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, REQUANT: tl.constexpr,
-                       RQ_QMAX: tl.constexpr, RQ_OFFSET: tl.constexpr, RQ_PER_COL: tl.constexpr, BLOCK_M: tl.constexpr,
+                       RQ_QMAX: tl.constexpr, RQ_OFFSET: tl.constexpr, RQ_PER_COL: tl.constexpr, W_CENTERED: tl.constexpr,
+                       BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -40,7 +44,8 @@ def packed_gemm_kernel(a_ptr, w0_ptr, w1_ptr, out_ptr, colsum_ptr, sa_ptr, za_pt
                     mask=mask_m[:, None] & (offs_k[None, :] < K), other=0)
         w = LOAD_W(w0_ptr, w1_ptr, stride_w0, stride_w1, offs_n, mask_n, k0, K, BLOCK_N, BLOCK_K)
         acc += tl.dot(a, tl.trans(w), out_dtype=tl.int32)
-        rowsum += tl.sum(a.to(tl.int32), axis=1)
+        if not W_CENTERED:
+            rowsum += tl.sum(a.to(tl.int32), axis=1)
     gemm_epilogue(acc, rowsum, offs_m, offs_n, M, N, K, out_ptr, stride_om, colsum_ptr, sa_ptr, za_ptr,
                   sw_ptr, zw_ptr, bias_ptr, rq_s_ptr, rq_z_ptr, HAS_BIAS, GELU, REQUANT, RQ_QMAX, RQ_OFFSET,
-                  RQ_PER_COL)
+                  RQ_PER_COL, W_CENTERED)

@@ -39,6 +39,9 @@ def test_dry_run_writes_every_section(tmp_path):
     assert all(r["ms"] > 0 and r["ratio"]["fp16 matmul"] > 0 for r in gemm)
     sweep = [r["impl"] for r in res["rows"] if r["impl"].startswith("layernorm_quantize BM=")]
     assert sweep == [f"layernorm_quantize BM={m} w={w}" for m, w in gpu.LN_CONFIGS[:2]]
+    sweep = [r["impl"] for r in res["rows"] if r["impl"].startswith("quant_attention a8 fused BM=")]
+    assert sweep == [f"quant_attention a8 fused BM={m} BN={n} w={w} s={st}"
+                     for m, n, w, st in gpu.ATTENTION_CONFIGS[:2]]
     models = {(r["case"].split()[0], r["impl"]) for r in res["rows"] if r["section"] == "model"}
     assert {m for m, _ in models} == {"vit_b", "swin_t"}
     assert {i for _, i in models} >= {"baseline timm fp16 eager", "W4A4 eager", "W1.58A8 eager"}

@@ -1,5 +1,6 @@
 """``python -m bench.sass_count`` on CPU (compiled for sm_90 in a subprocess without the interpreter): the
-element-wise quantize kernels keep IEEE division out of their per-element path."""
+element-wise quantize kernels keep IEEE division out of their per-element path; the GEMM's main loop on centred
+weight codes has no activation reduction and issues fewer instructions than its tensor-core cycles."""
 import json
 import os
 import subprocess
@@ -22,6 +23,16 @@ def test_quantize_kernels_have_no_per_element_division(tmp_path):
         # one per element a thread holds (16 here)
         assert row["call"] <= 3, row
         assert 0 < row["per_element"] < 35, row
+    gemm = {row["kernel"]: row for row in rows.values() if "loop" in row}
+    assert len(gemm) == 5
+    for name, row in gemm.items():
+        assert row["mma"] == 4, row  # 64x128x128 int8 tile: four m64n128k32 IGMMA
+        if "uncentred" not in name:
+            assert row["shfl"] == 0 and row["issue_cycles"] < 0.7 * row["tensor_cycles"], row
+        else:  # the row sums of 8-bit weights: the reduction is there, and costs more issue than the MMAs
+            assert row["shfl"] > 0 and row["issue_cycles"] > row["tensor_cycles"], row
+    att = rows["quant_attention a8 fused: key loops"]["per_score"]
+    assert len(att) == 2 and 0 < att[0] + att[1] < 70, att
 
 
 def test_refuses_the_interpreter():

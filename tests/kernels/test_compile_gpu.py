@@ -63,7 +63,7 @@ def test_every_kernel_format_and_variant_is_covered(reports, arch):
     assert {c.split("LOAD_W=")[1].split(",")[0] for c in unpacks} == {"load_2bit", "load_int3", "load_int4"}
     gemm = [x["config"] for x in reps if x["name"] == "packed_gemm_kernel"]
     assert {c.split("LOAD_W=")[1].split(",")[0] for c in gemm} == {"load_2bit", "load_int3", "load_int4", "load_int8"}
-    for flag in ("HAS_BIAS", "GELU", "REQUANT"):
+    for flag in ("HAS_BIAS", "GELU", "REQUANT", "W_CENTERED"):
         assert {f"{flag}=True" in c for c in gemm} == {True, False}, flag
     attn = [x["config"] for x in reps if x["name"].startswith("quant_attention")]
     for d in (32, 64, 128):

@@ -185,17 +185,19 @@ def test_gpu_tile_configs_exact_in_interpreter(gen, wbits):
 
 @pytest.mark.parametrize("wbits", [1.58, 2, 3, 4])
 def test_unpack_codes_kernel_exact(gen, wbits):
-    """The unpack kernel writes exactly the stored codes (partial N and K tiles)."""
+    """The unpack kernel writes exactly the stored codes less each row's zero point (partial N and K tiles)."""
     from kernels import configs as C
     from kernels import library as L
     n, k = 70, 200
     q = torch.randint(0, int(P.qmax(wbits)) + 1, (n, k), generator=gen)
+    zw = torch.randint(0, int(P.qmax(wbits)) + 1, (n,), generator=gen, dtype=torch.int32)
+    assert zw.unique().numel() > 1
     pw = packing.pack(q, wbits)
     planes = [pw.planes[name] for name, _ in packing.FORMATS[pw.fmt].planes]
     out = torch.full((n, k), -77, dtype=torch.int8)
     with triton_path():
-        L.unpack_codes_launch(planes, pw.fmt, k, out, C.Target(interpreted=True))()
-    assert torch.equal(out.long(), q.long())
+        L.unpack_codes_launch(planes, pw.fmt, k, zw, out, C.Target(interpreted=True))()
+    assert torch.equal(out.long(), q.long() - zw.long()[:, None])
 
 
 @pytest.mark.parametrize("wbits", [1.58, 3, 4])
