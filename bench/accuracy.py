@@ -356,9 +356,11 @@ def invert_cache_name(args: argparse.Namespace, synthesis: str, size: int, prior
 
 
 def synthesize_once(args: argparse.Namespace, folder: str, synthesis: str = "lowbit",
-                    size: Optional[int] = None, prior: str = "smooth") -> float:
+                    size: Optional[int] = None, prior: str = "smooth") -> Optional[float]:
     """The ``size`` (default ``--calib-size``) data-free images, made by ``quant.run.synthesize_calibration`` with
-    the arguments a cell's run resolves to; returns the seconds it took (0 when ``folder`` is complete already)."""
+    the arguments a cell's run resolves to; returns the synthesis seconds summed over resumed runs
+    (``calib.invert.write_image_folder``'s ``.synthesis.json``), ``None`` when some were not timed, 0 when
+    ``folder`` was complete already."""
     import torch
 
     from quant.models import load_model
@@ -376,7 +378,12 @@ def synthesize_once(args: argparse.Namespace, folder: str, synthesis: str = "low
     device = torch.device(args.device)
     synthesize_calibration(load_model(args.model).to(device), folder, ns)
     open(done, "w").close()
-    return time.time() - t0
+    record = os.path.join(folder, ".synthesis.json")
+    if not os.path.isfile(record):
+        return time.time() - t0
+    with open(record) as f:
+        rec = json.load(f)
+    return None if rec["partial"] else rec["seconds"]
 
 
 def run_all(args: argparse.Namespace) -> dict:
@@ -400,7 +407,7 @@ def run_all(args: argparse.Namespace) -> dict:
                                  if c.source in PRIOR_OF}):
         caches[syn, prior, n] = os.path.join(workdir, invert_cache_name(args, syn, n, prior))
         secs = synthesize_once(args, caches[syn, prior, n], syn, n, prior)
-        if secs:
+        if secs != 0:
             results.setdefault("invert_time_s", {})[f"{invert_tag(syn, prior)}{n}"] = secs
             save_results(path, results)
     for cell in tqdm(cells, desc="accuracy cells", unit="cell", disable=args.no_progress):
@@ -551,7 +558,9 @@ def _invert_time_note(times: Dict[str, float]) -> str:
         syn = "psaq" if "psaq-" in k else "lowbit"
         prior = next((p for p in ("smooth", "mixed") if f"{p}-" in k), "noise")
         return f"{syn} loss, {prior} prior, {int(k.rsplit('-', 1)[-1]):,} images"
-    parts = [f"{label(k)}: {fmt_time(v)} s" for k, v in sorted(times.items(), key=lambda kv: label(kv[0]))]
+    def took(v: Optional[float]) -> str:
+        return f"{fmt_time(v)} s" if v is not None else "time not recorded (made over interrupted runs)"
+    parts = [f"{label(k)}: {took(v)}" for k, v in sorted(times.items(), key=lambda kv: label(kv[0]))]
     return (f"; each set of data-free images was synthesized once ({'; '.join(parts)}) and reused by every "
             f"data-free cell using that loss, prior and size")
 

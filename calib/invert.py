@@ -38,6 +38,7 @@ import json
 import math
 import os
 import shutil
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -296,7 +297,9 @@ def write_image_folder(model, out: "str | Path", per_class: int, classes: Option
     batches); each batch's images go into their classes' ``.tmp-*`` folders and the batch is then recorded in
     ``out/.progress.json`` (atomically), so an interrupted run continues at the first unrecorded batch and makes
     the same images; a class folder appears (its ``.tmp-*`` renamed) once all its images exist, and class folders
-    already present are skipped. Memory holds one batch whatever the image count.
+    already present are skipped. Memory holds one batch whatever the image count. The synthesis seconds, summed
+    over resumed runs, are kept in the progress file and end in ``out/.synthesis.json`` (``seconds``; ``partial``
+    when some batches were made by a run that did not record its time).
     """
     if per_class < 1:
         raise ValueError(f"per_class must be >= 1, got {per_class}")
@@ -312,11 +315,14 @@ def write_image_folder(model, out: "str | Path", per_class: int, classes: Option
     if not todo:
         progress_file.unlink(missing_ok=True)
         return out
-    plan = {"classes": todo, "per_class": per_class, "seed": seed, "config": asdict(cfg), "done": []}
+    plan = {"classes": todo, "per_class": per_class, "seed": seed, "config": asdict(cfg), "done": [], "seconds": 0.0,
+            "untimed": 0}
     if progress_file.is_file():
         old = json.loads(progress_file.read_text())
         if all(old.get(k) == plan[k] for k in ("per_class", "seed", "config")) and set(todo) <= set(old["classes"]):
             plan["classes"], plan["done"] = old["classes"], old["done"]
+            plan["seconds"] = old.get("seconds", 0.0)
+            plan["untimed"] = old.get("untimed", 0 if "seconds" in old else len(old["done"]))
     labels = torch.tensor([c for c in plan["classes"] for _ in range(per_class)], dtype=torch.long)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     labels = labels[order]
@@ -336,6 +342,7 @@ def write_image_folder(model, out: "str | Path", per_class: int, classes: Option
     for b in range(nb):
         if b in done:
             continue
+        t0 = time.perf_counter()
         lab = torch.tensor(batches[b], dtype=torch.long)
         imgs = synthesize(model, lab, cfg.for_batch(b), difficulty=b / max(1, nb - 1), seed=seed * 100003 + b,
                           progress=False)
@@ -343,6 +350,7 @@ def write_image_folder(model, out: "str | Path", per_class: int, classes: Option
             if c in todo_set:
                 _save_png(img, out / f".tmp-{class_dir_name(c, nc)}" / f"{b:05d}-{k:03d}.png")
         plan["done"].append(b)
+        plan["seconds"] += time.perf_counter() - t0
         _write_json_atomic(progress_file, plan)
         for c in set(batches[b]) & todo_set:
             left[c] -= batches[b].count(c)
@@ -350,6 +358,8 @@ def write_image_folder(model, out: "str | Path", per_class: int, classes: Option
                 os.replace(out / f".tmp-{class_dir_name(c, nc)}", out / class_dir_name(c, nc))
         bar.update(1)
     bar.close()
+    _write_json_atomic(out / ".synthesis.json", {"seconds": round(plan["seconds"], 1), "batches": nb,
+                                                 "partial": plan["untimed"] > 0})
     progress_file.unlink(missing_ok=True)
     return out
 

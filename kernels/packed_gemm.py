@@ -21,9 +21,9 @@ from ._helpers import gemm_epilogue
 def packed_gemm_kernel(a_ptr, w0_ptr, w1_ptr, out_ptr, colsum_ptr, sa_ptr, za_ptr, sw_ptr, zw_ptr,
                        bias_ptr, rq_s_ptr, rq_z_ptr, M, N, K, stride_am, stride_w0, stride_w1, stride_om,
                        LOAD_W: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, REQUANT: tl.constexpr,
-                       RQ_QMAX: tl.constexpr, RQ_OFFSET: tl.constexpr, RQ_PER_COL: tl.constexpr, W_CENTERED: tl.constexpr,
-                       BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                       RQ_QMAX: tl.constexpr, RQ_OFFSET: tl.constexpr, RQ_PER_COL: tl.constexpr,
+                       W_CENTERED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)

@@ -5,7 +5,8 @@ exactly those the fused GEMM multiplies, less the integer zero point ``zw`` (int
 the packed formats, so int8 holds it). ``out [N, K]`` int8 (row stride ``stride_o``) then goes through the same
 GEMM body with :func:`kernels.unpack.load_int8` and ``W_CENTERED`` (no activation row sums in its main loop).
 Used where the GEMM is compute-bound (many rows: the weight tile is reused by every row tile, and unpacking in the
-main loop starves the tensor cores; see :data:`kernels.configs.UNPACK_MIN_M`). Grid: ``(cdiv(N, BLOCK_N), cdiv(K, BLOCK_K))``.
+main loop starves the tensor cores; see :data:`kernels.configs.UNPACK_MIN_M`).
+Grid: ``(cdiv(N, BLOCK_N), cdiv(K, BLOCK_K))``.
 """
 import triton
 import triton.language as tl

@@ -282,3 +282,10 @@ def test_combined_variants_compose():
     assert argv[argv.index("--method") + 1] == "e2e" and "--act-correction" in argv
     assert argv[argv.index("--iters") + 1] == "77" and argv[argv.index("--correction-iters") + 1] == "5"
     assert A.variants_of("e2e+ac+eqt") == ["ac", "eqt"] and A.runs_on("e2e+ac+eqt", "real")
+
+
+def test_invert_time_note_says_when_a_synthesis_was_not_timed():
+    """A set made over interrupted runs that did not all record their time has no total (``None``)."""
+    note = A._invert_time_note({"smooth-1024": 927.9, "smooth-10000": None})
+    assert "lowbit loss, smooth prior, 10,000 images: time not recorded (made over interrupted runs)" in note
+    assert "lowbit loss, smooth prior, 1,024 images: 928 s" in note

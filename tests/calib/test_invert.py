@@ -77,7 +77,7 @@ def test_image_folder_resumes_and_is_atomic(tmp_path, monkeypatch):
     m = _tiny()
     cfg = invert.InvertConfig(steps=3, batch_size=4)
     out = invert.write_image_folder(m, tmp_path / "syn", per_class=2, classes=[0, 2], cfg=cfg, progress=False)
-    dirs = sorted(p.name for p in out.iterdir())
+    dirs = sorted(p.name for p in out.iterdir() if p.name != ".synthesis.json")
     assert dirs == ["0000", "0002"]
     assert all(len(list((out / d).glob("*.png"))) == 2 for d in dirs)
     calls = []
@@ -85,7 +85,7 @@ def test_image_folder_resumes_and_is_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(invert, "synthesize", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
     invert.write_image_folder(m, out, per_class=2, classes=[0, 1, 2], cfg=cfg, progress=False)
     assert sorted(torch.cat(calls).tolist()) == [1, 1]  # only the missing class was synthesized
-    assert sorted(p.name for p in out.iterdir()) == ["0000", "0001", "0002"]
+    assert sorted(p.name for p in out.iterdir() if p.name != ".synthesis.json") == ["0000", "0001", "0002"]
     with pytest.raises(ValueError, match="outside"):
         invert.write_image_folder(m, out, per_class=1, classes=[5], cfg=cfg, progress=False)
 
@@ -111,8 +111,10 @@ def test_interrupted_synthesis_resumes_at_its_batch_with_the_same_images(tmp_pat
     assert calls == [2, 3]  # 12 images in 4 batches of 3: batches 0 and 1 were kept
     files = sorted(p.relative_to(whole) for p in whole.rglob("*.png"))
     assert len(files) == 12 and sorted(p.relative_to(tmp_path / "cut") for p in (tmp_path / "cut").rglob("*")
-                                      if p.is_file()) == files
+                                      if p.is_file() and p.name != ".synthesis.json") == files
     assert all((whole / f).read_bytes() == (tmp_path / "cut" / f).read_bytes() for f in files)
+    timing = json.loads((tmp_path / "cut" / ".synthesis.json").read_text())
+    assert timing["batches"] == 4 and timing["seconds"] > 0 and timing["partial"] is False  # both runs timed
 
     # cut between a class's last recorded batch and its folder's rename: the next run renames it, making nothing
     (tmp_path / "cut" / "0001").rename(tmp_path / "cut" / ".tmp-0001")
@@ -122,6 +124,8 @@ def test_interrupted_synthesis_resumes_at_its_batch_with_the_same_images(tmp_pat
     invert.write_image_folder(m, tmp_path / "cut", per_class=4, classes=[0, 1, 2], cfg=cfg, progress=False)
     assert calls == [] and len(list((tmp_path / "cut" / "0001").glob("*.png"))) == 4
     assert not (tmp_path / "cut" / ".progress.json").exists()
+    # that progress file (as written before synthesis was timed) had no seconds: the total is marked partial
+    assert json.loads((tmp_path / "cut" / ".synthesis.json").read_text())["partial"] is True
 
 
 # PSAQ-ViT's patch-similarity entropy, from the paper's definition: normalised Gaussian KDE of the cosine
