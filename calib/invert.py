@@ -358,7 +358,7 @@ def write_image_folder(model, out: "str | Path", per_class: int, classes: Option
                 os.replace(out / f".tmp-{class_dir_name(c, nc)}", out / class_dir_name(c, nc))
         bar.update(1)
     bar.close()
-    _write_json_atomic(out / ".synthesis.json", {"seconds": round(plan["seconds"], 1), "batches": nb,
+    _write_json_atomic(out / ".synthesis.json", {"seconds": plan["seconds"], "batches": nb,
                                                  "partial": plan["untimed"] > 0})
     progress_file.unlink(missing_ok=True)
     return out

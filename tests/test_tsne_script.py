@@ -63,7 +63,8 @@ def test_tsne_command_on_tiny_settings(tmp_path, capsys):
     with Image.open(out / "tsne.png") as im:
         assert im.format == "PNG" and im.size[0] > 400
     assert sorted(p.name for p in out.iterdir()) == ["tsne.json", "tsne.png"]  # no temp files left
-    assert sorted(os.listdir(tmp_path / "free")) == ["0001", "0006"]  # the data-free images are kept there
+    # the data-free images are kept there, with the record of their synthesis time
+    assert sorted(os.listdir(tmp_path / "free")) == [".synthesis.json", "0001", "0006"]
 
 
 @pytest.mark.parametrize("argv, message", [

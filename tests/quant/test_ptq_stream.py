@@ -131,7 +131,7 @@ def test_data_free_images_are_written_as_they_are_made(tmp_path, monkeypatch):
         len(list((tmp_path / "syn").rglob("*.png")))) or real(*a, **k))
     write_image_folder(m, tmp_path / "syn", per_class=3, cfg=InvertConfig(steps=1, batch_size=2), progress=False)
     assert on_disk == [0, 2, 4, 6, 8]  # every batch on disk before the next is made: memory holds one batch
-    assert sorted(p.name for p in (tmp_path / "syn").iterdir()) == ["0000", "0001", "0002"]
+    assert sorted(p.name for p in (tmp_path / "syn").iterdir()) == [".synthesis.json", "0000", "0001", "0002"]
     assert len(list((tmp_path / "syn").rglob("*.png"))) == 9
 
 
