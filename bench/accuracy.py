@@ -359,8 +359,8 @@ def synthesize_once(args: argparse.Namespace, folder: str, synthesis: str = "low
                     size: Optional[int] = None, prior: str = "smooth") -> Optional[float]:
     """The ``size`` (default ``--calib-size``) data-free images, made by ``quant.run.synthesize_calibration`` with
     the arguments a cell's run resolves to; returns the synthesis seconds summed over resumed runs
-    (``calib.invert.write_image_folder``'s ``.synthesis.json``), ``None`` when some were not timed, 0 when
-    ``folder`` was complete already."""
+    (``calib.invert.write_image_folder``'s ``.synthesis.json``), ``None`` when some were not timed (or the folder
+    has no record), 0 when ``folder`` was complete already."""
     import torch
 
     from quant.models import load_model
@@ -373,14 +373,13 @@ def synthesize_once(args: argparse.Namespace, folder: str, synthesis: str = "low
                                   "--invert-steps", str(args.invert_steps), "--synthesis", synthesis,
                                   "--invert-prior", prior])
     ns.no_progress = args.no_progress
-    t0 = time.time()
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     synthesize_calibration(load_model(args.model).to(device), folder, ns)
     open(done, "w").close()
     record = os.path.join(folder, ".synthesis.json")
     if not os.path.isfile(record):
-        return time.time() - t0
+        return None
     with open(record) as f:
         rec = json.load(f)
     return None if rec["partial"] else rec["seconds"]

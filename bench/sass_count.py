@@ -50,9 +50,14 @@ def sass(launch, arch: int = 90) -> str:
         return subprocess.run([tool, "-c", path], capture_output=True, text=True, check=True).stdout
 
 
+def main_path(launch, arch: int = 90) -> str:
+    """The SASS of ``launch`` without the out-of-line IEEE-division slow paths."""
+    return _SLOW_PATH.split(sass(launch, arch))[0]
+
+
 def count(launch, elements_per_thread: float, arch: int = 90) -> dict:
     """Main-path instruction counts of ``launch`` (``per_element``: total / ``elements_per_thread``)."""
-    main = _SLOW_PATH.split(sass(launch, arch))[0]
+    main = main_path(launch, arch)
     ops = collections.Counter(i.split(".")[0] for i in _INSTR.findall(main))
     total = sum(ops.values())
     return dict(instructions=total, per_element=round(total / elements_per_thread, 1), mufu=ops["MUFU"],
@@ -77,7 +82,7 @@ def loops(text: str) -> list:
 def gemm_loop(launch, arch: int = 90) -> dict:
     """The packed GEMM's main loop (its longest loop): instructions, reductions (``SHFL``), ``IGMMA`` count, and
     issue against tensor-core cycles per iteration."""
-    body = max(loops(_SLOW_PATH.split(sass(launch, arch))[0]), key=lambda c: sum(c.values()))
+    body = max(loops(main_path(launch, arch)), key=lambda c: sum(c.values()))
     n = sum(body.values())
     mt = launch.meta
     return dict(loop=n, shfl=body["SHFL"], mma=body["IGMMA"] + body["IMMA"],
@@ -105,7 +110,7 @@ def attention_loops(arch: int = 90) -> dict:
     """Instructions per score of the fused attention's two key loops (ViT-B batch 64: L = 197, D = 64)."""
     lx = G.attention_launch(64, 12, 197, 64, Target(interpreted=False, arch=arch), fused=True)
     per_thread = lx.meta["BLOCK_M"] * lx.meta["BLOCK_N"] / (32 * lx.options["num_warps"])
-    bodies = loops(_SLOW_PATH.split(sass(lx, arch))[0])
+    bodies = loops(main_path(lx, arch))
     return dict(kernel="quant_attention a8 fused: key loops", config=lx.describe(),
                 per_score=[round(sum(b.values()) / per_thread, 1) for b in bodies])
 

@@ -308,7 +308,7 @@ def linear_codes(a: Tensor, a_qp: QParams, qw: Tensor, w_bits, w_scale: Tensor, 
     n, k = q8.shape
     return _int_linear(a, a_qp, [q8], "int8", n, k, w_bits,
                        lambda: _row_sums(q8), w_scale, w_zero, bias, gelu, out_dtype, requant,
-                       center=P.qmax(w_bits) <= 127)
+                       centered=P.qmax(w_bits) <= 127)
 
 
 def _check_act_codes(a: Tensor) -> None:
@@ -319,10 +319,10 @@ def _check_act_codes(a: Tensor) -> None:
 
 def _int_linear(a: Tensor, a_qp: QParams, planes, fmt: str, n: int, k: int, w_bits, colsum: Callable,
                 w_scale, w_zero, bias, gelu: bool, out_dtype: torch.dtype, requant: Optional[QParams],
-                center: bool = False) -> Tensor:
+                centered: bool = False) -> Tensor:
     """The checks and parameter preparation shared by :func:`packed_linear` and :func:`linear_codes`; ``planes``
     in the layout of ``fmt`` (``int8``: signed storage ``q - code_offset(w_bits)``), ``colsum()`` their row sums;
-    ``center`` (``int8`` codes of at most 7 bits): the GEMM gets ``q - zw`` (no activation row sums)."""
+    ``centered`` (``int8`` codes of at most 7 bits): the GEMM gets ``q - zw`` (no activation row sums)."""
     if a.dim() < 1 or a.shape[-1] != k:
         raise ValueError(f"activation codes have K={a.shape[-1] if a.dim() else None} but the weight has K={k}")
     if out_dtype not in _FLOATS:
@@ -350,10 +350,10 @@ def _int_linear(a: Tensor, a_qp: QParams, planes, fmt: str, n: int, k: int, w_bi
     if requant is not None:
         rq_s, rq_zr = _act_qparams(a, requant, columns=n)
         rq_bits = float(requant.bits)
-    if center:
+    if centered:
         planes = [(planes[0].to(torch.int16) - zw[:, None]).to(torch.int8)]
     return L.packed_linear(a, planes, fmt, k, colsum(), sa, za, sw, zw, None if bias is None else bias.contiguous(),
-                           bool(gelu), out_dtype, rq_s, rq_zr, rq_bits, center)
+                           bool(gelu), out_dtype, rq_s, rq_zr, rq_bits, centered)
 
 
 # ---------------------------------------------------------------------------------------------- attention
