@@ -21,6 +21,12 @@ def rne_small(v):
 
 
 @triton.jit
+def round_int(v):
+    """``round(v)`` half to even as int32 for ``|v| <= 2^22``, read from the low mantissa bits of ``v + 1.5 * 2^23``."""
+    return (v + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+
+
+@triton.jit
 def div_rcp(a, b, rb):
     """``a / b`` rounded to nearest from ``rb = 1 / b`` (rounded to nearest, computed once per row, column or
     tensor): ``q0 = a rb``, then Markstein's correction ``q0 + (a - q0 b) rb`` by two FMAs. Equal to IEEE division
@@ -31,13 +37,24 @@ def div_rcp(a, b, rb):
 
 
 @triton.jit
+def exp2(x, FAST_EXP: tl.constexpr):
+    """``2^x``. ``FAST_EXP`` (compiled): one ``ex2.approx.ftz.f32``, results below ``2^-126`` flushed to 0, where
+    ``tl.math.exp2`` becomes ptxas's non-ftz sequence (a range test and two predicated multiplies around the same
+    ``MUFU.EX2``); the interpreter runs no PTX and takes ``tl.math.exp2``."""
+    if FAST_EXP:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return tl.math.exp2(x)
+
+
+@triton.jit
 def quantize_signed(x, s, zr, QMAX: tl.constexpr, OFFSET: tl.constexpr):
     """Signed int8 codes ``clamp(round(x / s) + zr, 0, QMAX) - OFFSET`` (``zr``: the rounded zero point, an integer
     in ``[0, QMAX]``), computed as ``round(clamp(x / s, -zr, QMAX - zr)) + zr - OFFSET`` (equal, the bounds being
-    integers); the rounded value is read from the low mantissa bits of ``v + 1.5 * 2^23`` (:func:`rne_small`)."""
+    integers), rounded by :func:`round_int`."""
     v = tl.minimum(tl.maximum(div_rcp(x, s, tl.math.div_rn(1.0, s)), -zr), QMAX - zr)
-    n = (v + 12582912.0).to(tl.int32, bitcast=True)
-    return (n + (zr.to(tl.int32) - (OFFSET + 0x4B400000))).to(tl.int8)
+    return (round_int(v) + (zr.to(tl.int32) - OFFSET)).to(tl.int8)
 
 
 @triton.jit

@@ -43,6 +43,12 @@ _INTERPRETED = Target(interpreted=True)
 _GPU_TARGETS: dict = {}
 
 
+def ptx_asm(target: Target) -> bool:
+    """Whether a launch may carry inline PTX (``FAST_EXP``): compiled for a GPU, not run by the interpreter (which
+    runs a GPU target's tiles in the tests)."""
+    return not target.interpreted and os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
 #: compile options of every GPU launch: no FMA contraction, so the float epilogues round like the torch reference
 #: (:mod:`kernels.reference`) and exported models stay bit-identical to it
 GPU_OPTIONS = dict(enable_fp_fusion=False)
@@ -149,22 +155,20 @@ ATTENTION_HEAD_DIMS = (32, 64, 128)
 def attention_config(l: int, d: int, target: Target, biased: bool = False, sulq: bool = False) -> Tuple[int, int, dict]:
     """``(BLOCK_M, BLOCK_N, options)`` of the two-pass attention kernels; ``biased``: a relative-position bias or
     window mask is added to the scores (Swin), which costs two more ``[BM, BN]`` fp32 tiles per pass, so the tiles
-    shrink to stay spill-free (49-token windows barely fill a 64-row tile anyway). ``sulq``: on sm_90 the SULQ
-    kernel's 64x64 (unbiased) key loops run unpipelined (one stage): Triton 3.6's software pipeliner (the GPU
-    image's) aborts on them ("pipeliner doesn't know how to predicate" the int8 wgmma next to the two fp16 dots);
-    with two stages elsewhere (one stage spills on sm_80, and on the biased 32x32 tiles with Triton 3.9).
-    Head dim 64 (ViT / DeiT) runs its 64x64 tiles on one warpgroup (4 warps): with two, the warpgroups split the key
-    columns and each repeats the row statistics (max, sum, P row sums) with barriers between them. Static sm_90 SASS
-    at ViT-B batch 64 (``python -m bench.sass_count``): uniform key loops 22.9 + 79.6 -> 19.9 + 42.3 instructions per
-    score, SULQ 22.4 + 156.4 -> 19.3 + 84.6, and 168 / 193 registers for 128 threads (2-3 programs per SM where 8
-    warps at 158 fit one); head dims 32 and 128 keep 8 warps (4 spill on sm_80 at 32 and reach 255 registers at
-    128)."""
+    shrink to stay spill-free (49-token windows barely fill a 64-row tile anyway). Head dim 64 (ViT / DeiT) runs
+    its 64x64 tiles on one warpgroup (4 warps): with two, the warpgroups split the key columns and each repeats the
+    row statistics with barriers between them; head dims 32 and 128 keep 8 warps. ``sulq``: the SULQ kernel's loops
+    run unpipelined (one stage): Triton 3.6's software pipeliner (the GPU image's) aborts on its sm_90 loops ("doesn't
+    know how to predicate" the int8 wgmma next to the two fp16 dots), and with the zero-point dots of the scores
+    two stages spill on sm_80; its biased tiles take one warpgroup and ``maxnreg=168`` (without it ptxas stops at
+    128 registers and spills a few bytes). Static sm_90 SASS of the uniform key loops at ViT-B batch 64
+    (``python -m bench.sass_count``): 10.0 + 17.2 instructions per score on 128 registers."""
     if target.interpreted:
         return 64, 64, {}
     if biased:
-        return (32 if d <= 64 else 16), 32, dict(num_warps=8, num_stages=2, **GPU_OPTIONS)
-    return 64, 64, dict(num_warps=4 if d == 64 else 8, num_stages=1 if sulq and target.arch >= 90 else 2,
-                        **GPU_OPTIONS)
+        return (32 if d <= 64 else 16), 32, dict(num_warps=4 if sulq else 8, num_stages=1 if sulq else 2,
+                                                 **(dict(maxnreg=168) if sulq else {}), **GPU_OPTIONS)
+    return 64, 64, dict(num_warps=4 if d == 64 else 8, num_stages=1 if sulq else 2, **GPU_OPTIONS)
 
 
 # ---------------------------------------------------------------------------------------------- elementwise

@@ -326,7 +326,8 @@ def quant_attention_launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, rel_bia
                   dict(D=d, HAS_BIAS=rel_bias is not None, HAS_MASK=mask is not None, P_QMAX=P.qmax(p_bits),
                        P_OFFSET=P.code_offset(p_bits), HAS_R=rq_r is not None, HAS_SHIFT=rq_shift is not None,
                        REQUANT=requant, RQ_QMAX=P.qmax(rq_bits) if requant else 0,
-                       RQ_OFFSET=P.code_offset(rq_bits) if requant else 0, BLOCK_M=bm, BLOCK_N=bn), opts)
+                       RQ_OFFSET=P.code_offset(rq_bits) if requant else 0, BLOCK_M=bm, BLOCK_N=bn,
+                       FAST_EXP=C.ptx_asm(target)), opts)
 
 
 def _qkv_views(q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:

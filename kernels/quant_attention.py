@@ -1,9 +1,13 @@
 """Quantized attention on int8 codes, two passes over the keys (the ``[L, L]`` matrix is never stored).
 
-``S = qk_scale * (Q K^T - zk rowsum(Q) - zq colsum(K) + D zq zk) + rel_bias[h] + mask[b % nW]`` (int32 -> fp32);
-pass 1 keeps the running row max ``m`` and sum ``l = sum exp(S - m)``; pass 2 recomputes ``S``, forms the exact
-normalised ``P = exp(S - m) / l``, quantizes it (``clamp(round(P / sp) + zp, 0, qmax) - offset``) and accumulates
-``O = pv_scale * (Pq V - zv rowsum(Pq) - zp colsum(V) + L zp zv)`` in int32.
+Scores in base 2: ``S2 = log2(e) (qk_scale (q - zq)(k - zk)^T + rel_bias[h] + mask[b % nW])``, the integer part as
+``q k^T + h1 1 k^T + h2 1 k^T`` (int8 dots, ``h1 + h2 = -zq``: no column sums of ``k`` on the ALU) ``- zk rowsum(q -
+zq)`` (once per row). Pass 1 keeps the running row max ``m`` and ``l = sum 2^(S2 - m)``; pass 2 recomputes ``S2``
+and forms the centred probability codes ``c = min(round(2^(S2 - m) / (l sp)), qmax - zp)`` (``code - zp`` of the
+normalised ``P = softmax(S)``, equal to the reference's but at rounding ties; ``P >= 0`` makes the lower clamp
+void), then ``O = pv_scale (c (v - zv))`` in int32:
+``c V`` by int8 dots (``c`` itself when it fits int8, else the signed code ``c + zp - offset`` and two constant
+dots adding ``(offset - zp) 1 V``), ``- zv rowsum(c)``. Key tiles run unmasked but the last partial one.
 
 Layout: ``q, k, v`` are ``[B, H, L, D]`` views with one set of strides ``(stride_b, stride_h, stride_l, 1)``, e.g.
 the three slices of a qkv GEMM's int8 output ``[B, L, 3, H, D]`` (no copies); ``out`` is written through its own
@@ -13,42 +17,74 @@ next linear's input, ``quantize((O - shift[c]) / r[c])`` with channel ``c = h * 
 import triton
 import triton.language as tl
 
-from ._helpers import div_rcp, quantize_signed, rescale
+from ._helpers import exp2, quantize_signed, rescale, round_int
+
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _scores(q, rowsum_q, k_base, stride_l, bias_base, mask_base, offs_m, offs_n, offs_d, L, zq, zk, qk_scale,
-            D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr):
-    """fp32 scores ``[BM, BN]`` for keys ``offs_n``; ``-inf`` for keys ``>= L``."""
-    valid_n = offs_n < L
-    k = tl.load(k_base + offs_n[:, None] * stride_l + offs_d[None, :], mask=valid_n[:, None], other=0)
-    acc = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
-    colsum_k = tl.sum(k.to(tl.int32), axis=1)
-    acc = acc - zk * rowsum_q[:, None] - zq * colsum_k[None, :] + D * zq * zk
-    s = acc.to(tl.float32) * qk_scale
-    lm = (offs_m[:, None] < L) & valid_n[None, :]
+def _scores(q, zq_h1, zq_h2, rc, k_base, stride_l, bias_base, mask_base, offs_m, offs_n, offs_d, L, c2,
+            HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_N: tl.constexpr):
+    """Base-2 scores ``S2 [BM, BN]`` for keys ``offs_n`` (``c2 = log2(e) qk_scale``, ``rc = -zk rowsum(q - zq)``);
+    ``MASK_N``: keys ``>= L`` read as 0 and scored ``-inf``."""
+    ptrs = k_base + offs_n[:, None] * stride_l + offs_d[None, :]
+    if MASK_N:
+        valid_n = offs_n < L
+        k = tl.load(ptrs, mask=valid_n[:, None], other=0)
+        lm = (offs_m[:, None] < L) & valid_n[None, :]
+    else:
+        k = tl.load(ptrs)
+        lm = offs_m[:, None] < L
+    kt = tl.trans(k)
+    acc = tl.dot(zq_h1, kt, tl.dot(q, kt, out_dtype=tl.int32), out_dtype=tl.int32)
+    acc = tl.dot(zq_h2, kt, acc, out_dtype=tl.int32) + rc[:, None]
+    s = acc.to(tl.float32) * c2
     if HAS_BIAS:
-        s = s + tl.load(bias_base + offs_m[:, None] * L + offs_n[None, :], mask=lm, other=0.0).to(tl.float32)
+        s = tl.fma(tl.load(bias_base + offs_m[:, None] * L + offs_n[None, :], mask=lm, other=0.0).to(tl.float32),
+                   LOG2E, s)
     if HAS_MASK:
-        s = s + tl.load(mask_base + offs_m[:, None] * L + offs_n[None, :], mask=lm, other=0.0).to(tl.float32)
-    return tl.where(valid_n[None, :], s, float("-inf"))
+        s = tl.fma(tl.load(mask_base + offs_m[:, None] * L + offs_n[None, :], mask=lm, other=0.0).to(tl.float32),
+                   LOG2E, s)
+    if MASK_N:
+        s = tl.where(valid_n[None, :], s, float("-inf"))
+    return s
 
 
 @triton.jit
-def row_max_sum(q, rowsum_q, k_base, stride_l, bias_base, mask_base, offs_m, offs_d, L, zq, zk, qk_scale,
-                D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr):
-    """Pass 1: running row max ``m`` and ``l = sum exp(S - m)`` over all keys."""
+def _max_sum(m_i, l_i, s, FAST_EXP: tl.constexpr):
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    l_i = l_i * exp2(m_i - m_new, FAST_EXP) + tl.sum(exp2(s - m_new[:, None], FAST_EXP), axis=1)
+    return m_new, l_i
+
+
+@triton.jit
+def row_max_sum(q, zq_h1, zq_h2, rc, k_base, stride_l, bias_base, mask_base, offs_m, offs_d, L, c2,
+                HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                FAST_EXP: tl.constexpr):
+    """Pass 1: row max ``m`` of ``S2`` and ``l = sum 2^(S2 - m)`` over all keys."""
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
-    for n0 in range(0, L, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        s = _scores(q, rowsum_q, k_base, stride_l, bias_base, mask_base, offs_m, offs_n, offs_d, L, zq, zk, qk_scale,
-                    D, HAS_BIAS, HAS_MASK)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
-        m_i = m_new
+    n_full = L - L % BLOCK_N
+    for n0 in range(0, n_full, BLOCK_N):
+        s = _scores(q, zq_h1, zq_h2, rc, k_base, stride_l, bias_base, mask_base, offs_m, n0 + tl.arange(0, BLOCK_N),
+                    offs_d, L, c2, HAS_BIAS, HAS_MASK, False)
+        m_i, l_i = _max_sum(m_i, l_i, s, FAST_EXP)
+    if n_full < L:
+        s = _scores(q, zq_h1, zq_h2, rc, k_base, stride_l, bias_base, mask_base, offs_m,
+                    n_full + tl.arange(0, BLOCK_N), offs_d, L, c2, HAS_BIAS, HAS_MASK, True)
+        m_i, l_i = _max_sum(m_i, l_i, s, FAST_EXP)
     return m_i, l_i
+
+
+@triton.jit
+def score_operands(q, rowsum_q, zq_ptr, zk_ptr, qk_scale_ptr, D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``(zq_h1, zq_h2, rc, c2)`` of :func:`_scores`: ``[BM, D]`` int8 tiles of two halves of ``-zq`` (in
+    ``[-128, 128]``, which int8 does not hold), ``rc = -zk rowsum(q - zq)`` and ``c2 = log2(e) qk_scale``."""
+    zq = tl.load(zq_ptr).to(tl.int32)
+    zk = tl.load(zk_ptr).to(tl.int32)
+    h1 = (-zq) >> 1
+    return (tl.full((BLOCK_M, D), h1, tl.int8), tl.full((BLOCK_M, D), -zq - h1, tl.int8), zk * (D * zq - rowsum_q),
+            tl.load(qk_scale_ptr) * LOG2E)
 
 
 @triton.jit
@@ -86,48 +122,65 @@ def store_output(o, out_ptr, H, offs_m, offs_d, valid_m, stride_ob, stride_oh, s
 
 
 @triton.jit
+def _pv_tile(acc, rs, s, m_i, inv, v_base, stride_l, offs_n, offs_d, L, zp, zp_s, h1_t, h2_t,
+             P_QMAX: tl.constexpr, MASK_N: tl.constexpr, FAST_EXP: tl.constexpr):
+    """One key tile of pass 2: centred codes ``c = min(round(2^(S2 - m) inv), P_QMAX - zp)`` (``inv = 1 / (l sp)``),
+    ``acc += c V``, ``rs += rowsum(c)``."""
+    c = round_int(tl.minimum(exp2(s - m_i[:, None], FAST_EXP) * inv[:, None], P_QMAX - zp))
+    ptrs = v_base + offs_n[:, None] * stride_l + offs_d[None, :]
+    if MASK_N:
+        v = tl.load(ptrs, mask=(offs_n < L)[:, None], other=0)
+    else:
+        v = tl.load(ptrs)
+    if P_QMAX <= 127:
+        acc = tl.dot(c.to(tl.int8), v, acc, out_dtype=tl.int32)
+    else:
+        acc = tl.dot((c + zp_s).to(tl.int8), v, acc, out_dtype=tl.int32)
+        acc = tl.dot(h1_t, v, acc, out_dtype=tl.int32)
+        acc = tl.dot(h2_t, v, acc, out_dtype=tl.int32)
+    return acc, rs + tl.sum(c, axis=1)
+
+
+@triton.jit
 def quant_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bias_ptr, mask_ptr, zq_ptr, zk_ptr, zv_ptr, qk_scale_ptr,
                            sp_ptr, zp_ptr, pv_scale_ptr, r_ptr, shift_ptr, rq_s_ptr, rq_z_ptr, H, L, NW,
                            stride_b, stride_h, stride_l, stride_ob, stride_oh, stride_ol,
                            D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, P_QMAX: tl.constexpr,
                            P_OFFSET: tl.constexpr, HAS_R: tl.constexpr, HAS_SHIFT: tl.constexpr,
                            REQUANT: tl.constexpr, RQ_QMAX: tl.constexpr, RQ_OFFSET: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FAST_EXP: tl.constexpr):
     """int8 ``q, k, v`` views ``[B, H, L, D]`` -> ``out`` (float32 or requantized int8); grid
     ``(cdiv(L, BLOCK_M), B * H)``. ``zq, zk, zv`` are signed zero points, ``zp`` the rounded unsigned zero point
     of the P quantizer, ``rq_s, rq_z`` (rounded, unsigned) the requant quantizer."""
     base, offs_m, offs_d, valid_m, q, rowsum_q, bias_base, mask_base = load_query_tile(
         q_ptr, bias_ptr, mask_ptr, H, L, NW, stride_b, stride_h, stride_l, D, BLOCK_M)
-    zq = tl.load(zq_ptr).to(tl.int32)
-    zk = tl.load(zk_ptr).to(tl.int32)
-    zv = tl.load(zv_ptr).to(tl.int32)
-    qk_scale = tl.load(qk_scale_ptr)
-    sp = tl.load(sp_ptr)
-    zp = tl.load(zp_ptr)
+    zq_h1, zq_h2, rc, c2 = score_operands(q, rowsum_q, zq_ptr, zk_ptr, qk_scale_ptr, D, BLOCK_M)
     k_base = k_ptr + base
     v_base = v_ptr + base
 
-    m_i, l_i = row_max_sum(q, rowsum_q, k_base, stride_l, bias_base, mask_base, offs_m, offs_d, L, zq, zk, qk_scale,
-                           D, HAS_BIAS, HAS_MASK, BLOCK_M, BLOCK_N)
-    rl_i = tl.math.div_rn(1.0, l_i)
-
-    acc = tl.zeros((BLOCK_M, D), tl.int32)
-    rowsum_p = tl.zeros((BLOCK_M,), tl.int32)
-    colsum_v = tl.zeros((D,), tl.int32)
+    m_i, l_i = row_max_sum(q, zq_h1, zq_h2, rc, k_base, stride_l, bias_base, mask_base, offs_m, offs_d, L, c2,
+                           HAS_BIAS, HAS_MASK, BLOCK_M, BLOCK_N, FAST_EXP)
+    zp = tl.load(zp_ptr)
+    inv = tl.math.div_rn(1.0, l_i * tl.load(sp_ptr))
     zp_s = zp.to(tl.int32) - P_OFFSET
-    for n0 in range(0, L, BLOCK_N):
+    h1 = (-zp_s) >> 1
+    h1_t = tl.full((BLOCK_M, BLOCK_N), h1, tl.int8)
+    h2_t = tl.full((BLOCK_M, BLOCK_N), -zp_s - h1, tl.int8)
+    acc = tl.zeros((BLOCK_M, D), tl.int32)
+    rs = tl.zeros((BLOCK_M,), tl.int32)
+    n_full = L - L % BLOCK_N
+    for n0 in range(0, n_full, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        valid_n = offs_n < L
-        s = _scores(q, rowsum_q, k_base, stride_l, bias_base, mask_base, offs_m, offs_n, offs_d, L, zq, zk, qk_scale,
-                    D, HAS_BIAS, HAS_MASK)
-        p = div_rcp(tl.exp(s - m_i[:, None]), l_i[:, None], rl_i[:, None])
-        pc = quantize_signed(p, sp, zp, P_QMAX, P_OFFSET)
-        pc = tl.where(valid_n[None, :], pc, 0).to(tl.int8)
-        v = tl.load(v_base + offs_n[:, None] * stride_l + offs_d[None, :], mask=valid_n[:, None], other=0)
-        acc += tl.dot(pc, v, out_dtype=tl.int32)
-        rowsum_p += tl.sum(pc.to(tl.int32), axis=1)
-        colsum_v += tl.sum(v.to(tl.int32), axis=0)
-    acc = acc - zv * rowsum_p[:, None] - zp_s * colsum_v[None, :] + L * zp_s * zv
-    o = acc.to(tl.float32) * tl.load(pv_scale_ptr)
+        s = _scores(q, zq_h1, zq_h2, rc, k_base, stride_l, bias_base, mask_base, offs_m, offs_n, offs_d, L, c2,
+                    HAS_BIAS, HAS_MASK, False)
+        acc, rs = _pv_tile(acc, rs, s, m_i, inv, v_base, stride_l, offs_n, offs_d, L, zp, zp_s, h1_t, h2_t,
+                           P_QMAX, False, FAST_EXP)
+    if n_full < L:
+        offs_n = n_full + tl.arange(0, BLOCK_N)
+        s = _scores(q, zq_h1, zq_h2, rc, k_base, stride_l, bias_base, mask_base, offs_m, offs_n, offs_d, L, c2,
+                    HAS_BIAS, HAS_MASK, True)
+        acc, rs = _pv_tile(acc, rs, s, m_i, inv, v_base, stride_l, offs_n, offs_d, L, zp, zp_s, h1_t, h2_t,
+                           P_QMAX, True, FAST_EXP)
+    o = (acc - tl.load(zv_ptr).to(tl.int32) * rs[:, None]).to(tl.float32) * tl.load(pv_scale_ptr)
     store_output(o, out_ptr, H, offs_m, offs_d, valid_m, stride_ob, stride_oh, stride_ol, r_ptr, shift_ptr,
                  rq_s_ptr, rq_z_ptr, D, HAS_R, HAS_SHIFT, REQUANT, RQ_QMAX, RQ_OFFSET)

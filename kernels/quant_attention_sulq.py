@@ -13,8 +13,8 @@ two fp16 dots (each half the int8 rate on Ampere/Hopper, so ~4x the P V tensor-c
 import triton
 import triton.language as tl
 
-from ._helpers import quantize_signed
-from .quant_attention import _scores, load_query_tile, row_max_sum, store_output
+from ._helpers import exp2, quantize_signed
+from .quant_attention import _scores, load_query_tile, row_max_sum, score_operands, store_output
 
 
 @triton.jit
@@ -32,16 +32,15 @@ def quant_attention_sulq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bias_ptr, mask_ptr
                                 stride_ol, D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                                 P_QMAX: tl.constexpr, P_OFFSET: tl.constexpr, HAS_R: tl.constexpr,
                                 HAS_SHIFT: tl.constexpr, REQUANT: tl.constexpr, RQ_QMAX: tl.constexpr,
-                                RQ_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                                RQ_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                FAST_EXP: tl.constexpr):
     """int8 ``q, k, v`` views ``[B, H, L, D]`` -> ``out`` (float32 or requantized int8, as
     :func:`kernels.quant_attention.store_output`); grid ``(cdiv(L, BLOCK_M), B * H)``. ``zq, zk, zv`` signed zero
     points; ``eta, x0, sp, zp`` (rounded, unsigned) the SULQ quantizer; ``table [2^bits]``."""
     base, offs_m, offs_d, valid_m, q, rowsum_q, bias_base, mask_base = load_query_tile(
         q_ptr, bias_ptr, mask_ptr, H, L, NW, stride_b, stride_h, stride_l, D, BLOCK_M)
-    zq = tl.load(zq_ptr).to(tl.int32)
-    zk = tl.load(zk_ptr).to(tl.int32)
+    zq_h1, zq_h2, rc, c2 = score_operands(q, rowsum_q, zq_ptr, zk_ptr, qk_scale_ptr, D, BLOCK_M)
     zv = tl.load(zv_ptr)
-    qk_scale = tl.load(qk_scale_ptr)
     eta = tl.load(eta_ptr)
     x0 = tl.load(x0_ptr)
     sp = tl.load(sp_ptr)
@@ -49,16 +48,16 @@ def quant_attention_sulq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bias_ptr, mask_ptr
     k_base = k_ptr + base
     v_base = v_ptr + base
 
-    m_i, l_i = row_max_sum(q, rowsum_q, k_base, stride_l, bias_base, mask_base, offs_m, offs_d, L, zq, zk, qk_scale,
-                           D, HAS_BIAS, HAS_MASK, BLOCK_M, BLOCK_N)
+    m_i, l_i = row_max_sum(q, zq_h1, zq_h2, rc, k_base, stride_l, bias_base, mask_base, offs_m, offs_d, L, c2,
+                           HAS_BIAS, HAS_MASK, BLOCK_M, BLOCK_N, FAST_EXP)
 
     acc = tl.zeros((BLOCK_M, D), tl.float32)
     for n0 in range(0, L, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         valid_n = offs_n < L
-        s = _scores(q, rowsum_q, k_base, stride_l, bias_base, mask_base, offs_m, offs_n, offs_d, L, zq, zk, qk_scale,
-                    D, HAS_BIAS, HAS_MASK)
-        p = tl.math.div_rn(tl.exp(s - m_i[:, None]), l_i[:, None])
+        s = _scores(q, zq_h1, zq_h2, rc, k_base, stride_l, bias_base, mask_base, offs_m, offs_n, offs_d, L, c2,
+                    HAS_BIAS, HAS_MASK, True)
+        p = tl.math.div_rn(exp2(s - m_i[:, None], FAST_EXP), l_i[:, None])
         pc = quantize_signed(-tl.log2(p + eta) - x0, sp, zp, P_QMAX, P_OFFSET)
         ph = tl.load(table_ptr + (pc.to(tl.int32) + P_OFFSET))
         ph = tl.where(valid_n[None, :], ph, 0.0)

@@ -32,7 +32,7 @@ def test_quantize_kernels_have_no_per_element_division(tmp_path):
         else:  # the row sums of 8-bit weights: the reduction is there, and costs more issue than the MMAs
             assert row["shfl"] > 0 and row["issue_cycles"] > row["tensor_cycles"], row
     att = rows["quant_attention a8 fused: key loops"]["per_score"]
-    assert len(att) == 2 and 0 < att[0] + att[1] < 70, att
+    assert len(att) == 2 and 0 < att[0] + att[1] < 35, att  # 62.2 before the MMA zero-point terms (27.2 after)
 
 
 def test_refuses_the_interpreter():

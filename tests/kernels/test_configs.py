@@ -62,7 +62,8 @@ def test_attention_tiles_shrink_with_bias_and_head_dim():
     assert all(o[2]["enable_fp_fusion"] is False for o in (plain, swin, wide))
     sulq = C.attention_config(197, 64, H100, sulq=True)
     assert sulq[:2] == plain[:2] and sulq[2]["num_stages"] == 1 and plain[2]["num_stages"] == 2
-    assert C.attention_config(197, 64, C.Target(interpreted=False, arch=80), sulq=True)[2]["num_stages"] == 2
+    assert C.attention_config(197, 64, C.Target(interpreted=False, arch=80), sulq=True)[2]["num_stages"] == 1
+    assert C.attention_config(49, 32, H100, biased=True, sulq=True)[2]["maxnreg"] == 168
 
 
 def test_mlp_shapes_are_the_models_fc1():

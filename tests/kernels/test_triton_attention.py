@@ -27,6 +27,7 @@ def _codes(gen, shape, bits):
     (1, 2, 197, 8, False),
     (2, 1, 197, 3, False),
     (1, 1, 577, 8, False),
+    (1, 2, 128, 8, False),  # whole key tiles only: no masked last tile
 ])
 def test_quant_attention_matches_reference(gen, b, h, l, bits, swin):
     d = 64

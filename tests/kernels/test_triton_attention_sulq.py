@@ -83,5 +83,6 @@ def test_sulq_attention_gpu_tiles(gen, monkeypatch, b, h, l, bits, swin):
     monkeypatch.setattr(C, "attention_config", lambda *a, **k: used.append(real(*a, **k)) or used[-1])
     test_sulq_attention_matches_reference(gen, b, h, l, bits, swin, published=False)
     assert used and all(u == real(l, 64, C.Target(interpreted=False, arch=90), swin, True) for u in used)
-    assert used[0][2].get("num_warps") == (8 if swin else 4)  # the GPU tiles (D = 64), not the interpreter's
-    assert used[0][2].get("num_stages") == (2 if swin else 1)  # SULQ's unpipelined sm_90 loops when unbiased
+    assert used[0][2].get("num_warps") == 4  # the GPU tiles (D = 64), not the interpreter's
+    assert used[0][2].get("num_stages") == 1  # SULQ's unpipelined loops
+    assert used[0][2].get("maxnreg") == (168 if swin else None)  # biased: ptxas would stop at 128 and spill
