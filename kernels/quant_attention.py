@@ -77,14 +77,22 @@ def row_max_sum(q, zq_h1, zq_h2, rc, k_base, stride_l, bias_base, mask_base, off
 
 
 @triton.jit
+def neg_halves(z, M: tl.constexpr, N: tl.constexpr):
+    """Two ``[M, N]`` int8 tiles, constant ``h1`` and ``h2`` with ``h1 + h2 = -z`` for an int32 ``z`` in
+    ``[-128, 127]`` (``-z`` may be 128, which int8 does not hold): dotted with an int8 tile ``x``, they add
+    ``-z 1 x`` on the tensor cores."""
+    h1 = (-z) >> 1
+    return tl.full((M, N), h1, tl.int8), tl.full((M, N), -z - h1, tl.int8)
+
+
+@triton.jit
 def score_operands(q, rowsum_q, zq_ptr, zk_ptr, qk_scale_ptr, D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """``(zq_h1, zq_h2, rc, c2)`` of :func:`_scores`: ``[BM, D]`` int8 tiles of two halves of ``-zq`` (in
-    ``[-128, 128]``, which int8 does not hold), ``rc = -zk rowsum(q - zq)`` and ``c2 = log2(e) qk_scale``."""
+    """``(zq_h1, zq_h2, rc, c2)`` of :func:`_scores`: :func:`neg_halves` of ``zq`` (``[BM, D]``),
+    ``rc = -zk rowsum(q - zq)`` and ``c2 = log2(e) qk_scale``."""
     zq = tl.load(zq_ptr).to(tl.int32)
     zk = tl.load(zk_ptr).to(tl.int32)
-    h1 = (-zq) >> 1
-    return (tl.full((BLOCK_M, D), h1, tl.int8), tl.full((BLOCK_M, D), -zq - h1, tl.int8), zk * (D * zq - rowsum_q),
-            tl.load(qk_scale_ptr) * LOG2E)
+    zq_h1, zq_h2 = neg_halves(zq, BLOCK_M, D)
+    return zq_h1, zq_h2, zk * (D * zq - rowsum_q), tl.load(qk_scale_ptr) * LOG2E
 
 
 @triton.jit
@@ -163,9 +171,7 @@ def quant_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bias_ptr, mask_ptr, zq_
     zp = tl.load(zp_ptr)
     inv = tl.math.div_rn(1.0, l_i * tl.load(sp_ptr))
     zp_s = zp.to(tl.int32) - P_OFFSET
-    h1 = (-zp_s) >> 1
-    h1_t = tl.full((BLOCK_M, BLOCK_N), h1, tl.int8)
-    h2_t = tl.full((BLOCK_M, BLOCK_N), -zp_s - h1, tl.int8)
+    h1_t, h2_t = neg_halves(zp_s, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, D), tl.int32)
     rs = tl.zeros((BLOCK_M,), tl.int32)
     n_full = L - L % BLOCK_N
