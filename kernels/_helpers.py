@@ -27,11 +27,30 @@ def round_int(v):
 
 
 @triton.jit
+def rcp_rn(b):
+    """``1 / b`` rounded to nearest (IEEE), from the approximate ``1.0 / b`` refined by :func:`rcp_refine`, without
+    ``div.rn``'s slow-path subroutine (a ``CALL`` that makes ptxas 12.9 spill around it)."""
+    return rcp_refine(b, 1.0 / b)
+
+
+@triton.jit
+def rcp_refine(b, y):
+    """The float32 nearest ``1 / b`` from ``y`` within 64 ulps of it (``div.full.f32``: within 2^-22): one Newton
+    step ``y + y (1 - b y)`` (then within an ulp), then ``y``'s neighbour on the side of ``1 / b`` when its exact
+    residual ``1 - b y`` is smaller. Equal to IEEE ``1 / b`` for ``2^-125 <= |b| <= 2^125`` (every float32 mantissa
+    checked, ``tests/kernels/test_triton_helpers.py``)."""
+    y = tl.fma(tl.fma(-b, y, 1.0), y, y)
+    r = tl.fma(-b, y, 1.0)
+    n = (y.to(tl.int32, bitcast=True) + tl.where(r > 0, 1, -1)).to(tl.float32, bitcast=True)
+    return tl.where(tl.abs(tl.fma(-b, n, 1.0)) < tl.abs(r), n, y)
+
+
+@triton.jit
 def div_rcp(a, b, rb):
     """``a / b`` rounded to nearest from ``rb = 1 / b`` (rounded to nearest, computed once per row, column or
     tensor): ``q0 = a rb``, then Markstein's correction ``q0 + (a - q0 b) rb`` by two FMAs. Equal to IEEE division
     for ``|a| >= 2^-100`` (the residual ``a - q0 b`` is then exact), within an ulp below; three instructions per
-    element where ``div_rn`` takes ten (reciprocal, range check and a branch each time)."""
+    element where ``div_rn`` takes ten (reciprocal, range check and a branch each time); ``rb`` from :func:`rcp_rn`."""
     q0 = a * rb
     return tl.fma(tl.fma(-q0, b, a), rb, q0)
 
@@ -53,7 +72,7 @@ def quantize_signed(x, s, zr, QMAX: tl.constexpr, OFFSET: tl.constexpr):
     """Signed int8 codes ``clamp(round(x / s) + zr, 0, QMAX) - OFFSET`` (``zr``: the rounded zero point, an integer
     in ``[0, QMAX]``), computed as ``round(clamp(x / s, -zr, QMAX - zr)) + zr - OFFSET`` (equal, the bounds being
     integers), rounded by :func:`round_int`."""
-    v = tl.minimum(tl.maximum(div_rcp(x, s, tl.math.div_rn(1.0, s)), -zr), QMAX - zr)
+    v = tl.minimum(tl.maximum(div_rcp(x, s, rcp_rn(s)), -zr), QMAX - zr)
     return (round_int(v) + (zr.to(tl.int32) - OFFSET)).to(tl.int8)
 
 
@@ -65,7 +84,7 @@ def rescale(x, r_ptr, shift_ptr, offs_c, mask_c, HAS_R: tl.constexpr, HAS_SHIFT:
         x = x - sh[None, :]
     if HAS_R:
         r = tl.load(r_ptr + offs_c, mask=mask_c, other=1.0).to(tl.float32)
-        x = div_rcp(x, r[None, :], tl.math.div_rn(1.0, r)[None, :])
+        x = div_rcp(x, r[None, :], rcp_rn(r)[None, :])
     return x
 
 

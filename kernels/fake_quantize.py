@@ -9,7 +9,7 @@ Backward (:func:`quant.primitives.lsq_grads`, then the chain rule through the re
 import triton
 import triton.language as tl
 
-from ._helpers import div_rcp, rescale, rne, rne_small
+from ._helpers import div_rcp, rcp_rn, rescale, rne, rne_small
 
 
 @triton.jit
@@ -32,7 +32,7 @@ def fake_quantize_fwd_kernel(x_ptr, out_ptr, r_ptr, shift_ptr, s_ptr, z_ptr, M, 
     x = rescale(x, r_ptr, shift_ptr, offs_c, mask_c, HAS_R, HAS_SHIFT)
     s = tl.load(s_ptr + offs_m * stride_s, mask=mask_m, other=1.0).to(tl.float32)[:, None]
     zi, _ = _zero_point(tl.load(z_ptr + offs_m * stride_s, mask=mask_m, other=0.0).to(tl.float32)[:, None], QMAX)
-    n = rne_small(tl.minimum(tl.maximum(div_rcp(x, s, tl.math.div_rn(1.0, s)), -zi), QMAX - zi))
+    n = rne_small(tl.minimum(tl.maximum(div_rcp(x, s, rcp_rn(s)), -zi), QMAX - zi))
     tl.store(out_ptr + offs_m[:, None] * C + offs_c[None, :], n * s, mask=mask)
 
 
@@ -56,7 +56,7 @@ def fake_quantize_bwd_kernel(x_ptr, g_ptr, r_ptr, shift_ptr, s_ptr, z_ptr, gx_pt
     s = tl.load(s_ptr + offs_m * stride_s, mask=mask_m, other=1.0).to(tl.float32)[:, None]
     zi, live = _zero_point(tl.load(z_ptr + offs_m * stride_s, mask=mask_m, other=0.0).to(tl.float32)[:, None],
                            QMAX)
-    xs = div_rcp(xr, s, tl.math.div_rn(1.0, s))
+    xs = div_rcp(xr, s, rcp_rn(s))
     rr = rne_small(tl.minimum(tl.maximum(xs, -zi - 1.0), QMAX + 1.0 - zi))
     v = rr + zi
     below = v < 0.0
@@ -71,7 +71,7 @@ def fake_quantize_bwd_kernel(x_ptr, g_ptr, r_ptr, shift_ptr, s_ptr, z_ptr, gx_pt
     tl.store(gz_part_ptr + offs_m * n_cb + pid_c, tl.sum(gz, axis=1), mask=mask_m)
     if HAS_R:
         r = tl.load(r_ptr + offs_c, mask=mask_c, other=1.0).to(tl.float32)[None, :]
-        rcp_r = tl.math.div_rn(1.0, r)
+        rcp_r = rcp_rn(r)
         gx = div_rcp(gxr, r, rcp_r)
         gr = -(gxr * div_rcp(xr, r, rcp_r))
         tl.store(gr_part_ptr + pid_m * C + offs_c, tl.sum(tl.where(mask, gr, 0.0), axis=0), mask=mask_c)

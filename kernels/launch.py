@@ -8,6 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, Tuple
 
+from triton.runtime.interpreter import InterpretedFunction
+
+from .interpreter import exact_fma
+
 
 @dataclass
 class Launch:
@@ -18,6 +22,8 @@ class Launch:
     options: Dict[str, int] = field(default_factory=dict)
 
     def __call__(self) -> None:
+        if isinstance(self.kernel, InterpretedFunction):
+            exact_fma()
         self.kernel[self.grid](**self.args, **self.meta, **self.options)
 
     def describe(self) -> str:

@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from ._helpers import div_rcp, quantize_signed, rescale
+from ._helpers import div_rcp, quantize_signed, rcp_rn, rescale
 
 
 @triton.jit
@@ -21,7 +21,7 @@ def layernorm_quantize_kernel(x_ptr, out_ptr, lnw_ptr, lnb_ptr, r_ptr, shift_ptr
     xc = tl.where(mask, x - mean[:, None], 0.0)
     var = tl.sum(xc * xc, axis=1) / C
     std = tl.sqrt_rn(var + eps)
-    y = div_rcp(xc, std[:, None], tl.math.div_rn(1.0, std)[:, None])
+    y = div_rcp(xc, std[:, None], rcp_rn(std)[:, None])
     if HAS_LNW:
         y = y * tl.load(lnw_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
     if HAS_LNB:

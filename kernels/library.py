@@ -176,7 +176,7 @@ def fake_quantize_bwd_launch(g2: Tensor, x2: Tensor, r: Optional[Tensor], shift:
                              z: Tensor, bits: float, target: Target) -> Tuple[Launch, Tuple[Tensor, ...]]:
     """The launch and its outputs ``(gx, gr_part [nM, C], gsh_part [nM, C], gs_part [M, nC], gz_part [M, nC])``."""
     m, c = x2.shape
-    bm, bc, opts = C.elementwise_blocks(c, target)
+    bm, bc, opts = C.fake_quantize_bwd_blocks(c, target)
     nm, nc = C.cdiv(m, bm), C.cdiv(c, bc)
     f32 = dict(dtype=torch.float32, device=x2.device)
     gx = torch.empty((m, c), dtype=_store_dtype(x2.dtype), device=x2.device)

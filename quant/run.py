@@ -208,6 +208,12 @@ def format_table(report: dict) -> str:
         ("model size fp32 -> quantized (MiB)",
          f"{report['size']['fp32_bytes'] / 2**20:.2f} -> {report['size']['quantized_bytes'] / 2**20:.2f}"),
     ]
+    if report.get("export"):
+        rows.append(("exported model", f"{report['export']['path']} ({report['export']['bytes'] / 2**20:.2f} MiB; "
+                                       "python -m export.infer --checkpoint PATH --val DIR)"))
+    if report.get("out"):
+        rows.append(("report and checkpoint", os.path.join(report["out"], "") + " (report.txt, report.json, "
+                                              "quantized.pt)"))
     w = max(len(r[0]) for r in rows)
     return "\n".join(f"{a.ljust(w)}  {b}" for a, b in rows) + "\n"
 
@@ -382,6 +388,7 @@ def run(args: argparse.Namespace) -> dict:
         "losses": {"first": losses[0], "last": losses[-1]} if losses else None,
         "time_s": time.time() - t0, "peak_memory": peak_memory(device), "size": model_size(fp_model, student),
         "device": str(device), "world_size": dist.world, "completed": True, "data_free": args.data == INVERT,
+        "out": out,
         "eval_arithmetic": "float fake-quant (A16)" if cfg_bits.act_float else "int (the exported model's)",
         "act_correction": None if correction is None else {
             "steps": correction["steps"], "first": correction["losses"][0] if correction["losses"] else None,

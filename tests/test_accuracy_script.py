@@ -2,25 +2,24 @@
 import json
 import os
 import re
-from pathlib import Path
 
 import pytest
 
 from bench import accuracy as A
 from tests.quant.ptq_utils import one_thread  # noqa: F401 (autouse: one intra-op thread)
 
-CIFAR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10"
 
 
 @pytest.fixture
-def cifar_small(tmp_path):
-    """A CIFAR-10 root whose train/ links 3 images per class (fast to scan) and whose test/ is the real one."""
+def cifar_small(tmp_path, cifar_root):
+    """A CIFAR-10-shaped root whose train/ links 3 of the generated root's images per class and whose test/ is
+    the generated one."""
     root = tmp_path / "cifar"
-    for cls in sorted(os.listdir(CIFAR / "train")):
+    for cls in sorted(os.listdir(cifar_root / "train")):
         (root / "train" / cls).mkdir(parents=True)
-        for name in sorted(os.listdir(CIFAR / "train" / cls))[:3]:
-            (root / "train" / cls / name).symlink_to((CIFAR / "train" / cls / name).resolve())
-    (root / "test").symlink_to((CIFAR / "test").resolve())
+        for name in sorted(os.listdir(cifar_root / "train" / cls))[:3]:
+            (root / "train" / cls / name).symlink_to((cifar_root / "train" / cls / name).resolve())
+    (root / "test").symlink_to((cifar_root / "test").resolve())
     return root
 
 

@@ -14,7 +14,6 @@ from bench import tsne as T
 from tests.quant.ptq_utils import one_thread  # noqa: F401 (autouse: one intra-op thread)
 
 ROOT = Path(__file__).resolve().parents[1]
-CIFAR = ROOT / ".." / "shared" / "data" / "cifar10"
 
 
 def test_conditional_p_hits_the_perplexity(gen):
@@ -39,14 +38,14 @@ def test_tsne_keeps_separated_clusters_apart(gen):
     assert T.same_source_share(y, shuffled, k=10).mean() < 0.6  # the share measure can tell
 
 
-def test_tsne_command_on_tiny_settings(tmp_path, capsys):
+def test_tsne_command_on_tiny_settings(tmp_path, capsys, cifar_root):
     extra = tmp_path / "extra"  # a further source laid out by class name, like a generated ImageFolder
-    for cls in sorted(os.listdir(CIFAR / "train")):
+    for cls in sorted(os.listdir(cifar_root / "train")):
         (extra / cls).mkdir(parents=True)
-        for name in sorted(os.listdir(CIFAR / "train" / cls))[:4]:
-            (extra / cls / name).symlink_to((CIFAR / "train" / cls / name).resolve())
+        for name in sorted(os.listdir(cifar_root / "train" / cls))[:4]:
+            (extra / cls / name).symlink_to((cifar_root / "train" / cls / name).resolve())
     out = tmp_path / "fig"
-    argv = ["--data", str(CIFAR), "--out", str(out), "--classes", "1,6", "--real-per-class", "8",
+    argv = ["--data", str(cifar_root), "--out", str(out), "--classes", "1,6", "--real-per-class", "8",
             "--free-per-class", "3", "--invert-steps", "2", "--free-dir", str(tmp_path / "free"), "--images",
             f"train={extra}", "--perplexity", "4", "--iters", "60", "--no-progress"]
     assert T.main(argv) == 0
@@ -74,8 +73,8 @@ def test_tsne_command_on_tiny_settings(tmp_path, capsys):
     (["--real-per-class", "0"], "--real-per-class must be >= 1"),
     (["--classes", "0", "--real-per-class", "3", "--free-per-class", "0"], "--perplexity 30 must be in [1, 2)"),
 ])
-def test_tsne_bad_input_is_one_error_line(tmp_path, capsys, argv, message):
-    full = ["--data", str(CIFAR), "--out", str(tmp_path / "fig"), "--no-progress", *argv]
+def test_tsne_bad_input_is_one_error_line(tmp_path, capsys, argv, message, cifar_root):
+    full = ["--data", str(cifar_root), "--out", str(tmp_path / "fig"), "--no-progress", *argv]
     assert T.main(full) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err

@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import numpy as np
 import pytest
 import timm
@@ -9,14 +7,12 @@ from PIL import Image
 from calib.classifier import Preprocess, capture_attention, classify, load_classifier
 from quant.errors import UserError
 
-SAMPLES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "imagenet-sample"
 
-
-def test_preprocess_matches_timm_eval_transform():
+def test_preprocess_matches_timm_eval_transform(imagenet_folder):
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1)
     tf = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
-    files = sorted(SAMPLES.glob("*/*.JPEG"))[:3]
-    assert files, f"no sample images under {SAMPLES}"
+    files = sorted(imagenet_folder.glob("*/*.JPEG"))[:3] + sorted(imagenet_folder.glob("*/*.JPEG"))[39:40]
+    assert len(files) == 4 and Image.open(files[-1]).mode == "L"  # odd sizes, and a grayscale file
     for f in files:
         im = Image.open(f).convert("RGB")
         x = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)[None].float() / 255

@@ -6,7 +6,7 @@ import torch
 from quant.calibrate import calibrate
 from quant.modules import set_mode
 from quant.surgery import quantize_model
-from tests.quant.ptq_utils import CONFIGS, IMAGENET_SAMPLE, images, make_model  # noqa: F401
+from tests.quant.ptq_utils import CONFIGS, images, make_model  # noqa: F401
 
 BITS = ("w1.58a8", "w3a3", "w4a4", "w6a6", "w8a8", "w4a8")
 

@@ -1,4 +1,4 @@
-"""``quant.run --export`` and ``python -m export.infer`` end to end on a tiny random-init model and real images."""
+"""``quant.run --export`` and ``python -m export.infer`` end to end on a tiny random-init model and a generated image folder."""
 import json
 import os
 
@@ -12,7 +12,7 @@ from export.infer import main as infer_main
 from quant.models import load_quantized
 from quant.modules import set_mode
 from quant.run import main as run_main
-from tests.quant.ptq_utils import IMAGENET_SAMPLE, one_thread  # noqa: F401
+from tests.quant.ptq_utils import one_thread  # noqa: F401
 
 SMALL = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}
 
@@ -25,16 +25,16 @@ def weights(tmp_path_factory):
     return str(path)
 
 
-def _run(out, weights, *extra):
-    return run_main(["--model", "deit_t", "--bits", "w4a8", "--data", str(IMAGENET_SAMPLE), "--out", str(out),
+def _run(out, weights, data, *extra):
+    return run_main(["--model", "deit_t", "--bits", "w4a8", "--data", str(data), "--out", str(out),
                      "--checkpoint", weights, "--model-args", json.dumps(SMALL), "--calib-size", "8",
                      "--init-size", "8", "--iters", "2", "--batch-size", "8", "--no-progress", "--workers", "0",
                      *extra])
 
 
-def test_run_export_then_infer(tmp_path, weights, capsys):
+def test_run_export_then_infer(tmp_path, weights, capsys, imagenet_folder):
     ck = tmp_path / "ckpt" / "deit.lowbit"
-    assert _run(tmp_path / "run", weights, "--export", str(ck)) == 0
+    assert _run(tmp_path / "run", weights, imagenet_folder, "--export", str(ck)) == 0
     assert os.listdir(ck.parent) == ["deit.lowbit"]  # atomic: no temp file left
     man = fmt.read_manifest(ck)
     assert man["architecture"] == "deit_t" and man["bits"] == "w4a8" and man["model_args"] == SMALL
@@ -51,7 +51,7 @@ def test_run_export_then_infer(tmp_path, weights, capsys):
     assert report["eval_arithmetic"].startswith("int")
 
     capsys.readouterr()
-    assert infer_main(["--checkpoint", str(ck), "--val", str(IMAGENET_SAMPLE), "--val-size", "48",
+    assert infer_main(["--checkpoint", str(ck), "--val", str(imagenet_folder), "--val-size", "48",
                        "--batch-size", "16", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "top-1" in out and "on 48 images" in out and "images/s" in out
@@ -59,30 +59,30 @@ def test_run_export_then_infer(tmp_path, weights, capsys):
     assert 0.0 <= top1 <= 100.0
 
 
-def test_run_export_refuses_existing(tmp_path, weights, capsys):
+def test_run_export_refuses_existing(tmp_path, weights, capsys, imagenet_folder):
     ck = tmp_path / "deit.lowbit"
     ck.write_bytes(b"keep me")
-    assert _run(tmp_path / "run", weights, "--export", str(ck)) == 2
+    assert _run(tmp_path / "run", weights, imagenet_folder, "--export", str(ck)) == 2
     assert "--export" in capsys.readouterr().err and ck.read_bytes() == b"keep me"
     assert not (tmp_path / "run").exists()  # refused before any work
-    assert _run(tmp_path / "run", weights, "--export", str(ck), "--overwrite") == 0
+    assert _run(tmp_path / "run", weights, imagenet_folder, "--export", str(ck), "--overwrite") == 0
     assert fmt.read_manifest(ck)["bits"] == "w4a8"
 
 
-def test_infer_errors(tmp_path, capsys):
-    assert infer_main(["--checkpoint", str(tmp_path / "none.lowbit"), "--val", str(IMAGENET_SAMPLE)]) == 2
+def test_infer_errors(tmp_path, capsys, imagenet_folder):
+    assert infer_main(["--checkpoint", str(tmp_path / "none.lowbit"), "--val", str(imagenet_folder)]) == 2
     assert "not found" in capsys.readouterr().err
     bad = tmp_path / "bad.lowbit"
     bad.write_bytes(b"\x00" * 64)
-    assert infer_main(["--checkpoint", str(bad), "--val", str(IMAGENET_SAMPLE)]) == 2
+    assert infer_main(["--checkpoint", str(bad), "--val", str(imagenet_folder)]) == 2
     assert "truncated or corrupt" in capsys.readouterr().err
 
 
-def test_run_export_with_act_correction_and_sulq(tmp_path, weights):
+def test_run_export_with_act_correction_and_sulq(tmp_path, weights, imagenet_folder):
     """``--act-correction --softmax-quantizer sulq --export``: the file carries the trained correction matrices
     (fp32, bit-exact) and SULQ quantizers, loads, and matches the run's saved fake-quant model."""
     ck = tmp_path / "deit.lowbit"
-    assert _run(tmp_path / "run", weights, "--export", str(ck), "--act-correction", "--correction-iters", "3",
+    assert _run(tmp_path / "run", weights, imagenet_folder, "--export", str(ck), "--act-correction", "--correction-iters", "3",
                 "--softmax-quantizer", "sulq") == 0
     tensors, man = fmt.load(ck)
     assert man["act_correction"] == ["blocks.0", "blocks.1"]
@@ -100,13 +100,13 @@ def test_run_export_with_act_correction_and_sulq(tmp_path, weights):
     assert torch.equal(a, b)
 
 
-def test_reported_top1_is_the_exported_files(tmp_path, weights, capsys):
+def test_reported_top1_is_the_exported_files(tmp_path, weights, capsys, imagenet_folder):
     """quant.run evaluates the model as deployed, so export.infer on the same images reports the same top-1."""
     ck = tmp_path / "deit.lowbit"
-    assert _run(tmp_path / "run", weights, "--export", str(ck), "--val", str(IMAGENET_SAMPLE), "--val-size", "48") == 0
+    assert _run(tmp_path / "run", weights, imagenet_folder, "--export", str(ck), "--val", str(imagenet_folder), "--val-size", "48") == 0
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     capsys.readouterr()
-    assert infer_main(["--checkpoint", str(ck), "--val", str(IMAGENET_SAMPLE), "--val-size", "48",
+    assert infer_main(["--checkpoint", str(ck), "--val", str(imagenet_folder), "--val-size", "48",
                        "--batch-size", "8", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert report["quantized"]["images"] == 48 and f"top-1 {report['quantized']['top1']:.2f}%" in out

@@ -26,8 +26,8 @@ def _export(tmp_path, kind, bits, **over):
 
 @pytest.mark.parametrize("kind", ["vit", "deit", "swin"])
 @pytest.mark.parametrize("bits", BITS)
-def test_parity_with_fake_quant(tmp_path, real_images, kind, bits):
-    """Same 1,000 real images (Swin, slower on CPU: the first 300). The optimiser's model in ``"int"`` mode and the
+def test_parity_with_fake_quant(tmp_path, folder_images, kind, bits):
+    """Same 1,000 folder images (Swin, slower on CPU: the first 300). The optimiser's model in ``"int"`` mode and the
     loaded checkpoint (CPU reference path) agree bit for bit, so identical top-1 on every image and max logit
     difference 0 (the bar: >= 99.9% and <= 1e-3 of the logit range). The ``"quant"`` forward the optimiser trains
     is the same integer arithmetic by default (bit-equal too); its float fake-quant forward (``--forward fake``)
@@ -35,7 +35,7 @@ def test_parity_with_fake_quant(tmp_path, real_images, kind, bits):
     from quant.modules import set_forward
     _, q, path = _export(tmp_path, kind, bits)
     m = export.load(path)
-    x = real_images[:SWIN_IMAGES] if kind == "swin" else real_images
+    x = folder_images[:SWIN_IMAGES] if kind == "swin" else folder_images
     with torch.no_grad():
         b = m(x)
         set_mode(q, "int")
@@ -104,14 +104,14 @@ def test_packed_contents_are_the_deployed_codes(tmp_path, bits):
     assert man["model_args"]["embed_dim"] == 48 and man["format_version"] == fmt.FORMAT_VERSION
 
 
-def test_unfusable_norm_keeps_rescale(tmp_path, real_images):
+def test_unfusable_norm_keeps_rescale(tmp_path, folder_images):
     """Swin windows that pad the input (resolution 6 vs window 4): the LayerNorm stays float, r/shift stored."""
     _, q, path = _export(tmp_path, "swin", "w4a4", img_size=24, patch_size=4, window_size=4)
     tensors, _ = fmt.load(path)
     assert "quant.layers.0.blocks.0.attn.qkv.r" in tensors and "float.layers.0.blocks.0.norm1.weight" in tensors
     assert "quant.layers.0.blocks.0.mlp.fc1.ln_weight" in tensors
     m = export.load(path)
-    x = torch.nn.functional.interpolate(real_images[:64], size=24, mode="bilinear")
+    x = torch.nn.functional.interpolate(folder_images[:64], size=24, mode="bilinear")
     set_mode(q, "int")
     with torch.no_grad():
         a, b = q(x), m(x)

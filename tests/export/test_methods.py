@@ -46,17 +46,17 @@ def _assert_parity(a, b):
 @pytest.mark.parametrize("kind", ["vit", "swin"])
 @pytest.mark.parametrize("correction,sulq", [(True, False), (False, True), (True, True), (False, "sulq-learned")],
                          ids=["act_correction", "sulq", "both", "sulq_learned"])
-def test_parity_with_fake_quant(tmp_path, real_images, kind, correction, sulq):
+def test_parity_with_fake_quant(tmp_path, folder_images, kind, correction, sulq):
     q, path = _export(tmp_path, kind, "w4a4", correction, sulq)
     m = export.load(path)
-    x = real_images[:SWIN_IMAGES] if kind == "swin" else real_images
+    x = folder_images[:SWIN_IMAGES] if kind == "swin" else folder_images
     with torch.no_grad():
         a, b = _int_forward(q, x), m(x)
     _assert_parity(a, b)
 
 
 @pytest.mark.parametrize("kind", ["vit", "swin"])
-def test_act_correction_survives_export_and_load(tmp_path, real_images, kind):
+def test_act_correction_survives_export_and_load(tmp_path, folder_images, kind):
     """The fp32 matrices are stored and loaded bit-exactly, one per block, and they matter: the loaded model with
     its corrections reset to identity no longer matches the fake-quant model."""
     q, path = _export(tmp_path, kind, "w4a4", correction=True, sulq=False)
@@ -72,7 +72,7 @@ def test_act_correction_survives_export_and_load(tmp_path, real_images, kind):
         got = m.get_submodule(n).act_correction
         assert isinstance(got, BlockCorrection) and torch.equal(got.matrix, want)
     assert f"float.{names[0]}.act_correction.matrix" not in tensors
-    x = real_images[:64]
+    x = folder_images[:64]
     with torch.no_grad():
         a, b = _int_forward(q, x), m(x)
         for n in names:

@@ -3,7 +3,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._helpers import div_rcp, quantize_signed, rne_small
+from kernels._helpers import div_rcp, quantize_signed, rcp_refine, rcp_rn, rne_small
+from kernels.launch import Launch
 
 
 @triton.jit
@@ -13,6 +14,15 @@ def _div_kernel(a_ptr, b_ptr, out_ptr, n, BLOCK: tl.constexpr):
     a = tl.load(a_ptr + offs, mask=mask, other=1.0)
     b = tl.load(b_ptr + offs, mask=mask, other=1.0)
     tl.store(out_ptr + offs, div_rcp(a, b, tl.math.div_rn(1.0, b)), mask=mask)
+
+
+@triton.jit
+def _rcp_kernel(b_ptr, y_ptr, refined_ptr, rcp_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    b = tl.load(b_ptr + offs, mask=mask, other=1.0)
+    tl.store(refined_ptr + offs, rcp_refine(b, tl.load(y_ptr + offs, mask=mask, other=1.0)), mask=mask)
+    tl.store(rcp_ptr + offs, rcp_rn(b), mask=mask)
 
 
 @triton.jit
@@ -26,7 +36,10 @@ def _round_kernel(x_ptr, out_ptr, codes_ptr, s_ptr, z_ptr, n, QMAX: tl.constexpr
 
 
 def _run(kernel, n, *args, **meta):
-    kernel[(triton.cdiv(n, 4096),)](*args, n, BLOCK=4096, **meta)
+    """Launched as the dispatcher launches (:class:`kernels.launch.Launch`: an exact ``tl.fma`` under every
+    interpreter)."""
+    block = meta.pop("BLOCK", 4096)
+    Launch(kernel, (triton.cdiv(n, block),), dict(zip(kernel.arg_names, [*args, n])), dict(BLOCK=block, **meta))()
 
 
 def test_div_rcp_is_ieee_division():
@@ -50,6 +63,25 @@ def test_div_rcp_is_ieee_division():
     ref = a_all / b_all
     assert torch.equal(out, ref), f"{int((out != ref).sum())} of {ref.numel()} quotients differ"
     assert not torch.equal(a_tie * (1.0 / b), a_tie / b)  # the cases where multiplying by 1 / b rounds wrong
+
+
+def test_rcp_is_ieee_reciprocal_on_every_mantissa():
+    """``rcp_refine`` from a start up to 8 ulps off (a GPU's ``div.full.f32`` is within 2^-22) gives the IEEE
+    reciprocal for every float32 mantissa (the result only scales with the exponent), at the ends of the exponent
+    range it covers, and ``rcp_rn`` too; a plain Newton step would miss some (the test can fail)."""
+    g = torch.Generator().manual_seed(2)
+    mant = (torch.arange(1 << 23, dtype=torch.int32) | 0x3F800000).view(torch.float32)
+    expo = 2.0 ** torch.randint(-125, 126, (1 << 16,), generator=g).float()
+    b = torch.cat([mant, mant[torch.randint(0, 1 << 23, (1 << 16,), generator=g)] * expo,
+                   -mant[: 1 << 16], torch.tensor([2.0 ** -125, 2.0 ** 125, 1.0, 3.0])])
+    ref = 1.0 / b
+    y = (ref.view(torch.int32) + torch.randint(-8, 9, b.shape, generator=g, dtype=torch.int32)).view(torch.float32)
+    refined, rcp = torch.empty_like(b), torch.empty_like(b)
+    _run(_rcp_kernel, b.numel(), b, y, refined, rcp, BLOCK=1 << 20)
+    assert torch.equal(refined, ref), f"{int((refined != ref).sum())} of {b.numel()} reciprocals differ"
+    assert torch.equal(rcp, ref)
+    e = torch.addcmul(torch.ones_like(b), -b, y)  # one Newton step alone (two roundings here; the kernel fuses)
+    assert not torch.equal(y + y * e, ref)
 
 
 def test_rounding_and_codes_at_ties():

@@ -1,6 +1,4 @@
 """Small random-init timm configs and helpers shared by the PTQ tests."""
-from pathlib import Path
-
 import pytest
 import timm
 import torch
@@ -14,10 +12,6 @@ CONFIGS = {
                                                   depths=(2, 2), num_heads=(2, 4), num_classes=10)),
 }
 
-SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
-IMAGENET_SAMPLE = SHARED / "data" / "imagenet-sample"
-
-
 def make_model(kind: str, seed: int = 0, **over) -> torch.nn.Module:
     name, kw = CONFIGS[kind]
     torch.manual_seed(seed)
@@ -26,15 +20,6 @@ def make_model(kind: str, seed: int = 0, **over) -> torch.nn.Module:
 
 def images(n: int, seed: int = 1, size: int = 32) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def cifar_images(n: int, seed: int = 0) -> torch.Tensor:
-    """``n`` real 32x32 CIFAR-10 training images (seeded subset), normalised to [-1, 1]."""
-    from calib import data as D
-    folder = D.scan(str(SHARED / "data" / "cifar10" / "train"))
-    tf = lambda im: (torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)  # noqa: E731
-                     .view(im.size[1], im.size[0], 3).permute(2, 0, 1).float() / 127.5 - 1)
-    return D.load_subset(folder, tf, n, seed)[0]
 
 
 @pytest.fixture(autouse=True, scope="module")

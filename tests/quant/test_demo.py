@@ -1,7 +1,7 @@
 """The shipped demo model and the newcomer's command (``python -m quant.run --model demo --bits w4a4``), shortened."""
 import json
-from pathlib import Path
 
+import pytest
 import torch
 
 import export
@@ -12,23 +12,23 @@ from quant.zoo.demo import demo_card
 
 from .ptq_utils import one_thread  # noqa: F401
 
-CIFAR_TEST = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "cifar10" / "test"
 
-
-def test_demo_reaches_recorded_accuracy():
+@pytest.mark.data
+def test_demo_reaches_recorded_accuracy(real_data):
+    """The recorded top-1 on the first 500 seeded CIFAR-10 test images: only the real test set can show it."""
     card = demo_card()
     assert card is not None, "quant/zoo/demo_vit.json is missing: train the demo (python -m quant.zoo.train_demo)"
     model = M.load_model("demo")
-    acc = evaluate({"fp": model}, D.scan(str(CIFAR_TEST), "--val"), M.eval_transform(model, M.resolve("demo")),
+    acc = evaluate({"fp": model}, D.scan(str(real_data / "cifar10" / "test"), "--val"), M.eval_transform(model, M.resolve("demo")),
                    100, torch.device("cpu"), size=500, seed=0)["fp"]
     assert acc["images"] == 500
     assert abs(acc["top1"] - 100 * card["test500_top1"]) <= 1.0
 
 
-def test_newcomer_command_shortened(tmp_path, monkeypatch, capsys):
+def test_newcomer_command_shortened(tmp_path, monkeypatch, capsys, cifar_root):
     monkeypatch.chdir(tmp_path)
     rc = main(["--model", "demo", "--bits", "w4a4", "--iters", "3", "--calib-size", "10", "--invert-steps", "2",
-               "--val", str(CIFAR_TEST), "--val-size", "50", "--no-progress", "--workers", "0"])
+               "--val", str(cifar_root / "test"), "--val-size", "50", "--no-progress", "--workers", "0"])
     assert rc == 0
     out = tmp_path / "runs" / "demo-w4a4-e2e"
     assert sorted(p.name for p in out.iterdir()) == ["model.lowbit", "quantized.pt", "report.json", "report.txt"]
@@ -37,7 +37,7 @@ def test_newcomer_command_shortened(tmp_path, monkeypatch, capsys):
     assert rep["export"]["bytes"] == (out / "model.lowbit").stat().st_size
     assert "quantized top-1" in capsys.readouterr().out
     loaded = export.load(out / "model.lowbit")
-    folder = D.scan(str(CIFAR_TEST), "--val")
+    folder = D.scan(str(cifar_root / "test"), "--val")
     acc = evaluate({"packed": loaded}, folder, M.eval_transform(M.load_model("demo"), M.resolve("demo")), 25,
                    torch.device("cpu"), size=50, seed=0)["packed"]
     assert abs(acc["top1"] - rep["quantized"]["top1"]) <= 2.0  # at most one of 50 images differs (integer path)

@@ -11,7 +11,7 @@ from calib import data as D
 from quant import fidelity as FI
 from quant.run import main
 
-from .ptq_utils import IMAGENET_SAMPLE, one_thread  # noqa: F401
+from .ptq_utils import one_thread  # noqa: F401
 
 SMALL = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3, "num_classes": 10}
 
@@ -38,8 +38,8 @@ def test_agreement_and_kl_match_plain_torch():
         FI.agreement(a, b, x[:0])
 
 
-def test_folder_tail_is_held_out():
-    folder = D.scan(str(IMAGENET_SAMPLE))
+def test_folder_tail_is_held_out(imagenet_folder):
+    folder = D.scan(str(imagenet_folder))
     tf = lambda im: torch.from_numpy(__import__("numpy").asarray(im.resize((8, 8)), dtype="float32"))  # noqa: E731
     calib = D.load_subset(folder, tf, 40, seed=3)[0]
     tail = FI.folder_tail(folder, tf, 25, skip=40, seed=3)
@@ -57,10 +57,10 @@ def checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("data", ["invert", "folder"])
-def test_run_reports_fidelity_without_val(tmp_path, checkpoint, capsys, data):
+def test_run_reports_fidelity_without_val(tmp_path, checkpoint, capsys, data, imagenet_folder):
     out = tmp_path / "run"
     rc = main(["--model", "vit_s", "--bits", "w4a4", "--checkpoint", checkpoint, "--model-args", json.dumps(SMALL),
-               "--data", "invert" if data == "invert" else str(IMAGENET_SAMPLE), "--calib-size", "6",
+               "--data", "invert" if data == "invert" else str(imagenet_folder), "--calib-size", "6",
                "--init-size", "4", "--iters", "2", "--batch-size", "4", "--invert-steps", "2", "--no-progress",
                "--workers", "0", "--out", str(out)]
               + ([] if data == "invert" else ["--fidelity-size", "20"]))

@@ -20,7 +20,9 @@ from quant.modules import (QuantAttentionCore, QuantConv2dPatch, QuantLayerNorm,
 from quant.optimize import OptimConfig, evaluate_loss, optimize
 from quant.surgery import quantize_model
 
-from .ptq_utils import cifar_images, images, make_model, one_thread  # noqa: F401
+from tests.images import natural_images
+
+from .ptq_utils import images, make_model, one_thread  # noqa: F401
 
 
 def _off_tie(shape, s, z, bits, gen, clip=2):
@@ -309,7 +311,7 @@ def test_e2e_with_integer_forward_lowers_loss_like_fake(kind):
     (evaluated in ``"int"`` arithmetic on held-out images), and the integer forward ends no more than 25% above the
     fake one."""
     fp = make_model(kind)
-    data = cifar_images(48)
+    data = natural_images(48)
     x, held = data[:32], data[32:]
     start = calibrate(quantize_model(copy.deepcopy(fp), "w4a4"), x)
     cfg = OptimConfig(method="e2e", iters=200, batch_size=8 if kind == "vit" else 4, progress=False, seed=3)

@@ -17,7 +17,9 @@ from quant.optimize import OptimConfig, evaluate_loss, optimize
 from quant.sos import fold_into_layernorms, init_channelwise, post_ln_pairs
 from quant.surgery import quantize_model
 
-from .ptq_utils import cifar_images, images, make_model, one_thread  # noqa: F401
+from tests.images import natural_images
+
+from .ptq_utils import images, make_model, one_thread  # noqa: F401
 
 
 def test_sulq_attention_core_matches_integer_reference(gen):
@@ -87,7 +89,7 @@ def test_sos_fold_keeps_fake_quant_output():
 @pytest.mark.parametrize("method", ["is-vit", "is-vit-quant"])
 def test_is_vit_method_lowers_loss_and_folds(method):
     fp = make_model("vit")
-    data = cifar_images(32)
+    data = natural_images(32)
     q = calibrate(quantize_model(copy.deepcopy(fp), "w4a4"), data)
     cfg = OptimConfig(method=method, iters=15, batch_size=8, progress=False)
     before = evaluate_loss(q, fp, data, cfg)
@@ -168,7 +170,7 @@ def test_act_correction_starts_as_identity_and_only_in_quant_mode():
 
 def test_act_correction_reduces_intermediate_mse():
     fp = make_model("vit")
-    data = cifar_images(48)
+    data = natural_images(48)
     x, held = data[:32], data[32:]
     q = calibrate(quantize_model(copy.deepcopy(fp), "w4a4"), x)
     add_act_correction(q)

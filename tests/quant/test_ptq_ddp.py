@@ -13,20 +13,20 @@ import torch
 
 from quant.run import main, state_path
 
-from .ptq_utils import IMAGENET_SAMPLE, one_thread  # noqa: F401
+from .ptq_utils import one_thread  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}
 
 
-def _base(ckpt):
+def _base(ckpt, data):
     # global batch 7: shards of 4 and 3 images, so the per-rank means must be weighted to give the batch mean;
     # a large --l2 makes the refinement term count (it must enter the averaged gradient once, not twice).
     # The forward is the float fake-quant one: the comparison below is chaotic in any quantized forward (Adam at
     # lr 1e-3 on a piecewise-constant function: a 1e-6 parameter difference can flip a code within 6 steps). With
     # the integer forward, seeds 1, 2 and 3 each flip one by step 3-6 (seed 1: last losses 2e-4 apart), the fake
     # forward at seed 3; sharded gradients themselves agree equally well with both forwards (8e-6 relative).
-    return ["--model", "deit_t", "--bits", "w4a4", "--data", str(IMAGENET_SAMPLE), "--checkpoint", str(ckpt),
+    return ["--model", "deit_t", "--bits", "w4a4", "--data", str(data), "--checkpoint", str(ckpt),
             "--model-args", json.dumps(SMALL), "--calib-size", "40", "--init-size", "8", "--iters", "6",
             "--batch-size", "7", "--l2", "10", "--lr-w", "1e-3", "--workers", "1", "--no-progress", "--seed", "1",
             "--forward", "fake"]
@@ -36,20 +36,20 @@ def _sd(path):
     return torch.load(path, weights_only=False)["state_dict"]
 
 
-def test_two_processes_match_one(tmp_path, capsys):
+def test_two_processes_match_one(tmp_path, capsys, imagenet_folder):
     torch.manual_seed(0)
     ckpt = tmp_path / "deit.pth"
     torch.save(timm.create_model("deit_tiny_patch16_224", pretrained=False, **SMALL).state_dict(), ckpt)
     root = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             str(ROOT / "tests" / "quant" / "ddp_runs.py"), str(root), *_base(ckpt)],
+                             str(ROOT / "tests" / "quant" / "ddp_runs.py"), str(root), *_base(ckpt, imagenet_folder)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # meanwhile, the same runs in this process (world size 1)
     one = tmp_path / "one"
-    assert main(_base(ckpt) + ["--out", str(one / "parts"), "--save-every", "3", "--stop-after", "3"]) == 0
+    assert main(_base(ckpt, imagenet_folder) + ["--out", str(one / "parts"), "--save-every", "3", "--stop-after", "3"]) == 0
     shutil.copy(state_path(str(one / "parts")), one / "step3.pt")
-    assert main(_base(ckpt) + ["--out", str(one / "parts"), "--save-every", "3", "--resume"]) == 0
+    assert main(_base(ckpt, imagenet_folder) + ["--out", str(one / "parts"), "--save-every", "3", "--resume"]) == 0
     capsys.readouterr()
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0 and "rcs [0, 0, 0, 2]" in out, out + err

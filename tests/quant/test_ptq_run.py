@@ -11,7 +11,7 @@ from calib import data as D
 from quant.modules import set_mode
 from quant.run import evaluate, main, state_path
 
-from .ptq_utils import IMAGENET_SAMPLE, one_thread  # noqa: F401
+from .ptq_utils import one_thread  # noqa: F401
 
 SMALL = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}
 
@@ -24,15 +24,15 @@ def checkpoint(tmp_path_factory):
     return str(path)
 
 
-def _args(out, checkpoint, *extra):
-    return ["--model", "deit_t", "--bits", "w4a4", "--data", str(IMAGENET_SAMPLE), "--out", str(out),
+def _args(out, checkpoint, data, *extra):
+    return ["--model", "deit_t", "--bits", "w4a4", "--data", str(data), "--out", str(out),
             "--checkpoint", checkpoint, "--model-args", json.dumps(SMALL), "--calib-size", "16", "--init-size", "8",
             "--iters", "4", "--batch-size", "8", "--no-progress", "--workers", "0", *extra]
 
 
-def test_cli_end_to_end(tmp_path, checkpoint, capsys):
+def test_cli_end_to_end(tmp_path, checkpoint, capsys, imagenet_folder):
     out = tmp_path / "runs" / "deit_w4a4"
-    rc = main(_args(out, checkpoint, "--val", str(IMAGENET_SAMPLE), "--val-size", "16", "--save-every", "2"))
+    rc = main(_args(out, checkpoint, imagenet_folder, "--val", str(imagenet_folder), "--val-size", "16", "--save-every", "2"))
     assert rc == 0
     assert sorted(os.listdir(out)) == ["quantized.pt", "report.json", "report.txt"]
     assert os.listdir(out.parent) == ["deit_w4a4"]  # no temp folder, no leftover state file
@@ -50,7 +50,7 @@ def test_cli_end_to_end(tmp_path, checkpoint, capsys):
     saved = torch.load(out / "quantized.pt", weights_only=False)
     assert saved["bits"] == "w4a4" and any(k.endswith("dW") for k in saved["state_dict"])
     rebuilt = M.load_quantized(str(out / "quantized.pt"))
-    folder = D.scan(str(IMAGENET_SAMPLE))
+    folder = D.scan(str(imagenet_folder))
     acc = evaluate({"q": rebuilt}, folder, M.eval_transform(rebuilt, M.resolve("deit_t")), 8, torch.device("cpu"), 16)
     assert acc["q"] == rep["quantized"]
     sd = rebuilt.state_dict()
@@ -82,12 +82,12 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_cli_errors_leave_no_output(tmp_path, checkpoint, capsys, monkeypatch, case):
+def test_cli_errors_leave_no_output(tmp_path, checkpoint, capsys, monkeypatch, case, imagenet_folder):
     if case == "no cuda" and torch.cuda.is_available():
         pytest.skip("CUDA is present on this machine")
     _offline(monkeypatch)
     override, message = BAD[case]
-    args = _args(tmp_path / "runs" / "out", checkpoint)
+    args = _args(tmp_path / "runs" / "out", checkpoint, imagenet_folder)
     flag, value = override
     if value == "EMPTY":
         value = str(tmp_path / "empty")
@@ -106,12 +106,12 @@ def test_cli_errors_leave_no_output(tmp_path, checkpoint, capsys, monkeypatch, c
     assert not (tmp_path / "runs").exists()
 
 
-def test_cli_refuses_existing_out_and_missing_resume_state(tmp_path, checkpoint, capsys):
+def test_cli_refuses_existing_out_and_missing_resume_state(tmp_path, checkpoint, capsys, imagenet_folder):
     out = tmp_path / "out"
     out.mkdir()
-    assert main(_args(out, checkpoint)) == 2
+    assert main(_args(out, checkpoint, imagenet_folder)) == 2
     assert "already exists" in capsys.readouterr().err and os.listdir(out) == []
-    assert main(_args(tmp_path / "fresh", checkpoint, "--resume")) == 2
+    assert main(_args(tmp_path / "fresh", checkpoint, imagenet_folder, "--resume")) == 2
     assert "no checkpoint" in capsys.readouterr().err and not (tmp_path / "fresh").exists()
 
 
@@ -138,14 +138,14 @@ def test_registry_and_preprocessing(tmp_path):
         M.load_model("deit_t", str(bad), SMALL)
 
 
-def test_cli_stop_and_resume_equals_uninterrupted(tmp_path, checkpoint, capsys):
+def test_cli_stop_and_resume_equals_uninterrupted(tmp_path, checkpoint, capsys, imagenet_folder):
     ref, out = tmp_path / "ref", tmp_path / "resumed"
     flags = ["--iters", "5", "--save-every", "2", "--method", "e2e"]
-    assert main(_args(ref, checkpoint, *flags)) == 0
-    assert main(_args(out, checkpoint, *flags, "--stop-after", "2")) == 0
+    assert main(_args(ref, checkpoint, imagenet_folder, *flags)) == 0
+    assert main(_args(out, checkpoint, imagenet_folder, *flags, "--stop-after", "2")) == 0
     assert "continue with the same flags and --resume" in capsys.readouterr().err
     assert not out.exists() and os.path.isfile(state_path(str(out)))
-    assert main(_args(out, checkpoint, *flags, "--resume")) == 0
+    assert main(_args(out, checkpoint, imagenet_folder, *flags, "--resume")) == 0
     assert not os.path.exists(state_path(str(out)))
     a = torch.load(ref / "quantized.pt", weights_only=False)["state_dict"]
     b = torch.load(out / "quantized.pt", weights_only=False)["state_dict"]
@@ -154,20 +154,20 @@ def test_cli_stop_and_resume_equals_uninterrupted(tmp_path, checkpoint, capsys):
     assert ra["losses"] == rb["losses"] and rb["steps"] == 5
 
 
-def test_cli_forward_flag(tmp_path, checkpoint, capsys):
+def test_cli_forward_flag(tmp_path, checkpoint, capsys, imagenet_folder):
     """``--forward fake`` trains with the float fake-quant forward (a different run from the default integer one:
     resuming its checkpoint under the other forward is refused); a bad value exits with status 2."""
     out = tmp_path / "fake"
     flags = ["--iters", "3", "--save-every", "1"]
-    assert main(_args(out, checkpoint, *flags, "--forward", "fake", "--stop-after", "1")) == 0
-    assert main(_args(out, checkpoint, *flags, "--resume")) == 2
+    assert main(_args(out, checkpoint, imagenet_folder, *flags, "--forward", "fake", "--stop-after", "1")) == 0
+    assert main(_args(out, checkpoint, imagenet_folder, *flags, "--resume")) == 2
     assert "different run" in capsys.readouterr().err
-    assert main(_args(out, checkpoint, *flags, "--forward", "fake", "--resume")) == 0
+    assert main(_args(out, checkpoint, imagenet_folder, *flags, "--forward", "fake", "--resume")) == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["forward"] == "fake" and rep["steps"] == 3 and rep["optimize_s"] > 0
     assert "(fake forward)" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
-        main(_args(tmp_path / "bad", checkpoint, "--forward", "float"))
+        main(_args(tmp_path / "bad", checkpoint, imagenet_folder, "--forward", "float"))
     assert e.value.code == 2 and "error: argument --forward: invalid choice" in capsys.readouterr().err
 
 
