@@ -191,12 +191,13 @@ def fake_quantize_bwd_blocks(c: int, target: Target) -> Tuple[int, int, dict]:
 
 
 def layernorm_blocks(c: int, target: Target) -> Tuple[int, int, dict]:
-    """``(BLOCK_M, BLOCK_C, options)`` of the LayerNorm-quantize kernel: whole rows (``BLOCK_C >= C``), at most 8
-    elements per thread (16 on 4 warps spill 8 bytes under Triton 3.6's ptxas at C = 384-512)."""
+    """``(BLOCK_M, BLOCK_C, options)`` of the LayerNorm-quantize kernel: whole rows (``BLOCK_C >= C``), 16 elements
+    per thread on 4 warps, 8 on 8 warps for ``BLOCK_C = 512`` (C = 384-512: 16 spill 8 bytes under Triton 3.6's
+    ptxas) and past 1024."""
     bc = pow2(c)
     if target.interpreted:
         return max(1, min(64, 8192 // bc)), bc, {}
-    return max(1, min(8, 2048 // bc)), bc, dict(num_warps=8, **GPU_OPTIONS)
+    return max(1, min(8, 2048 // bc)), bc, dict(num_warps=8 if bc == 512 or bc > 1024 else 4, **GPU_OPTIONS)
 
 
 # ---------------------------------------------------------------------------------------------- table writer

@@ -48,7 +48,8 @@ def triton_enabled(t: Tensor) -> bool:
 
 
 def _checking() -> bool:
-    return not torch.compiler.is_compiling()
+    """Value checks run: not while ``torch.compile`` traces, nor inside :func:`quant.primitives.unchecked_values`."""
+    return not torch.compiler.is_compiling() and P.value_checks()
 
 
 def _memo(tag: str, values: Tuple, fn: Callable):

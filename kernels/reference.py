@@ -103,13 +103,20 @@ def linear_codes(a: Tensor, a_qp: QParams, qw: Tensor, w_bits, w_scale: Tensor, 
     zw = P.round_zero_point(torch.as_tensor(w_zero, dtype=torch.float32, device=a.device), w_bits).reshape(-1)
     if zw.numel() != n or torch.as_tensor(w_scale).numel() != n:
         raise ValueError(f"w_scale and w_zero need one value per output channel ({n})")
-    y = P.int_linear(a.reshape(-1, k), a_qp.s, za, qw, w_scale, zw, bias)
+    y = P.int_linear(a.reshape(-1, k), a_qp.s, za, qw, w_scale, zw, bias,
+                     code_bound=P.qmax(a_qp.bits) * P.qmax(w_bits))
     if gelu:
         y = F.gelu(y)
     y = y.reshape(*lead, n)
     if requant is not None:
         return P.quantize(y, requant.s, requant.z, requant.bits, signed=True)
     return y.to(out_dtype)
+
+
+def _scale_product(s1, c: float, s2, device) -> Tensor:
+    """float32 ``s1 * c * s2`` computed in float64 (as the kernels do), on ``device`` (no host read)."""
+    f64 = dict(dtype=torch.float64, device=device)
+    return (torch.as_tensor(s1, **f64) * float(c) * torch.as_tensor(s2, **f64)).float()
 
 
 def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -141,7 +148,7 @@ def quant_attention(q: Tensor, k: Tensor, v: Tensor, q_qp: QParams, k_qp: QParam
         p_qp = QParams(torch.tensor(1.0 / P.qmax(q_qp.bits)), torch.tensor(0.0), q_qp.bits)
     zq = P.signed_zero_point(q_qp.z, q_qp.bits)
     zk = P.signed_zero_point(k_qp.z, k_qp.bits)
-    s = P.int_gemm(q, k, zq, zk).float() * (float(scale) * float(q_qp.s) * float(k_qp.s))
+    s = P.int_gemm(q, k, zq, zk).float() * _scale_product(q_qp.s, scale, k_qp.s, q.device)
     if rel_bias is not None:
         if tuple(rel_bias.shape) != (h, l, l):
             raise ValueError(f"rel_bias must be [H, L, L] = {(h, l, l)}, got {tuple(rel_bias.shape)}")
@@ -156,9 +163,9 @@ def quant_attention(q: Tensor, k: Tensor, v: Tensor, q_qp: QParams, k_qp: QParam
     if isinstance(p_qp, SULQParams):
         pc = P.sulq_quantize(p, p_qp.eta, p_qp.s, p_qp.z, p_qp.bits, signed=True, x0=p_qp.x0)
         ph = P.sulq_dequantize(pc, p_qp.eta, p_qp.s, p_qp.z, p_qp.bits, p_qp.x0, p_qp.pow2)
-        o = (ph @ (v.float() - zv)) * float(v_qp.s)
+        o = (ph @ (v.float() - zv)) * torch.as_tensor(v_qp.s, dtype=torch.float32, device=q.device)
         return (o, pc) if return_codes else o
     pc = P.quantize(p, p_qp.s, p_qp.z, p_qp.bits, signed=True)
     zp = P.signed_zero_point(p_qp.z, p_qp.bits)
-    o = P.int_gemm(pc, v.transpose(-1, -2), zp, zv).float() * (float(p_qp.s) * float(v_qp.s))
+    o = P.int_gemm(pc, v.transpose(-1, -2), zp, zv).float() * _scale_product(p_qp.s, 1.0, v_qp.s, q.device)
     return (o, pc) if return_codes else o

@@ -50,6 +50,8 @@ from tqdm.auto import tqdm
 
 from calib.augment import augment_batch
 from calib.stream import CalibImages, as_images
+from quant import primitives as P
+from quant.adam import HostAdam
 from quant.errors import UserError
 from quant.modules import QuantConv2dPatch, QuantLinear, quant_modules
 from quant.surgery import blocks
@@ -204,12 +206,13 @@ def hard_batch(student: nn.Module, teacher: nn.Module, x: Tensor, cfg: OptimConf
     inputs on which the current student errs most (PSAQ-ViT V2's adaptive samples, refreshed every step and not
     kept). Only ``x`` is differentiated; no parameter gradient is touched."""
     xa = x.detach().clone()
-    for _ in range(cfg.hard_steps):
-        xa.requires_grad_(True)
-        with torch.enable_grad():
-            loss = kl_logits(student(xa), teacher(xa), cfg.temperature)
-            (g,) = torch.autograd.grad(loss, xa)
-        xa = torch.maximum(torch.minimum(xa.detach() + cfg.hard_step_size * g.sign(), hi), lo)
+    with P.unchecked_values():
+        for _ in range(cfg.hard_steps):
+            xa.requires_grad_(True)
+            with torch.enable_grad():
+                loss = kl_logits(student(xa), teacher(xa), cfg.temperature)
+                (g,) = torch.autograd.grad(loss, xa)
+            xa = torch.maximum(torch.minimum(xa.detach() + cfg.hard_step_size * g.sign(), hi), lo)
     return xa.detach()
 
 
@@ -277,7 +280,7 @@ def _make_optim(unit: _Unit, cfg: OptimConfig):
     ref = [p for n, p in unit.params.items() if _is_weight(n)]
     rest = [p for n, p in unit.params.items() if not _is_weight(n)]
     groups = [g for g in ({"params": rest, "lr": cfg.lr_q}, {"params": ref, "lr": cfg.lr_w}) if g["params"]]
-    opt = torch.optim.Adam(groups)
+    opt = HostAdam(groups)
     warm, total = cfg.warmup_steps, cfg.iters
 
     def factor(step: int) -> float:
@@ -336,6 +339,53 @@ def _unit_loss(student, teacher, x, unit: _Unit, cfg: OptimConfig, forward=None)
     with _Capture(blocks(student), stop_at=unit.block) as sc:
         sc.run(student, x)
     return F.mse_loss(sc.outputs[unit.block].float(), tc.outputs[unit.block].float()) + l2
+
+
+#: the optimiser loop reads its losses back to the host every this many steps (and at checkpoints and the end)
+LOSS_READ_EVERY = 25
+
+
+class _LossLog:
+    """Per-step losses kept on the device and read back in one transfer by :meth:`read` (no host-device sync per
+    step). A loss that is not finite stops the run there, naming the step, before any checkpoint is written."""
+
+    def __init__(self, losses: List[float], bar, cfg: OptimConfig):
+        self.losses, self.bar, self.cfg = losses, bar, cfg
+        self.pending: List[Tensor] = []
+
+    def add(self, loss: Tensor) -> None:
+        self.pending.append(loss.detach().float().reshape(1))
+
+    def read(self) -> None:
+        if not self.pending:
+            return
+        values = torch.cat(self.pending).cpu().tolist()
+        self.pending = []
+        for i, v in enumerate(values):
+            if not math.isfinite(v):
+                raise UserError(f"the optimisation diverged: the loss is {v} at step {len(self.losses) + i + 1}; "
+                                f"lower the learning rates (--lr-q {self.cfg.lr_q:g}, --lr-w {self.cfg.lr_w:g}) "
+                                f"or check the calibration images")
+        self.losses.extend(values)
+        self.bar.set_postfix(loss=f"{values[-1]:.4g}")
+
+
+def train_step(student: nn.Module, teacher: nn.Module, x: Tensor, unit: _Unit, cfg: OptimConfig, opt, sched,
+               forward: Optional[nn.Module] = None, dist=None) -> Tensor:
+    """One optimiser step of ``unit`` on batch ``x``: loss (under bf16 autocast with ``cfg.bf16``; scaled to the
+    global batch under data parallelism), backward, Adam, learning-rate schedule. Returns the loss, not read back:
+    nothing in the step reads a tensor back to the host (the images and quantizers were checked where they
+    entered; value checks are off, :func:`quant.primitives.unchecked_values`)."""
+    with P.unchecked_values():
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss = _unit_loss(student, teacher, x, unit, cfg, forward)
+            if dist is not None and dist.enabled:
+                loss = loss * (x.shape[0] * dist.world / cfg.batch_size)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return loss
 
 
 def _batch_stream(source: CalibImages, sampler: EpochSampler, n: int, dist):
@@ -402,8 +452,8 @@ def optimize(student: nn.Module, teacher: nn.Module, images, cfg: OptimConfig,
     trainable = {n: p for u in units for n, p in u.params.items()}
     bar = tqdm(total=total, initial=step, desc=f"{cfg.method} PTQ", disable=not cfg.progress or not dist.is_main,
                dynamic_ncols=True)
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     batches = _batch_stream(source, sampler, total - step, dist)
+    log = _LossLog(history["losses"], bar, cfg)
     forward = None
     pixel_range = _pixel_range(teacher, device) if cfg.hard_steps else None
     try:
@@ -428,20 +478,14 @@ def optimize(student: nn.Module, teacher: nn.Module, images, cfg: OptimConfig,
                 x = augment_batch(x, cfg.augment, (cfg.seed * 1000003 + step) * 4099 + dist.rank)
             if cfg.hard_steps:
                 x = hard_batch(student, teacher, x, cfg, *pixel_range)
-            with autocast:
-                loss = _unit_loss(student, teacher, x, unit, cfg, forward)
-                if dist.enabled:
-                    loss = loss * (x.shape[0] * dist.world / cfg.batch_size)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            loss = train_step(student, teacher, x, unit, cfg, opt, sched, forward, dist)
             step += 1
-            lv = (dist.all_sum(loss) / dist.world).item() if dist.enabled else loss.item()
-            history["losses"].append(lv)
+            log.add(dist.all_sum(loss) / dist.world if dist.enabled else loss)
             bar.update(1)
-            bar.set_postfix(loss=f"{lv:.4g}")
-            if cfg.save_every and (step % cfg.save_every == 0 or step == total) and dist.is_main:
+            save = cfg.save_every and (step % cfg.save_every == 0 or step == total) and dist.is_main
+            if save or step % LOSS_READ_EVERY == 0 or step == total:
+                log.read()
+            if save:
                 save_state(cfg.state_path, {
                     "fingerprint": fp, "step": step, "losses": history["losses"],
                     "params": {n: p.detach().cpu().clone() for n, p in trainable.items()},
@@ -450,6 +494,7 @@ def optimize(student: nn.Module, teacher: nn.Module, images, cfg: OptimConfig,
             if cfg.stop_after is not None and step >= cfg.stop_after and step < total:
                 history["completed"] = False
                 break
+        log.read()
     finally:
         batches.close()
         bar.close()

@@ -35,7 +35,8 @@ A linear ``y = W x + b`` whose input is normalised per channel ``x' = (x - shift
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Iterator, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -79,18 +80,38 @@ def signed_range(bits) -> Tuple[int, int]:
     return -o, qmax(bits) - o
 
 
+_VALUE_CHECKS = [True]
+
+
+@contextmanager
+def unchecked_values() -> Iterator[None]:
+    """Skip the checks that read tensor values back to the host (finite inputs, positive steps): one host-device
+    sync each, on every call. For loops whose inputs were checked where they entered (the optimiser's steps, which
+    watch for divergence on the device instead). Type, shape and bit-width checks stay."""
+    _VALUE_CHECKS.append(False)
+    try:
+        yield
+    finally:
+        _VALUE_CHECKS.pop()
+
+
+def value_checks() -> bool:
+    """Whether value checks run here (not inside :func:`unchecked_values`)."""
+    return _VALUE_CHECKS[-1]
+
+
 def _check_finite(name: str, t: Tensor) -> None:
     if not torch.is_tensor(t):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if not bool(torch.isfinite(t).all()):
+    if value_checks() and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or inf; clean the input (e.g. torch.nan_to_num) before quantizing")
 
 
 def check_step(s: Tensor) -> None:
     _check_finite("step size s", s)
-    if not bool((s > 0).all()):
+    if value_checks() and not bool((s > 0).all()):
         raise ValueError(f"step size s must be > 0 everywhere (min is {float(s.min()):.3g}); re-initialise it")
 
 
@@ -366,52 +387,69 @@ def int_gemm(a: Tensor, w: Tensor, za, zw) -> Tensor:
     if a.is_floating_point() or w.is_floating_point():
         raise TypeError(f"int_gemm needs integer codes, got {a.dtype} and {w.dtype}")
     k = a.shape[-1]
+    bound = _code_bound(a) * _code_bound(w)
     ai, wi = a.to(torch.int32), w.to(torch.int32)
-    za = int(za)
+    za = torch.as_tensor(za, device=a.device).to(torch.int32)
     zw = torch.as_tensor(zw, device=a.device).to(torch.int32).reshape(-1)
-    acc = _exact_matmul(ai, wi.transpose(-1, -2))
+    acc = _exact_matmul(ai, wi.transpose(-1, -2), bound)
     rowsum = ai.sum(dim=-1, dtype=torch.int32).unsqueeze(-1)
     colsum = wi.sum(dim=-1, dtype=torch.int32).unsqueeze(-2)
     return acc - zw * rowsum - za * colsum + k * za * zw
 
 
-def _exact_matmul(a: Tensor, b: Tensor) -> Tensor:
-    """int32 ``a @ b`` of integer tensors through a float GEMM that is exact: float32 while every partial sum stays
-    below 2^24 in magnitude (bounded by ``K max|a| max|b|``), else float64 (below 2^53). Faster than an integer
-    matmul on the CPU, and CUDA has none."""
-    k = a.shape[-1]
+def _code_bound(t: Tensor) -> int:
+    """``max |t|`` for integer codes: from the dtype for int8 / uint8 (no read of the values), else measured."""
+    if t.dtype == torch.int8:
+        return 128
+    if t.dtype == torch.uint8:
+        return 255
+    return int(t.abs().max()) if t.numel() else 0
+
+
+def _exact_dtype(k: int, bound: int) -> torch.dtype:
+    """The float dtype whose GEMM sums ``K`` products of magnitude ``<= bound`` exactly: float32 below 2^24,
+    float64 below 2^53."""
+    if k * bound >= 2 ** 53:
+        raise ValueError(f"integer GEMM too large to accumulate exactly (K={k})")
+    return torch.float32 if k * bound < 2 ** 24 else torch.float64
+
+
+def _exact_matmul(a: Tensor, b: Tensor, bound: int) -> Tensor:
+    """int32 ``a @ b`` of integer tensors whose products are at most ``bound`` in magnitude, through a float GEMM
+    that is exact (:func:`_exact_dtype`). Faster than an integer matmul on the CPU, and CUDA has none."""
     if a.numel() == 0 or b.numel() == 0:
         return torch.zeros(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1]),
                            dtype=torch.int32, device=a.device)
-    bound = k * int(a.abs().max()) * int(b.abs().max())
-    if bound >= 2 ** 53:
-        raise ValueError(f"integer GEMM too large to accumulate exactly (K={k})")
-    dt = torch.float32 if bound < 2 ** 24 else torch.float64
+    dt = _exact_dtype(a.shape[-1], bound)
     return (a.to(dt) @ b.to(dt)).to(torch.int32)
 
 
-def int_linear(a: Tensor, sa, za, w: Tensor, sw: Tensor, zw: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def int_linear(a: Tensor, sa, za, w: Tensor, sw: Tensor, zw: Tensor, bias: Optional[Tensor] = None,
+               code_bound: Optional[int] = None) -> Tensor:
     """Float32 output ``sa * sw[n] * int_gemm(a, w, za, zw) + bias[n]``.
 
     The integer sums are those of :func:`int_gemm` rounded to float32, computed directly as one float GEMM of the
     centred codes ``(a - za) @ (w - zw[n])^T`` (exact in float32 while ``K max|a - za| max|w - zw|`` stays below
-    2^24, else in float64 and rounded once, like int32 -> float32): the same values with fewer passes."""
+    2^24, else in float64 and rounded once, like int32 -> float32): the same values with fewer passes.
+    ``code_bound`` bounds ``max|a - za| max|w - zw|`` (``qmax`` of the activations times ``qmax`` of the weights)
+    without reading the codes; measured when None."""
     if a.dim() < 2 or w.dim() < 2 or a.shape[-1] != w.shape[-1]:
         raise ValueError(f"int_linear needs a [M, K] and w [N, K] with equal K, got {tuple(a.shape)} and "
                          f"{tuple(w.shape)}")
     if a.is_floating_point() or w.is_floating_point():
         raise TypeError(f"int_linear needs integer codes, got {a.dtype} and {w.dtype}")
     k = a.shape[-1]
-    ac = a.to(torch.float32) - float(za)
-    wc = w.to(torch.float32) - torch.as_tensor(zw, device=a.device).to(torch.float32).reshape(-1, 1)
+    f32 = dict(dtype=torch.float32, device=a.device)
+    ac = a.to(torch.float32) - torch.as_tensor(za, **f32)
+    wc = w.to(torch.float32) - torch.as_tensor(zw, **f32).reshape(-1, 1)
     if ac.numel() == 0 or wc.numel() == 0:
         acc = torch.zeros(*a.shape[:-1], w.shape[0], device=a.device)
     else:
-        bound = k * float(ac.abs().max()) * float(wc.abs().max())
-        if bound >= 2 ** 53:
-            raise ValueError(f"integer GEMM too large to accumulate exactly (K={k})")
-        acc = ac @ wc.T if bound < 2 ** 24 else (ac.double() @ wc.double().T).float()
-    y = acc * (float(sa) * torch.as_tensor(sw, dtype=torch.float32, device=a.device).reshape(1, -1))
+        if code_bound is None:
+            code_bound = int(ac.abs().max()) * int(wc.abs().max())
+        dt = _exact_dtype(k, code_bound)
+        acc = ac @ wc.T if dt == torch.float32 else (ac.double() @ wc.double().T).float()
+    y = acc * (torch.as_tensor(sa, **f32) * torch.as_tensor(sw, **f32).reshape(1, -1))
     return y if bias is None else y + bias.float()
 
 

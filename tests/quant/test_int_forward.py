@@ -20,7 +20,7 @@ from quant.modules import (QuantAttentionCore, QuantConv2dPatch, QuantLayerNorm,
 from quant.optimize import OptimConfig, evaluate_loss, optimize
 from quant.surgery import quantize_model
 
-from tests.images import natural_images
+from tests.images import folder_images, natural_images
 
 from .ptq_utils import images, make_model, one_thread  # noqa: F401
 
@@ -305,14 +305,19 @@ def test_triton_path_gives_the_reference_gradients(gen):
     _assert_grads_close(g1, g0, rtol=1e-4)
 
 
+@pytest.mark.parametrize("source", ["generated", pytest.param("cifar10", marks=pytest.mark.data)])
 @pytest.mark.parametrize("kind", ["vit", "swin"])
-def test_e2e_with_integer_forward_lowers_loss_like_fake(kind):
+def test_e2e_with_integer_forward_lowers_loss_like_fake(kind, source, request):
     """200 e2e steps (batch 8, Swin 4) with each forward from the same start: both halve the distillation loss
-    (evaluated in ``"int"`` arithmetic on held-out images), and the integer forward ends no more than 25% above the
-    fake one."""
+    (evaluated in ``"int"`` arithmetic on 16 held-out images), and the integer forward ends no more than 25% above
+    the fake one. Trained on 48 generated images (more varied than CIFAR-10's: with 32, Swin's held-out loss falls
+    to 0.49-0.54 of the start), or on 32 real CIFAR-10 training images."""
     fp = make_model(kind)
-    data = natural_images(48)
-    x, held = data[:32], data[32:]
+    if source == "generated":
+        data = natural_images(64)
+    else:
+        data = folder_images(request.getfixturevalue("real_data") / "cifar10" / "train", 48)
+    x, held = data[:-16], data[-16:]
     start = calibrate(quantize_model(copy.deepcopy(fp), "w4a4"), x)
     cfg = OptimConfig(method="e2e", iters=200, batch_size=8 if kind == "vit" else 4, progress=False, seed=3)
     rtn = evaluate_loss(start, fp, held, cfg)

@@ -6,7 +6,7 @@ import torch
 
 from quant.calibrate import calibrate
 from quant.errors import UserError
-from quant.optimize import EpochSampler, OptimConfig, e2e_loss, evaluate_loss, optimize
+from quant.optimize import LOSS_READ_EVERY, EpochSampler, OptimConfig, e2e_loss, evaluate_loss, optimize
 from quant.surgery import quantize_model
 
 from tests.images import folder_images, natural_images
@@ -101,6 +101,22 @@ def test_interrupt_and_resume_is_bit_exact(tmp_path, method, iters, stop, forwar
     assert a.keys() == b.keys()
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert not all(torch.equal(a[n], _trainable(q_run)[n]) for n in a), "the interrupted run must differ"
+
+
+def test_divergence_stops_with_the_step_and_writes_no_checkpoint(tmp_path):
+    """Losses are read back every LOSS_READ_EVERY steps, not every step; a non-finite one ends the run with one
+    UserError naming its step, before a checkpoint with broken parameters is written."""
+    fp, q, x = _setup("vit", "w4a4", n=12)
+    hist = optimize(copy.deepcopy(q), fp, x, OptimConfig(method="e2e", iters=LOSS_READ_EVERY + 3, batch_size=4,
+                                                         progress=False))
+    assert len(hist["losses"]) == LOSS_READ_EVERY + 3 and all(isinstance(v, float) for v in hist["losses"])
+    with torch.no_grad():
+        next(p for n, p in q.named_parameters() if n.endswith("log_s")).fill_(float("nan"))
+    cfg = OptimConfig(method="e2e", iters=40, batch_size=4, progress=False, save_every=30,
+                      state_path=str(tmp_path / "state.pt"))
+    with pytest.raises(UserError, match=r"diverged: the loss is nan at step 1; lower the learning rates \(--lr-q"):
+        optimize(q, fp, x, cfg)
+    assert not (tmp_path / "state.pt").exists()
 
 
 def test_hard_batch_raises_the_disagreement_within_its_steps():

@@ -1,0 +1,71 @@
+"""Adam as ``torch.optim.Adam`` computes it, with no read of a tensor back to the host.
+
+``torch.optim.Adam`` without ``capturable`` or ``fused`` keeps each parameter's step count in a tensor and reads it
+(``.item()``) for the bias corrections of every parameter on every step; ``fused=True`` avoids that but rounds
+differently. :class:`HostAdam` keeps the counts on the host as well (read once from the state after
+``load_state_dict``) and runs the multi-tensor update of ``torch.optim.Adam(foreach=True)`` with them::
+
+    m = lerp(m, g, 1 - beta1);  v = beta2 v + (1 - beta2) g^2
+    p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+(bias corrections in Python floats, as torch computes them): bit-identical to ``torch.optim.Adam``'s single-tensor
+and foreach updates, with the same ``state_dict`` (a checkpoint of either loads into the other).
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+from torch import Tensor
+
+
+class HostAdam(torch.optim.Adam):
+    """``torch.optim.Adam`` (no weight decay, amsgrad or maximize) whose step counts live on the host."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, foreach=True)
+        self._steps: Dict[Tensor, int] = {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._steps = {}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("HostAdam.step takes no closure")
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            params: List[Tensor] = []
+            grads, exp_avgs, exp_avg_sqs, steps, counts = [], [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    self._steps[p] = 0
+                elif p not in self._steps:
+                    self._steps[p] = int(st["step"])  # once, after load_state_dict (a CPU tensor)
+                self._steps[p] += 1
+                params.append(p)
+                grads.append(p.grad)
+                exp_avgs.append(st["exp_avg"])
+                exp_avg_sqs.append(st["exp_avg_sq"])
+                steps.append(st["step"])
+                counts.append(float(self._steps[p]))
+            if not params:
+                continue
+            torch._foreach_add_(steps, 1.0)
+            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+            step_size = [(group["lr"] / (1 - beta1 ** t)) * -1 for t in counts]
+            bias_correction2_sqrt = [(1 - beta2 ** t) ** 0.5 for t in counts]
+            denom = torch._foreach_sqrt(exp_avg_sqs)
+            torch._foreach_div_(denom, bias_correction2_sqrt)
+            torch._foreach_add_(denom, group["eps"])
+            torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
+        return None
