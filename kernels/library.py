@@ -174,33 +174,45 @@ def _(x, r, shift, s, z, bits):
 
 def fake_quantize_bwd_launch(g2: Tensor, x2: Tensor, r: Optional[Tensor], shift: Optional[Tensor], s: Tensor,
                              z: Tensor, bits: float, target: Target) -> Tuple[Launch, Tuple[Tensor, ...]]:
-    """The launch and its outputs ``(gx, gr_part [nM, C], gsh_part [nM, C], gs_part [M, nC], gz_part [M, nC])``."""
+    """The launch and its outputs ``(gx, rc_part [n, nM, C], sz_part [2, M, nC])``: column partial sums of the
+    ``r`` and ``shift`` gradients (``n`` = how many of the two there are; None without either), row partial sums
+    of the ``s`` and ``z`` gradients. Every partial sum is written (no zero fill)."""
     m, c = x2.shape
     bm, bc, opts = C.fake_quantize_bwd_blocks(c, target)
     nm, nc = C.cdiv(m, bm), C.cdiv(c, bc)
     f32 = dict(dtype=torch.float32, device=x2.device)
     gx = torch.empty((m, c), dtype=_store_dtype(x2.dtype), device=x2.device)
-    parts = (torch.zeros((nm, c), **f32), torch.zeros((nm, c), **f32), torch.zeros((m, nc), **f32),
-             torch.zeros((m, nc), **f32))
+    n_rc = (r is not None) + (shift is not None)
+    rc = torch.empty((n_rc, nm, c), **f32) if n_rc else None
+    sz = torch.empty((2, m, nc), **f32)
     launch = Launch(fake_quantize_bwd_kernel, (nm, nc),
                     dict(x_ptr=x2, g_ptr=g2, r_ptr=_opt(r, x2), shift_ptr=_opt(shift, x2), s_ptr=s, z_ptr=z,
-                         gx_ptr=gx, gr_part_ptr=parts[0], gsh_part_ptr=parts[1], gs_part_ptr=parts[2],
-                         gz_part_ptr=parts[3], M=m, C=c, stride_xm=x2.stride(0), stride_s=0 if s.numel() == 1 else 1),
+                         gx_ptr=gx, gr_part_ptr=sz if r is None else rc[0], gsh_part_ptr=sz if shift is None else rc[-1],
+                         gs_part_ptr=sz[0], gz_part_ptr=sz[1], M=m, C=c, stride_xm=x2.stride(0),
+                         stride_s=0 if s.numel() == 1 else 1),
                     dict(HAS_R=r is not None, HAS_SHIFT=shift is not None, QMAX=P.qmax(bits), BLOCK_M=bm,
                          BLOCK_C=bc), opts)
-    return launch, (gx, *parts)
+    return launch, (gx, rc, sz)
 
 
 @lowbit_op("fake_quantize_bwd")
 def fake_quantize_bwd(g: Tensor, x: Tensor, r: Optional[Tensor], shift: Optional[Tensor], s: Tensor, z: Tensor,
                       bits: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(gx [x.shape, x.dtype], gr [C], gshift [C], gs_rows [M], gz_rows [M])`` (s, z gradients summed per row)."""
+    """``(gx [x.shape, x.dtype], gr [C], gshift [C], gs_rows [M], gz_rows [M])`` (s, z gradients summed per row;
+    ``gr`` / ``gshift`` zero without ``r`` / ``shift``)."""
     x2 = _rows(x)
     g2 = g.reshape(x2.shape).float().contiguous()
-    launch, (gx, gr_p, gsh_p, gs_p, gz_p) = fake_quantize_bwd_launch(g2, x2, r, shift, s, z, bits, Target.of(x))
+    launch, (gx, rc, sz) = fake_quantize_bwd_launch(g2, x2, r, shift, s, z, bits, Target.of(x))
     if x2.numel():
         launch()
-    return gx.to(x.dtype).reshape(x.shape), gr_p.sum(0), gsh_p.sum(0), gs_p.sum(1), gz_p.sum(1)
+    else:
+        sz.zero_()
+        if rc is not None:
+            rc.zero_()
+    f32 = dict(dtype=torch.float32, device=x.device)
+    gr = rc[0].sum(0) if r is not None else torch.zeros(x2.shape[1], **f32)
+    gsh = rc[-1].sum(0) if shift is not None else torch.zeros(x2.shape[1], **f32)
+    return gx.to(x.dtype).reshape(x.shape), gr, gsh, sz[0].sum(1), sz[1].sum(1)
 
 
 @fake_quantize_bwd.register_fake
