@@ -66,6 +66,9 @@ def save(path: "str | os.PathLike", tensors: Dict[str, Tensor], meta: dict, over
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"lowbit": json.dumps(manifest)})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a written file gets the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -299,6 +299,21 @@ def _pixel_range(model: nn.Module, device) -> Tuple[Tensor, Tensor]:
     return (0 - mean) / std, (1 - mean) / std
 
 
+def fingerprint_diff(saved: dict, now: dict, limit: int = 3) -> str:
+    """The settings that differ between two run fingerprints, as ``name: saved -> now`` (nested dicts flattened,
+    at most ``limit`` named)."""
+    def flat(d, pre=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
+        return out
+    a, b = flat(saved), flat(now)
+    diff = [f"{k.split('.')[-1].replace('_', '-')}: {a.get(k, 'unset')} -> {b.get(k, 'unset')}"
+            for k in sorted(set(a) | set(b)) if a.get(k, "unset") != b.get(k, "unset")]
+    more = f" (and {len(diff) - limit} more)" if len(diff) > limit else ""
+    return ", ".join(diff[:limit]) + more
+
+
 def _rng_state() -> dict:
     st = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
@@ -437,8 +452,9 @@ def optimize(student: nn.Module, teacher: nn.Module, images, cfg: OptimConfig,
             raise UserError(f"--resume: no checkpoint at {cfg.state_path!r}; run without --resume to start afresh")
         st = torch.load(cfg.state_path, map_location="cpu", weights_only=False)
         if st["fingerprint"] != fp:
-            raise UserError(f"--resume: checkpoint {cfg.state_path!r} was written by a different run "
-                            f"({st['fingerprint']} vs {fp}); use the same flags or start afresh")
+            raise UserError(f"--resume: checkpoint {cfg.state_path!r} was written with other settings: "
+                            f"{fingerprint_diff(st['fingerprint'], fp)}; resume with the checkpoint's settings or "
+                            f"start afresh")
         params = dict(student.named_parameters())
         with torch.no_grad():
             for n, t in st["params"].items():

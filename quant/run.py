@@ -281,7 +281,7 @@ def run(args: argparse.Namespace) -> dict:
                         ("--workers", args.workers, 0),
                         ("--stop-after", args.stop_after, 1), ("--invert-steps", args.invert_steps, 1),
                         ("--correction-iters", args.correction_iters, 0),
-                        ("--fidelity-size", args.fidelity_size, 0)):
+                        ("--fidelity-size", args.fidelity_size, 0), ("--val-size", args.val_size, 1)):
         if v is not None and v < lo:
             raise UserError(f"{flag} must be >= {lo}, got {v}")
     if not args.hard_step_size > 0:
@@ -442,6 +442,14 @@ def _check_export(path: str, overwrite: bool, bits) -> None:
         raise UserError(f"--export needs quantized activations; {bits.name} keeps them in float (A16)")
 
 
+def interrupted_message(args: argparse.Namespace) -> str:
+    """What Ctrl-C leaves: the last checkpoint and the command that continues from it, or that none was kept."""
+    state = state_path(args.out) if args.out else None
+    if state and os.path.isfile(state):
+        return f"interrupted; the last checkpoint is {state}: continue with the same flags and --resume"
+    return "interrupted before the first checkpoint; nothing to resume (--save-every N keeps one every N steps)"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun rank 0 speaks for all (errors are shared)
@@ -451,6 +459,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not quiet:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if not quiet:
+            print(interrupted_message(args), file=sys.stderr)
+        return 130
     finally:
         DI.shutdown()
     if quiet:

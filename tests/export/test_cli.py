@@ -36,6 +36,9 @@ def test_run_export_then_infer(tmp_path, weights, capsys, imagenet_folder):
     ck = tmp_path / "ckpt" / "deit.lowbit"
     assert _run(tmp_path / "run", weights, imagenet_folder, "--export", str(ck)) == 0
     assert os.listdir(ck.parent) == ["deit.lowbit"]  # atomic: no temp file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert ck.stat().st_mode & 0o777 == 0o666 & ~umask  # as the run's other outputs, not mkstemp's 0600
     man = fmt.read_manifest(ck)
     assert man["architecture"] == "deit_t" and man["bits"] == "w4a8" and man["model_args"] == SMALL
     assert man["preprocess"]["crop_pct"] == 0.875

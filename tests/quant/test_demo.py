@@ -1,5 +1,6 @@
 """The shipped demo model and the newcomer's command (``python -m quant.run --model demo --bits w4a4``), shortened."""
 import json
+import os
 
 import pytest
 import torch
@@ -35,7 +36,11 @@ def test_newcomer_command_shortened(tmp_path, monkeypatch, capsys, cifar_root):
     rep = json.loads((out / "report.json").read_text())
     assert rep["data"] == "invert" and rep["steps"] == 3 and rep["quantized"]["images"] == 50
     assert rep["export"]["bytes"] == (out / "model.lowbit").stat().st_size
-    assert "quantized top-1" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "quantized top-1" in printed
+    assert str(out / "model.lowbit") in printed.split("exported model", 1)[1].splitlines()[0]
+    assert f"{out}{os.sep} (report.txt, report.json, quantized.pt)" in printed  # where the run wrote what
+    assert printed == (out / "report.txt").read_text()
     loaded = export.load(out / "model.lowbit")
     folder = D.scan(str(cifar_root / "test"), "--val")
     acc = evaluate({"packed": loaded}, folder, M.eval_transform(M.load_model("demo"), M.resolve("demo")), 25,

@@ -147,9 +147,9 @@ def test_resume_rejects_other_run(tmp_path):
     state = str(tmp_path / "s.pt")
     cfg = OptimConfig(iters=2, batch_size=4, progress=False, save_every=1, state_path=state)
     optimize(copy.deepcopy(q), fp, x, cfg)
-    with pytest.raises(UserError, match="different run"):
+    with pytest.raises(UserError, match=r"written with other settings: iters: 2 -> 3; resume with the"):
         optimize(q, fp, x, OptimConfig(iters=3, batch_size=4, progress=False, state_path=state, resume=True))
-    with pytest.raises(UserError, match="different run"):
+    with pytest.raises(UserError, match=r"other settings: augment: unset -> \['flip'\];"):
         optimize(q, fp, x, OptimConfig(iters=2, batch_size=4, progress=False, state_path=state, resume=True,
                                        augment=("flip",)))
     with pytest.raises(UserError, match="no checkpoint"):

@@ -77,6 +77,8 @@ BAD = {
     "bad model args": (["--model-args", "[1]"], "--model-args must be a JSON object"),
     "bad hard steps": (["--hard-steps", "-1"], "--hard-steps must be >= 0, got -1"),
     "bad hard step size": (["--hard-step-size", "0"], "--hard-step-size must be > 0, got 0.0"),
+    "no val images": (["--val-size", "0"], "--val-size must be >= 1, got 0"),
+    "negative val size": (["--val-size", "-9990"], "--val-size must be >= 1, got -9990"),
     "bad augment": (["--augment", "flip,crop"], "--augment: unknown augmentation 'crop'; use 'none' or a comma list"),
 }
 
@@ -154,14 +156,43 @@ def test_cli_stop_and_resume_equals_uninterrupted(tmp_path, checkpoint, capsys, 
     assert ra["losses"] == rb["losses"] and rb["steps"] == 5
 
 
+def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(tmp_path, checkpoint, capsys, imagenet_folder,
+                                                           monkeypatch):
+    """Ctrl-C during the optimisation: exit status 130, one line naming the last checkpoint and --resume (no
+    traceback); resuming finishes the run."""
+    from quant import optimize as O
+    real, calls = O.train_step, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(O, "train_step", interrupted)
+    out = tmp_path / "run"
+    assert main(_args(out, checkpoint, imagenet_folder, "--save-every", "1")) == 130
+    err = capsys.readouterr().err
+    assert err == f"interrupted; the last checkpoint is {state_path(str(out))}: continue with the same flags and " \
+                  "--resume\n"
+    monkeypatch.setattr(O, "train_step", real)
+    assert main(_args(out, checkpoint, imagenet_folder, "--save-every", "1", "--resume")) == 0
+    assert json.loads((out / "report.json").read_text())["steps"] == 4
+    calls.clear()
+    monkeypatch.setattr(O, "train_step", interrupted)
+    assert main(_args(tmp_path / "other", checkpoint, imagenet_folder)) == 130
+    assert "nothing to resume (--save-every N" in capsys.readouterr().err
+
+
 def test_cli_forward_flag(tmp_path, checkpoint, capsys, imagenet_folder):
     """``--forward fake`` trains with the float fake-quant forward (a different run from the default integer one:
     resuming its checkpoint under the other forward is refused); a bad value exits with status 2."""
     out = tmp_path / "fake"
     flags = ["--iters", "3", "--save-every", "1"]
     assert main(_args(out, checkpoint, imagenet_folder, *flags, "--forward", "fake", "--stop-after", "1")) == 0
+    capsys.readouterr()
     assert main(_args(out, checkpoint, imagenet_folder, *flags, "--resume")) == 2
-    assert "different run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "other settings: forward: fake -> int;" in err and err.count("\n") == 1 and len(err) < 400, err
     assert main(_args(out, checkpoint, imagenet_folder, *flags, "--forward", "fake", "--resume")) == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["forward"] == "fake" and rep["steps"] == 3 and rep["optimize_s"] > 0
