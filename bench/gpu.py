@@ -557,6 +557,7 @@ def section_models(b: Bench, models: Optional[List[str]] = None, compile_models=
 def section_optim(b: Bench) -> None:
     import torch
 
+    from bench import optimizer_overhead
     from quant.calibrate import calibrate
     from quant.optimize import OptimConfig, optimize
     from quant.surgery import quantize_model
@@ -588,6 +589,13 @@ def section_optim(b: Bench) -> None:
         print(f"  optimiser {name}: {steps / sec:.2f} it/s", flush=True)
         if not bf16:
             b.extra["optim_profile"] = _profile(lambda: optimize(q, fp, images, OptimConfig(iters=2, **cfg)), b.dry)
+    # host cost of one steady-state step (bench.optimizer_overhead's counts, here with the GPU's launches)
+    counts = optimizer_overhead.measure_steps(fp, "w4a4", images[:bs].to(b.dev), repeats=1 if b.dry else 3)
+    b.extra["optim_counts"] = {k: counts[k] for k in ("plain", "e2e", "ratios")}
+    e = counts["e2e"]["triton_path"]
+    print(f"  optimiser step: {e.get('syncs')} syncs, {e.get('dispatched_ops')} dispatched ops "
+          f"({counts['ratios'].get('dispatched_ops_triton_path', float('nan')):.2f}x the plain fp32 step), "
+          f"{e.get('launches_total')} Triton launches", flush=True)
     _triton(None)
 
 
@@ -709,6 +717,16 @@ def markdown(res: dict) -> str:
             lines += [f"| `{r['name']}` | {r['calls']} | {r['self_cpu_ms']:.2f} | {r['device_ms']:.2f} |"
                       for r in prof[key]]
             lines.append("")
+    counts = res.get("extra", {}).get("optim_counts")
+    if counts:
+        lines += ["", "## optimiser step: host cost (one steady-state step, `bench.optimizer_overhead`)", "",
+                  "| step | syncs | aten ops | dispatched ops | x plain | Triton launches |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        p, t = counts["plain"], counts["e2e"]["triton_path"]
+        lines.append(f"| plain fp32 distillation | {p['syncs']} | {p['aten_ops']} | {p['dispatched_ops']} | 1.00 | - |")
+        if "error" not in t:
+            lines.append(f"| e2e W4A4 | {t['syncs']} | {t['aten_ops']} | {t['dispatched_ops']} | "
+                         f"{counts['ratios']['dispatched_ops_triton_path']:.2f} | {t['launches_total']} |")
     if res["errors"]:
         lines += ["", "## Sections that failed", ""]
         lines += [f"- {k}: `{v.strip().splitlines()[-1]}`" for k, v in res["errors"].items()]

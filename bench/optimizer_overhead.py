@@ -55,10 +55,16 @@ def build(model: str, seed: int = 0):
 
 
 @contextmanager
-def counted_launches(counter: collections.Counter):
-    """Triton path, every :class:`kernels.launch.Launch` replaced by ``counter[kernel name] += 1``."""
+def counted_launches(counter: collections.Counter, stub: bool = True):
+    """Triton path, ``counter[kernel name] += 1`` per :class:`kernels.launch.Launch`; with ``stub`` the launch is
+    only counted (CPU tensors: nothing computed), else it runs too (on a GPU)."""
     real = Launch.__call__
-    Launch.__call__ = lambda self: counter.update([getattr(self.kernel, "__name__", "autotuned")])
+
+    def call(self):
+        counter.update([getattr(self.kernel, "__name__", "autotuned")])
+        if not stub:
+            real(self)
+    Launch.__call__ = call
     ops.use_triton(True)
     try:
         yield counter
@@ -137,21 +143,23 @@ def plain_stepper(fp: torch.nn.Module, x: torch.Tensor, temperature: float = 4.0
     return step
 
 
-def measure(model: str = "vit_s", bits: str = "w4a4", batch: int = 32, repeats: int = 3) -> dict:
-    """Counts and step times of the e2e step (reference path and Triton path) and of the plain fp32 step."""
-    name, fp, size = build(model)
-    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
-    out = {"model": model, "timm_name": name, "bits": bits, "batch": batch, "torch": torch.__version__,
-           "threads": torch.get_num_threads()}
+def measure_steps(fp: torch.nn.Module, bits: str, x: torch.Tensor, repeats: int = 3) -> dict:
+    """``{"plain", "e2e", "ratios"}``: counts and step times of the plain fp32 step and of the e2e step of ``fp``
+    at ``bits`` on batch ``x`` (on ``x``'s device; the model is moved there). On the CPU the e2e step runs twice,
+    on the reference path (``"e2e"``) and on the Triton path with stubbed launches (``"triton_path"``); on a GPU
+    once, on the Triton path, its launches counted as they run."""
+    fp = fp.to(x.device)
+    gpu = x.is_cuda
+    out = {}
     for key, make in (("plain", lambda: plain_stepper(fp, x)), ("e2e", lambda: e2e_stepper(fp, bits, x))):
         step = make()
-        step(), step()  # warm-up: optimiser state allocated, memos filled
+        step(), step()  # warm-up: optimiser state allocated, memos filled, kernels compiled
         res = profile_counts(step)
         res["step_ms"] = median_ms(step, repeats)
         if key == "e2e":
             launches: collections.Counter = collections.Counter()
             try:
-                with counted_launches(launches):
+                with counted_launches(launches, stub=not gpu):
                     step()
                     launches.clear()
                     tri = profile_counts(step)
@@ -169,6 +177,14 @@ def measure(model: str = "vit_s", bits: str = "w4a4", batch: int = 32, repeats: 
         out["ratios"]["aten_ops_triton_path"] = t["aten_ops"] / p["aten_ops"]
         out["ratios"]["dispatched_ops_triton_path"] = t["dispatched_ops"] / p["dispatched_ops"]
     return out
+
+
+def measure(model: str = "vit_s", bits: str = "w4a4", batch: int = 32, repeats: int = 3) -> dict:
+    """:func:`measure_steps` of a random-init model alias on CPU tensors."""
+    name, fp, size = build(model)
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+    return {"model": model, "timm_name": name, "bits": bits, "batch": batch, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), **measure_steps(fp, bits, x, repeats)}
 
 
 def table(results: List[dict]) -> str:

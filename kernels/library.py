@@ -197,9 +197,9 @@ def fake_quantize_bwd_launch(g2: Tensor, x2: Tensor, r: Optional[Tensor], shift:
 
 @lowbit_op("fake_quantize_bwd")
 def fake_quantize_bwd(g: Tensor, x: Tensor, r: Optional[Tensor], shift: Optional[Tensor], s: Tensor, z: Tensor,
-                      bits: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(gx [x.shape, x.dtype], gr [C], gshift [C], gs_rows [M], gz_rows [M])`` (s, z gradients summed per row;
-    ``gr`` / ``gshift`` zero without ``r`` / ``shift``)."""
+                      bits: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(gx [x.shape, x.dtype], g_rc [n, C], g_sz [2, M])``: the gradients of ``r`` then ``shift`` (``n`` = how
+    many of the two are given, 0-2 rows) and, per row, of ``s`` and ``z``."""
     x2 = _rows(x)
     g2 = g.reshape(x2.shape).float().contiguous()
     launch, (gx, rc, sz) = fake_quantize_bwd_launch(g2, x2, r, shift, s, z, bits, Target.of(x))
@@ -209,10 +209,8 @@ def fake_quantize_bwd(g: Tensor, x: Tensor, r: Optional[Tensor], shift: Optional
         sz.zero_()
         if rc is not None:
             rc.zero_()
-    f32 = dict(dtype=torch.float32, device=x.device)
-    gr = rc[0].sum(0) if r is not None else torch.zeros(x2.shape[1], **f32)
-    gsh = rc[-1].sum(0) if shift is not None else torch.zeros(x2.shape[1], **f32)
-    return gx.to(x.dtype).reshape(x.shape), gr, gsh, sz[0].sum(1), sz[1].sum(1)
+    g_rc = rc.sum(1) if rc is not None else torch.empty((0, x2.shape[1]), dtype=torch.float32, device=x.device)
+    return gx.to(x.dtype).reshape(x.shape), g_rc, sz.sum(2)
 
 
 @fake_quantize_bwd.register_fake
@@ -220,8 +218,7 @@ def _(g, x, r, shift, s, z, bits):
     c = x.shape[-1]
     m = x.numel() // c if c else 0
     f32 = dict(dtype=torch.float32, device=x.device)
-    return (torch.empty_like(x), torch.empty(c, **f32), torch.empty(c, **f32), torch.empty(m, **f32),
-            torch.empty(m, **f32))
+    return torch.empty_like(x), torch.empty(((r is not None) + (shift is not None), c), **f32), torch.empty(2, m, **f32)
 
 
 # ---------------------------------------------------------------------------------------------- packed GEMM

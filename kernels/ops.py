@@ -167,37 +167,44 @@ def layernorm_quantize(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional
 # ---------------------------------------------------------------------------------------------- fake quant
 
 
+def _fq_kernel_args(r, shift, s, z):
+    """float32 contiguous ``(r, shift, s, z)`` for the fake-quant kernels (``s, z`` flattened; None stays None)."""
+    return (None if r is None else r.float().contiguous(), None if shift is None else shift.float().contiguous(),
+            s.float().reshape(-1).contiguous(), z.float().reshape(-1).contiguous())
+
+
+def _fq_grads(g, x, args, bits, like) -> Tuple:
+    """``(gx, gr, gshift, gs, gz)`` of the fake-quant kernels' backward, ``gs, gz`` summed to the shape and dtype of
+    ``like = (r, shift, s, z)`` (None where that input is None)."""
+    r, shift, s, z = like
+    gx, g_rc, g_sz = L.fake_quantize_bwd(g, x, *args, float(bits))
+    if args[2].numel() == 1:
+        g_sz = g_sz.sum(1)
+    gs, gz = g_sz.unbind(0)
+    return (gx, None if r is None else g_rc[0].to(r.dtype), None if shift is None else g_rc[-1].to(shift.dtype),
+            gs.reshape(s.shape).to(s.dtype), gz.reshape(z.shape).to(z.dtype))
+
+
 class TritonFakeQuantizeFn(torch.autograd.Function):
     """``fake_quantize((x - shift) / r, s, z)`` by :mod:`kernels.fake_quantize`; ``s, z`` per tensor (1 value) or
     per row of ``x`` viewed as ``[M, C]``. Gradients for x (STE), s, z (LSQ), r and shift, as the reference."""
 
     @staticmethod
     def forward(ctx, x, r, shift, s, z, bits):
-        s32, z32 = s.float().reshape(-1).contiguous(), z.float().reshape(-1).contiguous()
-        r32 = None if r is None else r.float().contiguous()
-        sh32 = None if shift is None else shift.float().contiguous()
-        ctx.save_for_backward(x, r32, sh32, s32, z32)
-        ctx.shapes = (s.shape, s.dtype, z.shape, z.dtype, None if r is None else r.dtype,
-                      None if shift is None else shift.dtype)
+        args = _fq_kernel_args(r, shift, s, z)
+        ctx.save_for_backward(x, r, shift, s, z, *args)
         ctx.bits = bits
-        return L.fake_quantize_fwd(x, r32, sh32, s32, z32, float(bits))
+        return L.fake_quantize_fwd(x, *args, float(bits))
 
     @staticmethod
     def backward(ctx, g):
-        x, r, shift, s, z = ctx.saved_tensors
-        s_shape, s_dt, z_shape, z_dt, r_dt, sh_dt = ctx.shapes
-        gx, gr, gsh, gs, gz = L.fake_quantize_bwd(g, x, r, shift, s, z, float(ctx.bits))
-        gs = (gs.sum() if s.numel() == 1 else gs).reshape(s_shape).to(s_dt)
-        gz = (gz.sum() if z.numel() == 1 else gz).reshape(z_shape).to(z_dt)
-        need = ctx.needs_input_grad
-        return (gx if need[0] else None, gr.to(r_dt) if need[1] else None, gsh.to(sh_dt) if need[2] else None,
-                gs if need[3] else None, gz if need[4] else None, None)
+        x, r, shift, s, z, *args = ctx.saved_tensors
+        grads = _fq_grads(g, x, args, ctx.bits, (r, shift, s, z))
+        return (*(t if need else None for t, need in zip(grads, ctx.needs_input_grad)), None)
 
 
-def fake_quantize(x: Tensor, qp: QParams, r: Optional[Tensor] = None, shift: Optional[Tensor] = None) -> Tensor:
-    """Differentiable float32 ``fake_quantize((x - shift) / r)`` (per-tensor activation quantizer)."""
-    if not triton_enabled(x) or qp.bits == 16:
-        return R.rescale_fake_quantize(x, qp, r, shift)
+def _fq_act_inputs(x: Tensor, qp: QParams, r: Optional[Tensor], shift: Optional[Tensor]):
+    """The checked per-tensor ``(s, z)`` of an activation fake-quant on the Triton path."""
     _check_float_input(x)
     _same_device(x, r=r, shift=shift, s=qp.s, z=qp.z)
     P.check_bits(qp.bits)
@@ -210,13 +217,11 @@ def fake_quantize(x: Tensor, qp: QParams, r: Optional[Tensor] = None, shift: Opt
                          f"{tuple(s.shape)} and {tuple(z.shape)}")
     if _checking():
         P.check_qparams(x.detach(), s.detach().float(), z.detach().float())
-    return TritonFakeQuantizeFn.apply(x, r, shift, s, z, qp.bits)
+    return s, z
 
 
-def fake_quantize_weight(w: Tensor, s: Tensor, z: Tensor, bits) -> Tensor:
-    """Differentiable per-channel weight fake-quant, ``s, z`` of shape ``[N, 1]``."""
-    if not triton_enabled(w) or bits == 16 or w.dtype not in _FLOATS:
-        return P.fake_quantize(w, s, z, bits)
+def _fq_weight_inputs(w: Tensor, s: Tensor, z: Tensor, bits):
+    """The checked per-channel ``(s, z)`` of a weight fake-quant on the Triton path."""
     P.check_bits(bits)
     if w.dim() != 2:
         raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(w.shape)}")
@@ -228,7 +233,73 @@ def fake_quantize_weight(w: Tensor, s: Tensor, z: Tensor, bits) -> Tensor:
                              f"got shape {tuple(t.shape)}")
     if _checking():
         P.check_qparams(w.detach(), s.detach().float(), z.detach().float())
+    return s, z
+
+
+def fake_quantize(x: Tensor, qp: QParams, r: Optional[Tensor] = None, shift: Optional[Tensor] = None) -> Tensor:
+    """Differentiable float32 ``fake_quantize((x - shift) / r)`` (per-tensor activation quantizer)."""
+    if not triton_enabled(x) or qp.bits == 16:
+        return R.rescale_fake_quantize(x, qp, r, shift)
+    s, z = _fq_act_inputs(x, qp, r, shift)
+    return TritonFakeQuantizeFn.apply(x, r, shift, s, z, qp.bits)
+
+
+def _weight_path(w: Tensor, bits) -> bool:
+    return triton_enabled(w) and bits != 16 and w.dtype in _FLOATS
+
+
+def fake_quantize_weight(w: Tensor, s: Tensor, z: Tensor, bits) -> Tensor:
+    """Differentiable per-channel weight fake-quant, ``s, z`` of shape ``[N, 1]``."""
+    if not _weight_path(w, bits):
+        return P.fake_quantize(w, s, z, bits)
+    s, z = _fq_weight_inputs(w, s, z, bits)
     return TritonFakeQuantizeFn.apply(w, None, None, s, z, bits)
+
+
+def _autograd_vjp(fn: Callable, inputs: Tuple, needs: Tuple):
+    """``(fn(*inputs), vjp)`` through autograd on detached copies of ``inputs`` (requiring grad where ``needs``)."""
+    leaves = [None if t is None else t.detach().requires_grad_(bool(n) and t.is_floating_point())
+              for t, n in zip(inputs, needs)]
+    with torch.enable_grad():
+        out = fn(*leaves)
+
+    def vjp(g):
+        want = [t for t in leaves if t is not None and t.requires_grad]
+        got = iter(torch.autograd.grad(out, want, g, allow_unused=True) if want and out.requires_grad else ())
+        return tuple(next(got, None) if t is not None and t.requires_grad else None for t in leaves)
+    return out.detach(), vjp
+
+
+def fake_quantize_vjp(x: Tensor, qp: QParams, r: Optional[Tensor] = None, shift: Optional[Tensor] = None,
+                      needs: Tuple[bool, ...] = (True,) * 5):
+    """``(x_hat, vjp)``: :func:`fake_quantize`'s value, built without an autograd graph on the Triton path, and
+    ``vjp(g) -> (gx, gr, gshift, gs, gz)``, its gradients for an output gradient ``g`` (None where not ``needs``,
+    in the order x, r, shift, s, z): one forward and one backward kernel, for backward passes that recompute the
+    fake-quant tensors (:mod:`quant.int_forward`). The reference path differentiates
+    :func:`kernels.reference.rescale_fake_quantize` with autograd."""
+    if not triton_enabled(x) or qp.bits == 16:
+        bits = qp.bits
+        return _autograd_vjp(lambda x, r, shift, s, z: R.rescale_fake_quantize(x, QParams(s, z, bits), r, shift),
+                             (x, r, shift, torch.as_tensor(qp.s), torch.as_tensor(qp.z)), needs)
+    s, z = _fq_act_inputs(x, qp, r, shift)
+    args = _fq_kernel_args(r, shift, s, z)
+    out = L.fake_quantize_fwd(x, *args, float(qp.bits))
+    return out, lambda g: tuple(t if n else None for t, n in zip(_fq_grads(g, x, args, qp.bits, (r, shift, s, z)),
+                                                                  needs))
+
+
+def fake_quantize_weight_vjp(w: Tensor, s: Tensor, z: Tensor, bits, needs: Tuple[bool, ...] = (True,) * 3):
+    """:func:`fake_quantize_vjp` of :func:`fake_quantize_weight`: ``(w_hat, vjp(g) -> (gw, gs, gz))``."""
+    if not _weight_path(w, bits):
+        return _autograd_vjp(lambda w, s, z: P.fake_quantize(w, s, z, bits), (w, s, z), needs)
+    s, z = _fq_weight_inputs(w, s, z, bits)
+    args = _fq_kernel_args(None, None, s, z)
+    out = L.fake_quantize_fwd(w, *args, float(bits))
+
+    def vjp(g):
+        gw, _, _, gs, gz = _fq_grads(g, w, args, bits, (None, None, s, z))
+        return tuple(t if n else None for t, n in zip((gw, gs, gz), needs))
+    return out, vjp
 
 
 # ---------------------------------------------------------------------------------------------- packed GEMM
@@ -312,18 +383,50 @@ def linear_codes(a: Tensor, a_qp: QParams, qw: Tensor, w_bits, w_scale: Tensor, 
                        centered=P.qmax(w_bits) <= 127)
 
 
+def linear_float_weight(a: Tensor, a_qp: QParams, w: Tensor, w_scale: Tensor, w_zero: Tensor, w_bits,
+                        bias: Optional[Tensor] = None) -> Tensor:
+    """:func:`linear_codes` of the codes ``quantize(w, w_scale, w_zero, w_bits)`` of a float weight ``w [N, K]``
+    (per output channel ``w_scale, w_zero [N, 1]``; the zero point rounded), float32 out: the optimiser's integer
+    forward, bit-identical to ``packed_linear`` of the packed codes. On the Triton path the int8 codes the GEMM
+    reads come from one pass over ``w`` (centred ``q - zw`` for weights of at most 7 bits), with their sums."""
+    if not triton_enabled(a):
+        return R.linear_codes(a, a_qp, P.quantize(w.float(), w_scale, w_zero, w_bits), w_bits, w_scale.reshape(-1),
+                              P.round_zero_point(w_zero, w_bits).reshape(-1), bias)
+    _check_act_codes(a)
+    P.check_bits(w_bits)
+    if not torch.is_tensor(w) or w.dim() != 2 or not w.is_floating_point():
+        raise TypeError(f"w must be a float [N, K] weight, got {getattr(w, 'dtype', type(w).__name__)} "
+                        f"{tuple(getattr(w, 'shape', ()))}")
+    _same_device(a, w=w, w_scale=w_scale, w_zero=w_zero)
+    n, k = w.shape
+    f32 = dict(dtype=torch.float32, device=a.device)
+    sw = torch.as_tensor(w_scale, **f32).reshape(n, 1)
+    zr = P.round_zero_point(torch.as_tensor(w_zero, **f32).reshape(n, 1), w_bits)
+    q = torch.clamp(torch.round(w.float() / sw) + zr, 0, P.qmax(w_bits))
+    centered = P.qmax(w_bits) <= 127
+    zw = (zr - P.code_offset(w_bits)).to(torch.int32)  # the zero point of the int8 storage form
+    q8 = (q - (zr if centered else P.code_offset(w_bits))).to(torch.int8)
+    colsum = q8.sum(1, dtype=torch.int32, keepdim=True)  # sums of the storage codes q - offset:
+    if centered:
+        colsum = colsum + k * zw  # sum(q - zr) + K (zr - offset)
+    return _int_linear(a, a_qp, [q8], "int8", n, k, w_bits, None, w_scale, w_zero, bias, False, torch.float32, None,
+                       centered, prepared=(sw.reshape(n), zw.reshape(n), colsum.reshape(n)))
+
+
 def _check_act_codes(a: Tensor) -> None:
     if not torch.is_tensor(a) or a.dtype != torch.int8:
         raise TypeError(f"activation codes must be int8 (signed storage), got "
                         f"{a.dtype if torch.is_tensor(a) else type(a).__name__}; quantize them first")
 
 
-def _int_linear(a: Tensor, a_qp: QParams, planes, fmt: str, n: int, k: int, w_bits, colsum: Callable,
+def _int_linear(a: Tensor, a_qp: QParams, planes, fmt: str, n: int, k: int, w_bits, colsum: Optional[Callable],
                 w_scale, w_zero, bias, gelu: bool, out_dtype: torch.dtype, requant: Optional[QParams],
-                centered: bool = False) -> Tensor:
-    """The checks and parameter preparation shared by :func:`packed_linear` and :func:`linear_codes`; ``planes``
-    in the layout of ``fmt`` (``int8``: signed storage ``q - code_offset(w_bits)``), ``colsum()`` their row sums;
-    ``centered`` (``int8`` codes of at most 7 bits): the GEMM gets ``q - zw`` (no activation row sums)."""
+                centered: bool = False, prepared: Optional[Tuple[Tensor, Tensor, Tensor]] = None) -> Tensor:
+    """The checks and parameter preparation shared by :func:`packed_linear`, :func:`linear_codes` and
+    :func:`linear_float_weight`; ``planes`` in the layout of ``fmt`` (``int8``: signed storage
+    ``q - code_offset(w_bits)``), ``colsum()`` their row sums; ``centered`` (``int8`` codes of at most 7 bits): the
+    GEMM gets ``q - zw`` (no activation row sums). ``prepared = (sw, zw, colsum)``: the weight's scales, storage
+    zero points and code sums computed by the caller, ``planes`` already centred when ``centered``."""
     if a.dim() < 1 or a.shape[-1] != k:
         raise ValueError(f"activation codes have K={a.shape[-1] if a.dim() else None} but the weight has K={k}")
     if out_dtype not in _FLOATS:
@@ -344,16 +447,21 @@ def _int_linear(a: Tensor, a_qp: QParams, planes, fmt: str, n: int, k: int, w_bi
     def act_params():
         sa = _scalar("activation step s", a_qp.s, a)
         return sa, P.signed_zero_point(_scalar("activation zero point z", a_qp.z, a), a_qp.bits)
-    sw, zw = _memo(f"weight {fmt} {w_bits} {a.device}", (w_scale, w_zero), weight_params)
+    if prepared is None:
+        sw, zw = _memo(f"weight {fmt} {w_bits} {a.device}", (w_scale, w_zero), weight_params)
+    else:
+        sw, zw, sums = prepared
     sa, za = _memo(f"act signed {a_qp.bits} {a.device}", (a_qp.s, a_qp.z), act_params)
     rq_s = rq_zr = None
     rq_bits = 8.0
     if requant is not None:
         rq_s, rq_zr = _act_qparams(a, requant, columns=n)
         rq_bits = float(requant.bits)
-    if centered:
-        planes = [(planes[0].to(torch.int16) - zw[:, None]).to(torch.int8)]
-    return L.packed_linear(a, planes, fmt, k, colsum(), sa, za, sw, zw, None if bias is None else bias.contiguous(),
+    if prepared is None:
+        if centered:
+            planes = [(planes[0].to(torch.int16) - zw[:, None]).to(torch.int8)]
+        sums = colsum()
+    return L.packed_linear(a, planes, fmt, k, sums, sa, za, sw, zw, None if bias is None else bias.contiguous(),
                            bool(gelu), out_dtype, rq_s, rq_zr, rq_bits, centered)
 
 

@@ -63,15 +63,13 @@ def int_linear(x: Tensor, a_qp: QParams, r: Optional[Tensor], shift: Optional[Te
                bias: Optional[Tensor], ws: Tensor, wz: Tensor, w_bits,
                patch: Optional[Tuple[int, int]] = None) -> Tensor:
     """The deployed linear (no gradient): codes ``a = ops.quantize((x - shift) / r)`` (of ``patchify(x)`` when
-    ``patch``), weight codes ``quantize(w, ws, wz)``, ``ops.linear_codes`` (the arithmetic of ``ops.packed_linear``
-    on the packed codes, without packing them every step); float32 output
-    ``[..., N]`` (patch: ``[B, N, H/p, W/p]``)."""
+    ``patch``) times the weight codes ``quantize(w, ws, wz)`` by ``ops.linear_float_weight`` (the arithmetic of
+    ``ops.packed_linear`` on the packed codes, without packing them); float32 output ``[..., N]`` (patch:
+    ``[B, N, H/p, W/p]``)."""
     xin = P.patchify(x, patch) if patch is not None else x
     a = ops.quantize(xin, a_qp, r, shift)
-    codes = P.quantize(w.detach().float(), ws.detach(), wz.detach(), w_bits)
-    y = ops.linear_codes(a, a_qp, codes, w_bits, ws.detach().reshape(-1),
-                         P.round_zero_point(wz.detach(), w_bits).reshape(-1),
-                         None if bias is None else bias.detach().float())
+    y = ops.linear_float_weight(a, a_qp, w.detach(), ws.detach(), wz.detach(), w_bits,
+                                None if bias is None else bias.detach().float())
     if patch is not None:
         ph, pw = patch
         y = y.reshape(x.shape[0], x.shape[2] // ph, x.shape[3] // pw, -1).permute(0, 3, 1, 2)
@@ -97,23 +95,22 @@ class IntLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         a_bits, w_bits, patch = ctx.cfg
-        saved = ctx.saved_tensors
+        x, r, shift, s, z, w, bias, ws, wz = ctx.saved_tensors
         needs = ctx.needs_input_grad[:9]
-        x, r, shift, s, z, w, bias, ws, wz = leaves = _leaves(saved, needs)
-        with torch.enable_grad():
-            xq = ops.fake_quantize(x, QParams(s, z, a_bits), r, shift)
-            if patch is not None:
-                xq = P.patchify(xq, patch)
-                g = g.permute(0, 2, 3, 1)
-            wq = ops.fake_quantize_weight(w, ws, wz, w_bits)
-            g2 = g.reshape(-1, wq.shape[0]).to(wq.dtype)
-            xq2 = xq.reshape(-1, wq.shape[1])
-            gx = (g2 @ wq.detach()).reshape(xq.shape) if any(needs[:5]) else None
-            gw = g2.t() @ xq2.detach() if any(needs[5:]) else None
-            gb = g2.sum(0).to(bias.dtype) if bias is not None and needs[6] else None
-            grads = _grads([xq, wq], [gx, gw], leaves, needs)
+        xq, x_vjp = ops.fake_quantize_vjp(x, QParams(s, z, a_bits), r, shift, needs[:5])
+        wq, w_vjp = ops.fake_quantize_weight_vjp(w, ws, wz, w_bits, (needs[5], needs[7], needs[8]))
+        if patch is not None:
+            xq = P.patchify(xq, patch)
+            g = g.permute(0, 2, 3, 1)
+        g2 = g.reshape(-1, wq.shape[0]).to(wq.dtype)
+        grads = [None] * 9
+        if any(needs[:5]):
+            gxq = (g2 @ wq).reshape(xq.shape)
+            grads[:5] = x_vjp(gxq if patch is None else P.unpatchify(gxq, patch, x.shape))
+        if needs[5] or needs[7] or needs[8]:
+            grads[5], grads[7], grads[8] = w_vjp(g2.t() @ xq.reshape(-1, wq.shape[1]))
         if bias is not None and needs[6]:
-            grads[6] = gb
+            grads[6] = g2.sum(0).to(bias.dtype)
         return (*grads, None, None, None)
 
 

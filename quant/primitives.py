@@ -463,6 +463,18 @@ def patchify(x: Tensor, patch: Tuple[int, int]) -> Tensor:
     return x.reshape(b, c, hp, ph, wp, pw).permute(0, 2, 4, 1, 3, 5).reshape(b, hp * wp, c * ph * pw)
 
 
+def unpatchify(y: Tensor, patch: Tuple[int, int], shape: Sequence[int]) -> Tensor:
+    """The inverse of :func:`patchify` for an image of ``shape = (B, C, H, W)``: ``y [B, H/ph * W/pw, C*ph*pw] ->
+    [B, C, H, W]``, zeros where :func:`patchify` dropped a remainder of H, W (the gradient of ``patchify``)."""
+    ph, pw = patch
+    b, c, h, w = shape
+    hp, wp = h // ph, w // pw
+    x = y.reshape(b, hp, wp, c, ph, pw).permute(0, 3, 1, 4, 2, 5).reshape(b, c, hp * ph, wp * pw)
+    if (hp * ph, wp * pw) != (h, w):
+        x = torch.nn.functional.pad(x, (0, w - wp * pw, 0, h - hp * ph))
+    return x
+
+
 def signed_zero_point(z, bits) -> Tensor:
     """The zero point of the signed int8 storage form: ``round(z) - offset(bits)``."""
     return round_zero_point(torch.as_tensor(z, dtype=torch.float32), bits) - code_offset(bits)

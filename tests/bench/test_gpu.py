@@ -50,6 +50,9 @@ def test_dry_run_writes_every_section(tmp_path):
     prof = res["extra"]["optim_profile"]
     assert any(r["name"] == "lowbit::fake_quantize_bwd" and r["calls"] > 0 for r in prof["by_cpu"])
     assert "optimiser profile" in (tmp_path / "RESULTS.md").read_text()
+    counts = res["extra"]["optim_counts"]["e2e"]["triton_path"]
+    assert counts["syncs"] == 0 and counts["launches_total"] > 0, counts
+    assert "## optimiser step: host cost" in (tmp_path / "RESULTS.md").read_text()
     assert len(res["targets"]) == len(gpu.TARGETS)
     md = (tmp_path / "RESULTS.md").read_text()
     for head in ("## Checks", "## Targets", "## gemm", "## quantize", "## attention", "## model", "## optim"):

@@ -235,3 +235,28 @@ def test_linear_codes_equals_packed_linear(gen, wbits, abits):
         assert torch.equal(yq, ops.packed_linear(a, qp, pw, sw, zw, bias, gelu=True, requant=rq))
     ref = R.linear_codes(a, qp, codes, wbits, sw, zw, bias)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("wbits,abits", [(1.58, 8), (3, 3), (4, 4), (6, 6), (8, 8)])
+def test_linear_float_weight_equals_packed_linear(gen, wbits, abits):
+    """``ops.linear_float_weight`` (the optimiser's integer forward: codes from the float weight in one pass, their
+    sums beside them) is bit-equal to ``ops.packed_linear`` of the packed codes, on the Triton path and on the
+    reference path; zero points off the integer grid are rounded as everywhere."""
+    m, k, n = 37, 200, 70
+    x = (torch.randn(m, k, generator=gen) + 1.5) * torch.linspace(0.3, 3, k)  # off-centre: a zero point far from
+    w = torch.randn(n, k, generator=gen) * (torch.rand(n, 1, generator=gen) + 0.2)  # mid-range, so its terms count
+    bias = torch.randn(n, generator=gen)
+    qp = QParams(*P.init_act_qparams(x, abits), abits)
+    assert int(P.signed_zero_point(qp.z, abits)) != 0
+    sw, zw = P.init_weight_qparams(w, wbits)
+    if wbits != 1.58:
+        zw = torch.clamp(zw + torch.rand(zw.shape, generator=gen) * 2 - 1, 0, P.qmax(wbits))  # not integers
+    a = P.quantize(x, qp.s, qp.z, abits, signed=True)
+    pw = packing.pack(P.quantize(w, sw, zw, wbits), wbits)
+    zr = P.round_zero_point(zw, wbits).flatten()
+    ref = R.packed_linear(a, qp, pw, sw.flatten(), zr, bias)
+    assert torch.equal(ops.linear_float_weight(a, qp, w, sw, zw, wbits, bias), ref)
+    with triton_path():
+        y = run_poisoned(lambda: ops.linear_float_weight(a, qp, w, sw, zw, wbits, bias))
+        assert torch.equal(y, ops.packed_linear(a, qp, pw, sw.flatten(), zr, bias))
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
