@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from calib.common import atomic_write_json
+from calib.common import atomic_write_json, atomic_write_text
 from kernels import ops
 from kernels.launch import Launch
 from quant.calibrate import calibrate
@@ -207,6 +207,28 @@ def table(results: List[dict]) -> str:
     return "\n".join("  ".join(c.ljust(w[i]) if i < 2 else c.rjust(w[i]) for i, c in enumerate(row)) for row in rows)
 
 
+def markdown(results: List[dict]) -> str:
+    """``bench/OPTIMIZER.md``: the table of :func:`table` with the machine and versions, from the results alone."""
+    rows = table(results).splitlines()
+    cells = [[c.strip() for c in line.split("  ") if c.strip()] for line in rows]
+    width = len(cells[0])
+    out = ["# Host cost of one optimiser step", "",
+           "`python -m bench.optimizer_overhead` (CPU tensors; counts do not depend on the batch size, step times "
+           "do and include the CPU's compute). Plain fp32 = the timm model's distillation step with "
+           "`torch.optim.Adam(foreach=True)`; dispatched ops = operator calls that reach a backend (a kernel launch "
+           "each on a GPU, views aside); aten ops = every profiler event, nested ones too.", "",
+           "| " + " | ".join(cells[0]) + " |", "|" + " --- |" * width]
+    for line in rows[1:]:
+        c = [x.strip() for x in line.split("  ") if x.strip()]
+        if len(c) == width - 1:  # a continuation row: no model column
+            c = [""] + c
+        out.append("| " + " | ".join(c) + " |")
+    r0 = results[0]
+    out += ["", f"torch {r0['torch']}, {r0['threads']} threads; models random-init, calibrated on 4 random images; "
+            f"the Triton path's launches are counted, not run (outputs unwritten)."]
+    return "\n".join(out) + "\n"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.optimizer_overhead", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="vit_s,deit_b,swin_b", help="comma list of model aliases, or 'tiny'")
@@ -214,6 +236,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--md", help="write the table as markdown here (e.g. bench/OPTIMIZER.md)")
     args = p.parse_args(argv)
     if args.batch < 1 or args.repeats < 1:
         print("error: --batch and --repeats must be >= 1", file=sys.stderr)
@@ -228,6 +251,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(table(results[-1:]), flush=True)
     if args.json:
         atomic_write_json({"results": results}, args.json)
+    if args.md:
+        atomic_write_text(markdown(results), args.md)
     return 0
 
 

@@ -121,16 +121,21 @@ def atomic_torch_save(obj, path: Path) -> None:
         raise
 
 
-def atomic_write_json(obj, path) -> None:
-    """``obj`` as indented JSON into a hidden temp file beside ``path``, renamed onto it (removed on failure)."""
+def atomic_write_text(text: str, path) -> None:
+    """``text`` into a hidden temp file beside ``path``, renamed onto it (removed on failure)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(obj, indent=1))
+        tmp.write_text(text)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_json(obj, path) -> None:
+    """``obj`` as indented JSON, written by :func:`atomic_write_text`."""
+    atomic_write_text(json.dumps(obj, indent=1), path)
 
 
 @functools.lru_cache(maxsize=None)

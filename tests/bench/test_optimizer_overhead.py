@@ -7,8 +7,8 @@ from tests.quant.ptq_utils import one_thread  # noqa: F401
 
 
 def test_e2e_step_has_no_host_sync(tmp_path, capsys):
-    out = tmp_path / "oo.json"
-    assert O.main(["--models", "tiny", "--batch", "2", "--repeats", "1", "--json", str(out)]) == 0
+    out, md = tmp_path / "oo.json", tmp_path / "OPTIMIZER.md"
+    assert O.main(["--models", "tiny", "--batch", "2", "--repeats", "1", "--json", str(out), "--md", str(md)]) == 0
     (r,) = json.loads(out.read_text())["results"]
     e, t, p = r["e2e"], r["e2e"]["triton_path"], r["plain"]
     assert e["syncs"] == 0 and t["syncs"] == 0, (e["top_ops"], t.get("top_ops"))
@@ -18,6 +18,9 @@ def test_e2e_step_has_no_host_sync(tmp_path, capsys):
     assert r["ratios"]["dispatched_ops"] == e["dispatched_ops"] / p["dispatched_ops"]
     table = capsys.readouterr().out
     assert "e2e (Triton path)" in table and "plain fp32" in table
+    rows = [line for line in md.read_text().splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 4 and len({line.count("|") for line in rows}) == 1  # header + three steps, aligned
+    assert f"| {t['dispatched_ops']:,} |" in rows[3] and "| e2e (Triton path) |" in rows[3]
 
 
 def test_bad_arguments_exit_2(capsys):
