@@ -19,51 +19,34 @@ import tempfile
 import time
 from typing import List, Optional
 
+import torch
+
+import export
+from bench.optimizer_overhead import TINY, build, counted_launches
 from calib.common import atomic_write_json
-
-#: small stand-in for the test suite: ViT with head dim 32
-TINY = ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10))
-
+from quant.calibrate import calibrate
+from quant.surgery import quantize_model
 
 def measure(model: str = "vit_b", bits: str = "w4a4", iters: int = 20, repeats: int = 5) -> dict:
-    import timm
-    import torch
-
-    import export
-    from kernels import ops
-    from kernels.launch import Launch
-    from quant.calibrate import calibrate
-    from quant.models import resolve
-    from quant.surgery import quantize_model
-    name, cfg = TINY if model == "tiny" else (resolve(model).timm_name, {})
-    torch.manual_seed(0)
-    fp = timm.create_model(name, pretrained=False, **cfg).eval()
-    size = fp.patch_embed.img_size[0]
+    name, fp, size = build(model)
     q = calibrate(quantize_model(copy.deepcopy(fp), bits), torch.randn(2, 3, size, size))
     launches: collections.Counter = collections.Counter()
-    real_call = Launch.__call__
     with tempfile.TemporaryDirectory() as tmp:
         path = export.export_model(q, os.path.join(tmp, "m.lowbit"), arch=model if model != "tiny" else name,
-                                   config=cfg, bits=bits)
+                                   config=TINY[1] if model == "tiny" else {}, bits=bits)
         m = export.load(path, fast=False)
     x = torch.randn(1, 3, size, size)
-    Launch.__call__ = lambda self: launches.update([getattr(self.kernel, "__name__", "autotuned")])
-    ops.use_triton(True)
-    try:
-        with torch.inference_mode():
-            m(x)
-            launches.clear()
-            m(x)
-            per_forward = dict(launches)
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                for _ in range(iters):
-                    m(x)
-                times.append(1e3 * (time.perf_counter() - t0) / iters)
-    finally:
-        ops.use_triton(None)
-        Launch.__call__ = real_call
+    with counted_launches(launches), torch.inference_mode():
+        m(x)
+        launches.clear()
+        m(x)
+        per_forward = dict(launches)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                m(x)
+            times.append(1e3 * (time.perf_counter() - t0) / iters)
     return {"model": model, "bits": bits, "launches": per_forward, "launches_total": sum(per_forward.values()),
             "host_ms_median": statistics.median(times), "host_ms_runs": times, "torch": torch.__version__}
 
