@@ -14,7 +14,7 @@ from typing import List, Optional
 import torch
 
 from calib import data as D
-from quant.errors import UserError
+from quant.errors import UserError, check_device
 
 from . import format as fmt
 from .loader import load
@@ -32,9 +32,7 @@ def transform_from(manifest: dict):
 def infer(checkpoint: str, val: str, batch_size: int = 32, size: Optional[int] = None, device: str = "cpu",
           workers: int = 0, seed: int = 0, progress: bool = True) -> dict:
     """``{"top1": %, "images": n, "images_per_s": ..., "seconds": ...}`` of the checkpoint on ``val``."""
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device} asked for but CUDA is not available; use --device cpu")
+    dev = check_device(device)
     model = load(checkpoint, device=dev)
     folder = D.scan(val, "--val")
     if not folder.classes:

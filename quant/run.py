@@ -33,7 +33,7 @@ from quant import distributed as DI
 from quant import packing
 from quant.bits import parse_bits
 from quant.calibrate import calibrate
-from quant.errors import UserError
+from quant.errors import UserError, check_device
 from quant.models import eval_transform, load_model, resolve
 from quant.modules import (FORWARDS, SOFTMAX_QUANTIZERS, ActCorrection, QuantConv2dPatch, QuantLinear, quant_modules,
                            set_forward, set_mode)
@@ -121,21 +121,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "(export.load, python -m export.infer); an existing file needs --overwrite; '<out>' stands for "
                    "--out (demo default: <out>/model.lowbit)")
     return p
-
-
-def _check_device(name: str) -> torch.device:
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown --device {name!r}; use cpu or cuda[:N]") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name} asked for but CUDA is not available on this machine; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
-    elif dev.type != "cpu":
-        raise UserError(f"unsupported --device {name!r}; use cpu or cuda[:N]")
-    return dev
 
 
 @torch.no_grad()
@@ -272,7 +257,7 @@ def run(args: argparse.Namespace) -> dict:
         args.out = os.path.join("runs", f"{args.model.replace('/', '_')}-{cfg_bits.name}-{args.method}")
     if args.export is not None:
         args.export = args.export.replace("<out>", args.out)
-    device = _check_device(args.device)
+    device = check_device(args.device)
     if args.bf16 and device.type != "cuda":
         raise UserError("--bf16 needs --device cuda (bf16 autocast is a GPU option)")
     for flag, v, lo in (("--calib-size", args.calib_size, 1), ("--init-size", args.init_size, 1),
@@ -293,11 +278,16 @@ def run(args: argparse.Namespace) -> dict:
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not args.overwrite:
         raise UserError(f"--out {args.out!r} already exists; pick another folder or pass --overwrite")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {args.out!r} is a file, not a folder; pick another path")
+    writable_folder(out, "--out")
     if args.export:
         if not export_given and (cfg_bits.act_float or args.act_correction or args.softmax_quantizer != "uniform"):
             args.export = None  # the model's default export does not apply to this configuration
         else:
             _check_export(args.export, args.overwrite, cfg_bits)
+            if not os.path.abspath(args.export).startswith(out + os.sep):
+                writable_folder(os.path.abspath(args.export), "--export")
     try:
         model_args = json.loads(args.model_args) if args.model_args else {}
         if not isinstance(model_args, dict):
@@ -431,6 +421,22 @@ def run(args: argparse.Namespace) -> dict:
     images.close()
     shutil.rmtree(cache_path(out), ignore_errors=True)
     return report
+
+
+def writable_folder(path: str, flag: str) -> None:
+    """Refuse, before any work, a ``path`` that cannot be created: its nearest existing ancestor must be a folder
+    this process can write in (tried with a temporary file: permissions alone miss read-only file systems)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path!r}: {folder} is a file, not a folder; pick another path")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".lowbit-write-test-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise UserError(f"{flag} {path!r}: cannot write in {folder} ({e.strerror}); pick a writable folder") from None
 
 
 def _check_export(path: str, overwrite: bool, bits) -> None:

@@ -72,6 +72,18 @@ def test_run_export_refuses_existing(tmp_path, weights, capsys, imagenet_folder)
     assert fmt.read_manifest(ck)["bits"] == "w4a8"
 
 
+@pytest.mark.parametrize("device,msg", [("gpu", "unknown --device 'gpu'; use cpu or cuda[:N]"),
+                                        ("cuda", "--device cuda asked for but CUDA is not available"),
+                                        ("mps", "unsupported --device 'mps'; use cpu or cuda[:N]")])
+def test_infer_bad_device_is_one_error_line(tmp_path, capsys, imagenet_folder, device, msg):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is present on this machine")
+    assert infer_main(["--checkpoint", str(tmp_path / "none.lowbit"), "--val", str(imagenet_folder),
+                       "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and msg in err, err
+
+
 def test_infer_errors(tmp_path, capsys, imagenet_folder):
     assert infer_main(["--checkpoint", str(tmp_path / "none.lowbit"), "--val", str(imagenet_folder)]) == 2
     assert "not found" in capsys.readouterr().err

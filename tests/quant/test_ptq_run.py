@@ -156,6 +156,27 @@ def test_cli_stop_and_resume_equals_uninterrupted(tmp_path, checkpoint, capsys, 
     assert ra["losses"] == rb["losses"] and rb["steps"] == 5
 
 
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path, checkpoint, capsys, imagenet_folder, monkeypatch):
+    """``--out`` under a file or in a folder that cannot be written, ``--out`` naming a file even with
+    ``--overwrite``, and an ``--export`` folder that cannot be written: one error line, exit 2, before the model is
+    even built."""
+    from quant import run as RUN
+    monkeypatch.setattr(RUN, "load_model", lambda *a, **k: pytest.fail("built the model before refusing"))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [(["--out", str(afile / "out")], "is a file, not a folder"),
+             (["--out", str(afile), "--overwrite"], "is a file, not a folder; pick another path"),
+             (["--export", str(afile / "m.lowbit")], "--export")]
+    if os.path.isdir("/proc/self"):  # a read-only file system even for root
+        cases += [(["--out", "/proc/self/lowbit-out"], "cannot write in /proc/self"),
+                  (["--export", "/proc/self/m.lowbit"], "--export '/proc/self/m.lowbit': cannot write in")]
+    for extra, msg in cases:
+        assert main(_args(tmp_path / "runs" / "out", checkpoint, imagenet_folder, *extra)) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and msg in err, (extra, err)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(tmp_path, checkpoint, capsys, imagenet_folder,
                                                            monkeypatch):
     """Ctrl-C during the optimisation: exit status 130, one line naming the last checkpoint and --resume (no
