@@ -124,3 +124,17 @@ def stream(folder: ImageFolder, transform: Callable, batch_size: int, size: Opti
         folder.skipped += bad
         if x is not None:
             yield x, y
+
+
+def check_val_classes(folder: ImageFolder, num_classes: Optional[int], flag: str = "--val") -> Optional[str]:
+    """Labels are the sorted class folders' indices, so a labelled folder must hold exactly the model's classes:
+    more is a :class:`UserError`; fewer returns a warning (each folder is scored as the class of its rank, which
+    is the model's only by chance)."""
+    n = len(folder.classes)
+    if num_classes is None or n == num_classes:
+        return None
+    if n > num_classes:
+        raise UserError(f"{flag} has {n} class folders but the model predicts {num_classes} classes; pass a "
+                        f"validation folder of this model's classes")
+    return (f"{flag} holds {n} class folders of the model's {num_classes}: label i is the i-th folder in sorted "
+            f"order, so top-1 is meaningful only with a folder for every class")

@@ -37,6 +37,9 @@ def infer(checkpoint: str, val: str, batch_size: int = 32, size: Optional[int] =
     folder = D.scan(val, "--val")
     if not folder.classes:
         raise UserError(f"--val folder {val!r} has no class sub-folders; lay it out as root/<class>/<img>")
+    warning = D.check_val_classes(folder, getattr(model, "num_classes", None))
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     tf = transform_from(model.lowbit_manifest)
     hits = n = 0
     seconds = 0.0

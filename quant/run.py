@@ -308,10 +308,9 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     fp_model = load_model(args.model, args.checkpoint, model_args)
     if val_folder is not None:
-        n_cls = getattr(fp_model, "num_classes", None)
-        if n_cls is not None and len(val_folder.classes) > n_cls:
-            raise UserError(f"--val has {len(val_folder.classes)} class folders but the model predicts {n_cls} "
-                            f"classes; pass a validation folder of this model's classes")
+        warning = D.check_val_classes(val_folder, getattr(fp_model, "num_classes", None))
+        if warning and dist.is_main:
+            print(f"warning: {warning}", file=sys.stderr)
     transform = eval_transform(fp_model, spec)
     fp_model.to(device)
 

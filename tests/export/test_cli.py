@@ -84,6 +84,25 @@ def test_infer_bad_device_is_one_error_line(tmp_path, capsys, imagenet_folder, d
     assert err.startswith("error: ") and err.count("\n") == 1 and msg in err, err
 
 
+def test_infer_warns_on_a_folder_with_some_of_the_classes(tmp_path, weights, capsys, imagenet_folder, cifar_root):
+    """A --val folder of 10 classes for a 1,000-class model: scored, with one warning line that says why the top-1
+    may mean nothing; more class folders than the model has classes: refused (calib.data.check_val_classes)."""
+    from calib import data as D
+    from quant.errors import UserError
+    ck = tmp_path / "deit.lowbit"
+    assert _run(tmp_path / "run", weights, imagenet_folder, "--export", str(ck)) == 0
+    capsys.readouterr()
+    assert infer_main(["--checkpoint", str(ck), "--val", str(cifar_root / "test"), "--val-size", "8",
+                       "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert err == ("warning: --val holds 10 class folders of the model's 1000: label i is the i-th folder in sorted "
+                   "order, so top-1 is meaningful only with a folder for every class\n")
+    folder = D.scan(str(cifar_root / "test"))
+    assert D.check_val_classes(folder, 10) is None
+    with pytest.raises(UserError, match="has 10 class folders but the model predicts 4 classes"):
+        D.check_val_classes(folder, 4, "--val")
+
+
 def test_infer_errors(tmp_path, capsys, imagenet_folder):
     assert infer_main(["--checkpoint", str(tmp_path / "none.lowbit"), "--val", str(imagenet_folder)]) == 2
     assert "not found" in capsys.readouterr().err
