@@ -79,6 +79,7 @@ BAD = {
     "bad hard step size": (["--hard-step-size", "0"], "--hard-step-size must be > 0, got 0.0"),
     "no val images": (["--val-size", "0"], "--val-size must be >= 1, got 0"),
     "negative val size": (["--val-size", "-9990"], "--val-size must be >= 1, got -9990"),
+    "batch over images": (["--batch-size", "100000"], "--batch-size 100000 is larger than the 16 calibration images"),
     "bad augment": (["--augment", "flip,crop"], "--augment: unknown augmentation 'crop'; use 'none' or a comma list"),
 }
 
@@ -175,6 +176,22 @@ def test_unwritable_outputs_are_refused_before_any_work(tmp_path, checkpoint, ca
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and msg in err, (extra, err)
     assert not (tmp_path / "runs").exists()
+
+
+def test_small_calibration_folder_warns(tmp_path, checkpoint, capsys):
+    """A folder with fewer images than --calib-size: one warning line, the run calibrates on what there is."""
+    from tests.images import write_image_folder
+    few = write_image_folder(tmp_path / "few", ["a", "b"], 3)
+    args = _args(tmp_path / "out", checkpoint, few, "--batch-size", "4", "--fidelity-size", "0")
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert err == "warning: --data holds 6 images, fewer than --calib-size 16: calibrating on 6\n"
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["calib_images"] == 6
+    assert main(_args(tmp_path / "out2", checkpoint, few, "--batch-size", "4", "--fidelity-size", "4",
+                      "--invert-steps", "2")) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[1].startswith("warning: --data has no images beyond the 6 it calibrates on, so")
+    assert json.loads((tmp_path / "out2" / "report.json").read_text())["fidelity"]["source"] == "synthesized"
 
 
 def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(tmp_path, checkpoint, capsys, imagenet_folder,
