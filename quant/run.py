@@ -242,6 +242,15 @@ def cache_path(out: str) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
+    """The whole job for parsed ``args`` (see the module docstring); returns the report. ``--out`` is held
+    (:func:`claim_out`) from the end of the checks to the end of the run."""
+    try:
+        return _run(args)
+    finally:
+        release_out(args.out)
+
+
+def _run(args: argparse.Namespace) -> dict:
     t0 = time.time()
     try:
         cfg_bits = parse_bits(args.bits)
@@ -281,6 +290,7 @@ def run(args: argparse.Namespace) -> dict:
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {args.out!r} is a file, not a folder; pick another path")
     writable_folder(out, "--out")
+    claim_out(out)
     if args.export:
         if not export_given and (cfg_bits.act_float or args.act_correction or args.softmax_quantizer != "uniform"):
             args.export = None  # the model's default export does not apply to this configuration
@@ -432,6 +442,72 @@ def run(args: argparse.Namespace) -> dict:
     images.close()
     shutil.rmtree(cache_path(out), ignore_errors=True)
     return report
+
+
+_MADE: dict = {}
+
+
+def lock_path(out: str) -> str:
+    """The lock a running ``quant.run`` holds on its ``--out`` (its PID inside), removed when it ends."""
+    return os.path.abspath(out).rstrip(os.sep) + ".lock"
+
+
+def claim_out(out: str) -> None:
+    """Take ``--out`` for this process (rank 0 under torchrun), or refuse while another live run holds it: two runs
+    on one ``--out`` would replace each other's output. A lock left by a process that no longer runs is taken
+    over."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    path = lock_path(out)
+    made, folder = [], os.path.dirname(path)
+    while not os.path.exists(folder):
+        made.append(folder)
+        folder = os.path.dirname(folder)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _MADE[path] = made  # removed again if empty when the run ends
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(open(path).read().strip() or 0)
+                if pid in (0, os.getpid()):
+                    raise ProcessLookupError  # this process's own (an earlier run() in it), or unreadable
+                os.kill(pid, 0)
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                _remove(path)  # stale: its process is gone
+                continue
+            except PermissionError:
+                pass  # alive, another user's
+            raise UserError(f"--out {out!r} is being written by another quant.run (process {pid}); wait for it "
+                            f"or pick another --out") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return
+
+
+def release_out(out: Optional[str]) -> None:
+    """Remove this process's :func:`claim_out` lock, if it holds one."""
+    if not out:
+        return
+    path = lock_path(out)
+    try:
+        if int(open(path).read().strip() or 0) == os.getpid():
+            _remove(path)
+    except (OSError, ValueError):
+        pass
+    for folder in _MADE.pop(path, []):  # deepest first: the folders claim_out made, if nothing else went there
+        try:
+            os.rmdir(folder)
+        except OSError:
+            break
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def writable_folder(path: str, flag: str) -> None:

@@ -178,6 +178,29 @@ def test_unwritable_outputs_are_refused_before_any_work(tmp_path, checkpoint, ca
     assert not (tmp_path / "runs").exists()
 
 
+def test_second_run_on_the_same_out_is_refused(tmp_path, checkpoint, capsys, imagenet_folder):
+    """While a live process holds ``<out>.lock`` a second run on that --out is refused before any work; a lock left
+    by a dead process is taken over, and a finished run leaves none."""
+    import subprocess
+    import sys
+    from quant.run import lock_path
+    out = tmp_path / "runs" / "out"
+    out.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out.parent / "out.lock").write_text(str(holder.pid))
+        assert main(_args(out, checkpoint, imagenet_folder)) == 2
+        err = capsys.readouterr().err
+        assert f"is being written by another quant.run (process {holder.pid}); wait for it" in err
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock_path(str(out)) == str(out.parent / "out.lock")
+    assert main(_args(out, checkpoint, imagenet_folder)) == 0  # the holder is dead: its lock is taken over
+    assert sorted(os.listdir(out.parent)) == ["out"]
+
+
 def test_small_calibration_folder_warns(tmp_path, checkpoint, capsys):
     """A folder with fewer images than --calib-size: one warning line, the run calibrates on what there is."""
     from tests.images import write_image_folder
