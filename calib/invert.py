@@ -345,7 +345,7 @@ def write_image_folder(model, out: "str | Path", per_class: int, classes: Option
         t0 = time.perf_counter()
         lab = torch.tensor(batches[b], dtype=torch.long)
         imgs = synthesize(model, lab, cfg.for_batch(b), difficulty=b / max(1, nb - 1), seed=seed * 100003 + b,
-                          progress=False)
+                          progress=progress)  # a per-step bar under the batch bar: a batch takes minutes on a CPU
         for k, (img, c) in enumerate(zip(imgs, batches[b])):
             if c in todo_set:
                 _save_png(img, out / f".tmp-{class_dir_name(c, nc)}" / f"{b:05d}-{k:03d}.png")
