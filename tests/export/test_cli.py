@@ -103,6 +103,54 @@ def test_infer_warns_on_a_folder_with_some_of_the_classes(tmp_path, weights, cap
         D.check_val_classes(folder, 4, "--val")
 
 
+def test_predict_unlabelled_images(tmp_path, weights, capsys, imagenet_folder):
+    """``--images DIR``: the top-k classes of every image (nested folders, grayscale, a corrupt file skipped with a
+    warning), printed or written as JSON / CSV, equal to the loaded model's softmax on the checkpoint's
+    preprocessing."""
+    import csv
+    from calib import data as D
+    from export.infer import transform_from
+    from tests.images import write_image_folder
+    ck = tmp_path / "deit.lowbit"
+    assert _run(tmp_path / "run", weights, imagenet_folder, "--export", str(ck)) == 0
+    pics = tmp_path / "pics"
+    write_image_folder(pics / "a" / "deep", ["x"], 2, sizes=[(50, 70)], gray_every=2)
+    write_image_folder(pics, ["b"], 3, sizes=[(40, 40)], ext=".png")
+    (pics / "broken.jpg").write_bytes(b"not an image")
+    capsys.readouterr()
+    assert infer_main(["--checkpoint", str(ck), "--images", str(pics), "--top-k", "3", "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert len(lines) == 5 and all(len(line.split("  ")) == 4 for line in lines)
+    assert err.startswith("warning: 1 unreadable files skipped (first: ") and "broken.jpg" in err
+    js = tmp_path / "p.json"
+    assert infer_main(["--checkpoint", str(ck), "--images", str(pics), "--top-k", "3", "--output", str(js),
+                       "--no-progress", "--batch-size", "2"]) == 0
+    rows = json.loads(js.read_text())
+    m = export.load(ck)
+    tf = transform_from(m.lowbit_manifest)
+    x = torch.stack([tf(D.load_rgb(r["path"])) for r in rows])
+    with torch.no_grad():
+        ref = m(x).softmax(-1).topk(3)
+    assert [[t["class"] for t in r["top"]] for r in rows] == ref.indices.tolist()
+    torch.testing.assert_close(torch.tensor([[t["prob"] for t in r["top"]] for r in rows]), ref.values)
+    assert [line.split("  ")[0] for line in lines] == [r["path"] for r in rows]
+    cs = tmp_path / "p.csv"
+    assert infer_main(["--checkpoint", str(ck), "--images", str(pics), "--top-k", "2", "--output", str(cs),
+                       "--no-progress"]) == 0
+    table = list(csv.reader(cs.open()))
+    assert table[0] == ["path", "class1", "prob1", "class2", "prob2"] and len(table) == 6
+    capsys.readouterr()
+    for bad, msg in ((["--output", str(tmp_path / "p.txt")], "name a .json or .csv file"),
+                     (["--top-k", "0"], "--top-k must be >= 1"),
+                     (["--output", str(tmp_path / "nope" / "p.json")], "its folder does not exist")):
+        assert infer_main(["--checkpoint", str(ck), "--images", str(pics), *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and msg in err, err
+    with pytest.raises(SystemExit):
+        infer_main(["--checkpoint", str(ck), "--images", str(pics), "--val", str(pics)])
+
+
 def test_infer_errors(tmp_path, capsys, imagenet_folder):
     assert infer_main(["--checkpoint", str(tmp_path / "none.lowbit"), "--val", str(imagenet_folder)]) == 2
     assert "not found" in capsys.readouterr().err
