@@ -103,6 +103,24 @@ def test_infer_warns_on_a_folder_with_some_of_the_classes(tmp_path, weights, cap
         D.check_val_classes(folder, 4, "--val")
 
 
+def test_infer_refuses_more_class_folders_than_classes(tmp_path, capsys, imagenet_folder, cifar_root):
+    """A 4-class model on a 10-class --val folder: one error line, exit 2 (it scored 0.00% and exited 0)."""
+    small = {**SMALL, "num_classes": 4}
+    torch.manual_seed(0)
+    w = tmp_path / "w4.pth"
+    torch.save(timm.create_model("deit_tiny_patch16_224", pretrained=False, **small).state_dict(), w)
+    ck = tmp_path / "four.lowbit"
+    assert run_main(["--model", "deit_t", "--bits", "w4a8", "--data", str(imagenet_folder), "--out",
+                     str(tmp_path / "run"), "--checkpoint", str(w), "--model-args", json.dumps(small), "--calib-size",
+                     "8", "--init-size", "8", "--iters", "1", "--batch-size", "8", "--no-progress", "--workers", "0",
+                     "--fidelity-size", "0", "--export", str(ck)]) == 0
+    capsys.readouterr()
+    assert infer_main(["--checkpoint", str(ck), "--val", str(cifar_root / "test"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: --val has 10 class folders but the model predicts 4 classes; pass a validation folder "
+                   "of this model's classes\n")
+
+
 def test_predict_unlabelled_images(tmp_path, weights, capsys, imagenet_folder):
     """``--images DIR``: the top-k classes of every image (nested folders, grayscale, a corrupt file skipped with a
     warning), printed or written as JSON / CSV, equal to the loaded model's softmax on the checkpoint's
