@@ -306,15 +306,18 @@ def _run(args: argparse.Namespace) -> dict:
         raise UserError(f"--model-args must be a JSON object such as '{{\"img_size\": 64}}' ({e})") from None
     calib_folder = None if args.data == INVERT else D.scan(args.data, "--data")
     n_calib = args.calib_size if calib_folder is None else min(args.calib_size, len(calib_folder))
-    if args.batch_size > n_calib:
-        raise UserError(f"--batch-size {args.batch_size} is larger than the {n_calib} calibration images; use "
-                        f"--batch-size {n_calib} or fewer (or more images)")
-    if n_calib < args.calib_size and int(os.environ.get("RANK", "0")) == 0:
+    speak = int(os.environ.get("RANK", "0")) == 0
+    if n_calib < args.calib_size and speak:
         print(f"warning: --data holds {n_calib} images, fewer than --calib-size {args.calib_size}: calibrating on "
               f"{n_calib}", file=sys.stderr)
+    if args.batch_size > n_calib:  # a batch would hold every image several times over (and the memory for it)
+        if speak:
+            print(f"warning: --batch-size {args.batch_size} is larger than the {n_calib} calibration images: "
+                  f"using --batch-size {n_calib}", file=sys.stderr)
+        args.batch_size = n_calib
     val_folder = D.scan(args.val, "--val") if args.val else None
     if (calib_folder is not None and val_folder is None and args.fidelity_size != 0
-            and len(calib_folder) <= n_calib and int(os.environ.get("RANK", "0")) == 0):
+            and len(calib_folder) <= n_calib and speak):
         print(f"warning: --data has no images beyond the {n_calib} it calibrates on, so the fidelity check will "
               f"synthesize its held-out images (about one more synthesis batch of time); --val DIR or "
               f"--fidelity-size 0 avoids that", file=sys.stderr)

@@ -79,7 +79,6 @@ BAD = {
     "bad hard step size": (["--hard-step-size", "0"], "--hard-step-size must be > 0, got 0.0"),
     "no val images": (["--val-size", "0"], "--val-size must be >= 1, got 0"),
     "negative val size": (["--val-size", "-9990"], "--val-size must be >= 1, got -9990"),
-    "batch over images": (["--batch-size", "100000"], "--batch-size 100000 is larger than the 16 calibration images"),
     "bad augment": (["--augment", "flip,crop"], "--augment: unknown augmentation 'crop'; use 'none' or a comma list"),
 }
 
@@ -202,7 +201,8 @@ def test_second_run_on_the_same_out_is_refused(tmp_path, checkpoint, capsys, ima
 
 
 def test_small_calibration_folder_warns(tmp_path, checkpoint, capsys):
-    """A folder with fewer images than --calib-size: one warning line, the run calibrates on what there is."""
+    """A folder with fewer images than --calib-size: one warning line, the run calibrates on what there is; a batch
+    larger than the images is cut to them with a warning (it repeated images, and a huge one filled the memory)."""
     from tests.images import write_image_folder
     few = write_image_folder(tmp_path / "few", ["a", "b"], 3)
     args = _args(tmp_path / "out", checkpoint, few, "--batch-size", "4", "--fidelity-size", "0")
@@ -215,6 +215,10 @@ def test_small_calibration_folder_warns(tmp_path, checkpoint, capsys):
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and err[1].startswith("warning: --data has no images beyond the 6 it calibrates on, so")
     assert json.loads((tmp_path / "out2" / "report.json").read_text())["fidelity"]["source"] == "synthesized"
+    assert main(_args(tmp_path / "out3", checkpoint, few, "--batch-size", "100000", "--fidelity-size", "0")) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[1] == "warning: --batch-size 100000 is larger than the 6 calibration images: using --batch-size 6"
+    assert json.loads((tmp_path / "out3" / "report.json").read_text())["batch_size"] == 6
 
 
 def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(tmp_path, checkpoint, capsys, imagenet_folder,
