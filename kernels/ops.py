@@ -402,7 +402,7 @@ def linear_float_weight(a: Tensor, a_qp: QParams, w: Tensor, w_scale: Tensor, w_
     f32 = dict(dtype=torch.float32, device=a.device)
     sw = torch.as_tensor(w_scale, **f32).reshape(n, 1)
     zr = P.round_zero_point(torch.as_tensor(w_zero, **f32).reshape(n, 1), w_bits)
-    q = torch.clamp(torch.round(w.float() / sw) + zr, 0, P.qmax(w_bits))
+    q = P.code_values(w, sw, zr, w_bits)
     centered = P.qmax(w_bits) <= 127
     zw = (zr - P.code_offset(w_bits)).to(torch.int32)  # the zero point of the int8 storage form
     q8 = (q - (zr if centered else P.code_offset(w_bits))).to(torch.int8)

@@ -143,10 +143,16 @@ def quantize(x: Tensor, s: Tensor, z: Tensor, bits, signed: bool = False) -> Ten
     z = torch.as_tensor(z, dtype=torch.float32, device=x.device)
     check_bits(bits)
     check_qparams(x, s, z)
-    q = torch.clamp(torch.round(x.float() / s) + round_zero_point(z, bits), 0, qmax(bits))
+    q = code_values(x, s, round_zero_point(z, bits), bits)
     if signed:
         return (q - code_offset(bits)).to(torch.int8)
     return q.to(torch.uint8)
+
+
+def code_values(x: Tensor, s: Tensor, zr: Tensor, bits) -> Tensor:
+    """The unsigned codes ``clamp(round(x / s) + zr, 0, qmax)`` as float32 (``zr`` the rounded zero point; no
+    checks): the one formula behind :func:`quantize` and the optimiser's weight codes."""
+    return torch.clamp(torch.round(x.float() / s) + zr, 0, qmax(bits))
 
 
 def unsigned_codes(q: Tensor, bits) -> Tensor:

@@ -216,3 +216,19 @@ def test_int_gemm_exact_on_both_float_paths(k, hi):
     got = P.int_gemm(a, w, -3, zw)
     want = ((a.long() + 3)[..., None, :] * (w.long() - zw[:, None])).sum(-1)
     assert got.dtype == torch.int32 and torch.equal(got.long(), want)
+
+
+@pytest.mark.parametrize("hw", [(16, 24), (18, 27)])
+def test_unpatchify_is_the_gradient_of_patchify(gen, hw):
+    """``unpatchify`` inverts ``patchify`` and, where H, W leave a remainder, is exactly patchify's autograd
+    gradient (zeros where the remainder was dropped)."""
+    x = torch.randn(2, 3, *hw, generator=gen, requires_grad=True)
+    y = P.patchify(x, (4, 3))
+    g = torch.randn(y.shape, generator=gen)
+    (ref,) = torch.autograd.grad(y, x, g)
+    got = P.unpatchify(g, (4, 3), x.shape)
+    assert torch.equal(got, ref)
+    kh, kw = hw[0] // 4 * 4, hw[1] // 3 * 3
+    assert torch.equal(P.unpatchify(y.detach(), (4, 3), x.shape)[:, :, :kh, :kw], x.detach()[:, :, :kh, :kw])
+    assert bool((got[:, :, kh:] == 0).all() and (got[:, :, :, kw:] == 0).all())
+    assert hw == (16, 24) or got[:, :, kh:].numel() > 0  # the second case has a dropped remainder
