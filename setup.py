@@ -7,8 +7,8 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["kernels*", "quant*", "calib*", "export*"]),
-    package_data={"quant": ["zoo/*.safetensors", "zoo/*.json"]},
+    packages=find_packages(include=["lowbit*", "kernels*", "quant*", "calib*", "export*"]),
+    package_data={"lowbit": ["zoo/*.safetensors", "zoo/*.json"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

@@ -93,7 +93,7 @@ def _csv(values: str, allowed=None, what: str = "") -> List[str]:
 
 
 def _bits_list(v: str) -> List[str]:
-    from quant.bits import parse_bits
+    from lowbit.bits import parse_bits
     items = _csv(v, what="bits")
     for b in items:
         try:
@@ -160,8 +160,9 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Fill unset pass-through flags with what ``quant.run`` would use for ``--model`` (its ``run_defaults``)."""
     import torch
 
-    from quant.models import resolve
-    from quant.run import RUN_DEFAULTS, build_parser as run_parser
+    from lowbit.models import resolve
+    from quant.run import RUN_DEFAULTS
+    from quant.run import build_parser as run_parser
     run_ns = run_parser().parse_args(["--model", args.model, "--bits", "w8a8"])
     defaults = {**RUN_DEFAULTS, **(resolve(args.model).run_defaults or {}),
                 "correction_iters": run_ns.correction_iters, "workers": run_ns.workers,
@@ -293,9 +294,9 @@ def equal_time_iters(args: argparse.Namespace, bits: str, probe_iters: int = 5, 
     import torch
 
     from calib.invert import model_io
-    from quant.bits import parse_bits
+    from lowbit.bits import parse_bits
+    from lowbit.models import load_model
     from quant.calibrate import calibrate
-    from quant.models import load_model
     from quant.modules import set_forward
     from quant.optimize import OptimConfig, optimize
     from quant.run import build_parser as run_parser
@@ -323,7 +324,8 @@ def equal_time_iters(args: argparse.Namespace, bits: str, probe_iters: int = 5, 
 def run_cell(cell: Cell, args: argparse.Namespace, workdir: str, invert_cache: Optional[str]) -> dict:
     """Run ``cell`` through ``quant.run.run`` in a temporary ``--out`` under ``workdir``; return its record
     (``e2e+eqt``: ``--iters`` from :func:`equal_time_iters`, kept under ``budget``)."""
-    from quant.run import build_parser as run_parser, run
+    from quant.run import build_parser as run_parser
+    from quant.run import run
     out = tempfile.mkdtemp(prefix="cell-", dir=workdir)
     os.rmdir(out)
     budget = equal_time_iters(args, cell.bits) if "eqt" in variants_of(cell.method) else None
@@ -363,8 +365,9 @@ def synthesize_once(args: argparse.Namespace, folder: str, synthesis: str = "low
     has no record), 0 when ``folder`` was complete already."""
     import torch
 
-    from quant.models import load_model
-    from quant.run import build_parser as run_parser, synthesize_calibration
+    from lowbit.models import load_model
+    from quant.run import build_parser as run_parser
+    from quant.run import synthesize_calibration
     done = folder + ".done"
     if os.path.exists(done):
         return 0.0
@@ -423,8 +426,8 @@ def run_all(args: argparse.Namespace) -> dict:
 
 
 def _versions() -> str:
-    import torch
     import timm
+    import torch
     return f"python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}"
 
 
@@ -640,7 +643,7 @@ def tsne_section(t: dict) -> List[str]:
 
 
 def _bits_order(b: str):
-    from quant.bits import parse_bits
+    from lowbit.bits import parse_bits
     c = parse_bits(b)
     return (c.w_bits, c.a_bits)
 
@@ -714,7 +717,7 @@ def render(out: str) -> Dict[str, str]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from quant.errors import UserError
+    from lowbit.errors import UserError
     args = build_parser().parse_args(argv)
     if not args.render_only:
         try:

@@ -19,8 +19,8 @@ def measure(bits: str, rounds: int, batch_size: int, seed: int = 0) -> dict:
     """Median seconds per e2e step of each forward (after one warm-up step each)."""
     import torch
 
+    from lowbit.models import load_model
     from quant.calibrate import calibrate
-    from quant.models import load_model
     from quant.modules import FORWARDS, set_forward
     from quant.optimize import OptimConfig, e2e_loss
     from quant.surgery import quantize_model
@@ -58,7 +58,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.rounds < 1 or args.batch_size < 1 or args.threads < 1:
         print("error: --rounds, --batch-size and --threads must be >= 1", file=sys.stderr)
         return 2
-    from quant.bits import parse_bits
+    from lowbit.bits import parse_bits
     bits_list = [b.strip() for b in args.bits.split(",") if b.strip()]
     try:
         for b in bits_list:

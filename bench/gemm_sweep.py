@@ -11,13 +11,21 @@ dot within 7% of the shipped loop either way, and dropping the sums (if the quan
 10-20% at int8. The kernel now drops them for centred weight codes ``w - zw`` (``W_CENTERED``, what every packed
 format runs after the unpack); the ``"centred"`` variant rows time that.
 """
-import json, os, sys, time, itertools
+import itertools
+import json
 import multiprocessing as mp
-import torch, triton
-sys.path.insert(0, os.getcwd())
-from kernels import library as L, configs as C
-from quant import packing, primitives as P
+import os
+import sys
+import time
 
+import torch
+import triton
+
+sys.path.insert(0, os.getcwd())
+from kernels import configs as C
+from kernels import library as L
+from lowbit import packing
+from lowbit import primitives as P
 
 BITS = {"2bit": 1.58, "int3": 3, "int4": 4, "int8": 8}
 CFGS = [(16, 64, 128, 4, 4), (32, 64, 64, 4, 3), (64, 64, 128, 4, 4), (64, 128, 128, 8, 3), (32, 128, 128, 4, 3),

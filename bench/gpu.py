@@ -118,9 +118,9 @@ def _gemm_problem(dev, m, k, n, wbits, abits, seed=0):
     import torch
 
     from kernels import ops
-    from quant import packing
-    from quant import primitives as P
-    from quant.primitives import QParams
+    from lowbit import packing
+    from lowbit import primitives as P
+    from lowbit.primitives import QParams
     g = _gen(dev, seed)
     x = torch.randn(m, k, device=dev, generator=g) * (torch.rand(k, device=dev, generator=g) * 2.7 + 0.3)
     w = torch.randn(n, k, device=dev, generator=g) * (torch.rand(n, 1, device=dev, generator=g) + 0.2)
@@ -162,8 +162,8 @@ def section_checks(b: Bench) -> None:
 
     from kernels import ops
     from kernels import reference as R
-    from quant import primitives as P
-    from quant.primitives import QParams
+    from lowbit import primitives as P
+    from lowbit.primitives import QParams
     dev = b.dev
     m, c = (6, 64) if b.dry else (197 * 8, 768)
     g = _gen(dev, 1)
@@ -300,7 +300,10 @@ def _layernorm_config_sweep(b: Bench, x, lw, lb, qp, case: str, nbytes: int) -> 
     warp counts (a failed check where its codes differ from the shipped config's), to choose the config from a GPU
     run."""
     import torch
-    from kernels import configs as C, library as L, ops
+
+    from kernels import configs as C
+    from kernels import library as L
+    from kernels import ops
     from kernels.ops import _act_qparams
     s, zr = _act_qparams(x, qp)
     ref = ops.layernorm_quantize(x, lw, lb, 1e-6, qp)
@@ -331,6 +334,7 @@ def _attention_config_sweep(b: Bench, case: str, flops: float, run) -> None:
     :func:`kernels.configs.attention_config` replaced by each of :data:`ATTENTION_CONFIGS` (a failed check where
     the codes differ from the shipped config's), to choose the tiles from a GPU run."""
     import torch
+
     from kernels import configs as C
     ref = run()
     real = C.attention_config
@@ -359,8 +363,8 @@ def section_kernels(b: Bench) -> None:
 
     from kernels import configs as C
     from kernels import ops
-    from quant import primitives as P
-    from quant.primitives import QParams
+    from lowbit import primitives as P
+    from lowbit.primitives import QParams
     dev = b.dev
     _triton(True)
     batches = (1,) if b.dry else (1, 8, 64)
@@ -466,7 +470,7 @@ COMPILED_BATCHES = (1, 64)  # each batch size compiles (and captures CUDA graphs
 def _float_model(arch: str, args: dict):
     import timm
 
-    from quant.models import resolve
+    from lowbit.models import resolve
     return timm.create_model(resolve(arch).timm_name, pretrained=False, **args).eval()
 
 

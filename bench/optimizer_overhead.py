@@ -37,8 +37,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from calib.common import atomic_write_json, atomic_write_text
 from kernels import ops
 from kernels.launch import Launch
+from lowbit.models import resolve
 from quant.calibrate import calibrate
-from quant.models import resolve
 from quant.optimize import OptimConfig, _Capture, _make_optim, _units, kl_logits, train_step
 from quant.surgery import blocks, quantize_model
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _report import record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,8 +33,8 @@ def _checkpoint(tmp: Path) -> Path:
     import copy
 
     import export
+    from lowbit.models import load_model
     from quant.calibrate import calibrate
-    from quant.models import load_model
     from quant.surgery import quantize_model
     fp = load_model("demo")
     q = calibrate(quantize_model(copy.deepcopy(fp), "w4a4"),
@@ -46,7 +45,7 @@ def _checkpoint(tmp: Path) -> Path:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     import export
-    from quant.models import load_model
+    from lowbit.models import load_model
     path = _checkpoint(tmp_path_factory.mktemp("ckpt"))
     fp = load_model("demo").eval()
     out = {"baseline float timm": fp, "lowbit fast int8": export.load(path, fast="int8"),

@@ -8,13 +8,12 @@ if not torch.cuda.is_available():
     pytest.skip("no CUDA device: the benchmarks time compiled Triton kernels on a GPU", allow_module_level=True)
 
 import torch.nn.functional as F  # noqa: E402
+from _report import record  # noqa: E402
 
 from kernels import ops  # noqa: E402
-from quant import packing  # noqa: E402
-from quant import primitives as P  # noqa: E402
-from quant.primitives import QParams  # noqa: E402
-
-from _report import record  # noqa: E402
+from lowbit import packing  # noqa: E402
+from lowbit import primitives as P  # noqa: E402
+from lowbit.primitives import QParams  # noqa: E402
 
 DEV = "cuda"
 BATCHES = (1, 8, 64)

@@ -122,7 +122,7 @@ def sample_images(root: str, classes: Sequence[int], per_class: int, transform, 
                   what: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """Up to ``per_class`` seeded decodable images of each of ``classes`` from the ImageFolder ``root``."""
     from calib import data as D
-    from quant.errors import UserError
+    from lowbit.errors import UserError
 
     folder = D.scan(root, what)
     labels = class_labels(folder)
@@ -267,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict:
     """Make the figure; returns the JSON record."""
     from calib.invert import InvertConfig, class_dir_name, write_image_folder
-    from quant.errors import UserError
-    from quant.models import eval_transform, load_model, resolve
+    from lowbit.errors import UserError
+    from lowbit.models import eval_transform, load_model, resolve
 
     if args.threads is not None:
         if args.threads < 1:
@@ -368,7 +368,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from quant.errors import UserError
+    from lowbit.errors import UserError
 
     args = build_parser().parse_args(argv)
     try:

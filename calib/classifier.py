@@ -9,19 +9,19 @@ import os
 import torch
 import torch.nn.functional as F
 
+from calib.common import hub_cache_only_when_offline
+from lowbit.errors import UserError
+from lowbit.models import resolve
+
 
 def load_classifier(name: str, checkpoint: str | None = None) -> torch.nn.Module:
-    """A frozen eval-mode timm model; ``name`` is a timm name or an alias of :mod:`quant.models`' registry.
+    """A frozen eval-mode timm model; ``name`` is a timm name or an alias of :mod:`lowbit.models`' registry.
 
     ``checkpoint``: local weights file (timm/original format) used instead of downloading pretrained weights.
     Without it the hub is asked only when reachable (else the local cache). Failures raise
-    :class:`quant.errors.UserError` naming the fix.
+    :class:`lowbit.errors.UserError` naming the fix.
     """
     import timm
-
-    from calib.common import hub_cache_only_when_offline
-    from quant.errors import UserError
-    from quant.models import resolve
 
     spec = resolve(name)
     arch = spec.timm_name

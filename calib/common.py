@@ -12,6 +12,9 @@ from typing import Callable
 
 import torch
 
+from lowbit.errors import UserError
+from lowbit.models import hub_reachable
+
 
 @functools.lru_cache(maxsize=None)
 def imagenet_info():
@@ -39,8 +42,7 @@ def imagenet_wnids() -> tuple[str, ...]:
 def own_entries(out: Path, is_own: Callable[[Path, set], bool], what: str) -> list:
     """Sorted visible entries of an existing ``--out`` (``[]`` when it does not exist), each of which
     ``is_own(entry, wnids)`` must accept as this command's output (``what`` names it in the error); raises
-    :class:`quant.errors.UserError` for a file or foreign entries."""
-    from quant.errors import UserError
+    :class:`lowbit.errors.UserError` for a file or foreign entries."""
     if not out.exists():
         return []
     if not out.is_dir():
@@ -142,9 +144,7 @@ def atomic_write_json(obj, path) -> None:
 def hub_online() -> bool:
     """Whether the Hugging Face hub may be used: ``HF_HUB_OFFLINE`` unset and a TCP connection to it opens (3 s)."""
     from huggingface_hub import constants as hf
-
-    from quant.models import _hub_reachable
-    return not hf.HF_HUB_OFFLINE and _hub_reachable(hf.ENDPOINT)
+    return not hf.HF_HUB_OFFLINE and hub_reachable(hf.ENDPOINT)
 
 
 @contextlib.contextmanager
@@ -162,9 +162,8 @@ def hub_cache_only_when_offline():
 
 
 def cli_main(run: Callable[[], None]) -> int:
-    """Call ``run()``; a :class:`quant.errors.UserError` becomes one ``error: ...`` line on stderr (rank 0 only under
+    """Call ``run()``; a :class:`lowbit.errors.UserError` becomes one ``error: ...`` line on stderr (rank 0 only under
     torchrun: every rank validates the same inputs) and exit status 2."""
-    from quant.errors import UserError
 
     try:
         run()

@@ -24,9 +24,18 @@ from PIL import Image
 from tqdm import tqdm
 
 from calib import sd_turbo as S
-from calib.common import (class_name, cli_main, finish_distributed, imagenet_info, imagenet_wnids, own_entries,
-                          parse_classes, setup_distributed, shard)
-from quant.errors import UserError
+from calib.common import (
+    class_name,
+    cli_main,
+    finish_distributed,
+    imagenet_info,
+    imagenet_wnids,
+    own_entries,
+    parse_classes,
+    setup_distributed,
+    shard,
+)
+from lowbit.errors import UserError
 
 PHOTO_ADJECTIVES = ("good", "close-up", "bright", "dark", "cropped", "clean", "blurry", "sharp", "natural",
                     "realistic", "nice", "low-light", "wide-angle", "detailed", "professional", "casual")

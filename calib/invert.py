@@ -50,6 +50,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from lowbit.errors import UserError
+from lowbit.models import load_model
 
 SYNTHESES = ("lowbit", "psaq")
 
@@ -385,8 +387,6 @@ def main(argv=None):
                     help="image prior: smooth (default), noise (the first recipe) or mixed (batches alternate)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    from quant.errors import UserError
-    from quant.models import load_model
 
     try:
         model = load_model(args.model, args.checkpoint)

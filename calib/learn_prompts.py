@@ -34,9 +34,17 @@ from tqdm import tqdm
 
 from calib import sd_turbo as S
 from calib.classifier import Preprocess, attention_modules, classify, load_classifier
-from calib.common import (atomic_torch_save, cli_main, finish_distributed, imagenet_info, own_entries,
-                          parse_classes, setup_distributed, shard)
-from quant.errors import UserError
+from calib.common import (
+    atomic_torch_save,
+    cli_main,
+    finish_distributed,
+    imagenet_info,
+    own_entries,
+    parse_classes,
+    setup_distributed,
+    shard,
+)
+from lowbit.errors import UserError
 
 
 @dataclass

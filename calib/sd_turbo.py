@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+from calib.common import hub_online
+from lowbit.errors import UserError
+
 DEFAULT_SD = "stabilityai/sd-turbo"
 
 
@@ -65,12 +68,9 @@ OFFLINE_HINT = (f"offline, download '{DEFAULT_SD}' elsewhere (e.g. `huggingface-
 def check_sd_path(path: str) -> None:
     """Fail fast, before anything heavy is loaded, when ``path`` (``--sd-path``) can not give a pipeline: a local
     folder without ``model_index.json``, a missing path that is no hub id, or a hub id that is not in the local cache
-    while the hub is unreachable. Raises :class:`quant.errors.UserError`."""
+    while the hub is unreachable. Raises :class:`lowbit.errors.UserError`."""
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    from calib.common import hub_online
-    from quant.errors import UserError
 
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "model_index.json")):
@@ -90,13 +90,10 @@ def check_sd_path(path: str) -> None:
 def load_sd_turbo(path: str = DEFAULT_SD) -> SDTurbo:
     """Load SD-Turbo (a diffusers folder or hub id) with its scheduler set to Euler, trailing spacing.
 
-    Hub ids are read from the local cache only when the hub is unreachable. :class:`quant.errors.UserError` on
+    Hub ids are read from the local cache only when the hub is unreachable. :class:`lowbit.errors.UserError` on
     failure."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
-
-    from calib.common import hub_online
-    from quant.errors import UserError
 
     check_sd_path(path)
     local_only = os.path.isdir(path) or not hub_online()

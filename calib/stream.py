@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from calib import data as D
-from quant.errors import UserError
+from lowbit.errors import UserError
 
 CACHE_VERSION = 1
 

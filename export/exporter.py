@@ -2,7 +2,7 @@
 
 Tensors (see :mod:`export.format` for the file and its manifest):
 
-* ``quant.<layer>.w.<plane>``: packed weight codes (``quant.packing``: ``2bit`` ternary, ``int3`` lo/hi planes,
+* ``quant.<layer>.w.<plane>``: packed weight codes (``lowbit.packing``: ``2bit`` ternary, ``int3`` lo/hi planes,
   ``int4`` nibbles, ``int8`` signed for 6/8 bits) of the folded weight ``W' = (W + dW) * r``;
   ``quant.<layer>.w_scale`` fp32 ``[N]``, ``w_zero`` uint8 ``[N]`` (unsigned), ``bias`` fp32 ``[N]``
   (``b' = b + (W + dW) @ shift``), ``in_s``/``in_z`` fp32 0-d (the input's per-tensor quantizer);
@@ -33,13 +33,14 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from torch import Tensor, nn
 from timm.layers import Mlp
+from torch import Tensor, nn
 
-from quant import packing
-from quant.bits import parse_bits
+from lowbit import packing
+from lowbit.bits import parse_bits
+from lowbit.models import input_size, resolve
+from lowbit.primitives import SULQParams
 from quant.modules import ActCorrection, QuantAttentionCore, QuantConv2dPatch, QuantLayerNorm, QuantLinear
-from quant.primitives import SULQParams
 from quant.surgery import QuantViTAttention, QuantWindowAttention, fusable_norm
 
 from . import format as fmt
@@ -202,8 +203,7 @@ def round_float_tensors_(qmodel: nn.Module) -> nn.Module:
 
 
 def default_preprocess(qmodel: nn.Module, arch: str) -> dict:
-    """Eval transform fields as :func:`quant.models.eval_transform` builds them (bicubic, crop, mean/std)."""
-    from quant.models import input_size, resolve
+    """Eval transform fields as :func:`lowbit.models.eval_transform` builds them (bicubic, crop, mean/std)."""
     spec = resolve(arch)
     cfg = getattr(qmodel, "pretrained_cfg", {}) or {}
     return {"input_size": input_size(qmodel), "crop_pct": spec.crop_pct, "interpolation": "bicubic",
@@ -215,11 +215,10 @@ def export_model(qmodel: nn.Module, path: "str | os.PathLike", arch: str, config
                  bits=None, overwrite: bool = False, preprocess: Optional[dict] = None) -> Path:
     """Write ``qmodel`` (a quantized, calibrated timm ViT/DeiT/Swin) to ``path`` atomically.
 
-    ``arch``: alias or timm name the skeleton is rebuilt from (``quant.models.resolve``); ``config``: its
+    ``arch``: alias or timm name the skeleton is rebuilt from (``lowbit.models.resolve``); ``config``: its
     constructor kwargs; ``bits``: the spec (default ``qmodel.quant_bits``). Refuses an existing ``path`` unless
     ``overwrite``.
     """
-    from quant.models import resolve
     spec = resolve(arch)
     cfg = parse_bits(bits if bits is not None else getattr(qmodel, "quant_bits", None) or "")
     if cfg.act_float:

@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from quant import packing
-from quant import primitives as P
+from lowbit import packing
+from lowbit import primitives as P
 
 BACKENDS = ("int8", "float")
 EXACT_F32 = 2 ** 24
@@ -97,7 +97,7 @@ def check_backend(backend: Optional[str]) -> str:
 
 
 def check_qparams(name: str, s: Tensor, z: Tensor) -> None:
-    """The per-call checks of :func:`quant.primitives.quantize` on the quantizer, done once (ValueError naming it)."""
+    """The per-call checks of :func:`lowbit.primitives.quantize` on the quantizer, done once (ValueError naming it)."""
     try:
         P.check_step(torch.as_tensor(s, dtype=torch.float32))
         P._check_finite("zero point z", torch.as_tensor(z, dtype=torch.float32))

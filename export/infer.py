@@ -22,7 +22,7 @@ import torch
 
 from calib import data as D
 from calib.common import atomic_write_text
-from quant.errors import UserError, check_device
+from lowbit.errors import UserError, check_device
 
 from . import format as fmt
 from .loader import load

@@ -1,6 +1,6 @@
 """``load(path)``: rebuild the inference model of a packed checkpoint (weights stay packed in memory).
 
-The float skeleton comes from the manifest (``quant.models.resolve(architecture)``: the registry loader or
+The float skeleton comes from the manifest (``lowbit.models.resolve(architecture)``: the registry loader or
 ``timm.create_model(timm_name, pretrained=False, **model_args)``) or from the caller (``model=``); its quantized
 layers are replaced by :mod:`export.runtime` modules built from the packed tensors, fused LayerNorms become
 ``nn.Identity``, blocks listed in the manifest's ``act_correction`` get their fp32 correction matrix
@@ -13,23 +13,30 @@ import os
 from typing import Dict, Optional
 
 import torch
-from torch import Tensor, nn
 from timm.layers import Mlp
+from torch import Tensor, nn
 
-from quant import packing
-from quant.primitives import QParams, SULQParams
+from lowbit import packing
+from lowbit.models import resolve
+from lowbit.primitives import QParams, SULQParams
 
 from . import fast as FA
 from . import format as fmt
 from .exporter import FLOAT, QUANT
-from .runtime import (PackedLinear, PackedMlp, PackedPatchEmbed, PackedViTAttention, PackedWindowAttention,
-                      attach_correction, prepare_fast)
+from .runtime import (
+    PackedLinear,
+    PackedMlp,
+    PackedPatchEmbed,
+    PackedViTAttention,
+    PackedWindowAttention,
+    attach_correction,
+    prepare_fast,
+)
 
 CheckpointError = fmt.CheckpointError
 
 
 def _skeleton(manifest: dict, path) -> nn.Module:
-    from quant.models import resolve
     arch, args = manifest.get("architecture"), manifest.get("model_args", {})
     try:
         spec = resolve(arch)

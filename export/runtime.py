@@ -4,7 +4,7 @@ They replace the matching modules of a float timm skeleton (see :func:`export.lo
 
 * :class:`PackedLinear`: ``y = act(sa * sw[n] * sum_k (a - za)(w[n, k] - zw[n]) + bias[n])`` with
   ``a = quantize(LN'(x))`` (LayerNorm fused, rescale/shift folded into its affine), ``a = quantize((x - shift) / r)``
-  or ``a = quantize(x)``; ``w`` a :class:`quant.packing.PackedWeight`.
+  or ``a = quantize(x)``; ``w`` a :class:`lowbit.packing.PackedWeight`.
 * :class:`PackedMlp`: ``fc2(GELU(fc1(x)))`` with fc1's output requantized to fc2's input codes in the kernel.
 * :class:`PackedViTAttention` / :class:`PackedWindowAttention`: qkv -> per-tensor int8 Q, K, V ->
   :func:`kernels.ops.quant_attention` (Swin: relative position bias and shifted-window mask in float) -> proj;
@@ -28,11 +28,11 @@ from torch import Tensor, nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from kernels import ops
-from quant import packing
+from lowbit import packing
+from lowbit import primitives as P
+from lowbit.primitives import QParams, SULQParams
 
 from . import fast as FA
-from quant import primitives as P
-from quant.primitives import QParams, SULQParams
 
 
 class PackedLinear(nn.Module):

@@ -1,5 +1,5 @@
 """Shared ``@triton.jit`` helpers: rounding, the uniform quantizer, the rescale, GELU and the
-integer-GEMM epilogue. Every formula is the one of :mod:`quant.primitives`, evaluated in the same float32 order."""
+integer-GEMM epilogue. Every formula is the one of :mod:`lowbit.primitives`, evaluated in the same float32 order."""
 import triton
 import triton.language as tl
 
@@ -100,7 +100,7 @@ def gemm_epilogue(acc, rowsum, offs_m, offs_n, M, N, K, out_ptr, stride_om, cols
                   HAS_BIAS: tl.constexpr, GELU: tl.constexpr, REQUANT: tl.constexpr,
                   RQ_QMAX: tl.constexpr, RQ_OFFSET: tl.constexpr, RQ_PER_COL: tl.constexpr,
                   W_CENTERED: tl.constexpr):
-    """Zero-point algebra of ``quant.primitives.int_gemm``, scales, bias, GELU; store float or requantized codes.
+    """Zero-point algebra of ``lowbit.primitives.int_gemm``, scales, bias, GELU; store float or requantized codes.
 
     ``y = (sa * sw[n]) * (acc - zw[n] rowsum[m] - za colsum[n] + K za zw[n]) + bias[n]``, without the rowsum term
     when ``W_CENTERED`` (``acc`` then sums ``a (w - zw)``); the requant quantizer is per tensor, or per output column

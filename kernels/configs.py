@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import gemm_table
+from .shapes import gemm_problems
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,6 @@ def layernorm_blocks(c: int, target: Target) -> Tuple[int, int, dict]:
 def table_rows(num_sms: int = 132) -> dict:
     """``{(fmt, M bucket, N, K): GemmConfig}`` by :func:`gemm_rule` for every literature shape (the rule at the
     smallest M of the bucket that the models run, so batch 1 fills the machine)."""
-    from .shapes import gemm_problems
     smallest = {}
     for m, n, k in gemm_problems():
         key = (m_bucket(m), n, k)

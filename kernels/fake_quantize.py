@@ -1,7 +1,7 @@
 """Fake-quant (quantize-dequantize) of ``x' = (x - shift) / r`` with its STE / LSQ backward.
 
 Forward: ``x_hat = (clamp(round(x' / s) + zi, 0, qmax) - zi) * s``, ``zi = clamp(round(z), 0, qmax)``.
-Backward (:func:`quant.primitives.lsq_grads`, then the chain rule through the rescale):
+Backward (:func:`lowbit.primitives.lsq_grads`, then the chain rule through the rescale):
 ``g' = g * inside``; ``dx = g' / r``; ``dshift = -g' / r``; ``dr = -g' * (x' / r)``;
 ``ds = g * (inside ? round(x'/s) - x'/s : (below ? -zi : qmax - zi))``; ``dz = g * (inside ? 0 : -s) * live(z)``.
 ``s, z`` are per row (``stride_s = 1``: weights ``[N, 1]``) or per tensor (``stride_s = 0``).

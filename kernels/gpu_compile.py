@@ -19,6 +19,12 @@ from typing import List, Optional
 
 import torch
 
+from lowbit import packing
+
+from . import configs as C
+from . import library as L
+from .shapes import BATCHES, attention_shapes, gemm_problems, linear_shapes, mlp_shapes, norm_widths, qkv_shapes
+
 #: per-block shared memory limit (bytes, opt-in maximum) of each target
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 #: registers per thread the hardware allows
@@ -196,8 +202,6 @@ def gemm_launch(fmt: str, m: int, n: int, k: int, target, config=None, bias=True
     """The dispatcher's packed-GEMM launch for an ``M x N x K`` problem, on meta tensors (``rq_per_col``: the
     requant quantizer has a step and zero point per output column, as for a qkv projection; ``centered``: int8
     codes ``w - zw``, as after an unpack)."""
-    from quant import packing
-    from . import library as L
     kp = packing.padded_k(k, fmt)
     planes = [_meta(n, kp // per, dtype=torch.int8 if fmt == "int8" else torch.uint8)
               for _, per in packing.FORMATS[fmt].planes]
@@ -213,8 +217,6 @@ def gemm_launch(fmt: str, m: int, n: int, k: int, target, config=None, bias=True
 
 def unpack_launch(fmt: str, n: int, k: int, target):
     """The dispatcher's weight-unpack launch (:mod:`kernels.unpack_codes`) for an ``N x K`` weight, on meta tensors."""
-    from quant import packing
-    from . import library as L
     kp = packing.padded_k(k, fmt)
     planes = [_meta(n, kp // per, dtype=torch.uint8) for _, per in packing.FORMATS[fmt].planes]
     return L.unpack_codes_launch(planes, fmt, k, _meta(n, dtype=torch.int32), _meta(n, k, dtype=torch.int8), target)
@@ -224,7 +226,6 @@ def attention_launch(b: int, h: int, l: int, d: int, target, sulq=False, bias=Fa
                      fused=False, rescale=False):
     """The dispatcher's attention launch on meta tensors; ``fused``: as the exported models run it (Q, K, V read in
     place from a qkv output ``[B, L, 3, H, D]``, output requantized heads-last, with a ``rescale`` r / shift)."""
-    from . import library as L
     q = k = v = _meta(b, h, l, d, dtype=torch.int8)
     out = _meta(b, h, l, d)
     rq = {}
@@ -249,9 +250,6 @@ def dispatcher_launches(arch: int) -> list:
     ``(L, head dim)`` with the Swin bias / mask variants and every probability width, the quantize, fake-quant
     and LayerNorm kernels at every channel width with every rescale / affine variant. Deduplicated by what the
     compiled binary depends on."""
-    from . import configs as C
-    from . import library as L
-    from .shapes import BATCHES, attention_shapes, gemm_problems, linear_shapes, mlp_shapes, norm_widths, qkv_shapes
     target = C.Target(interpreted=False, arch=arch)
     fmts = tuple(L.GEMM_LOADERS)
     a_bits = (3.0, 4.0, 6.0, 8.0)

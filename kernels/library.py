@@ -12,7 +12,7 @@ import torch
 import triton
 from torch import Tensor
 
-from quant import primitives as P
+from lowbit import primitives as P
 
 from . import configs as C
 from . import unpack

@@ -3,7 +3,7 @@
 CUDA tensors run the Triton kernels; CPU tensors run :mod:`kernels.reference` unless ``LOWBIT_TRITON=1`` is set
 (then the Triton kernels run on CPU through ``TRITON_INTERPRET=1``), or :func:`use_triton` forces a choice.
 Without CUDA, importing this module sets ``TRITON_INTERPRET=1`` (unless already set) so the switch works at any time.
-All functions take activation quantizers as :class:`quant.primitives.QParams` (per-tensor ``s``, unsigned ``z``).
+All functions take activation quantizers as :class:`lowbit.primitives.QParams` (per-tensor ``s``, unsigned ``z``).
 The Triton kernels are registered as ``torch.ops.lowbit.*`` (:mod:`kernels.library`), so ``torch.compile``
 traces through them without graph breaks (argument checks that need host values are skipped while compiling).
 """
@@ -16,9 +16,9 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from quant import packing
-from quant import primitives as P
-from quant.primitives import QParams, SULQParams
+from lowbit import packing
+from lowbit import primitives as P
+from lowbit.primitives import QParams, SULQParams
 
 from . import reference as R
 from .configs import ATTENTION_HEAD_DIMS
@@ -48,7 +48,7 @@ def triton_enabled(t: Tensor) -> bool:
 
 
 def _checking() -> bool:
-    """Value checks run: not while ``torch.compile`` traces, nor inside :func:`quant.primitives.unchecked_values`."""
+    """Value checks run: not while ``torch.compile`` traces, nor inside :func:`lowbit.primitives.unchecked_values`."""
     return not torch.compiler.is_compiling() and P.value_checks()
 
 
@@ -332,11 +332,11 @@ def _row_sums(q: Tensor) -> Tensor:
 
 def _check_packed(w: packing.PackedWeight, a: Tensor) -> None:
     if not isinstance(w, packing.PackedWeight):
-        raise TypeError(f"w must be a quant.packing.PackedWeight (use quant.packing.pack), got {type(w).__name__}")
+        raise TypeError(f"w must be a lowbit.packing.PackedWeight (use lowbit.packing.pack), got {type(w).__name__}")
     P.check_bits(w.bits)
     if w.fmt != packing.format_for_bits(w.bits):
         raise ValueError(f"packed format {w.fmt!r} does not match {w.bits}-bit weights "
-                         f"(expected {packing.format_for_bits(w.bits)!r}); re-pack with quant.packing.pack")
+                         f"(expected {packing.format_for_bits(w.bits)!r}); re-pack with lowbit.packing.pack")
     for name, per in packing.FORMATS[w.fmt].planes:
         t = w.planes.get(name)
         shape = (w.n, packing.padded_k(w.k, w.fmt) // per)

@@ -1,7 +1,7 @@
 """Packed-weight GEMM, one body for every weight format: ``out[m, n] = epilogue(sum_k a[m, k] * w[n, k])``.
 
 ``a [M, K]`` int8 activation codes; the weight is stored as byte planes ``[N, K_pad / per_byte]`` (layouts in
-:mod:`quant.packing`). ``LOAD_W`` is the format's tile loader, a ``@triton.jit`` function passed as a constexpr
+:mod:`lowbit.packing`). ``LOAD_W`` is the format's tile loader, a ``@triton.jit`` function passed as a constexpr
 (:mod:`kernels.unpack`): it reads the packed bytes of a ``[BLOCK_N, BLOCK_K]`` tile and returns the int8 codes,
 unpacked in registers with shifts and in-thread joins. The tile is transposed (K-major, as the tensor cores take
 8-bit operands) into ``tl.dot`` with int32 accumulation; the zero-point / scale / bias / GELU / requant epilogue is

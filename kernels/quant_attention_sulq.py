@@ -2,7 +2,7 @@
 :mod:`kernels.quant_attention`.
 
 Pass 2 forms the exact normalised ``P``, its SULQ codes ``clamp(round((-log2(P + eta) - x0) / sp) + zp, 0, qmax) -
-offset`` and dequantizes them through the ``2^bits``-entry table of :func:`quant.primitives.sulq_table` (``2^(-t) -
+offset`` and dequantizes them through the ``2^bits``-entry table of :func:`lowbit.primitives.sulq_table` (``2^(-t) -
 eta`` with ``t = (q - zp) sp + x0``, rounded for the published power-of-two form; a gather), then
 ``O = sv * sum_j P_hat[j] (v[j] - zv)``. ``P_hat`` is not an integer grid, so ``P V`` is a float dot: ``P_hat`` is
 split into fp16 ``hi + lo`` halves and ``v - zv`` (integers up to 255, exact in fp16) multiplies both on the fp16

@@ -1,7 +1,7 @@
 """Plain-torch references of every kernel: the test oracles and the CPU path of :mod:`kernels`.
 
-All arithmetic follows :mod:`quant.primitives`; activation codes are signed int8 storage
-(``q - offset(bits)``), weights come as :class:`quant.packing.PackedWeight` with unsigned per-channel
+All arithmetic follows :mod:`lowbit.primitives`; activation codes are signed int8 storage
+(``q - offset(bits)``), weights come as :class:`lowbit.packing.PackedWeight` with unsigned per-channel
 zero points. Float work is done in float32.
 """
 from __future__ import annotations
@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from quant import packing
-from quant import primitives as P
-from quant.primitives import QParams, SULQParams
+from lowbit import packing
+from lowbit import primitives as P
+from lowbit.primitives import QParams, SULQParams
 
 
 def _check_act_input(x: Tensor, name: str = "x") -> None:

@@ -1,9 +1,9 @@
-"""Weight-tile loaders of the packed formats (:mod:`quant.packing`), one ``@triton.jit`` function per format with
+"""Weight-tile loaders of the packed formats (:mod:`lowbit.packing`), one ``@triton.jit`` function per format with
 one signature, passed to :func:`kernels.packed_gemm.packed_gemm_kernel` as ``LOAD_W``.
 
 Each returns the int8 codes ``w [BLOCK_N, BLOCK_K]`` of rows ``offs_n`` and columns ``k0 .. k0 + BLOCK_K`` (zero
 for ``n >= N`` and past the plane's bytes; codes in ``K .. K_pad`` are whatever the file holds, 0 by
-:mod:`quant.packing`, and never matter: the GEMM zeroes the activations at ``k >= K``). The bytes are loaded as a ``[BLOCK_N, BLOCK_K / per_byte]`` tile (contiguous along
+:mod:`lowbit.packing`, and never matter: the GEMM zeroes the activations at ``k >= K``). The bytes are loaded as a ``[BLOCK_N, BLOCK_K / per_byte]`` tile (contiguous along
 K), the codes of each byte extracted with shifts and interleaved back into K order with ``tl.join`` (in-thread), so
 no per-code address arithmetic and no wide intermediate tile is ever formed.
 """

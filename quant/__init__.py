@@ -1,4 +1,2 @@
-"""Quantization math (:mod:`quant.primitives`, :mod:`quant.packing`), bit configurations (:mod:`quant.bits`)."""
-from .bits import BitConfig, parse_bits
-
-__all__ = ["BitConfig", "parse_bits"]
+"""Post-training quantization: quantized modules and model surgery, calibration, the joint optimiser and the seed
+methods' baselines, and the command line (``python -m quant.run``)."""

@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from calib.stream import as_images
 from quant.modules import ActCorrection
+from quant.optimize import _Capture
 from quant.surgery import blocks
 
 
@@ -48,7 +50,6 @@ def add_act_correction(model: nn.Module) -> List[ActCorrection]:
 
 def intermediate_mse(student: nn.Module, teacher: nn.Module, x: Tensor) -> Tensor:
     """``sum_l mean((F_l^q - F_l)^2)`` over the block outputs (the student's corrected ones)."""
-    from quant.optimize import _Capture
 
     with torch.no_grad(), _Capture(blocks(teacher)) as tc:
         teacher(x)
@@ -75,7 +76,6 @@ def train_act_correction(student: nn.Module, teacher: nn.Module, images, iters: 
         m.requires_grad_(True)
     opt = torch.optim.Adam(mats, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, iters)))))
-    from calib.stream import as_images
 
     source = as_images(images)
     n = len(source)

@@ -9,7 +9,7 @@ sampler and takes its contiguous shard (:meth:`Dist.shard`), runs the FP teacher
     (1/N) sum_r grad(n_r N / B * (mse_r + kl_r + l2 * |dW|^2)) = grad(sum_r n_r / B (mse_r + kl_r) + l2 * |dW|^2)
 
 Data preparation (data-free synthesis, the calibration cache) runs on rank 0 while the others wait on a gloo
-group with a long timeout (:meth:`Dist.main_first`); a :class:`~quant.errors.UserError` there reaches every rank.
+group with a long timeout (:meth:`Dist.main_first`); a :class:`~lowbit.errors.UserError` there reaches every rank.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from quant.errors import UserError
+from lowbit.errors import UserError
 
 PREP_TIMEOUT = datetime.timedelta(days=2)  # rank 0 may synthesize / decode for hours while the others wait
 
@@ -48,8 +48,9 @@ class Dist:
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
         if not self.enabled:
             return model
-        from torch.nn.parallel import DistributedDataParallel as DDP
         import inspect
+
+        from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [device.index] if device.type == "cuda" else None
         # buffers (quantizer flags) are equal on every rank: sync them once at construction, not every forward
         quiet = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters

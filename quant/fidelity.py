@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from calib import data as D
+from calib.invert import MIXTURES, InvertConfig, synthesize
 
 SYNTH_SIZE = 64      # default held-out images synthesized (one calib.invert batch)
 FOLDER_SIZE = 256    # default held-out images read from a folder
@@ -65,8 +66,6 @@ def synthesized(fp_model: nn.Module, transform, size: int, steps: int, seed: int
     parts`` images, so the set holds each kind as the calibration set does."""
     import numpy as np
     from PIL import Image
-
-    from calib.invert import MIXTURES, InvertConfig, synthesize
 
     cfg = InvertConfig(steps=steps, synthesis=synthesis, prior=prior)
     labels = torch.randint(int(fp_model.num_classes), (size,),

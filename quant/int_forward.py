@@ -4,7 +4,7 @@ Each :class:`torch.autograd.Function` here computes in its forward exactly what 
 :mod:`kernels.ops` (Triton on CUDA or with ``LOWBIT_TRITON=1``, else :mod:`kernels.reference`); ``"int"`` mode calls
 the same functions without gradients, so the two are bit-identical. The backward rebuilds the float fake-quant
 subgraph of the same layer from the saved float inputs (:func:`kernels.ops.fake_quantize`,
-:func:`kernels.ops.fake_quantize_weight`, :mod:`quant.primitives`) and backpropagates through it: the gradients
+:func:`kernels.ops.fake_quantize_weight`, :mod:`lowbit.primitives`) and backpropagates through it: the gradients
 are those of the fake-quant forward (``quant.run --forward fake``): STE for inputs, LSQ for steps and zero points,
 chain rule for the rescale/shift and the refinement ``dW`` (which the caller folds outside, as the fake path does).
 
@@ -28,8 +28,8 @@ from torch import Tensor
 from kernels import ops
 from kernels import reference as R
 from kernels.configs import ATTENTION_HEAD_DIMS
-from quant import primitives as P
-from quant.primitives import QParams
+from lowbit import primitives as P
+from lowbit.primitives import QParams
 
 
 def _leaves(tensors, needs):
@@ -119,7 +119,7 @@ class IntLinearFn(torch.autograd.Function):
 
 def fused_layernorm(x: Tensor, ln_w: Tensor, ln_b: Tensor, r: Tensor, shift: Tensor, eps: float) -> Tensor:
     """The deployed ``(LayerNorm(x) - shift) / r``: :func:`kernels.reference.layernorm` with the folded affine
-    ``(gamma / r, (beta - shift) / r)`` (:func:`quant.primitives.fold_into_layernorm`), float32."""
+    ``(gamma / r, (beta - shift) / r)`` (:func:`lowbit.primitives.fold_into_layernorm`), float32."""
     g, b = P.fold_into_layernorm(ln_w.detach().float(), ln_b.detach().float(), r.detach().float(),
                                  shift.detach().float())
     return R.layernorm(x, g, b, eps)
@@ -170,7 +170,7 @@ def fake_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, rel_bias: Opti
 def int_attention(q: Tensor, k: Tensor, v: Tensor, qps, scale: float, rel_bias: Optional[Tensor],
                   mask: Optional[Tensor]) -> Tensor:
     """The deployed attention (no gradient): ``ops.quant_attention`` on ``ops.quantize`` codes of ``q, k, v``
-    with ``qps = (q_qp, k_qp, v_qp, p_qp)`` (``p_qp`` a :class:`QParams` or :class:`quant.primitives.SULQParams`).
+    with ``qps = (q_qp, k_qp, v_qp, p_qp)`` (``p_qp`` a :class:`QParams` or :class:`lowbit.primitives.SULQParams`).
     Head dims the Triton kernels do not take run :func:`kernels.reference.quant_attention` on the same device."""
     if mask is not None and mask.dim() != 3:
         raise NotImplementedError("the integer attention takes only Swin's [nW, L, L] window mask, not a ViT "

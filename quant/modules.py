@@ -1,6 +1,6 @@
 """Quantized building blocks (fake-quant for optimisation; integer forms for export).
 
-All quantization math goes through :mod:`quant.primitives` and the dispatch of :mod:`kernels.ops`.
+All quantization math goes through :mod:`lowbit.primitives` and the dispatch of :mod:`kernels.ops`.
 
 Parametrisation
 ---------------
@@ -31,9 +31,9 @@ from torch import Tensor, nn
 
 from kernels import ops
 from kernels import reference as R
+from lowbit import primitives as P
+from lowbit.primitives import QParams, SULQParams
 from quant import int_forward as IF
-from quant import primitives as P
-from quant.primitives import QParams, SULQParams
 
 MODES = ("float", "calib", "quant", "int")
 FORWARDS = ("int", "fake")
@@ -135,9 +135,9 @@ class SULQuantizer(_Moded):
     ``x0``: ``p_hat = 2^(-t_hat) - eta``, ``t_hat = fake_quantize(t - x0, s, z, bits) + x0``.
 
     ``published=True`` (``--softmax-quantizer sulq``): the exponent is rounded (``2^(-round(t_hat))``, power-of-two
-    levels minus ``eta``) and the initialisation is the authors' (:func:`quant.primitives.init_sulq_published`:
+    levels minus ``eta``) and the initialisation is the authors' (:func:`lowbit.primitives.init_sulq_published`:
     their ``eta`` grid, the grid spanning the data). ``published=False`` (``sulq-learned``): ``x0 = 0``, no
-    rounding, ``eta`` and ``(s, z)`` grid-searched by :func:`quant.primitives.init_sulq_params`. Afterwards
+    rounding, ``eta`` and ``(s, z)`` grid-searched by :func:`lowbit.primitives.init_sulq_params`. Afterwards
     ``eta`` and ``x0`` stay fixed (buffers) while ``s`` (as ``log_s``) and ``z`` are learned with the LSQ/STE
     gradients like every other quantizer.
     """
@@ -387,7 +387,7 @@ class QuantConv2dPatch(_Moded):
         return F.conv2d(xq, w.reshape(self.weight.shape).to(xq.dtype), self.bias, self.stride)
 
     def _forward_int(self, x: Tensor) -> Tensor:
-        """im2col (:func:`quant.primitives.patchify`) + integer linear (:class:`quant.int_forward.IntLinearFn`),
+        """im2col (:func:`lowbit.primitives.patchify`) + integer linear (:class:`quant.int_forward.IntLinearFn`),
         NCHW output ``[B, D, H/p, W/p]``; no gradient in ``"int"`` mode."""
         self._check_initialised()
         self.act._check_initialised()
@@ -509,7 +509,7 @@ class QuantLayerNorm(nn.LayerNorm, _Moded):
 
     @torch.no_grad()
     def folded_affine(self):
-        """fp32 ``(gamma', beta')`` (:func:`quant.primitives.fold_into_layernorm` when the consumer rescales)."""
+        """fp32 ``(gamma', beta')`` (:func:`lowbit.primitives.fold_into_layernorm` when the consumer rescales)."""
         c = self._consumer[0]
         g, b = self.weight.detach().float(), self.bias.detach().float()
         if c.rescale and c.act.enabled:

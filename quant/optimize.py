@@ -49,11 +49,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from calib.augment import augment_batch
+from calib.invert import normalisation
 from calib.stream import CalibImages, as_images
-from quant import primitives as P
+from lowbit import primitives as P
+from lowbit.errors import UserError
 from quant.adam import HostAdam
-from quant.errors import UserError
+from quant.distributed import Dist
 from quant.modules import QuantConv2dPatch, QuantLinear, quant_modules
+from quant.sos import sos
 from quant.surgery import blocks
 
 METHODS = ("rtn", "blockwise", "e2e", "is-vit", "is-vit-quant")
@@ -294,7 +297,6 @@ def _make_optim(unit: _Unit, cfg: OptimConfig):
 
 def _pixel_range(model: nn.Module, device) -> Tuple[Tensor, Tensor]:
     """The normalised values of pixels 0 and 1 per channel, ``[1, 3, 1, 1]`` each."""
-    from calib.invert import normalisation
     mean, std = normalisation(model, device)
     return (0 - mean) / std, (1 - mean) / std
 
@@ -390,7 +392,7 @@ def train_step(student: nn.Module, teacher: nn.Module, x: Tensor, unit: _Unit, c
     """One optimiser step of ``unit`` on batch ``x``: loss (under bf16 autocast with ``cfg.bf16``; scaled to the
     global batch under data parallelism), backward, Adam, learning-rate schedule. Returns the loss, not read back:
     nothing in the step reads a tensor back to the host (the images and quantizers were checked where they
-    entered; value checks are off, :func:`quant.primitives.unchecked_values`)."""
+    entered; value checks are off, :func:`lowbit.primitives.unchecked_values`)."""
     with P.unchecked_values():
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             loss = _unit_loss(student, teacher, x, unit, cfg, forward)
@@ -425,7 +427,6 @@ def optimize(student: nn.Module, teacher: nn.Module, images, cfg: OptimConfig,
     ``torchrun``): data-parallel ``e2e``, every rank passes the same arguments; losses are the global batch's,
     rank 0 writes the checkpoints.
     """
-    from quant.distributed import Dist
 
     dist = dist or Dist()
     source = as_images(images)
@@ -435,8 +436,8 @@ def optimize(student: nn.Module, teacher: nn.Module, images, cfg: OptimConfig,
     if dist.enabled and cfg.batch_size < dist.world:
         raise UserError(f"the global batch size {cfg.batch_size} must be >= the {dist.world} processes")
     if cfg.method.startswith("is-vit"):
-        from quant.sos import sos
-        return sos(student, teacher, source, cfg, train="quantizers" if cfg.method == "is-vit-quant" else "weights")
+        return sos(student, teacher, source, cfg, optimize,
+                   train="quantizers" if cfg.method == "is-vit-quant" else "weights")
     if cfg.method == "rtn" or cfg.iters == 0:
         return history
     device = next(student.parameters()).device

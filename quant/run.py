@@ -26,22 +26,31 @@ import torch
 from torch import nn
 
 from calib import data as D
-from calib.augment import parse_augment
-from calib.invert import PRIOR_NAMES
 from calib import stream as S
+from calib.augment import parse_augment
+from calib.invert import PRIOR_NAMES, InvertConfig, write_image_folder
+from export import export_model
+from export.exporter import round_float_tensors_
+from lowbit import packing
+from lowbit.bits import parse_bits
+from lowbit.errors import UserError, check_device
+from lowbit.models import eval_transform, load_model, resolve
 from quant import distributed as DI
-from quant import packing
-from quant.bits import parse_bits
-from quant.calibrate import calibrate
-from quant.errors import UserError, check_device
-from quant.models import eval_transform, load_model, resolve
-from quant.modules import (FORWARDS, SOFTMAX_QUANTIZERS, ActCorrection, QuantConv2dPatch, QuantLinear, quant_modules,
-                           set_forward, set_mode)
-from quant.optimize import METHODS, OptimConfig, optimize
-from quant.correction import add_act_correction, train_act_correction
 from quant import fidelity as FI
+from quant.calibrate import calibrate
+from quant.correction import add_act_correction, train_act_correction
+from quant.modules import (
+    FORWARDS,
+    SOFTMAX_QUANTIZERS,
+    ActCorrection,
+    QuantConv2dPatch,
+    QuantLinear,
+    quant_modules,
+    set_forward,
+    set_mode,
+)
+from quant.optimize import METHODS, OptimConfig, optimize
 from quant.surgery import quantize_model
-
 
 INVERT = "invert"
 RUN_DEFAULTS = {"iters": 24000, "calib_size": 1024, "batch_size": 32, "val_size": None, "invert_steps": 200,
@@ -206,8 +215,6 @@ def format_table(report: dict) -> str:
 def synthesize_calibration(fp_model: nn.Module, folder: str, args: argparse.Namespace) -> D.ImageFolder:
     """``--data invert``: classifier-only data-free images in ``folder`` (resumable: finished classes are kept)."""
     import math
-
-    from calib.invert import InvertConfig, write_image_folder
 
     n_cls = int(getattr(fp_model, "num_classes", 0) or 0)
     if n_cls < 1:
@@ -378,7 +385,6 @@ def _run(args: argparse.Namespace) -> dict:
         correction = train_act_correction(student, fp_model, images, args.correction_iters, args.batch_size,
                                           args.correction_lr, progress=not args.no_progress)
     if not cfg_bits.act_float:
-        from export.exporter import round_float_tensors_
         round_float_tensors_(student)
         set_mode(student, "int")
     fp_acc = q_acc = None
@@ -416,7 +422,6 @@ def _run(args: argparse.Namespace) -> dict:
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
         if args.export:
-            from export import export_model
             path = os.path.abspath(args.export)
             if path.startswith(out + os.sep):
                 path = os.path.join(tmp, os.path.relpath(path, out))

@@ -2,7 +2,7 @@
 
 Stage 1  post-LayerNorm activations (inputs of ``attn.qkv``, ``mlp.fc1``, Swin's ``downsample.reduction``) are
          quantized channel-wise: ``(s[c], z[c])`` from per-channel percentile ranges, held in the layer-wise form of
-         :func:`quant.primitives.channelwise_to_layerwise` (``r = s / s~``, ``shift = -s (z - z~)``, same codes);
+         :func:`lowbit.primitives.channelwise_to_layerwise` (``r = s / s~``, ``shift = -s (z - z~)``, same codes);
          every other activation layer-wise; **weights stay in float**. Block-wise reconstruction (``iters`` steps
          per block, the ``blockwise`` machinery of :mod:`quant.optimize`) trains the activation quantizers, the
          channel-wise ones through ``r`` and ``shift``.
@@ -25,13 +25,14 @@ Checkpoint/resume is not supported for this method (each stage is short; rerun i
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Tuple
+from typing import Callable, List, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from quant import primitives as P
-from quant.errors import UserError
+from calib.stream import as_images
+from lowbit import primitives as P
+from lowbit.errors import UserError
 from quant.modules import ACT_PERCENTILES, QuantLinear, quant_modules, set_mode
 
 LN_OF = {"attn.qkv": "norm1", "mlp.fc1": "norm2", "downsample.reduction": "downsample.norm"}
@@ -125,12 +126,12 @@ def _trainable(m: nn.Module, train: str, stage: int, folded: bool):
         p.requires_grad_(on)
 
 
-def sos(student: nn.Module, teacher: nn.Module, images, cfg, init_size: int = 32, train: str = "weights") -> dict:
+def sos(student: nn.Module, teacher: nn.Module, images, cfg, optimize: Callable, init_size: int = 32,
+        train: str = "weights") -> dict:
     """Run the three SOS stages on a calibrated ``student`` (``cfg`` an :class:`quant.optimize.OptimConfig`;
     ``iters`` per block and stage; ``images`` a tensor or :class:`calib.stream.CalibImages`); ``train`` one of
-    :data:`TRAIN` (module docstring). Returns the history of :func:`quant.optimize.optimize`."""
-    from calib.stream import as_images
-    from quant.optimize import optimize
+    :data:`TRAIN` (module docstring). Each stage runs ``optimize(student, teacher, images, stage_cfg)``
+    (:func:`quant.optimize.optimize`, which calls this with itself). Returns its history."""
 
     if train not in TRAIN:
         raise ValueError(f"train must be one of {', '.join(TRAIN)}, got {train!r}")

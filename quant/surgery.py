@@ -17,14 +17,20 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
-from torch import Tensor, nn
 from timm.layers.attention import Attention
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, WindowAttention
 from timm.models.vision_transformer import Block
+from torch import Tensor, nn
 
-from quant.bits import BitConfig, parse_bits
-from quant.modules import (SOFTMAX_QUANTIZERS, QuantAttentionCore, QuantConv2dPatch, QuantLayerNorm, QuantLinear,
-                           quant_modules)
+from lowbit.bits import BitConfig, parse_bits
+from quant.modules import (
+    SOFTMAX_QUANTIZERS,
+    QuantAttentionCore,
+    QuantConv2dPatch,
+    QuantLayerNorm,
+    QuantLinear,
+    quant_modules,
+)
 
 POST_LN_LINEARS = ("attn.qkv", "mlp.fc1", "downsample.reduction")
 PATCH_INPUT_BITS = 8

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from calib.classifier import Preprocess, capture_attention, classify, load_classifier
-from quant.errors import UserError
+from lowbit.errors import UserError
 
 
 def test_preprocess_matches_timm_eval_transform(imagenet_folder):

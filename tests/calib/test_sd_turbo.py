@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from calib import sd_turbo as S
-from quant.errors import UserError
+from lowbit.errors import UserError
 
 TEXT = "abcdefghij klmnopqrst"  # 20 byte-level tokens with the tiny tokenizer
 

@@ -9,9 +9,9 @@ import torch
 import export
 from export import format as fmt
 from export.infer import main as infer_main
-from quant.models import load_quantized
 from quant.modules import set_mode
 from quant.run import main as run_main
+from quant.saved import load_quantized
 from tests.quant.ptq_utils import one_thread  # noqa: F401
 
 SMALL = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}
@@ -88,7 +88,7 @@ def test_infer_warns_on_a_folder_with_some_of_the_classes(tmp_path, weights, cap
     """A --val folder of 10 classes for a 1,000-class model: scored, with one warning line that says why the top-1
     may mean nothing; more class folders than the model has classes: refused (calib.data.check_val_classes)."""
     from calib import data as D
-    from quant.errors import UserError
+    from lowbit.errors import UserError
     ck = tmp_path / "deit.lowbit"
     assert _run(tmp_path / "run", weights, imagenet_folder, "--export", str(ck)) == 0
     capsys.readouterr()
@@ -126,6 +126,7 @@ def test_predict_unlabelled_images(tmp_path, weights, capsys, imagenet_folder):
     warning), printed or written as JSON / CSV, equal to the loaded model's softmax on the checkpoint's
     preprocessing."""
     import csv
+
     from calib import data as D
     from export.infer import transform_from
     from tests.images import write_image_folder

@@ -8,7 +8,7 @@ from export import exporter as E
 from export import format as fmt
 from export.loader import resident_bytes
 from export.runtime import PackedLinear, PackedMlp, PackedPatchEmbed, PackedViTAttention, PackedWindowAttention
-from quant import packing
+from lowbit import packing
 from quant.modules import QuantLinear, set_mode
 from tests.quant.ptq_utils import one_thread  # noqa: F401
 
@@ -185,6 +185,7 @@ def test_vit_b_size_ratio(tmp_path, bits, limit):
     import copy
 
     import timm
+
     from quant.surgery import quantize_model
     fp = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
     q = quantize_model(copy.deepcopy(fp), bits)
@@ -245,7 +246,7 @@ def test_deployed_forward_checks_its_quantizers_once(tmp_path, monkeypatch):
     """After the first forward (in inference mode, as deployed), the Triton path re-checks no quantizer: a check
     is a host sync on a GPU. The per-column Q/K/V requant quantizer included."""
     from kernels import ops
-    from quant import primitives as P
+    from lowbit import primitives as P
     over = dict(embed_dim=64, num_heads=2)
     _, _, path = _export(tmp_path, "vit", "w4a4", **over)
     m = export.load(path, fast=False)

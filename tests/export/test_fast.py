@@ -154,7 +154,7 @@ def test_fast_path_traces_without_graph_breaks(tmp_path, kind):
 def test_codes_are_primitives_quantize(bits):
     """The fast path's codes of every kind (int8 ``a - c``, float centred ``a - z``) against
     ``primitives.quantize``: exact ties (round half to even), saturation, huge values, random values."""
-    from quant import primitives as P
+    from lowbit import primitives as P
     s = torch.tensor(0.0625 if bits != 8 else 0.03)
     qmax = P.qmax(bits)
     g = torch.Generator().manual_seed(int(bits * 10))
@@ -175,6 +175,7 @@ def test_large_batches_run_in_chunks(tmp_path, monkeypatch):
     with float GEMMs whose results may depend on the batch shape (SULQ, activation correction) are never chunked."""
     from export import runtime
     from export.runtime import PackedPatchEmbed
+
     from .export_utils import corrected
     _, path = _export(tmp_path, "vit", "w4a4")
     m, ref = export.load(path), export.load(path, fast=False)
@@ -204,7 +205,9 @@ def test_fused_vit_blocks_run_as_one_function(tmp_path, monkeypatch):
     reference's logits bit for bit (SULQ, activation correction); a forward hook on a submodule sends that block
     back through its modules; ``drop_fast`` removes the block forwards."""
     from timm.models.vision_transformer import Block
+
     from export import runtime
+
     from .export_utils import corrected
     _, q = quantized("vit", "w4a4", softmax_quantizer="sulq")
     corrected(q)  # a block-level forward hook (the activation correction) and SULQ probabilities
@@ -250,7 +253,7 @@ def test_layernorm_is_the_reference():
 def test_probability_codes_skip_a_clamp_only_when_in_bounds():
     """The clamp of the probability codes is left out only when every softmax output rounds into the bounds: then
     the codes equal ``primitives.quantize``'s, including ``P = 1`` and a one-hot row."""
-    from quant import primitives as P
+    from lowbit import primitives as P
     for s, bits, in_bounds in ((1 / 15, 4, True), (1 / 255, 8, True), (0.0258, 4, False), (1 / 15.6, 4, False)):
         st, z = torch.tensor(s), torch.tensor(0.0)
         c = FA.act_codes(st, z, bits, False, "p")

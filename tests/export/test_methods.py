@@ -7,8 +7,8 @@ import export
 from export import CheckpointError
 from export import format as fmt
 from export.runtime import BlockCorrection
+from lowbit.primitives import SULQParams
 from quant.modules import SULQuantizer, set_mode
-from quant.primitives import SULQParams
 from quant.surgery import blocks
 from tests.quant.ptq_utils import one_thread  # noqa: F401
 

@@ -6,9 +6,9 @@ import torch
 from kernels import library as L
 from kernels import ops
 from kernels import reference as R
-from quant import packing
-from quant import primitives as P
-from quant.primitives import QParams
+from lowbit import packing
+from lowbit import primitives as P
+from lowbit.primitives import QParams
 
 from ._triton_util import triton_path
 

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from kernels import reference as R
-from quant import packing
-from quant import primitives as P
-from quant.primitives import QParams
+from lowbit import packing
+from lowbit import primitives as P
+from lowbit.primitives import QParams
 
 
 def _act_qp(x, bits):

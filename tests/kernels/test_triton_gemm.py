@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from kernels import ops
 from kernels import reference as R
-from quant import packing
-from quant import primitives as P
-from quant.primitives import QParams
+from lowbit import packing
+from lowbit import primitives as P
+from lowbit.primitives import QParams
 
 from ._triton_util import assert_codes_match_up_to_ties, run_poisoned, triton_path
 

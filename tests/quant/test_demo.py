@@ -7,9 +7,9 @@ import torch
 
 import export
 from calib import data as D
-from quant import models as M
+from lowbit import models as M
+from lowbit.zoo.demo import demo_card
 from quant.run import evaluate, main
-from quant.zoo.demo import demo_card
 
 from .ptq_utils import one_thread  # noqa: F401
 
@@ -18,7 +18,7 @@ from .ptq_utils import one_thread  # noqa: F401
 def test_demo_reaches_recorded_accuracy(real_data):
     """The recorded top-1 on the first 500 seeded CIFAR-10 test images: only the real test set can show it."""
     card = demo_card()
-    assert card is not None, "quant/zoo/demo_vit.json is missing: train the demo (python -m quant.zoo.train_demo)"
+    assert card is not None, "lowbit/zoo/demo_vit.json is missing: train the demo (python -m bench.train_demo)"
     model = M.load_model("demo")
     acc = evaluate({"fp": model}, D.scan(str(real_data / "cifar10" / "test"), "--val"), M.eval_transform(model, M.resolve("demo")),
                    100, torch.device("cpu"), size=500, seed=0)["fp"]

@@ -13,13 +13,11 @@ import torch
 from torch import nn
 
 from kernels import ops
-from quant import primitives as P
+from lowbit import primitives as P
 from quant.calibrate import calibrate
-from quant.modules import (QuantAttentionCore, QuantConv2dPatch, QuantLayerNorm, QuantLinear, set_forward,
-                           set_mode)
+from quant.modules import QuantAttentionCore, QuantConv2dPatch, QuantLayerNorm, QuantLinear, set_forward, set_mode
 from quant.optimize import OptimConfig, evaluate_loss, optimize
 from quant.surgery import quantize_model
-
 from tests.images import folder_images, natural_images
 
 from .ptq_utils import images, make_model, one_thread  # noqa: F401

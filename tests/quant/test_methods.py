@@ -5,18 +5,18 @@ import copy
 import pytest
 import torch
 
+from calib.invert import InvertConfig
 from kernels import ops
 from kernels import reference as R
-from quant import primitives as P
-from calib.invert import InvertConfig
+from lowbit import primitives as P
+from lowbit.errors import UserError
 from quant.calibrate import calibrate
 from quant.correction import add_act_correction, intermediate_mse, train_act_correction
-from quant.errors import UserError
 from quant.modules import QuantAttentionCore, QuantLinear, SULQuantizer, set_mode
 from quant.optimize import OptimConfig, evaluate_loss, optimize
+from quant.saved import load_quantized
 from quant.sos import fold_into_layernorms, init_channelwise, post_ln_pairs
 from quant.surgery import quantize_model
-
 from tests.images import natural_images
 
 from .ptq_utils import images, make_model, one_thread  # noqa: F401
@@ -191,7 +191,7 @@ def test_cli_data_free_is_vit_sulq_with_correction_reloads(tmp_path, capsys):
 
     import timm
 
-    from quant import models as M
+    from lowbit import models as M
     from quant.modules import ActCorrection
     from quant.run import main
 
@@ -211,7 +211,7 @@ def test_cli_data_free_is_vit_sulq_with_correction_reloads(tmp_path, capsys):
     assert rep["steps"] == 2 * 2 * 3 and rep["calib_images"] == 8
     saved = torch.load(out / "quantized.pt", weights_only=False)
     assert saved["softmax_quantizer"] == "sulq" and saved["act_correction"]
-    rebuilt = M.load_quantized(str(out / "quantized.pt"))
+    rebuilt = load_quantized(str(out / "quantized.pt"))
     sd = rebuilt.state_dict()
     assert sd.keys() == saved["state_dict"].keys()
     assert all(torch.equal(sd[k], v) for k, v in saved["state_dict"].items())

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from calib import data as D
-from quant.errors import UserError
+from lowbit.errors import UserError
 
 
 def _to_tensor(im):

@@ -8,8 +8,8 @@ from torch import nn
 
 from kernels import ops
 from kernels import reference as R
-from quant import packing
-from quant import primitives as P
+from lowbit import packing
+from lowbit import primitives as P
 from quant.calibrate import calibrate
 from quant.modules import ActQuantizer, QuantAttentionCore, QuantConv2dPatch, QuantLinear, set_mode
 from quant.surgery import QuantViTAttention, QuantWindowAttention, blocks, quantize_model

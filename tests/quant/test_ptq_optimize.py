@@ -4,11 +4,10 @@ import copy
 import pytest
 import torch
 
+from lowbit.errors import UserError
 from quant.calibrate import calibrate
-from quant.errors import UserError
 from quant.optimize import LOSS_READ_EVERY, EpochSampler, OptimConfig, e2e_loss, evaluate_loss, optimize
 from quant.surgery import quantize_model
-
 from tests.images import folder_images, natural_images
 
 from .ptq_utils import images, make_model, one_thread  # noqa: F401

@@ -6,10 +6,11 @@ import pytest
 import timm
 import torch
 
-from quant import models as M
 from calib import data as D
+from lowbit import models as M
 from quant.modules import set_mode
 from quant.run import evaluate, main, state_path
+from quant.saved import load_quantized
 
 from .ptq_utils import one_thread  # noqa: F401
 
@@ -49,7 +50,7 @@ def test_cli_end_to_end(tmp_path, checkpoint, capsys, imagenet_folder):
     assert "quantized top-1 / top-5" in table and table == (out / "report.txt").read_text()
     saved = torch.load(out / "quantized.pt", weights_only=False)
     assert saved["bits"] == "w4a4" and any(k.endswith("dW") for k in saved["state_dict"])
-    rebuilt = M.load_quantized(str(out / "quantized.pt"))
+    rebuilt = load_quantized(str(out / "quantized.pt"))
     folder = D.scan(str(imagenet_folder))
     acc = evaluate({"q": rebuilt}, folder, M.eval_transform(rebuilt, M.resolve("deit_t")), 8, torch.device("cpu"), 16)
     assert acc["q"] == rep["quantized"]
@@ -64,7 +65,7 @@ def test_cli_end_to_end(tmp_path, checkpoint, capsys, imagenet_folder):
 
 
 def _offline(monkeypatch):
-    monkeypatch.setattr(M, "_hub_reachable", lambda endpoint, timeout=3.0: False)
+    monkeypatch.setattr(M, "hub_reachable", lambda endpoint, timeout=3.0: False)
 
 
 BAD = {
@@ -182,6 +183,7 @@ def test_second_run_on_the_same_out_is_refused(tmp_path, checkpoint, capsys, ima
     by a dead process is taken over, and a finished run leaves none."""
     import subprocess
     import sys
+
     from quant.run import lock_path
     out = tmp_path / "runs" / "out"
     out.parent.mkdir(parents=True)
@@ -271,6 +273,7 @@ def test_model_size_counts_packed_codes():
     from quant.modules import QuantConv2dPatch, QuantLinear, quant_modules
     from quant.run import model_size
     from quant.surgery import quantize_model
+
     from .ptq_utils import make_model
     fp = make_model("vit")
     sizes = {b: model_size(fp, quantize_model(make_model("vit"), b)) for b in ("w8a8", "w4a4", "w1.58a8", "w4a16")}

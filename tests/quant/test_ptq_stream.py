@@ -17,9 +17,9 @@ from PIL import Image
 from calib import data as D
 from calib import stream as S
 from calib.invert import InvertConfig, write_image_folder
+from lowbit.errors import UserError
 from quant.calibrate import calibrate
 from quant.correction import add_act_correction, train_act_correction
-from quant.errors import UserError
 from quant.optimize import OptimConfig, optimize
 from quant.surgery import quantize_model
 

@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from quant import models as M
+from lowbit import models as M
 from quant.run import main
 
 from .ptq_utils import one_thread  # noqa: F401

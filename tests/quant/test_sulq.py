@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from quant import primitives as P
+from lowbit import primitives as P
 
 
 def _probs(gen, shape=(6, 40), temp=3.0):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from quant import primitives as P
+from lowbit import primitives as P
 
 BITS = [1.58, 2, 3, 4, 6, 8]
 

@@ -1,4 +1,4 @@
-"""Packed weight formats. Weights are ``[N, K]`` unsigned codes ``q`` (see :mod:`quant.primitives`), packed
+"""Packed weight formats. Weights are ``[N, K]`` unsigned codes ``q`` (see :mod:`lowbit.primitives`), packed
 row by row along K into ``uint8`` planes ``[N, K_pad / per_byte]``; ``K_pad`` rounds K up to the format's
 ``k_multiple`` and the padding codes are 0 (kernels mask ``k >= K``, so padding never contributes).
 
@@ -100,7 +100,7 @@ def pack(q: Tensor, bits) -> PackedWeight:
     if not torch.is_tensor(q) or q.dim() != 2:
         raise ValueError(f"codes must be a 2-D [N, K] tensor, got {getattr(q, 'shape', type(q))}")
     if q.is_floating_point() or q.dtype == torch.bool:
-        raise TypeError(f"codes must be an integer tensor, got {q.dtype}; quantize first (quant.primitives.quantize)")
+        raise TypeError(f"codes must be an integer tensor, got {q.dtype}; quantize first (lowbit.primitives.quantize)")
     if q.numel() and (int(q.min()) < 0 or int(q.max()) > P.qmax(bits)):
         raise ValueError(f"codes out of range for {bits}-bit weights: [{int(q.min())}, {int(q.max())}] "
                          f"not within [0, {P.qmax(bits)}]")

@@ -1,4 +1,4 @@
-"""The ``demo`` model: a small timm VisionTransformer trained by :mod:`quant.zoo.train_demo` on CIFAR-10.
+"""The ``demo`` model: a small timm VisionTransformer trained by :mod:`bench.train_demo` on CIFAR-10.
 
 Its weights ship with the package (``demo_vit.safetensors``, fp16) beside ``demo_vit.json`` (recipe, training time,
 accuracy), so ``--model demo`` works with no network.
@@ -53,7 +53,7 @@ def load_demo(path: "str | Path | None" = None) -> VisionTransformer:
     path = Path(path) if path is not None else WEIGHTS
     if not path.exists():
         raise FileNotFoundError(f"demo weights not found at {path}; train them with "
-                                f"`python -m quant.zoo.train_demo --data ../shared/data/cifar10`")
+                                f"`python -m bench.train_demo --data ../shared/data/cifar10`")
     card = demo_card() if path == WEIGHTS else None
     cfg = DemoConfig(**card["config"]) if card else DemoConfig()
     model = build_demo_model(cfg)

@@ -1,9 +1,10 @@
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from quant import packing
-from quant import primitives as P
+from lowbit import packing
+from lowbit import primitives as P
 
 BITS = [1.58, 2, 3, 4, 6, 8]
 

@@ -1,6 +1,6 @@
 import pytest
 
-from quant.bits import BitConfig, parse_bits
+from lowbit.bits import BitConfig, parse_bits
 
 
 @pytest.mark.parametrize("spec,w,a", [("w1.58a8", 1.58, 8), ("w3a3", 3, 3), ("w4a4", 4, 4), ("w6a6", 6, 6),

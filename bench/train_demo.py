@@ -1,4 +1,4 @@
-"""Train the demo ViT on CIFAR-10: ``python -m quant.zoo.train_demo --data ../shared/data/cifar10``.
+"""Train the demo ViT on CIFAR-10: ``python -m bench.train_demo --data ../shared/data/cifar10``.
 
 AdamW, linear warm-up then cosine decay, label smoothing, random-crop (pad 4) + horizontal-flip augmentation.
 Resumable: a checkpoint is written atomically after every epoch into ``--work`` and picked up by ``--resume``.
@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .cifar import cache_dir, load_split, normalize
-from .demo import WEIGHTS, DemoConfig, build_demo_model
-
+from calib.data import subset_order
+from lowbit.zoo.cifar import cache_dir, load_split, normalize
+from lowbit.zoo.demo import WEIGHTS, DemoConfig, build_demo_model
 
 SUBSET = 500
 
@@ -146,7 +147,6 @@ def main(argv=None):
 
 def subset_accuracy(model, x: torch.Tensor, y: torch.Tensor, n: int = SUBSET) -> float:
     """Top-1 on the fixed ``n``-image subset that ``quant.run --val-size n --seed 0`` evaluates."""
-    from calib.data import subset_order
 
     idx = torch.tensor(subset_order(len(x), 0)[:n])
     return evaluate(model, x[idx], y[idx])
@@ -154,7 +154,6 @@ def subset_accuracy(model, x: torch.Tensor, y: torch.Tensor, n: int = SUBSET) ->
 
 def write_result(model, cfg, args, acc, acc_subset, elapsed, history, n_train, out: Path,
                  epochs_done: "int | None" = None):
-    from safetensors.torch import save_file
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

@@ -6,15 +6,21 @@ accepted as well. :func:`register_model` adds an alias with its own loader (e.g.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
-
-import torch
-from torch import nn
+from urllib.parse import urlparse
 
 import timm
+import torch
+from huggingface_hub import constants as hf
+from safetensors.torch import load_file
+from timm.data import create_transform
+from torch import nn
 
-from quant.errors import UserError
+from lowbit.errors import UserError
+from lowbit.zoo.cifar import CIFAR_MEAN, CIFAR_STD
+from lowbit.zoo.demo import demo_card, load_demo
 
 
 @dataclass(frozen=True)
@@ -62,10 +68,8 @@ for _a, _n, _t, _c in (
 
 
 def _load_demo(checkpoint: Optional[str], model_args: dict) -> nn.Module:
-    from quant.zoo.demo import load_demo
-
     if model_args:
-        raise UserError("--model demo takes no --model-args (its architecture is fixed by quant/zoo/demo_vit.json)")
+        raise UserError("--model demo takes no --model-args (its architecture is fixed by lowbit/zoo/demo_vit.json)")
     try:
         return load_demo(checkpoint)
     except FileNotFoundError as e:
@@ -73,9 +77,6 @@ def _load_demo(checkpoint: Optional[str], model_args: dict) -> nn.Module:
 
 
 def _register_demo() -> None:
-    from quant.zoo.cifar import CIFAR_MEAN, CIFAR_STD
-    from quant.zoo.demo import demo_card
-
     card = demo_card()
     register_model("demo", "demo_vit", None if card is None else round(100 * card["test_top1"], 2), 1.0, _load_demo,
                    CIFAR_MEAN, CIFAR_STD,
@@ -107,7 +108,6 @@ def load_state_dict_file(path: str) -> dict:
         raise UserError(f"checkpoint file {path!r} does not exist; pass --checkpoint PATH to a local weights file")
     try:
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
             sd = load_file(path)
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -142,9 +142,8 @@ def load_model(name: str, checkpoint: Optional[str] = None, model_args: Optional
                             f"{model_args or ''}: {str(e).splitlines()[0]} ...; pass weights of this model "
                             f"(and the same --model-args it was built with)") from None
         return model.eval()
-    from huggingface_hub import constants as hf
     offline_before = hf.HF_HUB_OFFLINE
-    if not offline_before and not _hub_reachable(hf.ENDPOINT):
+    if not offline_before and not hub_reachable(hf.ENDPOINT):
         hf.HF_HUB_OFFLINE = True  # use the local cache only instead of minutes of retries
     try:
         model = timm.create_model(spec.timm_name, pretrained=True, **model_args)
@@ -159,10 +158,8 @@ def load_model(name: str, checkpoint: Optional[str] = None, model_args: Optional
     return model.eval()
 
 
-def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
     """Whether a TCP connection to the hub ``endpoint`` opens within ``timeout`` seconds."""
-    import socket
-    from urllib.parse import urlparse
     u = urlparse(endpoint)
     try:
         with socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout):
@@ -181,31 +178,8 @@ def input_size(model: nn.Module) -> int:
 
 def eval_transform(model: nn.Module, spec: ModelSpec):
     """Eval preprocessing: resize to ``size / crop_pct`` (bicubic), centre crop ``size``, model mean/std."""
-    from timm.data import create_transform
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     size = input_size(model)
     return create_transform(input_size=(3, size, size), is_training=False, interpolation="bicubic",
                             crop_pct=spec.crop_pct, mean=spec.mean or cfg.get("mean", (0.485, 0.456, 0.406)),
                             std=spec.std or cfg.get("std", (0.229, 0.224, 0.225)))
-
-
-def load_quantized(path: str) -> nn.Module:
-    """Rebuild the fake-quant model saved by ``python -m quant.run`` (``<out>/quantized.pt``), in ``quant`` mode."""
-    from quant.modules import set_mode
-    from quant.surgery import quantize_model
-    if not os.path.isfile(path):
-        raise UserError(f"quantized model {path!r} does not exist; point to <out>/quantized.pt of a quant.run")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    spec = resolve(saved["model"])
-    if spec.loader is not None:
-        model = spec.loader(None, dict(saved["model_args"]))
-    else:
-        model = timm.create_model(spec.timm_name, pretrained=False, **saved["model_args"])
-    model = quantize_model(model.eval(), saved["bits"], rescale=saved["rescale"],
-                           softmax_quantizer=saved.get("softmax_quantizer", "uniform"))
-    if saved.get("act_correction"):
-        from quant.correction import add_act_correction
-        add_act_correction(model)
-    model.load_state_dict(saved["state_dict"], strict=True)
-    set_mode(model, "quant")
-    return model

@@ -1,1 +1,0 @@
-"""Models the project trains itself (the offline ``demo`` ViT)."""
