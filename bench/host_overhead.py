@@ -1,7 +1,7 @@
 """``python -m bench.host_overhead [--model vit_b] [--bits w4a4] [--iters 20] [--json OUT]``: the host (Python)
 time of an exported model's eager forward on the Triton path, with every kernel launch replaced by a counter.
 
-Runs on any machine (CPU tensors, ``kernels.ops.use_triton(True)``; nothing is computed by the kernels, so the
+Runs on any machine (CPU tensors, ``kernels.ops.set_backend("triton")``; nothing is computed by the kernels, so the
 outputs are meaningless): what remains is the per-call cost that makes eager GPU forwards host-bound (argument
 checks, quantizer preparation, launch building, torch ops between the kernels). Prints launches per forward by
 kernel and the median milliseconds per forward (batch 1, random-init model calibrated on 2 random images). The
@@ -27,6 +27,7 @@ from calib.common import atomic_write_json
 from quant.calibrate import calibrate
 from quant.surgery import quantize_model
 
+
 def measure(model: str = "vit_b", bits: str = "w4a4", iters: int = 20, repeats: int = 5) -> dict:
     name, fp, size = build(model)
     q = calibrate(quantize_model(copy.deepcopy(fp), bits), torch.randn(2, 3, size, size))
@@ -34,7 +35,7 @@ def measure(model: str = "vit_b", bits: str = "w4a4", iters: int = 20, repeats: 
     with tempfile.TemporaryDirectory() as tmp:
         path = export.export_model(q, os.path.join(tmp, "m.lowbit"), arch=model if model != "tiny" else name,
                                    config=TINY[1] if model == "tiny" else {}, bits=bits)
-        m = export.load(path, fast=False)
+        m = export.load(path)
     x = torch.randn(1, 3, size, size)
     with counted_launches(launches), torch.inference_mode():
         m(x)

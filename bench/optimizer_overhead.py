@@ -9,7 +9,7 @@ Counted per step (the third of three, after two warm-up steps), with ``torch.pro
 * **aten ops**: every ``aten::`` event (nested ones too, the same rule for both steps), and the **dispatched ops**:
   the outermost operator calls that reach a backend (``TorchDispatchMode``), each at least one kernel launch on a
   GPU (``torch._foreach_*`` ops count once, as on a GPU; the CPU's profiler lists them once per tensor);
-* **Triton launches**: the step once more on the Triton path (``kernels.ops.use_triton(True)``) with every launch
+* **Triton launches**: the step once more on the Triton path (``kernels.ops.set_backend("triton")``) with every launch
   replaced by a counter (the kernels' outputs are left unwritten: counts only);
 * **step milliseconds** on this machine (median of ``--repeats`` steps, no profiler): CPU compute included, so
   read it as a ratio to the plain step's.
@@ -65,11 +65,11 @@ def counted_launches(counter: collections.Counter, stub: bool = True):
         if not stub:
             real(self)
     Launch.__call__ = call
-    ops.use_triton(True)
+    ops.set_backend("triton")
     try:
         yield counter
     finally:
-        ops.use_triton(None)
+        ops.set_backend(None)
         Launch.__call__ = real
 
 

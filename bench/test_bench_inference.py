@@ -6,10 +6,11 @@ Checkpoint: ``$LOWBIT_BENCH_CHECKPOINT``, else ``runs/demo-w4a4-e2e/model.lowbit
 --bits w4a4``), else a W4A4 demo checkpoint made here with ``--method rtn`` on 32 seeded random images (the timings
 depend on shapes and bit widths, not on how well the quantizers were trained). Every forward runs under
 ``torch.inference_mode`` with PyTorch's default thread count; the implementations are timed round-robin (medians of
-200 rounds at batch 1, 20 at batch 64). Rows: the float model (baseline), the loaded checkpoint's
-CPU fast path (``export.load``, int8 ``torch._int_mm`` and exact float GEMM backends), the packed path
-(``fast=False``: ``kernels.reference``, as before the fast path). ``LOWBIT_BENCH_COMPILE=1`` adds both models under
-``torch.compile`` (inductor; compile time excluded; the compiled checkpoint is not bit-identical to the eager one).
+200 rounds at batch 1, 20 at batch 64). Rows: the float model (baseline), the loaded checkpoint on the CPU backend
+with the GEMM it chooses on this machine (``export.load``; the row names the choice), then with each GEMM forced
+(int8 ``torch._int_mm``, exact float GEMM: ``kernels.cpu.set_gemm``). ``LOWBIT_BENCH_COMPILE=1`` adds both models
+under ``torch.compile`` (inductor; compile time excluded; the compiled checkpoint is not bit-identical to the eager
+one).
 """
 import os
 from pathlib import Path
@@ -20,8 +21,12 @@ from _report import record
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCHES = (1, 64)
-IMPLS = ["baseline float timm", "lowbit fast int8", "lowbit fast float", "lowbit packed (reference)"]
-COMPILED = ["float timm + compile", "lowbit fast + compile"]
+from kernels import cpu
+
+DEFAULT = f"lowbit default ({cpu.gemm()})"
+IMPLS = ["baseline float timm", DEFAULT, "lowbit int8 GEMM", "lowbit float GEMM"]
+GEMM_OF = {DEFAULT: None, "lowbit int8 GEMM": "int8", "lowbit float GEMM": "float"}
+COMPILED = ["float timm + compile", "lowbit + compile"]
 if os.environ.get("LOWBIT_BENCH_COMPILE") == "1":
     IMPLS += COMPILED
 
@@ -48,12 +53,26 @@ def models(tmp_path_factory):
     from lowbit.models import load_model
     path = _checkpoint(tmp_path_factory.mktemp("ckpt"))
     fp = load_model("demo").eval()
-    out = {"baseline float timm": fp, "lowbit fast int8": export.load(path, fast="int8"),
-           "lowbit fast float": export.load(path, fast="float"), "lowbit packed (reference)": export.load(path, fast=False)}
+    out = {"baseline float timm": fp}
+    for name, gemm in GEMM_OF.items():
+        if gemm == "int8" and not cpu.int_mm_exact():
+            continue
+        out[name] = _with_gemm(export.load(path), gemm)
     if COMPILED[0] in IMPLS:
         out[COMPILED[0]] = torch.compile(fp)
         out[COMPILED[1]] = export.load(path, compile=True)
     return out
+
+
+def _with_gemm(model, gemm):
+    """``model``, called with the CPU GEMM ``gemm`` chosen (each loaded model caches the constants of its own)."""
+    def call(x):
+        cpu.set_gemm(gemm)
+        try:
+            return model(x)
+        finally:
+            cpu.set_gemm(None)
+    return call
 
 
 def _interleaved(fns: dict, rounds: int) -> dict:
@@ -76,8 +95,8 @@ def _interleaved(fns: dict, rounds: int) -> dict:
 def test_demo_inference(benchmark, models, batch):
     x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
     with torch.inference_mode():
-        med = _interleaved({k: (lambda m=models[k]: m(x)) for k in IMPLS}, 200 if batch == 1 else 20)
-        for impl in IMPLS:
+        med = _interleaved({k: (lambda m=models[k]: m(x)) for k in IMPLS if k in models}, 200 if batch == 1 else 20)
+        for impl in med:
             record("demo cpu", f"batch {batch}", impl, med[impl], batch, unit="img/s", scale=1.0)
-        m = models["lowbit fast int8"]  # pytest-benchmark's own statistics, for the default loaded model
+        m = models[DEFAULT]  # pytest-benchmark's own statistics, for the default loaded model
         benchmark.pedantic(lambda: m(x), rounds=30, iterations=1, warmup_rounds=2)

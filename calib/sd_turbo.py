@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from calib.common import hub_online
+from calib import common
 from lowbit.errors import UserError
 
 DEFAULT_SD = "stabilityai/sd-turbo"
@@ -82,7 +82,7 @@ def check_sd_path(path: str) -> None:
     except HFValidationError:
         raise UserError(f"--sd-path {path!r} does not exist; pass a local diffusers folder of SD-Turbo or the hub "
                         f"id {DEFAULT_SD}") from None
-    if not hub_online() and not isinstance(try_to_load_from_cache(path, "model_index.json"), str):
+    if not common.hub_online() and not isinstance(try_to_load_from_cache(path, "model_index.json"), str):
         raise UserError(f"--sd-path {path!r} is neither a local folder nor in the hub cache, and the hub is not "
                         f"reachable; {OFFLINE_HINT}")
 
@@ -96,7 +96,7 @@ def load_sd_turbo(path: str = DEFAULT_SD) -> SDTurbo:
     from diffusers.utils import logging as diffusers_logging
 
     check_sd_path(path)
-    local_only = os.path.isdir(path) or not hub_online()
+    local_only = os.path.isdir(path) or not common.hub_online()
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # no multi-line advice (accelerate, hub retries) around our error line
     try:

@@ -1,8 +1,7 @@
 """Export of packed quantized checkpoints and loading them back for inference.
 
 ``export_model(qmodel, path, arch=..., config=..., bits=...)`` writes one; ``load(path, device=...)`` returns the
-inference ``nn.Module`` (weights packed, quantized ops through :mod:`kernels.ops`; on the CPU by default the
-bit-identical fast path of :mod:`export.fast`).
+inference ``nn.Module`` (weights packed, every quantized op through :mod:`kernels.ops`).
 """
 from .exporter import export_model
 from .format import CheckpointError

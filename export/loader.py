@@ -16,11 +16,11 @@ import torch
 from timm.layers import Mlp
 from torch import Tensor, nn
 
+from kernels import ops
 from lowbit import packing
 from lowbit.models import resolve
 from lowbit.primitives import QParams, SULQParams
 
-from . import fast as FA
 from . import format as fmt
 from .exporter import FLOAT, QUANT
 from .runtime import (
@@ -30,7 +30,7 @@ from .runtime import (
     PackedViTAttention,
     PackedWindowAttention,
     attach_correction,
-    prepare_fast,
+    prepare,
 )
 
 CheckpointError = fmt.CheckpointError
@@ -204,30 +204,24 @@ def build(tensors: Dict[str, Tensor], manifest: dict, model: Optional[nn.Module]
 
 
 def load(path: "str | os.PathLike", device: "str | torch.device" = "cpu", model: Optional[nn.Module] = None,
-         verify: bool = True, fast: "bool | str" = True, compile: "bool | dict" = False) -> nn.Module:
+         verify: bool = True, compile: "bool | dict" = False) -> nn.Module:
     """Inference ``nn.Module`` of the checkpoint at ``path`` on ``device`` (eval mode, weights packed).
 
-    ``model``: a float skeleton to load into instead of the one the manifest describes (checked against it).
-    ``fast`` (CPU only): precompute the load-time constants of :mod:`export.fast` (unpacked int8 or float weight
-    codes, column terms, scales), bit-identical to the reference path and several times faster; ``"int8"`` /
-    ``"float"`` pick its GEMM backend (default: int8 where ``torch._int_mm`` is exact); False keeps only the packed
-    weights and :mod:`kernels.ops` (the memory-lean path). ``compile``: wrap the model in ``torch.compile``
-    (True: on CUDA ``mode="reduce-overhead"``, i.e. CUDA graphs, so small batches are not launch-bound; a dict:
-    ``torch.compile`` keyword arguments); the first calls compile, and compiled code is not guaranteed bit-identical
-    to the eager path. Quantizers the fast path cannot use (step <= 0, NaN) raise :class:`CheckpointError`.
+    ``model``: a float skeleton to load into instead of the one the manifest describes (checked against it). Every
+    quantized op runs through :mod:`kernels.ops` (the CPU backend on the CPU, whose constants are built here, and
+    the Triton kernels on CUDA). Quantizers no model can use (step <= 0, NaN) raise :class:`CheckpointError`.
+    ``compile``: wrap the model in ``torch.compile`` (True: on CUDA ``mode="reduce-overhead"``, i.e. CUDA graphs, so
+    small batches are not launch-bound; a dict: ``torch.compile`` keyword arguments); the first calls compile, and
+    compiled code is not guaranteed bit-identical to the eager path.
     """
-    if fast not in (True, False) and fast not in FA.BACKENDS:
-        raise ValueError(f"fast must be True, False or one of {FA.BACKENDS}, got {fast!r}")
-    backend = FA.check_backend(None if fast is True or fast is False else fast)
     tensors, manifest = fmt.load(path, "cpu", verify=verify)
     with torch.no_grad():
         m = build(tensors, manifest, model, path)
         m = m.to(device)
-        if fast is not False and torch.device(device).type == "cpu":
-            try:
-                prepare_fast(m, backend)
-            except ValueError as e:
-                raise CheckpointError(f"{path}: {e}; the file holds quantizers no model can use, re-export it") from None
+        try:
+            prepare(m)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}; the file holds quantizers no model can use, re-export it") from None
     if compile:
         kw = dict(compile) if isinstance(compile, dict) else (
             {"mode": "reduce-overhead"} if torch.device(device).type == "cuda" else {})
@@ -236,9 +230,11 @@ def load(path: "str | os.PathLike", device: "str | torch.device" = "cpu", model:
 
 
 def resident_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer of ``model`` (shared tensors counted once)."""
+    """Bytes of every parameter and buffer of ``model`` and of the constants its packed layers cache
+    (:func:`kernels.ops.cached_tensors`; shared tensors counted once)."""
     seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
+    cached = [t for m in model.modules() for t in ops.cached_tensors(m)]
+    for t in list(model.parameters()) + list(model.buffers()) + cached:
         if t is None or t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())

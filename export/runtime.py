@@ -12,9 +12,8 @@ They replace the matching modules of a float timm skeleton (see :func:`export.lo
 * :class:`BlockCorrection` + :func:`attach_correction`: a block's output ``y`` becomes ``y @ M^T`` (DFQ-ViT).
 * :class:`PackedPatchEmbed`: the patch convolution as im2col (order C, kh, kw) + packed linear, NCHW output.
 
-:func:`prepare_fast` (done by :func:`export.load` on the CPU) adds the load-time constants of :mod:`export.fast` as
-``fast_*`` buffers; the modules then run that path on CPU tensors (bit-identical to :mod:`kernels.reference`) and
-:mod:`kernels.ops` otherwise (CUDA, or Triton forced by ``LOWBIT_TRITON=1`` / ``ops.use_triton(True)``).
+:func:`prepare` (done by :func:`export.load`) checks every quantizer and builds the backend's cached constants,
+gives timm ViT blocks a one-function forward (:func:`kernels.ops.vit_block`) and large CPU batches a chunked one.
 """
 from __future__ import annotations
 
@@ -24,6 +23,7 @@ from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
@@ -31,8 +31,6 @@ from kernels import ops
 from lowbit import packing
 from lowbit import primitives as P
 from lowbit.primitives import QParams, SULQParams
-
-from . import fast as FA
 
 
 class PackedLinear(nn.Module):
@@ -60,7 +58,6 @@ class PackedLinear(nn.Module):
         self.register_buffer("r", None if r is None else r.float(), persistent=False)
         self.register_buffer("shift", None if shift is None else shift.float(), persistent=False)
         self._pw: Optional[packing.PackedWeight] = None
-        self.fast: Optional[FA.LinearPlan] = None
 
     @property
     def in_qp(self) -> QParams:
@@ -73,33 +70,8 @@ class PackedLinear(nn.Module):
             self._pw = packing.PackedWeight(self.fmt, self.w_bits, self.out_features, self.in_features, planes)
         return self._pw
 
-    def quantize_input(self, x: Tensor) -> Tensor:
-        """int8 codes of ``LN'(x)`` (fused LayerNorm), ``(x - shift) / r`` or ``x``."""
-        if self.ln_eps is not None:
-            return ops.layernorm_quantize(x, self.ln_weight, self.ln_bias, self.ln_eps, self.in_qp)
-        return ops.quantize(x, self.in_qp, self.r, self.shift)
-
-    def linear_codes(self, a: Tensor, gelu: bool = False, requant: Optional[QParams] = None) -> Tensor:
-        return ops.packed_linear(a, self.in_qp, self.packed(), self.w_scale, self.w_zero, self.bias, gelu=gelu,
-                                 requant=requant)
-
     def forward(self, x: Tensor) -> Tensor:
-        p = self.fast
-        if p is not None and not ops.triton_enabled(x):
-            return FA.linear(FA.input_codes(x.reshape(-1, self.in_features), p), p).view(*x.shape[:-1], -1)
-        return self.linear_codes(self.quantize_input(x))
-
-    def prepare_fast(self, backend: str, name: str = "") -> None:
-        """Buffers ``fast_w``, ``fast_scale``, ``fast_cw``, ``fast_col`` and :attr:`fast` (:func:`export.fast.linear_tensors`)."""
-        plan, tensors = FA.linear_tensors(self.packed(), self.w_scale, self.w_zero, self.in_s, self.in_z, self.a_bits,
-                                          backend, name or type(self).__name__)
-        for key in _FAST_LINEAR:
-            t = tensors.get(key)
-            self.register_buffer(key, None if t is None else t.to(self.w_scale.device), persistent=False)
-        ln = None if self.ln_eps is None else FA.layernorm_plan(self.in_features, self.ln_eps, self.ln_weight,
-                                                                self.ln_bias)
-        self.fast = plan._replace(w=self.fast_w, scale=self.fast_scale, cw=self.fast_cw, col_t=self.fast_col,
-                                  bias=self.bias, in_s=self.in_s, ln=ln, r=self.r, shift=self.shift)
+        return ops.linear_layer(x, self)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, fmt={self.fmt}, w_bits={self.w_bits}, "
@@ -114,12 +86,7 @@ class PackedMlp(nn.Module):
         self.fc1, self.fc2 = fc1, fc2
 
     def forward(self, x: Tensor) -> Tensor:
-        p1, p2 = self.fc1.fast, self.fc2.fast
-        if p1 is not None and not ops.triton_enabled(x):
-            h = FA.linear(FA.input_codes(x.reshape(-1, self.fc1.in_features), p1), p1, gelu=True)
-            return FA.linear(FA.codes_(h, p2.in_s, p2.codes), p2).view(*x.shape[:-1], -1)
-        h = self.fc1.linear_codes(self.fc1.quantize_input(x), gelu=True, requant=self.fc2.in_qp)
-        return self.fc2.linear_codes(h)
+        return ops.mlp_layer(x, self.fc1, self.fc2)
 
 
 def _scalar_buffer(module: nn.Module, name: str, v) -> None:
@@ -142,55 +109,13 @@ def _qp_buffers(module: nn.Module, qps: Dict[str, "QParams | SULQParams"]) -> No
         module.attn_bits[name] = qp.bits
 
 
-_FAST_LINEAR = ("fast_w", "fast_scale", "fast_cw", "fast_col")
-_FAST_ATTENTION = ("fast_s3", "fast_lo3", "fast_hi3", "fast_p_table", "fast_rel_bias")
-
-
 class _PackedAttention(nn.Module):
-    fast: Optional[FA.AttentionPlan] = None
-
-    def prepare_fast(self, backend: str, name: str = "") -> None:
-        """Buffers ``fast_s3/lo3/hi3 [3, 1, 1, 1, 1]`` (step and clamp bounds of Q, K, V), ``fast_p_table``
-        (SULQ), ``fast_rel_bias`` (Swin) and :attr:`fast` (:func:`export.fast.attention_tensors`)."""
-        plan, tensors = FA.attention_tensors({n: self.qp(n) for n in "qkvp"}, self.scale, name or type(self).__name__)
-        for key in ("fast_s3", "fast_lo3", "fast_hi3"):
-            tensors[key] = tensors[key].reshape(3, 1, 1, 1, 1)
-        if isinstance(self, PackedWindowAttention):
-            tensors["fast_rel_bias"] = self.rel_pos_bias().detach()
-        for key in _FAST_ATTENTION:
-            t = tensors.get(key)
-            self.register_buffer(key, None if t is None else t.to(self.q_s.device), persistent=False)
-        self.fast = plan._replace(s3=self.fast_s3, lo3=self.fast_lo3, hi3=self.fast_hi3, p_s=self.p_s,
-                                  p_eta=getattr(self, "p_eta", None), p_x0=getattr(self, "p_x0", None),
-                                  p_table=self.fast_p_table,
-                                  rel_bias=self.fast_rel_bias)
-
-    def _attend_fast(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
-        b, n, c = x.shape
-        p, pp = self.qkv.fast, self.proj.fast
-        o = FA.attention(FA.linear(FA.input_codes(x.reshape(-1, c), p), p), b, n, self.num_heads, self.fast, mask)
-        return FA.linear(FA.input_codes(o.view(b * n, -1), pp, fresh=True), pp).view(b, n, -1)
-
     def qp(self, name: str) -> "QParams | SULQParams":
         s, z, bits = getattr(self, f"{name}_s"), getattr(self, f"{name}_z"), self.attn_bits[name]
         if name in self.sulq:
             return SULQParams(getattr(self, f"{name}_eta"), s, z, bits, getattr(self, f"{name}_x0"),
                               name in self.sulq_pow2)
         return QParams(s, z, bits)
-
-    def _attend(self, x: Tensor, rel_bias: Optional[Tensor], mask: Optional[Tensor]) -> Tensor:
-        """``proj(attention(qkv(x)))`` for ``x [B, L, C]`` on int8 codes end to end: the qkv GEMM's epilogue emits
-        the Q, K, V codes (a per-column requant), the attention reads them in place from ``[B, L, 3, H, D]`` and its
-        epilogue emits ``proj``'s input codes heads-last, so no float activation is written in between."""
-        b, n, _ = x.shape
-        qps = [self.qp(name) for name in "qkv"]
-        per = self.qkv.out_features // 3
-        qkv = self.qkv.linear_codes(self.qkv.quantize_input(x), requant=ops.stacked_qparams(qps, (per,) * 3))
-        q, k, v = qkv.view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        proj = self.proj
-        o = ops.quant_attention(q, k, v, *qps, self.scale, self.qp("p"), rel_bias=rel_bias, mask=mask,
-                                heads_last=True, requant=proj.in_qp, requant_r=proj.r, requant_shift=proj.shift)
-        return proj.linear_codes(o.view(b, n, -1))
 
 
 class PackedViTAttention(_PackedAttention):
@@ -206,9 +131,7 @@ class PackedViTAttention(_PackedAttention):
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
             raise NotImplementedError("attention masks are not supported by the packed ViT attention")
-        if self.fast is not None and not ops.triton_enabled(x):
-            return self._attend_fast(x, None)
-        return self._attend(x, None, None)
+        return ops.attention_layer(x, self)
 
 
 class PackedWindowAttention(_PackedAttention):
@@ -229,9 +152,7 @@ class PackedWindowAttention(_PackedAttention):
         return bias.permute(2, 0, 1).float().contiguous()
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        if self.fast is not None and not ops.triton_enabled(x):
-            return self._attend_fast(x, mask)
-        return self._attend(x, self.rel_pos_bias(), None if mask is None else mask.float())
+        return ops.attention_layer(x, self, mask)
 
 
 class PackedPatchEmbed(nn.Module):
@@ -247,9 +168,9 @@ class PackedPatchEmbed(nn.Module):
         d, c, ph, pw = self.kernel_shape
         if x.dim() != 4 or x.shape[1] != c:
             raise ValueError(f"input must be [B, {c}, H, W] images, got shape {tuple(x.shape)}")
-        if self.linear.fast is not None and not torch.compiler.is_compiling():
-            # the fast path checks the image once instead of every activation (kernels.reference's per-call scans);
-            # a finite sum means every value is finite (one reduction), else the exact check decides
+        if ops.backend_for(x) == "cpu" and not torch.compiler.is_compiling():
+            # on the CPU the image is checked once, not every activation (no host read on a GPU); a finite sum
+            # means every value is finite (one reduction), else the exact check decides
             if not x.is_floating_point():
                 raise TypeError(f"images must be a float32/float16/bfloat16 tensor, got {x.dtype}")
             if not math.isfinite(float(x.sum(dtype=torch.float32))) and not bool(torch.isfinite(x).all()):
@@ -283,28 +204,28 @@ def attach_correction(block: nn.Module, matrix: Tensor) -> BlockCorrection:
     return block.act_correction
 
 
-def prepare_fast(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
-    """Give every packed module of ``model`` (on the CPU) the load-time constants of :mod:`export.fast`, so CPU
-    forwards run the fast path. ``backend``: ``"int8"`` (``torch._int_mm``), ``"float"`` (exact float GEMM) or None
-    (int8 where ``torch._int_mm`` is exact here). Quantizers are validated here (ValueError naming the layer)."""
-    backend = FA.check_backend(backend)
+def prepare(model: nn.Module) -> nn.Module:
+    """Check every packed layer's quantizers and build its cached constants (:func:`kernels.ops.prepare`:
+    ValueError naming the layer), give timm ViT blocks the one-function forward :func:`_block_forward` and, when the
+    model's tensors are on the CPU, a forward over chunks of large batches (:func:`_chunked_forward`)."""
     for name, m in model.named_modules():
         if isinstance(m, (PackedLinear, _PackedAttention)):
-            dev = m.w_scale.device if isinstance(m, PackedLinear) else m.q_s.device
-            if dev.type != "cpu":
-                raise ValueError(f"the fast path is for the CPU but {name} is on {dev}; on CUDA the Triton kernels "
-                                 f"run (load with device='cpu' or move the model first)")
-            m.prepare_fast(backend, name)
+            try:
+                ops.prepare(m)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
     for m in model.modules():
         _flatten_block(m)
+    model.lowbit_layers = [m for m in model.modules() if isinstance(m, (PackedLinear, _PackedAttention))]
+    model.lowbit_blocks = [(m.attn, m.mlp) for m in model.modules() if "lowbit_hooks" in m.__dict__]
     plan = _chunk_plan(model)
-    if plan is not None:
+    if plan is not None and all(t.device.type == "cpu" for t in model.buffers()):
         model.lowbit_chunk_plan = plan
-        model.forward = types.MethodType(_chunked_forward, model)
+    model.forward = types.MethodType(_model_forward, model)
     return model
 
 
-CHUNK_BYTES = 4 << 20  # largest activation temporary of one chunk of images on the fast path
+CHUNK_BYTES = 4 << 20  # largest activation temporary of one chunk of images on the CPU
 
 
 def _chunk_plan(model: nn.Module) -> Optional[tuple]:
@@ -323,14 +244,24 @@ def _chunk_plan(model: nn.Module) -> Optional[tuple]:
     return ph, pw, max(width, 3 * d), (a.num_heads, a.window_area if isinstance(a, PackedWindowAttention) else 0)
 
 
+def _model_forward(self: nn.Module, x: Tensor, *args, **kwargs):
+    """The model's forward with its packed layers' cached constants checked once (:func:`kernels.ops.checked_once`)
+    and, on the CPU, over chunks of a large batch (:func:`_chunked_forward`)."""
+    if torch.compiler.is_compiling():
+        return type(self).forward(self, x, *args, **kwargs)
+    with ops.checked_once(x, self, self.lowbit_layers, self.lowbit_blocks):
+        return _chunked_forward(self, x, *args, **kwargs)
+
+
 def _chunked_forward(self: nn.Module, x: Tensor, *args, **kwargs):
     """The model's forward over chunks of the batch whose temporaries stay near :data:`CHUNK_BYTES` (large batches
     on the CPU are otherwise slowed by allocating and faulting in big temporaries). Every quantized op and every float
     op of the skeleton computes each image on its own, so the logits are those of one whole-batch call."""
     forward = type(self).forward
-    if args or kwargs or x.dim() != 4 or torch.compiler.is_compiling():
+    plan = getattr(self, "lowbit_chunk_plan", None)
+    if plan is None or args or kwargs or x.dim() != 4 or x.device.type != "cpu":
         return forward(self, x, *args, **kwargs)
-    ph, pw, width, (heads, area) = self.lowbit_chunk_plan
+    ph, pw, width, (heads, area) = plan
     tokens = (x.shape[-2] // ph) * (x.shape[-1] // pw)
     per_image = 4 * tokens * max(width, heads * (area or tokens))
     n = max(1, CHUNK_BYTES // per_image)
@@ -345,47 +276,24 @@ _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "dr
 
 def _flatten_block(block: nn.Module) -> None:
     """Give a timm ViT ``Block`` whose LayerNorms are fused (``norm1``, ``norm2``, layer scales and drop paths are
-    ``nn.Identity``) and whose ``attn`` / ``mlp`` are packed and fast the forward :func:`_block_forward`."""
-    from timm.models.vision_transformer import Block
+    ``nn.Identity``) and whose ``attn`` / ``mlp`` are packed the forward :func:`_block_forward`."""
     if not isinstance(block, Block) or type(block).forward is not Block.forward:
         return
     parts = [getattr(block, k, None) for k in _BLOCK_PARTS]
     attn, mlp = parts[1], parts[5]
     if (not all(type(parts[i]) is nn.Identity for i in (0, 2, 3, 4, 6, 7))
-            or type(attn) is not PackedViTAttention or type(mlp) is not PackedMlp or attn.fast is None
-            or mlp.fc1.fast is None or mlp.fc1.fast.ln is None or attn.qkv.fast.ln is None):
+            or type(attn) is not PackedViTAttention or type(mlp) is not PackedMlp
+            or mlp.fc1.ln_eps is None or attn.qkv.ln_eps is None):
         return
-    block.lowbit_block = FA.BlockPlan(attn.qkv.fast, attn.fast, attn.num_heads, attn.proj.fast, mlp.fc1.fast,
-                                      mlp.fc2.fast)
     block.lowbit_hooks = tuple(d for m in parts for d in (m._forward_hooks, m._forward_pre_hooks))  # (live dicts)
     block.forward = types.MethodType(_block_forward, block)
 
 
 def _block_forward(self: nn.Module, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
-    """The block's forward as one function (:func:`export.fast.vit_block`; at batch 1 the module calls and their
-    Python cost were a large share of the time), or timm's forward when its submodules carry forward hooks, a mask
-    is given or the Triton path is on."""
-    if (attn_mask is not None or is_causal or ops.triton_enabled(x) or _global_forward_hooks
-            or _global_forward_pre_hooks or any(self.lowbit_hooks)):
+    """The block's forward as one call (:func:`kernels.ops.vit_block`; at batch 1 the module calls and their Python
+    cost were a large share of the time), or timm's forward when its submodules carry forward hooks or a mask is
+    given."""
+    if (attn_mask is not None or is_causal or _global_forward_hooks or _global_forward_pre_hooks
+            or any(self.lowbit_hooks)):
         return type(self).forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
-    return FA.vit_block(x, self.lowbit_block)
-
-
-def drop_fast(model: nn.Module) -> nn.Module:
-    """Remove the fast-path buffers: every quantized op goes through :mod:`kernels.ops` again (packed weights only)."""
-    for m in model.modules():
-        if m.__dict__.pop("lowbit_block", None) is not None:
-            del m.__dict__["forward"], m.__dict__["lowbit_hooks"]
-        if isinstance(m, (PackedLinear, _PackedAttention)) and m.fast is not None:
-            for key in (_FAST_LINEAR if isinstance(m, PackedLinear) else _FAST_ATTENTION):
-                delattr(m, key)
-            m.fast = None
-    model.__dict__.pop("forward", None)
-    model.__dict__.pop("lowbit_chunk_plan", None)
-    return model
-
-
-def is_fast(model: nn.Module) -> bool:
-    """Whether every packed module of ``model`` carries the fast-path constants."""
-    mods = [m for m in model.modules() if isinstance(m, (PackedLinear, _PackedAttention))]
-    return bool(mods) and all(m.fast is not None for m in mods)
+    return ops.vit_block(x, self.attn, self.mlp)

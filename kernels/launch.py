@@ -24,6 +24,10 @@ class Launch:
     def __call__(self) -> None:
         if isinstance(self.kernel, InterpretedFunction):
             exact_fma()
+        elif any(getattr(v, "is_cuda", True) is False for v in self.args.values() if hasattr(v, "device")):
+            raise RuntimeError(f"{self.kernel.__name__}: the Triton kernels run on CPU tensors only through Triton's "
+                               f"interpreter; start Python with TRITON_INTERPRET=1 in the environment (or use the "
+                               f"CPU backend: kernels.ops.set_backend('cpu'))")
         self.kernel[self.grid](**self.args, **self.meta, **self.options)
 
     def describe(self) -> str:

@@ -1,17 +1,25 @@
-"""Dispatch for the quantized ops: the one entry point the optimiser, the models and the exporter call.
+"""The one door to the quantized ops: the optimiser, the exported models and the benchmarks call these functions.
 
-CUDA tensors run the Triton kernels; CPU tensors run :mod:`kernels.reference` unless ``LOWBIT_TRITON=1`` is set
-(then the Triton kernels run on CPU through ``TRITON_INTERPRET=1``), or :func:`use_triton` forces a choice.
-Without CUDA, importing this module sets ``TRITON_INTERPRET=1`` (unless already set) so the switch works at any time.
-All functions take activation quantizers as :class:`lowbit.primitives.QParams` (per-tensor ``s``, unsigned ``z``).
-The Triton kernels are registered as ``torch.ops.lowbit.*`` (:mod:`kernels.library`), so ``torch.compile``
-traces through them without graph breaks (argument checks that need host values are skipped while compiling).
+Two backends, chosen per call by the input tensor's device: CUDA tensors run the Triton kernels (registered as
+``torch.ops.lowbit.*`` by :mod:`kernels.library`, so ``torch.compile`` traces through them without graph breaks),
+CPU tensors run the CPU backend (:mod:`kernels.cpu`). One override, :func:`set_backend` (or :func:`using_backend`),
+forces either: ``"triton"`` on CPU tensors runs the kernels through Triton's interpreter, which must be switched on
+with ``TRITON_INTERPRET=1`` in the environment before Python starts (the test suite does); ``"cpu"`` on CUDA tensors
+runs the CPU backend's plain torch code there. Both compute the integer arithmetic of :mod:`lowbit.primitives` bit for
+bit (checked against :mod:`kernels.reference` by the tests).
+
+Single ops take activation quantizers as :class:`lowbit.primitives.QParams` (per-tensor ``s``, unsigned ``z``);
+codes are signed int8 storage. Layer ops (:func:`linear_layer`, :func:`mlp_layer`, :func:`attention_layer`,
+:func:`vit_block`) take the packed layers of :mod:`export.runtime` (duck-typed: their tensors as attributes, listed
+at :func:`kernels.cpu.linear_plan` and :func:`kernels.cpu.attention_plan`) and run float in, float out, with the
+backend's constants cached on the layer per version of its tensors. Input checks (shapes, dtypes, devices) run here;
+values are checked where they enter (a loaded file, the calibration), never with a host read per call.
 """
 from __future__ import annotations
 
-import os
+import contextlib
 import weakref
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, Iterator, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -20,28 +28,43 @@ from lowbit import packing
 from lowbit import primitives as P
 from lowbit.primitives import QParams, SULQParams
 
-from . import reference as R
+from . import checks as K
+from . import cpu
+from . import library as L
 from .configs import ATTENTION_HEAD_DIMS
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from . import library as L  # noqa: E402
-
-_FORCE: Optional[bool] = None
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+BACKENDS = ("triton", "cpu")
+_OVERRIDE: list = [None]
+_FLOATS = K.FLOATS
 
 
-def use_triton(flag: Optional[bool]) -> None:
-    """Force the Triton path on (True) or off (False) for every device; None restores the default."""
-    global _FORCE
-    _FORCE = flag
+def set_backend(name: Optional[str]) -> None:
+    """Force ``"triton"`` or ``"cpu"`` for every call whatever the tensors' device; None: by device again."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None (by the tensors' device), got {name!r}")
+    _OVERRIDE[0] = name
 
 
-def triton_enabled(t: Tensor) -> bool:
-    if _FORCE is not None:
-        return _FORCE
-    return t.is_cuda or os.environ.get("LOWBIT_TRITON", "0") == "1"
+@contextlib.contextmanager
+def using_backend(name: Optional[str]) -> Iterator[None]:
+    """:func:`set_backend` for the duration of a ``with`` block (the previous choice restored after)."""
+    before = _OVERRIDE[0]
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _OVERRIDE[0] = before
+
+
+def backend_for(t: Tensor) -> str:
+    """``"triton"`` or ``"cpu"``: the override of :func:`set_backend`, else Triton for CUDA tensors."""
+    if _OVERRIDE[0] is not None:
+        return _OVERRIDE[0]
+    return "triton" if t.is_cuda else "cpu"
+
+
+def _triton(t: Tensor) -> bool:
+    return backend_for(t) == "triton"
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -71,12 +94,6 @@ def _memo(tag: str, values: Tuple, fn: Callable):
     out = fn()
     memo[tag] = (tuple(weakref.ref(t) for t in tensors), key, out)
     return out
-
-
-def _same_device(ref: Tensor, **tensors) -> None:
-    for name, t in tensors.items():
-        if t is not None and torch.is_tensor(t) and t.device != ref.device:
-            raise ValueError(f"{name} is on {t.device} but the input is on {ref.device}; move it with .to(device)")
 
 
 def _scalar(name: str, v, like: Tensor, n: int = 1) -> Tensor:
@@ -127,26 +144,22 @@ def _channel_vecs(x: Tensor, channels: Optional[int] = None, **vecs):
     c = x.shape[-1] if channels is None else channels
     out = []
     for name, t in vecs.items():
-        R._check_channel_vec(name, t, c)
+        K.check_channel_vec(name, t, c)
         out.append(None if t is None else t.to(device=x.device, dtype=torch.float32).contiguous())
     return out
-
-
-def _check_float_input(x: Tensor, name: str = "x") -> None:
-    R._check_act_input(x, name)
-    if x.dim() < 1:
-        raise ValueError(f"{name} must have a channel dimension, got a 0-d tensor")
 
 
 # ---------------------------------------------------------------------------------------------- quantize
 
 
 def quantize(x: Tensor, qp: QParams, r: Optional[Tensor] = None, shift: Optional[Tensor] = None) -> Tensor:
-    """int8 codes of ``(x - shift) / r`` (see :func:`kernels.reference.rescale_quantize`)."""
-    if not triton_enabled(x):
-        return R.rescale_quantize(x, qp, r, shift)
-    _check_float_input(x)
-    _same_device(x, r=r, shift=shift)
+    """int8 codes of ``(x - shift) / r``: ``clamp(round(x' / s) + z, 0, qmax) - offset(bits)``."""
+    K.check_float_input(x)
+    K.same_device(x, r=r, shift=shift)
+    if not _triton(x):
+        for name, t in (("r", r), ("shift", shift)):
+            K.check_channel_vec(name, t, x.shape[-1])
+        return cpu.quantize(x, qp, r, shift)
     s, zr = _act_qparams(x, qp)
     r, shift = _channel_vecs(x, r=r, shift=shift)
     return L.rescale_quantize(x, r, shift, s, zr, float(qp.bits))
@@ -155,16 +168,24 @@ def quantize(x: Tensor, qp: QParams, r: Optional[Tensor] = None, shift: Optional
 def layernorm_quantize(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], eps: float,
                        qp: QParams, r: Optional[Tensor] = None, shift: Optional[Tensor] = None) -> Tensor:
     """int8 codes of ``(LayerNorm(x) - shift) / r``."""
-    if not triton_enabled(x):
-        return R.layernorm_rescale_quantize(x, ln_weight, ln_bias, eps, qp, r, shift)
-    _check_float_input(x)
-    _same_device(x, ln_weight=ln_weight, ln_bias=ln_bias, r=r, shift=shift)
+    K.check_float_input(x)
+    K.same_device(x, ln_weight=ln_weight, ln_bias=ln_bias, r=r, shift=shift)
+    if not _triton(x):
+        for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias), ("r", r), ("shift", shift)):
+            K.check_channel_vec(name, t, x.shape[-1])
+        return cpu.layernorm_quantize(x, ln_weight, ln_bias, eps, qp, r, shift)
     s, zr = _act_qparams(x, qp)
     lw, lb, r, shift = _channel_vecs(x, ln_weight=ln_weight, ln_bias=ln_bias, r=r, shift=shift)
     return L.layernorm_quantize(x, lw, lb, float(eps), r, shift, s, zr, float(qp.bits))
 
 
 # ---------------------------------------------------------------------------------------------- fake quant
+
+
+def _check_rescale(x: Tensor, r: Optional[Tensor], shift: Optional[Tensor]) -> None:
+    K.check_float_input(x)
+    K.check_channel_vec("r", r, x.shape[-1])
+    K.check_channel_vec("shift", shift, x.shape[-1])
 
 
 def _fq_kernel_args(r, shift, s, z):
@@ -187,7 +208,7 @@ def _fq_grads(g, x, args, bits, like) -> Tuple:
 
 class TritonFakeQuantizeFn(torch.autograd.Function):
     """``fake_quantize((x - shift) / r, s, z)`` by :mod:`kernels.fake_quantize`; ``s, z`` per tensor (1 value) or
-    per row of ``x`` viewed as ``[M, C]``. Gradients for x (STE), s, z (LSQ), r and shift, as the reference."""
+    per row of ``x`` viewed as ``[M, C]``. Gradients for x (STE), s, z (LSQ), r and shift, as :func:`lowbit.primitives.fake_quantize`."""
 
     @staticmethod
     def forward(ctx, x, r, shift, s, z, bits):
@@ -205,12 +226,12 @@ class TritonFakeQuantizeFn(torch.autograd.Function):
 
 def _fq_act_inputs(x: Tensor, qp: QParams, r: Optional[Tensor], shift: Optional[Tensor]):
     """The checked per-tensor ``(s, z)`` of an activation fake-quant on the Triton path."""
-    _check_float_input(x)
-    _same_device(x, r=r, shift=shift, s=qp.s, z=qp.z)
+    K.check_float_input(x)
+    K.same_device(x, r=r, shift=shift, s=qp.s, z=qp.z)
     P.check_bits(qp.bits)
     c = x.shape[-1]
-    R._check_channel_vec("r", r, c)
-    R._check_channel_vec("shift", shift, c)
+    K.check_channel_vec("r", r, c)
+    K.check_channel_vec("shift", shift, c)
     s, z = torch.as_tensor(qp.s, device=x.device), torch.as_tensor(qp.z, device=x.device)
     if s.numel() != 1 or z.numel() != 1:
         raise ValueError(f"activation quantizers are per tensor: s and z must hold one value, got shapes "
@@ -225,7 +246,7 @@ def _fq_weight_inputs(w: Tensor, s: Tensor, z: Tensor, bits):
     P.check_bits(bits)
     if w.dim() != 2:
         raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(w.shape)}")
-    _same_device(w, s=s, z=z)
+    K.same_device(w, s=s, z=z)
     s, z = torch.as_tensor(s, device=w.device), torch.as_tensor(z, device=w.device)
     for name, t in (("s", s), ("z", z)):
         if t.numel() not in (1, w.shape[0]) or (t.numel() > 1 and t.shape[0] != w.shape[0]):
@@ -238,14 +259,15 @@ def _fq_weight_inputs(w: Tensor, s: Tensor, z: Tensor, bits):
 
 def fake_quantize(x: Tensor, qp: QParams, r: Optional[Tensor] = None, shift: Optional[Tensor] = None) -> Tensor:
     """Differentiable float32 ``fake_quantize((x - shift) / r)`` (per-tensor activation quantizer)."""
-    if not triton_enabled(x) or qp.bits == 16:
-        return R.rescale_fake_quantize(x, qp, r, shift)
+    if not _triton(x) or qp.bits == 16:
+        _check_rescale(x, r, shift)
+        return cpu.fake_quantize(x, qp, r, shift)
     s, z = _fq_act_inputs(x, qp, r, shift)
     return TritonFakeQuantizeFn.apply(x, r, shift, s, z, qp.bits)
 
 
 def _weight_path(w: Tensor, bits) -> bool:
-    return triton_enabled(w) and bits != 16 and w.dtype in _FLOATS
+    return _triton(w) and bits != 16 and w.dtype in _FLOATS
 
 
 def fake_quantize_weight(w: Tensor, s: Tensor, z: Tensor, bits) -> Tensor:
@@ -275,11 +297,12 @@ def fake_quantize_vjp(x: Tensor, qp: QParams, r: Optional[Tensor] = None, shift:
     """``(x_hat, vjp)``: :func:`fake_quantize`'s value, built without an autograd graph on the Triton path, and
     ``vjp(g) -> (gx, gr, gshift, gs, gz)``, its gradients for an output gradient ``g`` (None where not ``needs``,
     in the order x, r, shift, s, z): one forward and one backward kernel, for backward passes that recompute the
-    fake-quant tensors (:mod:`quant.int_forward`). The reference path differentiates
-    :func:`kernels.reference.rescale_fake_quantize` with autograd."""
-    if not triton_enabled(x) or qp.bits == 16:
+    fake-quant tensors (:mod:`quant.int_forward`). The CPU backend differentiates
+    :func:`kernels.cpu.fake_quantize` with autograd."""
+    if not _triton(x) or qp.bits == 16:
         bits = qp.bits
-        return _autograd_vjp(lambda x, r, shift, s, z: R.rescale_fake_quantize(x, QParams(s, z, bits), r, shift),
+        _check_rescale(x, r, shift)
+        return _autograd_vjp(lambda x, r, shift, s, z: cpu.fake_quantize(x, QParams(s, z, bits), r, shift),
                              (x, r, shift, torch.as_tensor(qp.s), torch.as_tensor(qp.z)), needs)
     s, z = _fq_act_inputs(x, qp, r, shift)
     args = _fq_kernel_args(r, shift, s, z)
@@ -351,11 +374,13 @@ def _check_packed(w: packing.PackedWeight, a: Tensor) -> None:
 def packed_linear(a: Tensor, a_qp: QParams, w: packing.PackedWeight, w_scale: Tensor, w_zero: Tensor,
                   bias: Optional[Tensor] = None, gelu: bool = False, out_dtype: torch.dtype = torch.float32,
                   requant: Optional[QParams] = None) -> Tensor:
-    """Integer linear on int8 codes and a packed weight (see :func:`kernels.reference.packed_linear`)."""
-    if not triton_enabled(a):
-        return R.packed_linear(a, a_qp, w, w_scale, w_zero, bias, gelu, out_dtype, requant)
-    _check_act_codes(a)
+    """Integer linear on int8 codes and a packed weight: :func:`lowbit.primitives.int_linear_codes` of the unpacked
+    codes, ``y = act(sa * sw[n] * sum_k (qa - za)(qw[n, k] - zw[n]) + bias[n])`` in ``out_dtype``, or its int8 codes
+    under ``requant`` (one quantizer, or one per output column: :func:`stacked_qparams`)."""
+    K.check_act_codes(a, w.k if isinstance(w, packing.PackedWeight) else None)
     _check_packed(w, a)
+    if not _triton(a):
+        return cpu.linear_codes(a, a_qp, cpu.unpacked(w), w.bits, w_scale, w_zero, bias, gelu, out_dtype, requant)
     planes = [w.planes[name] for name, _ in packing.FORMATS[w.fmt].planes]
     return _int_linear(a, a_qp, planes, w.fmt, w.n, w.k, w.bits, lambda: weight_colsum(w), w_scale, w_zero, bias,
                        gelu, out_dtype, requant)
@@ -368,14 +393,15 @@ def linear_codes(a: Tensor, a_qp: QParams, qw: Tensor, w_bits, w_scale: Tensor, 
     packing). On the Triton path the codes go to the GEMM as int8 through the ``int8`` loader, centred ``qw - zw``
     for weights of at most 7 bits (the arithmetic of the unpack-first path, bit-identical to :func:`packed_linear`),
     else stored as ``qw - code_offset(w_bits)``."""
-    if not triton_enabled(a):
-        return R.linear_codes(a, a_qp, qw, w_bits, w_scale, w_zero, bias, gelu, out_dtype, requant)
-    _check_act_codes(a)
+    K.check_act_codes(a)
+    if not _triton(a):
+        K.check_act_codes(a, qw.shape[-1])
+        return cpu.linear_codes(a, a_qp, qw, w_bits, w_scale, w_zero, bias, gelu, out_dtype, requant)
     P.check_bits(w_bits)
     if not torch.is_tensor(qw) or qw.dim() != 2 or qw.is_floating_point() or qw.dtype == torch.bool:
         raise TypeError(f"weight codes must be an integer [N, K] tensor, got "
                         f"{qw.dtype if torch.is_tensor(qw) else type(qw).__name__} {tuple(getattr(qw, 'shape', ()))}")
-    _same_device(a, qw=qw)
+    K.same_device(a, qw=qw)
     q8 = (qw.to(torch.int16) - P.code_offset(w_bits)).to(torch.int8).contiguous()
     n, k = q8.shape
     return _int_linear(a, a_qp, [q8], "int8", n, k, w_bits,
@@ -389,15 +415,16 @@ def linear_float_weight(a: Tensor, a_qp: QParams, w: Tensor, w_scale: Tensor, w_
     (per output channel ``w_scale, w_zero [N, 1]``; the zero point rounded), float32 out: the optimiser's integer
     forward, bit-identical to ``packed_linear`` of the packed codes. On the Triton path the int8 codes the GEMM
     reads come from one pass over ``w`` (centred ``q - zw`` for weights of at most 7 bits), with their sums."""
-    if not triton_enabled(a):
-        return R.linear_codes(a, a_qp, P.quantize(w.float(), w_scale, w_zero, w_bits), w_bits, w_scale.reshape(-1),
+    if not _triton(a):
+        K.check_act_codes(a, w.shape[-1])
+        return cpu.linear_codes(a, a_qp, P.quantize(w.float(), w_scale, w_zero, w_bits), w_bits, w_scale.reshape(-1),
                               P.round_zero_point(w_zero, w_bits).reshape(-1), bias)
-    _check_act_codes(a)
+    K.check_act_codes(a)
     P.check_bits(w_bits)
     if not torch.is_tensor(w) or w.dim() != 2 or not w.is_floating_point():
         raise TypeError(f"w must be a float [N, K] weight, got {getattr(w, 'dtype', type(w).__name__)} "
                         f"{tuple(getattr(w, 'shape', ()))}")
-    _same_device(a, w=w, w_scale=w_scale, w_zero=w_zero)
+    K.same_device(a, w=w, w_scale=w_scale, w_zero=w_zero)
     n, k = w.shape
     f32 = dict(dtype=torch.float32, device=a.device)
     sw = torch.as_tensor(w_scale, **f32).reshape(n, 1)
@@ -413,12 +440,6 @@ def linear_float_weight(a: Tensor, a_qp: QParams, w: Tensor, w_scale: Tensor, w_
                        centered, prepared=(sw.reshape(n), zw.reshape(n), colsum.reshape(n)))
 
 
-def _check_act_codes(a: Tensor) -> None:
-    if not torch.is_tensor(a) or a.dtype != torch.int8:
-        raise TypeError(f"activation codes must be int8 (signed storage), got "
-                        f"{a.dtype if torch.is_tensor(a) else type(a).__name__}; quantize them first")
-
-
 def _int_linear(a: Tensor, a_qp: QParams, planes, fmt: str, n: int, k: int, w_bits, colsum: Optional[Callable],
                 w_scale, w_zero, bias, gelu: bool, out_dtype: torch.dtype, requant: Optional[QParams],
                 centered: bool = False, prepared: Optional[Tuple[Tensor, Tensor, Tensor]] = None) -> Tensor:
@@ -431,7 +452,7 @@ def _int_linear(a: Tensor, a_qp: QParams, planes, fmt: str, n: int, k: int, w_bi
         raise ValueError(f"activation codes have K={a.shape[-1] if a.dim() else None} but the weight has K={k}")
     if out_dtype not in _FLOATS:
         raise TypeError(f"out_dtype must be float32/float16/bfloat16, got {out_dtype}")
-    _same_device(a, w_scale=w_scale, w_zero=w_zero, bias=bias)
+    K.same_device(a, w_scale=w_scale, w_zero=w_zero, bias=bias)
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias must have shape [{n}], got {tuple(bias.shape)}")
 
@@ -484,34 +505,24 @@ def quant_attention(q: Tensor, k: Tensor, v: Tensor, q_qp: QParams, k_qp: QParam
                     p_qp: Optional[Union[QParams, SULQParams]] = None, rel_bias: Optional[Tensor] = None,
                     mask: Optional[Tensor] = None, heads_last: bool = False, requant: Optional[QParams] = None,
                     requant_r: Optional[Tensor] = None, requant_shift: Optional[Tensor] = None) -> Tensor:
-    """Attention on int8 codes (see :func:`kernels.reference.quant_attention`); ``p_qp`` a uniform
+    """Attention on int8 codes (:func:`lowbit.primitives.int_attention`); ``p_qp`` a uniform
     :class:`QParams` (integer ``P V``) or :class:`SULQParams` (table-dequantized ``P``, float ``P V``).
 
     ``q, k, v`` may be strided views (the slices of a qkv output ``[B, L, 3, H, D]`` are read in place). Returns
     float32 ``O [B, H, L, D]``, or ``[B, L, H, D]`` when ``heads_last``; with ``requant`` (the next linear's input
     quantizer, channels ``h * D + d``, optional rescale ``requant_r`` / ``requant_shift``) the int8 codes of
     :func:`quantize` of that output instead, from the kernel's epilogue."""
-    if not triton_enabled(q):
-        o = R.quant_attention(q, k, v, q_qp, k_qp, v_qp, scale, p_qp, rel_bias, mask)
-        if heads_last or requant is not None:
-            o = o.transpose(1, 2)
-        if requant is not None:
-            b, l, h, d = o.shape
-            o = R.rescale_quantize(o.reshape(b, l, h * d), requant, requant_r, requant_shift).view(b, l, h, d)
-            if not heads_last:
-                o = o.transpose(1, 2).contiguous()
-        return o
-    R.check_qkv(q, k, v)
-    _same_device(q, k=k, v=v, rel_bias=rel_bias, mask=mask, requant_r=requant_r, requant_shift=requant_shift)
+    K.check_qkv(q, k, v)
+    K.same_device(q, k=k, v=v, rel_bias=rel_bias, mask=mask, requant_r=requant_r, requant_shift=requant_shift)
+    K.check_attention_extras(q, rel_bias, mask)
+    if not _triton(q):
+        return cpu.quant_attention(q, k, v, q_qp, k_qp, v_qp, scale, p_qp, rel_bias, mask, heads_last, requant,
+                                   requant_r, requant_shift)
     b, h, l, d = q.shape
     if d not in ATTENTION_HEAD_DIMS:
         raise ValueError(f"head dim {d} is not supported by the Triton attention kernels (supported: "
                          f"{', '.join(map(str, ATTENTION_HEAD_DIMS))}); use a model whose head dim is one of them, "
-                         "or the reference path (kernels.ops.use_triton(False))")
-    if rel_bias is not None and tuple(rel_bias.shape) != (h, l, l):
-        raise ValueError(f"rel_bias must be [H, L, L] = {(h, l, l)}, got {tuple(rel_bias.shape)}")
-    if mask is not None and (mask.dim() != 3 or tuple(mask.shape[1:]) != (l, l) or b % mask.shape[0]):
-        raise ValueError(f"mask must be [nW, L, L] with B divisible by nW, got {tuple(mask.shape)} for B={b}")
+                         "or the CPU backend (kernels.ops.set_backend('cpu'))")
     if p_qp is None:
         p_qp = _default_p_qparams(q_qp.bits, q.device)
     for qp in (q_qp, k_qp, v_qp, p_qp):
@@ -547,3 +558,85 @@ def quant_attention(q: Tensor, k: Tensor, v: Tensor, q_qp: QParams, k_qp: QParam
     if sulq:
         return L.quant_attention_sulq(q, k, v, rel_bias, mask, *prepared, float(p_qp.bits), *out)
     return L.quant_attention(q, k, v, rel_bias, mask, *prepared, float(p_qp.bits), *out)
+
+
+# ---------------------------------------------------------------------------------------------- layers
+
+
+def _input_codes(x: Tensor, layer) -> Tensor:
+    if layer.ln_eps is not None:
+        return layernorm_quantize(x, layer.ln_weight, layer.ln_bias, layer.ln_eps, layer.in_qp)
+    return quantize(x, layer.in_qp, layer.r, layer.shift)
+
+
+def _layer_codes(a: Tensor, layer, gelu: bool = False, requant: Optional[QParams] = None) -> Tensor:
+    return packed_linear(a, layer.in_qp, layer.packed(), layer.w_scale, layer.w_zero, layer.bias, gelu=gelu,
+                         requant=requant)
+
+
+def linear_layer(x: Tensor, layer, gelu: bool = False) -> Tensor:
+    """float32 ``layer(x)`` of a packed linear (:class:`export.runtime.PackedLinear`) on float ``x [..., K]``: its
+    input quantized (LayerNorm fused, or rescaled), the integer GEMM, exact-erf GELU when ``gelu``."""
+    if not _triton(x):
+        return cpu.linear_layer(x, layer, gelu)
+    return _layer_codes(_input_codes(x, layer), layer, gelu)
+
+
+def mlp_layer(x: Tensor, fc1, fc2) -> Tensor:
+    """``fc2(GELU(fc1(x)))`` of packed linears; fc1's output goes to fc2's int8 codes in its epilogue."""
+    if not _triton(x):
+        return cpu.mlp_layer(x, fc1, fc2)
+    return _layer_codes(_layer_codes(_input_codes(x, fc1), fc1, gelu=True, requant=fc2.in_qp), fc2)
+
+
+def attention_layer(x: Tensor, attn, mask: Optional[Tensor] = None) -> Tensor:
+    """``proj(attention(qkv(x)))`` of a packed attention (:class:`export.runtime.PackedViTAttention` /
+    ``PackedWindowAttention``) for ``x [B, L, C]`` (``mask [nW, L, L]``: Swin's shifted windows). On Triton the
+    qkv GEMM's epilogue writes the Q, K, V codes, the attention reads them in place from ``[B, L, 3, H, D]`` and its
+    epilogue writes ``proj``'s input codes heads-last: no float activation in between."""
+    if not _triton(x):
+        return cpu.attention_layer(x, attn, mask)
+    b, n, _ = x.shape
+    qps = [attn.qp(name) for name in "qkv"]
+    per = attn.qkv.out_features // 3
+    qkv = _layer_codes(_input_codes(x, attn.qkv), attn.qkv, requant=stacked_qparams(qps, (per,) * 3))
+    q, k, v = qkv.view(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    proj = attn.proj
+    rel_bias = attn.rel_pos_bias() if hasattr(attn, "rel_pos_bias") else None
+    o = quant_attention(q, k, v, *qps, attn.scale, attn.qp("p"), rel_bias=rel_bias,
+                        mask=None if mask is None else mask.float(), heads_last=True, requant=proj.in_qp,
+                        requant_r=proj.r, requant_shift=proj.shift)
+    return _layer_codes(o.view(b, n, -1), proj)
+
+
+def vit_block(x: Tensor, attn, mlp) -> Tensor:
+    """``x + attn(x)``, then ``+ mlp(.)``: a timm ViT block whose LayerNorms are fused into ``attn.qkv`` and
+    ``mlp.fc1`` (on the CPU one function over the cached constants, :func:`kernels.cpu.vit_block`)."""
+    if not _triton(x):
+        return cpu.vit_block(x, cpu.block_plan(attn, mlp))
+    x = x + attention_layer(x, attn)
+    return x + mlp_layer(x, mlp.fc1, mlp.fc2)
+
+
+def checked_once(x: Tensor, owner, layers, blocks=()):
+    """Context for one forward of ``owner`` (a model) on input ``x`` whose packed layers are ``layers`` and
+    flattened ViT blocks ``blocks`` (``(attn, mlp)`` pairs): on the CPU backend one check of all their tensors at the
+    start stands for the per-layer checks of the cached constants (:func:`kernels.cpu.checked_once`); nothing on
+    Triton."""
+    return contextlib.nullcontext() if _triton(x) else cpu.checked_once(owner, layers, blocks)
+
+
+def prepare(layer) -> None:
+    """Compute a packed layer's cached constants now (on the CPU backend: unpacked weights, scales, tables), so
+    the first call does not, and its quantizers are checked (ValueError naming the layer)."""
+    t = layer.w_scale if hasattr(layer, "w_scale") else layer.p_s
+    if _triton(t):
+        if hasattr(layer, "w_scale"):
+            weight_colsum(layer.packed())
+        return
+    cpu.plan_of(layer)
+
+
+def cached_tensors(layer) -> list:
+    """The tensors a layer's cached constants hold (for memory accounting)."""
+    return cpu.cached_tensors(layer)

@@ -317,6 +317,20 @@ def init_weight_qparams(w: Tensor, bits, percentiles: Sequence[float] = (0.0, 10
 # channel rescale / shift
 
 
+def layernorm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
+    """LayerNorm over the last dim in float32: ``(x - mean) / sqrt(var + eps) * weight + bias`` (biased var)."""
+    x = x.float()
+    mean = x.mean(dim=-1, keepdim=True)
+    xc = x - mean
+    var = (xc * xc).mean(dim=-1, keepdim=True)
+    y = xc / torch.sqrt(var + eps)
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y
+
+
 def apply_rescale(x: Tensor, r: Optional[Tensor] = None, shift: Optional[Tensor] = None) -> Tensor:
     """``x' = (x - shift) / r`` along the last dimension (either may be None)."""
     if shift is not None:
@@ -412,7 +426,7 @@ def _code_bound(t: Tensor) -> int:
     return int(t.abs().max()) if t.numel() else 0
 
 
-def _exact_dtype(k: int, bound: int) -> torch.dtype:
+def exact_dtype(k: int, bound: int) -> torch.dtype:
     """The float dtype whose GEMM sums ``K`` products of magnitude ``<= bound`` exactly: float32 below 2^24,
     float64 below 2^53."""
     if k * bound >= 2 ** 53:
@@ -422,11 +436,11 @@ def _exact_dtype(k: int, bound: int) -> torch.dtype:
 
 def _exact_matmul(a: Tensor, b: Tensor, bound: int) -> Tensor:
     """int32 ``a @ b`` of integer tensors whose products are at most ``bound`` in magnitude, through a float GEMM
-    that is exact (:func:`_exact_dtype`). Faster than an integer matmul on the CPU, and CUDA has none."""
+    that is exact (:func:`exact_dtype`). Faster than an integer matmul on the CPU, and CUDA has none."""
     if a.numel() == 0 or b.numel() == 0:
         return torch.zeros(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1]),
                            dtype=torch.int32, device=a.device)
-    dt = _exact_dtype(a.shape[-1], bound)
+    dt = exact_dtype(a.shape[-1], bound)
     return (a.to(dt) @ b.to(dt)).to(torch.int32)
 
 
@@ -453,10 +467,33 @@ def int_linear(a: Tensor, sa, za, w: Tensor, sw: Tensor, zw: Tensor, bias: Optio
     else:
         if code_bound is None:
             code_bound = int(ac.abs().max()) * int(wc.abs().max())
-        dt = _exact_dtype(k, code_bound)
+        dt = exact_dtype(k, code_bound)
         acc = ac @ wc.T if dt == torch.float32 else (ac.double() @ wc.double().T).float()
     y = acc * (torch.as_tensor(sa, **f32) * torch.as_tensor(sw, **f32).reshape(1, -1))
     return y if bias is None else y + bias.float()
+
+
+def int_linear_codes(a: Tensor, a_qp: QParams, qw: Tensor, w_bits, w_scale: Tensor, w_zero: Tensor,
+                     bias: Optional[Tensor] = None, gelu: bool = False, out_dtype: torch.dtype = torch.float32,
+                     requant: Optional[QParams] = None) -> Tensor:
+    """The deployed linear on codes: ``y = act(sa * sw[n] * sum_k (qa - za)(qw[n, k] - zw[n]) + bias[n])`` for
+    signed int8 activation codes ``a [..., K]`` (quantizer ``a_qp``) and unsigned weight codes ``qw [N, K]``
+    (``w_bits`` wide, per-channel ``w_scale``, ``w_zero [N]``), by :func:`int_linear`; ``act`` is exact-erf GELU
+    when ``gelu``. Returns ``y`` in ``out_dtype``, or its signed int8 codes under ``requant`` (the next layer's
+    activation quantizer)."""
+    n, k = qw.shape
+    lead = a.shape[:-1]
+    za = signed_zero_point(a_qp.z, a_qp.bits)
+    zw = round_zero_point(torch.as_tensor(w_zero, dtype=torch.float32, device=a.device), w_bits).reshape(-1)
+    if zw.numel() != n or torch.as_tensor(w_scale).numel() != n:
+        raise ValueError(f"w_scale and w_zero need one value per output channel ({n})")
+    y = int_linear(a.reshape(-1, k), a_qp.s, za, qw, w_scale, zw, bias, code_bound=qmax(a_qp.bits) * qmax(w_bits))
+    if gelu:
+        y = torch.nn.functional.gelu(y)
+    y = y.reshape(*lead, n)
+    if requant is not None:
+        return quantize(y, requant.s, requant.z, requant.bits, signed=True)
+    return y.to(out_dtype)
 
 
 def patchify(x: Tensor, patch: Tuple[int, int]) -> Tensor:
@@ -619,3 +656,44 @@ def init_sulq_published(p: Tensor, bits, etas: Sequence[float] = PUBLISHED_SULQ_
         if err < best_err:
             best_err, best = err, SULQParams(torch.tensor(float(eta)), s, zero.clone(), bits, lo, True)
     return best
+
+
+def scale_product(s1, c: float, s2, device) -> Tensor:
+    """float32 ``s1 * c * s2`` computed in float64 (as the kernels do), on ``device`` (no host read)."""
+    f64 = dict(dtype=torch.float64, device=device)
+    return (torch.as_tensor(s1, **f64) * float(c) * torch.as_tensor(s2, **f64)).float()
+
+
+def int_attention(q: Tensor, k: Tensor, v: Tensor, q_qp: QParams, k_qp: QParams, v_qp: QParams, scale: float,
+                  p_qp: "Optional[QParams | SULQParams]" = None, rel_bias: Optional[Tensor] = None,
+                  mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """The deployed attention on signed int8 codes ``q, k, v [B, H, L, D]`` with per-tensor quantizers; returns
+    float32 ``O [B, H, L, D]`` and the probability codes.
+
+    ``S = scale * sq * sk * sum_d (qq - zq)(qk - zk) + rel_bias[h] + mask[b % nW]``, ``P = softmax(S)`` (float32),
+    ``qp = quantize(P)`` with ``p_qp`` (default: ``s = 1/qmax(bits of q)``, ``z = 0``), and
+    ``O = sp * sv * sum_j (qp - zp)(qv - zv)``. With a :class:`SULQParams` ``p_qp`` the codes are SULQ's
+    (``clamp(round((-log2(P + eta) - x0) / sp) + zp, 0, qmax)``) and ``O = sv * sum_j table[qp] (qv - zv)`` in
+    float32 (``table = sulq_table``). ``rel_bias`` is ``[H, L, L]``, ``mask`` ``[nW, L, L]`` (Swin's
+    shifted-window mask, windows ordered with the window index fastest).
+    """
+    b, h, l, d = q.shape
+    if p_qp is None:
+        p_qp = QParams(torch.tensor(1.0 / qmax(q_qp.bits)), torch.tensor(0.0), q_qp.bits)
+    zq = signed_zero_point(q_qp.z, q_qp.bits)
+    zk = signed_zero_point(k_qp.z, k_qp.bits)
+    s = int_gemm(q, k, zq, zk).float() * scale_product(q_qp.s, scale, k_qp.s, q.device)
+    if rel_bias is not None:
+        s = s + rel_bias.float()[None]
+    if mask is not None:
+        nw = mask.shape[0]
+        s = (s.view(b // nw, nw, h, l, l) + mask.float()[None, :, None]).view(b, h, l, l)
+    p = torch.softmax(s, dim=-1)
+    zv = signed_zero_point(v_qp.z, v_qp.bits)
+    if isinstance(p_qp, SULQParams):
+        pc = sulq_quantize(p, p_qp.eta, p_qp.s, p_qp.z, p_qp.bits, signed=True, x0=p_qp.x0)
+        ph = sulq_dequantize(pc, p_qp.eta, p_qp.s, p_qp.z, p_qp.bits, p_qp.x0, p_qp.pow2)
+        return (ph @ (v.float() - zv)) * torch.as_tensor(v_qp.s, dtype=torch.float32, device=q.device), pc
+    pc = quantize(p, p_qp.s, p_qp.z, p_qp.bits, signed=True)
+    zp = signed_zero_point(p_qp.z, p_qp.bits)
+    return int_gemm(pc, v.transpose(-1, -2), zp, zv).float() * scale_product(p_qp.s, 1.0, v_qp.s, q.device), pc

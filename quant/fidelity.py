@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from calib import data as D
-from calib.invert import MIXTURES, InvertConfig, synthesize
+from calib import invert
+from calib.invert import MIXTURES, InvertConfig
 
 SYNTH_SIZE = 64      # default held-out images synthesized (one calib.invert batch)
 FOLDER_SIZE = 256    # default held-out images read from a folder
@@ -73,7 +74,7 @@ def synthesized(fp_model: nn.Module, transform, size: int, steps: int, seed: int
     step = cfg.batch_size // len(MIXTURES.get(prior, (prior,)))
     out = []
     for i, b in enumerate(range(0, size, step)):
-        imgs = synthesize(fp_model, labels[b:b + step], cfg.for_batch(i), difficulty=1.0,
+        imgs = invert.synthesize(fp_model, labels[b:b + step], cfg.for_batch(i), difficulty=1.0,
                           seed=seed * 100003 + SYNTH_SEED + b, progress=progress)
         for img in imgs:
             out.append(transform(Image.fromarray((img.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8))))

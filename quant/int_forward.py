@@ -1,7 +1,7 @@
 """Integer forward, fake-quant backward: the deployed arithmetic in the optimiser's forward pass.
 
 Each :class:`torch.autograd.Function` here computes in its forward exactly what the exported model computes, through
-:mod:`kernels.ops` (Triton on CUDA or with ``LOWBIT_TRITON=1``, else :mod:`kernels.reference`); ``"int"`` mode calls
+:mod:`kernels.ops` (Triton on CUDA, the CPU backend on the CPU); ``"int"`` mode calls
 the same functions without gradients, so the two are bit-identical. The backward rebuilds the float fake-quant
 subgraph of the same layer from the saved float inputs (:func:`kernels.ops.fake_quantize`,
 :func:`kernels.ops.fake_quantize_weight`, :mod:`lowbit.primitives`) and backpropagates through it: the gradients
@@ -19,6 +19,7 @@ chain rule for the rescale/shift and the refinement ``dW`` (which the caller fol
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -26,7 +27,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels import ops
-from kernels import reference as R
 from kernels.configs import ATTENTION_HEAD_DIMS
 from lowbit import primitives as P
 from lowbit.primitives import QParams
@@ -118,11 +118,11 @@ class IntLinearFn(torch.autograd.Function):
 
 
 def fused_layernorm(x: Tensor, ln_w: Tensor, ln_b: Tensor, r: Tensor, shift: Tensor, eps: float) -> Tensor:
-    """The deployed ``(LayerNorm(x) - shift) / r``: :func:`kernels.reference.layernorm` with the folded affine
+    """The deployed ``(LayerNorm(x) - shift) / r``: :func:`lowbit.primitives.layernorm` with the folded affine
     ``(gamma / r, (beta - shift) / r)`` (:func:`lowbit.primitives.fold_into_layernorm`), float32."""
     g, b = P.fold_into_layernorm(ln_w.detach().float(), ln_b.detach().float(), r.detach().float(),
                                  shift.detach().float())
-    return R.layernorm(x, g, b, eps)
+    return P.layernorm(x, g, b, eps)
 
 
 class FusedLayerNormFn(torch.autograd.Function):
@@ -171,7 +171,7 @@ def int_attention(q: Tensor, k: Tensor, v: Tensor, qps, scale: float, rel_bias: 
                   mask: Optional[Tensor]) -> Tensor:
     """The deployed attention (no gradient): ``ops.quant_attention`` on ``ops.quantize`` codes of ``q, k, v``
     with ``qps = (q_qp, k_qp, v_qp, p_qp)`` (``p_qp`` a :class:`QParams` or :class:`lowbit.primitives.SULQParams`).
-    Head dims the Triton kernels do not take run :func:`kernels.reference.quant_attention` on the same device."""
+    Head dims the Triton kernels do not take run on the CPU backend's plain torch code, on the same device."""
     if mask is not None and mask.dim() != 3:
         raise NotImplementedError("the integer attention takes only Swin's [nW, L, L] window mask, not a ViT "
                                   "attn_mask; use the fake-quant forward (quant.modules.set_forward(model, 'fake'))")
@@ -179,9 +179,8 @@ def int_attention(q: Tensor, k: Tensor, v: Tensor, qps, scale: float, rel_bias: 
     qc, kc, vc = (ops.quantize(t.contiguous(), qp) for t, qp in ((q, q_qp), (k, k_qp), (v, v_qp)))
     rb = None if rel_bias is None else rel_bias.detach().float().contiguous()
     mk = None if mask is None else mask.detach().float()
-    fn = ops.quant_attention if (not ops.triton_enabled(qc) or q.shape[-1] in ATTENTION_HEAD_DIMS) \
-        else R.quant_attention
-    return fn(qc, kc, vc, q_qp, k_qp, v_qp, scale, p_qp, rel_bias=rb, mask=mk)
+    with contextlib.nullcontext() if q.shape[-1] in ATTENTION_HEAD_DIMS else ops.using_backend("cpu"):
+        return ops.quant_attention(qc, kc, vc, q_qp, k_qp, v_qp, scale, p_qp, rel_bias=rb, mask=mk)
 
 
 class IntAttentionFn(torch.autograd.Function):

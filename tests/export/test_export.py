@@ -55,17 +55,20 @@ def test_parity_with_fake_quant(tmp_path, folder_images, kind, bits):
     assert per_image.median() <= 1e-6 and (per_image <= 1e-3).float().mean() >= 0.95
 
 
-def test_loaded_model_is_packed_and_uses_kernels(tmp_path, monkeypatch):
-    """``fast=False``: the packed path, every quantized op a ``kernels.ops`` call (the CPU fast path: test_fast.py)."""
-    _, q, path = _export(tmp_path, "swin", "w3a3")
-    m = export.load(path, fast=False)
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_loaded_model_is_packed_and_uses_kernels(tmp_path, monkeypatch, backend):
+    """Weights stay packed; every quantized op is a ``kernels.ops`` call: on the CPU backend one layer op per
+    layer, on Triton (interpreter) the single ops under them (the CPU backend's arithmetic: tests/kernels/test_cpu.py)."""
+    _, q, path = _export(tmp_path, "swin", "w3a3", embed_dim=64)  # head dim 32, as the Triton attention takes
+    m = export.load(path)
     kinds = {type(x) for x in m.modules()}
     assert {PackedLinear, PackedMlp, PackedPatchEmbed, PackedWindowAttention} <= kinds
     assert not any(isinstance(x, (nn.Linear, nn.Conv2d, QuantLinear)) for x in m.modules())
     assert not any(p.is_floating_point() and p.numel() > 4096 for x in m.modules() if isinstance(x, PackedLinear)
                    for p in x.buffers())
     from kernels import ops
-    calls = {"packed_linear": 0, "quant_attention": 0, "layernorm_quantize": 0}
+    calls = {"packed_linear": 0, "quant_attention": 0, "layernorm_quantize": 0, "linear_layer": 0, "mlp_layer": 0,
+             "attention_layer": 0}
     for name in calls:
         orig = getattr(ops, name)
 
@@ -73,13 +76,20 @@ def test_loaded_model_is_packed_and_uses_kernels(tmp_path, monkeypatch):
             calls[_n] += 1
             return _o(*a, **k)
         monkeypatch.setattr(ops, name, spy)
-    with torch.no_grad():
+    with torch.no_grad(), ops.using_backend(backend):
         m(torch.randn(2, 3, 32, 32))
     n_lin = sum(isinstance(x, PackedLinear) for x in m.modules())
     n_attn = sum(isinstance(x, PackedWindowAttention) for x in m.modules())
-    assert calls["packed_linear"] == n_lin and calls["quant_attention"] == n_attn
-    # every block's norm1 and norm2 and the patch merging norm are fused into their linears
-    assert calls["layernorm_quantize"] == 2 * n_attn + 1
+    n_mlp = sum(isinstance(x, PackedMlp) for x in m.modules())
+    # the linears outside attention and MLP: the patch embedding, the patch merging reduction, the head
+    assert calls["attention_layer"] == n_attn and calls["mlp_layer"] == n_mlp
+    assert calls["linear_layer"] == n_lin - 2 * n_attn - 2 * n_mlp
+    if backend == "triton":
+        assert calls["packed_linear"] == n_lin and calls["quant_attention"] == n_attn
+        # every block's norm1 and norm2 and the patch merging norm are fused into their linears
+        assert calls["layernorm_quantize"] == 2 * n_attn + 1
+    else:
+        assert calls["packed_linear"] == calls["quant_attention"] == calls["layernorm_quantize"] == 0
 
 
 @pytest.mark.parametrize("bits", ["w1.58a8", "w3a3", "w6a6"])
@@ -120,11 +130,13 @@ def test_unfusable_norm_keeps_rescale(tmp_path, folder_images):
 
 def test_resident_bytes_close_to_file(tmp_path):
     """Packed layers hold exactly the file's bytes; the rest is the fp16 float tensors upcast to fp32 and the
-    skeleton's derived buffers (Swin index/mask), so resident bytes stay within 1.2x of the file (``fast=False``; the
-    CPU fast path's unpacked codes come on top: test_fast.py)."""
+    skeleton's derived buffers (Swin index/mask), so resident bytes stay within 1.2x of the file (on a CUDA-free
+    load without the CPU backend's cached constants; those come on top: tests/kernels/test_cpu.py)."""
+    from kernels import ops
     _, _, path = _export(tmp_path, "deit", "w4a4", embed_dim=128, num_heads=2, depth=2)
     tensors, _ = fmt.load(path)
-    m = export.load(path, fast=False)
+    with ops.using_backend("triton"):  # (the Triton backend caches no constants here)
+        m = export.load(path)
     quant_file = sum(v.numel() * v.element_size() for k, v in tensors.items() if k.startswith("quant."))
     float_file = sum(v.numel() * v.element_size() for k, v in tensors.items() if k.startswith("float."))
     packed = sum(resident_bytes(x) for x in m.modules() if isinstance(x, (PackedLinear,)))
@@ -170,11 +182,8 @@ def test_triton_path_matches_reference(tmp_path):
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = m(x)
-        ops.use_triton(True)
-        try:
+        with ops.using_backend("triton"):
             tri = m(x)
-        finally:
-            ops.use_triton(None)
     assert torch.allclose(tri, ref, atol=1e-3 * float(ref.max() - ref.min()))
 
 
@@ -214,12 +223,12 @@ def _unfused_attention(a, x, mask):
 @pytest.mark.parametrize("kind,bits", [("vit", "w4a4"), ("swin", "w3a3"), ("vit", "w1.58a8")])
 def test_fused_attention_equals_the_unfused_ops(tmp_path, kind, bits):
     """The deployed attention (qkv GEMM emitting Q/K/V codes, attention read in place and emitting proj's input
-    codes) is bit-identical to quantize -> attention -> quantize as separate ops, on the Triton path (interpreter)
-    and on the reference path."""
+    codes) is bit-identical to quantize -> attention -> quantize as separate ops, on the Triton backend
+    (interpreter) and on the CPU backend."""
     from kernels import ops
     over = dict(embed_dim=64, num_heads=2) if kind == "vit" else dict(embed_dim=64)  # head dim 32
     _, _, path = _export(tmp_path, kind, bits, **over)
-    m = export.load(path, fast=False)
+    m = export.load(path)
     mods = [x for x in m.modules() if isinstance(x, (PackedViTAttention, PackedWindowAttention))]
     seen = []
     hooks = [x.register_forward_pre_hook(lambda mod, args, kw: seen.append((mod, args, kw)), with_kwargs=True)
@@ -229,17 +238,14 @@ def test_fused_attention_equals_the_unfused_ops(tmp_path, kind, bits):
     for h in hooks:
         h.remove()
     assert seen
-    for flag in (True, False):
-        ops.use_triton(flag)
-        try:
+    for backend in ("triton", "cpu"):
+        with ops.using_backend(backend):
             with torch.no_grad():
                 for a, args, kw in seen:
                     mask = kw.get("mask", args[1] if len(args) > 1 else None)
                     fused, unfused = a(args[0], mask) if mask is not None else a(args[0]), _unfused_attention(
                         a, args[0], mask)
-                    assert fused.dtype == unfused.dtype and torch.equal(fused, unfused), (flag, type(a).__name__)
-        finally:
-            ops.use_triton(None)
+                    assert fused.dtype == unfused.dtype and torch.equal(fused, unfused), (backend, type(a).__name__)
 
 
 def test_deployed_forward_checks_its_quantizers_once(tmp_path, monkeypatch):
@@ -249,18 +255,14 @@ def test_deployed_forward_checks_its_quantizers_once(tmp_path, monkeypatch):
     from lowbit import primitives as P
     over = dict(embed_dim=64, num_heads=2)
     _, _, path = _export(tmp_path, "vit", "w4a4", **over)
-    m = export.load(path, fast=False)
+    m = export.load(path)
     checks = []
     real = P.check_step
     monkeypatch.setattr(P, "check_step", lambda s: checks.append(1) or real(s))
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    ops.use_triton(True)
-    try:
-        with torch.inference_mode():
-            first = m(x)
-            assert checks
-            checks.clear()
-            again = m(x)
-    finally:
-        ops.use_triton(None)
+    with ops.using_backend("triton"), torch.inference_mode():
+        first = m(x)
+        assert checks
+        checks.clear()
+        again = m(x)
     assert checks == [] and torch.equal(first, again)

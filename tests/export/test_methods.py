@@ -84,7 +84,7 @@ def test_act_correction_survives_export_and_load(tmp_path, folder_images, kind):
 
 
 def test_sulq_params_reach_the_attention_kernel(tmp_path, monkeypatch):
-    q, path = _export(tmp_path, "vit", "w4a4", correction=False, sulq=True)
+    q, path = _export(tmp_path, "vit", "w4a4", correction=False, sulq=True, embed_dim=64, num_heads=2)  # head dim 32
     tensors, man = fmt.load(path)
     sulq = {n.rpartition(".core.")[0]: mod for n, mod in q.named_modules() if isinstance(mod, SULQuantizer)}
     assert len(sulq) == 2
@@ -103,8 +103,8 @@ def test_sulq_params_reach_the_attention_kernel(tmp_path, monkeypatch):
         seen.append(k.get("p_qp", a[7] if len(a) > 7 else None))
         return orig(*a, **k)
     monkeypatch.setattr(ops, "quant_attention", spy)
-    m = export.load(path, fast=False)  # the packed path (the fast path's SULQ: test_parity_with_fake_quant)
-    with torch.no_grad():
+    m = export.load(path)  # through the Triton backend's single ops (the CPU backend's SULQ: test_parity_with_fake_quant)
+    with torch.no_grad(), ops.using_backend("triton"):
         m(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
     etas = sorted(float(mod.eta) for mod in sulq.values())
     assert len(seen) == 2 and all(isinstance(p, SULQParams) for p in seen)
@@ -124,7 +124,7 @@ def test_sulq_forms_in_the_file(tmp_path, form):
         assert attn[n]["p_quantizer"] == form and mod.published == (form == "sulq")
         assert torch.equal(tensors[f"quant.{n}.p_x0"], mod.x0.float().reshape(()))
         assert (float(mod.x0) != 0) == (form == "sulq")
-    m = export.load(path, fast=False)
+    m = export.load(path)
     got = [a.qp("p") for a in m.modules() if hasattr(a, "sulq") and a.sulq]
     assert len(got) == 2 and all(p.pow2 == (form == "sulq") for p in got)
     if form == "sulq-learned":
@@ -167,9 +167,9 @@ def test_triton_path_matches_reference(tmp_path):
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = m(x)
-        ops.use_triton(True)
+        ops.set_backend("triton")
         try:
             tri = m(x)
         finally:
-            ops.use_triton(None)
+            ops.set_backend(None)
     assert torch.allclose(tri, ref, atol=1e-3 * float(ref.max() - ref.min()))

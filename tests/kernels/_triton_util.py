@@ -6,13 +6,8 @@ import torch
 from kernels import ops
 
 
-@contextlib.contextmanager
 def triton_path():
-    ops.use_triton(True)
-    try:
-        yield
-    finally:
-        ops.use_triton(None)
+    return ops.using_backend("triton")
 
 
 @contextlib.contextmanager

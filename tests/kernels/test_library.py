@@ -1,5 +1,8 @@
 """torch.library registration: schemas, fake (meta) impls and autograd wiring of the ``lowbit`` ops, and a
 graph-break-free ``torch.compile`` through the dispatch functions."""
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,6 +14,8 @@ from lowbit import primitives as P
 from lowbit.primitives import QParams
 
 from ._triton_util import triton_path
+
+ROOT = Path(__file__).resolve().parents[2]
 
 TESTS = ("test_schema", "test_faketensor", "test_autograd_registration")
 
@@ -89,23 +94,58 @@ def test_compile_fullgraph_through_dispatch(gen):
 
 
 def test_dispatch_switch(gen, monkeypatch):
-    """CPU tensors take the reference by default, the Triton ops under LOWBIT_TRITON=1 or use_triton(True)."""
+    """CPU tensors take the CPU backend by default, the Triton ops under set_backend("triton"); the override is
+    checked, and restored by using_backend."""
     calls = []
     real = L.rescale_quantize
     monkeypatch.setattr(L, "rescale_quantize", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(2, 16, generator=gen)
     qp = QParams(torch.tensor(0.1), torch.tensor(8.0), 4)
-    monkeypatch.delenv("LOWBIT_TRITON", raising=False)
-    ops.quantize(x, qp)
-    assert calls == []
-    monkeypatch.setenv("LOWBIT_TRITON", "1")
-    assert torch.equal(ops.quantize(x, qp), R.rescale_quantize(x, qp)) and calls == [1]
-    ops.use_triton(False)
-    try:
-        ops.quantize(x, qp)
-    finally:
-        ops.use_triton(None)
-    assert calls == [1]
+    assert ops.backend_for(x) == "cpu"
+    assert torch.equal(ops.quantize(x, qp), R.rescale_quantize(x, qp)) and calls == []
+    with ops.using_backend("triton"):
+        assert ops.backend_for(x) == "triton"
+        assert torch.equal(ops.quantize(x, qp), R.rescale_quantize(x, qp)) and calls == [1]
+        with ops.using_backend("cpu"):
+            ops.quantize(x, qp)
+        assert ops.backend_for(x) == "triton"
+    assert ops.backend_for(x) == "cpu" and calls == [1]
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.set_backend("cuda")
+    assert ops.backend_for(x) == "cpu"
+
+
+def test_compiled_kernels_refuse_cpu_tensors(tmp_path):
+    """Without the interpreter a kernel compiled for a GPU refuses CPU tensors with the fix, before Triton fails
+    (in a process without TRITON_INTERPRET, where ``triton.jit`` builds compiled kernels)."""
+    import subprocess
+    import sys
+    script = tmp_path / "launch_on_cpu.py"
+    script.write_text(
+        "import torch, triton, triton.language as tl\n"
+        "from kernels.launch import Launch\n"
+        "@triton.jit\n"
+        "def copy_kernel(x_ptr, out_ptr, N: tl.constexpr):\n"
+        "    tl.store(out_ptr + tl.arange(0, N), tl.load(x_ptr + tl.arange(0, N)))\n"
+        "x = torch.arange(8.0)\n"
+        "try:\n"
+        "    Launch(copy_kernel, (1,), dict(x_ptr=x, out_ptr=torch.empty_like(x)), dict(N=8))()\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert "start Python with TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
+
+
+def test_importing_the_ops_writes_no_environment():
+    """Importing the package's modules leaves os.environ as it was (no TRITON_INTERPRET written at import)."""
+    import subprocess
+    import sys
+    code = ("import os; before = dict(os.environ); import kernels.ops, export, quant.run; "
+            "assert dict(os.environ) == before, set(os.environ) ^ set(before)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=str(ROOT))
 
 
 def test_deployed_qparams_are_checked_once_and_rechecked_when_changed(gen, monkeypatch):

@@ -275,7 +275,7 @@ def test_triton_path_gives_the_reference_gradients(gen):
     g_att = torch.rand(qkv[0].shape, generator=gen) + 0.5
     res = {}
     for triton in (False, True):
-        ops.use_triton(triton)
+        ops.set_backend("triton" if triton else "cpu")
         try:
             for t in [x, *qkv]:
                 t.grad = None
@@ -292,7 +292,7 @@ def test_triton_path_gives_the_reference_gradients(gen):
                 set_mode(m, "quant")
                 set_mode(core, "quant")
         finally:
-            ops.use_triton(None)
+            ops.set_backend(None)
         assert same, "'int' mode and the integer forward must run the same arithmetic"
         grads = {f"lin.{n}": p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
         grads.update({f"attn.{n}": p.grad.clone() for n, p in core.named_parameters() if p.grad is not None})
