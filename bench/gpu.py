@@ -150,7 +150,7 @@ def _tie_check(b: Bench, name: str, codes, ref, pre) -> None:
 
 def _triton(flag: bool):
     from kernels import ops
-    ops.set_backend("triton" if flag else "cpu")
+    ops.set_backend(None if flag is None else ("triton" if flag else "cpu"))
 
 
 # ---------------------------------------------------------------------------------------------- checks

@@ -51,7 +51,7 @@ GEMMS = ("int8", "float")
 
 
 class Codes(NamedTuple):
-    """How one activation quantizer emits codes on the fast path: ``clamp(round(x / s) + add, lo, hi)``, cast to
+    """How one activation quantizer emits codes here: ``clamp(round(x / s) + add, lo, hi)``, cast to
     int8 when ``int8`` (``lo = -c``, ``hi = qmax - c``, ``add = round(z) - c``); ``span = max|code - (z - c)|``;
     ``add_t``: ``add`` as a 0-d float32 tensor, None when 0 (a tensor operand costs less per call than a float)."""
 
@@ -363,8 +363,7 @@ def linear(a: Tensor, p: LinearPlan, gelu: bool = False) -> Tensor:
             acc.add_(a.sum(dim=-1, keepdim=True, dtype=torch.int32) * p.cw)
         if p.col:
             acc.add_(p.col_t)
-        y = acc.view(torch.float32).copy_(acc)  # acc.float() in place (same conversion, no new buffer)
-        y.mul_(p.scale)
+        y = torch.mul(acc, p.scale, out=acc.view(torch.float32))  # acc.float() * scale, in place: one pass
     else:
         y = exact_matmul(a, p.w, p.dtype).mul_(p.scale)
     if p.bias is not None:
@@ -373,12 +372,12 @@ def linear(a: Tensor, p: LinearPlan, gelu: bool = False) -> Tensor:
 
 
 class AttentionPlan(NamedTuple):
-    """One attention on the fast path: ``qk = scale * sq * sk`` and ``pv = sp * sv`` (the reference's Python-float
+    """One attention's cached constants: ``qk = scale * sq * sk`` and ``pv = sp * sv`` (the reference's Python-float
     products; ``qk_t``, ``pv_t`` as 0-d tensors), ``spans`` of q, k, v, p codes, ``p_codes``, ``sulq``,
     ``bounds``: the Q, K, V clamp bounds when they are one pair, ``p_clamp``: whether the probability codes need
     their clamp (not when every ``P`` in ``[0, 1]`` already rounds into the bounds), then the tensors
-    (:func:`attention_tensors`; the module's buffers): ``s3``, ``lo3``, ``hi3 [3, 1, 1, 1, 1]``, ``p_s``, ``p_eta``, ``p_x0``,
-    ``p_table``, ``rel_bias``."""
+    (:func:`attention_plan`): ``s3``, ``lo3``, ``hi3 [3, 1, 1, 1, 1]``, the layer's own ``p_s``, ``p_eta``,
+    ``p_x0``, ``p_table``, ``rel_bias``."""
 
     qk: float
     pv: float
@@ -499,7 +498,7 @@ class BlockPlan(NamedTuple):
 
 def vit_block(x: Tensor, p: BlockPlan) -> Tensor:
     """``x + attn(x)``, then ``+ mlp(.)``, for ``x [b, n, C]``: the block's module calls flattened into one function
-    (the same ops as the packed modules' fast path; the residual sums are added in place, ``a + b == b + a``)."""
+    (the same ops as :func:`attention_layer` and :func:`mlp_layer`; the residual sums are added in place, ``a + b == b + a``)."""
     b, n, c = x.shape
     x = f32(x).reshape(-1, c)
     o = attention(linear(input_codes(x, p.qkv), p.qkv), b, n, p.heads, p.attn)

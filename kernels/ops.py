@@ -208,7 +208,8 @@ def _fq_grads(g, x, args, bits, like) -> Tuple:
 
 class TritonFakeQuantizeFn(torch.autograd.Function):
     """``fake_quantize((x - shift) / r, s, z)`` by :mod:`kernels.fake_quantize`; ``s, z`` per tensor (1 value) or
-    per row of ``x`` viewed as ``[M, C]``. Gradients for x (STE), s, z (LSQ), r and shift, as :func:`lowbit.primitives.fake_quantize`."""
+    per row of ``x`` viewed as ``[M, C]``. Gradients for x (STE), s, z (LSQ), r and shift, as
+    :func:`lowbit.primitives.fake_quantize`."""
 
     @staticmethod
     def forward(ctx, x, r, shift, s, z, bits):

@@ -59,7 +59,7 @@ def act_qparams(s: Tensor, z: Tensor, bits) -> QParams:
     return QParams(s.detach(), P.round_zero_point(z.detach(), bits), bits)
 
 
-def int_linear(x: Tensor, a_qp: QParams, r: Optional[Tensor], shift: Optional[Tensor], w: Tensor,
+def deployed_linear(x: Tensor, a_qp: QParams, r: Optional[Tensor], shift: Optional[Tensor], w: Tensor,
                bias: Optional[Tensor], ws: Tensor, wz: Tensor, w_bits,
                patch: Optional[Tuple[int, int]] = None) -> Tensor:
     """The deployed linear (no gradient): codes ``a = ops.quantize((x - shift) / r)`` (of ``patchify(x)`` when
@@ -90,7 +90,7 @@ class IntLinearFn(torch.autograd.Function):
     def forward(ctx, x, r, shift, s, z, w, bias, ws, wz, a_bits, w_bits, patch):
         ctx.save_for_backward(x, r, shift, s, z, w, bias, ws, wz)
         ctx.cfg = (a_bits, w_bits, patch)
-        return int_linear(x, act_qparams(s, z, a_bits), r, shift, w, bias, ws, wz, w_bits, patch)
+        return deployed_linear(x, act_qparams(s, z, a_bits), r, shift, w, bias, ws, wz, w_bits, patch)
 
     @staticmethod
     def backward(ctx, g):
@@ -167,7 +167,7 @@ def fake_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, rel_bias: Opti
     return fq_p(attn) @ v
 
 
-def int_attention(q: Tensor, k: Tensor, v: Tensor, qps, scale: float, rel_bias: Optional[Tensor],
+def deployed_attention(q: Tensor, k: Tensor, v: Tensor, qps, scale: float, rel_bias: Optional[Tensor],
                   mask: Optional[Tensor]) -> Tensor:
     """The deployed attention (no gradient): ``ops.quant_attention`` on ``ops.quantize`` codes of ``q, k, v``
     with ``qps = (q_qp, k_qp, v_qp, p_qp)`` (``p_qp`` a :class:`QParams` or :class:`lowbit.primitives.SULQParams`).
@@ -185,8 +185,8 @@ def int_attention(q: Tensor, k: Tensor, v: Tensor, qps, scale: float, rel_bias: 
 
 class IntAttentionFn(torch.autograd.Function):
     """``apply(core, scale, q, k, v, rel_bias, mask, sq, zq, sk, zk, sv, zv, sp, zp)``: forward
-    :func:`int_attention` with the deployed quantizers of ``core`` (a :class:`quant.modules.QuantAttentionCore`) at
-    the given steps/zero points; backward of :func:`fake_attention` with ``core``'s fake quantizers at them
+    :func:`deployed_attention` with the deployed quantizers of ``core`` (a :class:`quant.modules.QuantAttentionCore`)
+    at the given steps/zero points; backward of :func:`fake_attention` with ``core``'s fake quantizers at them
     (recomputed from the saved ``q, k, v``)."""
 
     @staticmethod
@@ -195,7 +195,7 @@ class IntAttentionFn(torch.autograd.Function):
         ctx.core, ctx.scale = core, scale
         qps = [m.qparams_at(s, z) for s, z, m in ((sq, zq, core.q_quant), (sk, zk, core.k_quant),
                                                      (sv, zv, core.v_quant), (sp, zp, core.p_quant))]
-        return int_attention(q, k, v, qps, scale, rel_bias, mask)
+        return deployed_attention(q, k, v, qps, scale, rel_bias, mask)
 
     @staticmethod
     def backward(ctx, g):

@@ -218,10 +218,10 @@ class QuantLinear(_Moded):
     weight codes are ``quantize((W + dW) * r)``. ``W`` and ``b`` are frozen; ``dW`` starts at zero.
     ``rescale=True`` creates ``r = exp(log_r)`` and ``shift`` (used on post-LayerNorm linears).
 
-    Integer forward (``"int"`` mode, and ``"quant"`` mode by default): ``y = ops.packed_linear(ops.quantize(x, r,
-    shift), pack(codes), ...)`` with the :meth:`deploy` values (:class:`quant.int_forward.IntLinearFn`: fake-quant
-    gradients in ``"quant"`` mode); when ``norm_fused`` the input comes from a :class:`QuantLayerNorm` that already
-    applied ``r``/``shift``.
+    Integer forward (``"int"`` mode, and ``"quant"`` mode by default): ``y = ops.linear_float_weight(ops.quantize(x,
+    r, shift), W', ...)`` with the :meth:`deploy` values, the arithmetic of ``ops.packed_linear`` on the packed codes
+    without packing them (:class:`quant.int_forward.IntLinearFn`: fake-quant gradients in ``"quant"`` mode); when
+    ``norm_fused`` the input comes from a :class:`QuantLayerNorm` that already applied ``r``/``shift``.
     """
 
     norm_fused: bool = False
@@ -310,7 +310,7 @@ class QuantLinear(_Moded):
     def deploy(self) -> Dict[str, object]:
         """Integer form: ``codes [N, K] uint8 = quantize(W', s_w, z_w)``, ``w_scale [N]``, ``w_zero [N]`` (unsigned
         integer), ``bias [N]`` (= b'), ``input`` (:class:`QParams`, or None for A16), ``r [K]``/``shift [K]`` (or None),
-        ``w_bits``. Then ``y = int_linear(quantize((x - shift) / r), codes) + bias``.
+        ``w_bits``. Then ``y = lowbit.primitives.int_linear_codes(quantize((x - shift) / r), ...)`` with ``bias``.
         """
         w, b = self.folded()
         return {

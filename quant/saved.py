@@ -1,4 +1,5 @@
-"""The fake-quant model ``python -m quant.run`` saves (``<out>/quantized.pt``: state dict, bits, model name), rebuilt."""
+"""The fake-quant model that ``python -m quant.run`` saves (``<out>/quantized.pt``: state dict, bits, model name),
+rebuilt."""
 from __future__ import annotations
 
 import os
