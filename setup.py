@@ -21,5 +21,6 @@ setup(
         "pillow",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"]},
+    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "onnx>=1.16", "onnxruntime>=1.18"],
+                    "onnx": ["onnx>=1.16", "onnxruntime>=1.18"]},
 )
