@@ -178,13 +178,17 @@ def kde_differential_entropy(v: torch.Tensor, lo: float, hi: float, bandwidth: f
 
 
 def psaq_patch_similarity_entropy(attn_out: torch.Tensor, heads: int, prefix: int, bandwidth: float = 0.01,
-                                  points: int = 10) -> torch.Tensor:
+                                  points: int = 10, images: Optional[int] = None) -> torch.Tensor:
     """PSAQ-ViT's entropy of one block: ``attn_out [B, N, H * d]`` (the input of ``attn.proj``), averaged over the
-    ``heads``, ``prefix`` leading tokens dropped, cosine similarities of all ``N'^2`` token pairs per image, their
-    :func:`kde_differential_entropy` over the batch's [min, max]; mean over images."""
+    ``heads``, ``prefix`` leading tokens dropped, cosine similarities of all ``N'^2`` token pairs per row, their
+    :func:`kde_differential_entropy` over the batch's [min, max]; mean over images.
+
+    ``images``: for Swin, whose rows are the ``B = images * nW`` windows (each image's windows consecutive), the
+    similarities of all windows of an image form one density estimate, as the authors' ``generate_data.py`` does
+    (``sims.view(batch_size, -1)`` before its KDE)."""
     b, n, c = attn_out.shape
     u = F.normalize(attn_out.float().reshape(b, n, heads, c // heads).mean(2)[:, prefix:], dim=-1)
-    sims = (u @ u.transpose(1, 2)).reshape(b, -1)
+    sims = (u @ u.transpose(1, 2)).reshape(images or b, -1)
     lo, hi = float(sims.detach().min()), float(sims.detach().max())
     return kde_differential_entropy(sims, lo, hi, bandwidth, points).mean()
 
@@ -221,11 +225,15 @@ def synthesize(model, labels: torch.Tensor, cfg: InvertConfig = InvertConfig(), 
     feats: List[torch.Tensor] = []
     if cfg.synthesis == "psaq":
         blocks = _block_tokens(model)
-        heads, prefix = [b.attn.num_heads for b in blocks], _prefix_tokens(model)
+        heads = [b.attn.num_heads for b in blocks]
+        # the authors drop one leading token of every attention output, a ViT's class token and, in their Swin
+        # code too, the first token of each window (generate_data.py: attention.mean(dim=1)[:, 1:, :])
+        prefix = _prefix_tokens(model) if getattr(model, "blocks", None) is not None else 1
         hooks = [b.attn.proj.register_forward_pre_hook(lambda m, i: feats.append(i[0])) for b in blocks]
 
         def diversity():
-            return torch.stack([psaq_patch_similarity_entropy(f, h, prefix, cfg.kde_bandwidth, cfg.kde_points)
+            return torch.stack([psaq_patch_similarity_entropy(f, h, prefix, cfg.kde_bandwidth, cfg.kde_points,
+                                                              images=len(labels))
                                 for f, h in zip(feats, heads)]).sum()
     else:
         hooks = [b.register_forward_hook(lambda m, i, o: feats.append(o)) for b in _block_tokens(model)]

@@ -202,14 +202,35 @@ def test_psaq_synthesis_hooks_attention_outputs(kind, monkeypatch):
     seen = []
     real = invert.psaq_patch_similarity_entropy
     monkeypatch.setattr(invert, "psaq_patch_similarity_entropy",
-                        lambda f, h, p, *a: seen.append((tuple(f.shape), h, p)) or real(f, h, p, *a))
+                        lambda f, h, p, *a, **k: seen.append((tuple(f.shape), h, p, k["images"])) or real(f, h, p, *a,
+                                                                                                           **k))
     x = invert.synthesize(m, torch.tensor([0, 1]), invert.InvertConfig(steps=2, synthesis="psaq"), progress=False)
     assert x.shape == (2, 3, 16, 16) and bool(torch.isfinite(x).all())
-    assert [h for _, h, _ in seen[:2]] == heads
+    assert [h for _, h, _, _ in seen[:2]] == heads
     if kind == "vit":
-        assert seen[0] == ((2, 17, 32), 2, 1)  # 16 patches + class token, width 32, class token dropped
-    else:
-        assert seen[0] == ((2 * 4, 16, 16), 1, 0)  # 4 windows of 4x4 tokens per image, no prefix token
+        assert seen[0] == ((2, 17, 32), 2, 1, 2)  # 16 patches + class token, width 32, class token dropped
+    else:  # 4 windows of 4x4 tokens per image, pooled per image; the first token of each window dropped (as published)
+        assert seen[0] == ((2 * 4, 16, 16), 1, 1, 2)
+
+
+def test_psaq_entropy_pools_the_windows_of_an_image(gen):
+    """Swin: one density estimate per image over the similarities of all its windows (the authors' code views the
+    per-window similarities as ``[images, -1]``), not one per window; worked out here from the formula."""
+    images, windows, n, c = 2, 3, 5, 8
+    x = torch.randn(images * windows, n, c, generator=gen)
+    u = torch.nn.functional.normalize(x.reshape(images * windows, n, 2, c // 2).mean(2)[:, 1:], dim=-1)
+    sims = torch.einsum("wic,wjc->wij", u, u)
+    lo, hi = float(sims.min()), float(sims.max())
+    t = torch.linspace(lo, hi, 10)
+    want = []
+    for v in sims.reshape(images, -1):  # every pair of every window of the image
+        f = torch.tensor([sum(_phi(float(ti - vi), 0.01) for vi in v) / len(v) for ti in t])
+        g = -(f + 1e-4) * torch.log(f + 1e-4)
+        want.append(float(torch.trapezoid(g, t)))
+    got = invert.psaq_patch_similarity_entropy(x, heads=2, prefix=1, images=images)
+    assert float(got) == pytest.approx(sum(want) / images, rel=1e-4)
+    per_window = invert.psaq_patch_similarity_entropy(x, heads=2, prefix=1)
+    assert float(per_window) != pytest.approx(float(got), rel=1e-3)
 
 
 def test_mixed_prior_alternates_the_priors_batch_by_batch(tmp_path):
