@@ -3,8 +3,10 @@
 The graph is the loaded model (:func:`export.load`) written with ONNX's own quantization operators, so ONNX
 Runtime, TensorRT and other runtimes can run it:
 
-* weights: integer initializers (uint8 codes ``q`` in ``[0, qmax]``, ``[K, N]``) behind a per-output-channel
-  ``DequantizeLinear(q, w_scale[N], w_zero[N], axis=1)``, feeding a ``MatMul``;
+* weights: integer initializers (the codes ``q`` in ``[0, qmax]``, ``[K, N]``: uint8, or uint4 for weights of at
+  most 4 bits with ``--opset 21`` or later) behind a per-output-channel ``DequantizeLinear(q, w_scale[N],
+  w_zero[N], axis=1)``, feeding a ``MatMul``. ONNX Runtime (1.32) fuses the uint8 form into its integer kernels,
+  closest to the packed model; the uint4 form is half the size but runs its float path;
 * activations: at every quantizer of the model, ``QuantizeLinear(x, s, z)`` to uint8 (``round(x / s) + z``, ties to
   even, saturated to ``[0, 255]``), then ``DequantizeLinear``. An 8-bit quantizer is exactly that pair; a 3/4/6-bit
   one is that pair followed by a ``Clip`` to ``[(0 - z) s, (qmax - z) s]`` (the same values as clamping the codes to
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 try:  # optional: pip install -e ".[onnx]"
+    import ml_dtypes  # (a dependency of onnx: its 4-bit numpy types)
     import onnx
     from onnx import helper, numpy_helper
 except ImportError:  # pragma: no cover - the error names the fix where it is needed
@@ -51,6 +54,7 @@ from .runtime import (PackedLinear, PackedMlp, PackedPatchEmbed, PackedViTAttent
                       _PackedAttention)
 
 DEFAULT_OPSET = 17
+FOUR_BIT_OPSET = 21  # uint4 / int4 tensors (W1.58, W3, W4 weights at half a byte each)
 WEIGHT = "qdq_weight"  # the float weight parameter each packed linear carries while it is traced
 
 
@@ -149,9 +153,10 @@ def qdq_forwards(model: nn.Module) -> Iterator[None]:
             m.forward = fwd
 
 
-def _integer_weights(graph, model: nn.Module) -> int:
-    """Replace each traced float weight initializer ``<layer>.qdq_weight`` by its uint8 codes, per-channel scale and
-    zero point behind a ``DequantizeLinear`` (axis 1); returns how many were replaced."""
+def _integer_weights(graph, model: nn.Module, opset: int) -> int:
+    """Replace each traced float weight initializer ``<layer>.qdq_weight`` by its codes, per-channel scale and zero
+    point behind a ``DequantizeLinear`` (axis 1): uint4 codes and zero points for weights of at most 4 bits from
+    opset 21 (the first with 4-bit types), uint8 otherwise; returns how many were replaced."""
     layers = {f"{name}.{WEIGHT}": m for name, m in model.named_modules() if isinstance(m, PackedLinear)}
     found = 0
     for init in list(graph.initializer):
@@ -162,7 +167,10 @@ def _integer_weights(graph, model: nn.Module) -> int:
         base = init.name[: -len(WEIGHT) - 1]
         names = [f"{base}.w_codes", f"{base}.w_scale", f"{base}.w_zero"]
         graph.initializer.remove(init)
-        graph.initializer.extend([numpy_helper.from_array(t.numpy(), n) for t, n in zip((q, sw, zw), names)])
+        arrays = [q.numpy(), sw.numpy(), zw.numpy()]
+        if opset >= FOUR_BIT_OPSET and P.qmax(layer.w_bits) <= 15:
+            arrays[0], arrays[2] = (a.astype(ml_dtypes.uint4) for a in (arrays[0], arrays[2]))
+        graph.initializer.extend([numpy_helper.from_array(a, n) for a, n in zip(arrays, names)])
         graph.node.insert(0, helper.make_node("DequantizeLinear", names, [init.name], name=f"{base}.w_dequantize",
                                               axis=1))
         found += 1
@@ -204,7 +212,7 @@ def to_onnx(model: "Union[nn.Module, str, os.PathLike]", path: "Union[str, os.Pa
                               output_names=["logits"], do_constant_folding=True,
                               dynamic_axes=None if batch else {"images": {0: "batch"}, "logits": {0: "batch"}})
             graph = onnx.load(tmp)
-            _integer_weights(graph.graph, m)
+            _integer_weights(graph.graph, m, opset)
         graph.producer_name = "lowbit-vit"
         onnx.checker.check_model(graph)
         onnx.save(graph, tmp)
