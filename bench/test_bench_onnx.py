@@ -2,7 +2,9 @@
 and 64 (``pytest bench/test_bench_onnx.py -s``; rows in ``bench/bench_results.json`` with their ratio to the first).
 
 Rows, timed round-robin (medians of 200 rounds at batch 1, 20 at batch 64), ONNX Runtime's CPU provider with its
-default threads and graph optimizations, torch under ``inference_mode`` with its default threads:
+default threads and graph optimizations (its idle threads not spinning, which would starve the torch rows of this
+2-core machine: torch fp32 took 20x longer beside spinning ORT threads), torch under ``inference_mode`` with its
+default threads:
 ``baseline ORT float`` (the float timm demo exported with ``torch.onnx.export``), ``ORT QDQ`` (``export.onnx`` of the
 W4A4 checkpoint), ``torch fp32 timm`` and ``export.load`` (the CPU backend). The checkpoint is the one of
 ``bench/test_bench_inference.py``. Skipped without ``onnxruntime`` (``pip install -e ".[onnx]"``).
@@ -33,7 +35,9 @@ def runners(tmp_path_factory):
                           input_names=["images"], output_names=["logits"],
                           dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
     qdq = to_onnx(m, tmp / "qdq.onnx", batch=None)
-    sessions = {k: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle ORT threads would starve torch's
+    sessions = {k: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
                 for k, p in (("baseline ORT float", tmp / "float.onnx"), ("ORT QDQ", qdq))}
 
     def ort_run(sess):
