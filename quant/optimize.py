@@ -82,8 +82,17 @@ class OptimConfig:
     augment: Tuple[str, ...] = ()
     hard_steps: int = 0
     hard_step_size: float = 0.05
+    #: blockwise: where a block's input comes from: the quantized ``student`` up to it, or the FP ``teacher`` (I&S-ViT
+    #: stage 1 as published: ``save_inp_oup_data(..., last_stage=False)`` takes the FP model's block input)
+    block_inputs: str = "student"
+    #: blockwise, the unit after the last block: ``kl`` (temperature KL to the teacher's logits) or ``mse`` (logit
+    #: MSE, I&S-ViT's reconstruction loss of the head)
+    head_loss: str = "kl"
 
     def __post_init__(self):
+        if self.block_inputs not in ("student", "teacher") or self.head_loss not in ("kl", "mse"):
+            raise UserError(f"block inputs must be 'student' or 'teacher' and the head loss 'kl' or 'mse', got "
+                            f"{self.block_inputs!r} and {self.head_loss!r}")
         if self.method not in METHODS:
             raise UserError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
         if self.hard_steps < 0 or self.hard_step_size <= 0:
@@ -107,6 +116,8 @@ class OptimConfig:
             fp["augment"] = list(self.augment)
         if self.hard_steps:
             fp["hard"] = [self.hard_steps, self.hard_step_size]
+        if (self.block_inputs, self.head_loss) != ("student", "kl"):
+            fp["recon"] = [self.block_inputs, self.head_loss]
         return fp
 
 
@@ -348,9 +359,28 @@ def _unit_loss(student, teacher, x, unit: _Unit, cfg: OptimConfig, forward=None)
     mods = [m for m in mods if any(id(p) in own for p in m.parameters())]
     l2 = cfg.l2 * refinement_l2(mods) if mods else 0.0
     if unit.block is None:
-        with torch.no_grad():
-            t_logits = teacher(x)
-        return kl_logits(student(x), t_logits, cfg.temperature) + l2
+        if cfg.block_inputs == "teacher":  # the tail (final norm, pooling, head) on the teacher's last block output
+            with torch.no_grad(), _Capture(blocks(teacher)) as tc:
+                t_logits = tc.run(teacher, x)
+            s_logits = student.forward_head(student.norm(tc.outputs[-1]))
+        else:
+            with torch.no_grad():
+                t_logits = teacher(x)
+            s_logits = student(x)
+        if cfg.head_loss == "mse":
+            return F.mse_loss(s_logits.float(), t_logits.float()) + l2
+        return kl_logits(s_logits, t_logits, cfg.temperature) + l2
+    if cfg.block_inputs == "teacher":  # the student's block on the teacher's input to it
+        t_block = blocks(teacher)[unit.block]
+        seen = []
+        pre = t_block.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        try:
+            with torch.no_grad(), _Capture(blocks(teacher), stop_at=unit.block) as tc:
+                tc.run(teacher, x)
+        finally:
+            pre.remove()
+        out = blocks(student)[unit.block](seen[0])
+        return F.mse_loss(out.float(), tc.outputs[unit.block].float()) + l2
     with torch.no_grad(), _Capture(blocks(teacher), stop_at=unit.block) as tc:
         tc.run(teacher, x)
     with _Capture(blocks(student), stop_at=unit.block) as sc:

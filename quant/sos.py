@@ -16,7 +16,9 @@ What the two reconstruction stages train (``train``):
 
 * ``"weights"`` (``--method is-vit``, as the authors train): the linear weights (through the refinement ``dW``) and
   biases, with every quantizer parameter (step sizes, zero points, ``r``, ``shift``, SULQ) and the LayerNorms frozen;
-  no refinement L2 (their loss is the block output MSE alone).
+  no refinement L2 (their loss is the block output MSE alone); stage 1 feeds each block the FP model's input to it
+  and stage 3 the quantized model's (their ``save_inp_oup_data(..., last_stage)``), and the head is reconstructed on
+  the logits' MSE (their ``opt_mode='mse'``), not the KL.
 * ``"quantizers"`` (``--method is-vit-quant``, the package's variant): stage 1 the activation quantizers (the
   channel-wise ones through ``r`` and ``shift``) with float weights, stage 3 every quantizer and refinement.
 
@@ -143,8 +145,9 @@ def sos(student: nn.Module, teacher: nn.Module, images, cfg, optimize: Callable,
     pairs = post_ln_pairs(student)
     if not pairs and bits is not None and not bits.act_float:
         raise UserError(f"--method {cfg.method} needs the channel rescale of post-LayerNorm linears; drop --no-rescale")
+    published = {"l2": 0.0, "head_loss": "mse"} if train == "weights" else {}
     stage_cfg = dataclasses.replace(cfg, method="blockwise", save_every=0, state_path=None, resume=False,
-                                    stop_after=None, **({"l2": 0.0} if train == "weights" else {}))
+                                    stop_after=None, **published)
     qmods = quant_modules(student)
     device = next(student.parameters()).device
     init_channelwise(student, images.head(init_size).to(device))
@@ -152,8 +155,9 @@ def sos(student: nn.Module, teacher: nn.Module, images, cfg, optimize: Callable,
     for m in qmods:
         m.quantize_weights = False
         _trainable(m, train, 1, False)
-    try:
-        h1 = optimize(student, teacher, images, stage_cfg)
+    try:  # as published, stage 1 reconstructs each block from the FP model's input to it (last_stage=False)
+        h1 = optimize(student, teacher, images, dataclasses.replace(
+            stage_cfg, block_inputs="teacher" if train == "weights" else "student"))
     finally:
         for m in qmods:
             m.quantize_weights = True

@@ -138,6 +138,49 @@ def test_is_vit_stages_train_what_each_variant_trains(method, monkeypatch):
             assert any(n.endswith(("log_r", "shift")) for n in names) == (i == 0)
 
 
+@pytest.mark.parametrize("method", ["is-vit", "is-vit-quant"])
+def test_is_vit_block_inputs_and_head_loss(method, monkeypatch):
+    """As published (``is-vit``): stage 1 feeds each block the FP model's input, stage 3 the quantized model's, and
+    the head unit's loss is the logit MSE; the package's variant keeps the student's inputs and the KL."""
+    import quant.optimize as O
+    seen = []
+    real = O._unit_loss
+    monkeypatch.setattr(O, "_unit_loss", lambda s, t, x, unit, cfg, *a: seen.append(
+        (cfg.block_inputs, cfg.head_loss)) or real(s, t, x, unit, cfg, *a))
+    fp = make_model("vit")
+    data = images(8)
+    q = calibrate(quantize_model(copy.deepcopy(fp), "w4a4"), data)
+    hist = optimize(q, fp, data, OptimConfig(method=method, iters=1, batch_size=4, progress=False))
+    n1, n3 = hist["stage_steps"]
+    if method == "is-vit":
+        assert set(seen[:n1]) == {("teacher", "mse")} and set(seen[n1:n1 + n3]) == {("student", "mse")}
+    else:
+        assert set(seen) == {("student", "kl")}
+
+
+def test_block_inputs_from_the_teacher_and_logit_mse():
+    """``block_inputs="teacher"``: a block's loss does not depend on the student's earlier blocks (it runs on the
+    FP input), ``"student"``: it does; ``head_loss="mse"`` is the MSE of the logits."""
+    import quant.optimize as O
+    fp = make_model("vit")
+    data = images(4)
+    q = calibrate(quantize_model(copy.deepcopy(fp), "w4a4"), data)
+    units = O._units(q, OptimConfig(method="blockwise"), data)
+    cfgs = {k: OptimConfig(method="blockwise", block_inputs=k, l2=0.0) for k in ("student", "teacher")}
+    with torch.no_grad():
+        before = {k: float(O._unit_loss(q, fp, data, units[1], c)) for k, c in cfgs.items()}
+        for n, p in q.blocks[0].named_parameters():
+            if n.endswith("dW"):
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+        after = {k: float(O._unit_loss(q, fp, data, units[1], c)) for k, c in cfgs.items()}
+        assert after["teacher"] == before["teacher"] and after["student"] != before["student"]
+        head = OptimConfig(method="blockwise", head_loss="mse", l2=0.0)
+        want = torch.nn.functional.mse_loss(q(data), fp(data))
+        assert float(O._unit_loss(q, fp, data, units[-1], head)) == pytest.approx(float(want), rel=1e-6)
+    with pytest.raises(UserError, match="block inputs"):
+        OptimConfig(block_inputs="fp")
+
+
 def test_is_vit_refuses_resume_and_no_rescale():
     with pytest.raises(UserError, match="is-vit does not support"):
         OptimConfig(method="is-vit", stop_after=3)
