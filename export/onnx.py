@@ -50,8 +50,14 @@ from lowbit.primitives import QParams
 
 from .format import CheckpointError
 from .loader import load
-from .runtime import (PackedLinear, PackedMlp, PackedPatchEmbed, PackedViTAttention, PackedWindowAttention,
-                      _PackedAttention)
+from .runtime import (
+    PackedLinear,
+    PackedMlp,
+    PackedPatchEmbed,
+    PackedViTAttention,
+    PackedWindowAttention,
+    _PackedAttention,
+)
 
 DEFAULT_OPSET = 17
 FOUR_BIT_OPSET = 21  # uint4 / int4 tensors (W1.58, W3, W4 weights at half a byte each)
