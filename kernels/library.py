@@ -279,6 +279,20 @@ def unpack_codes_launch(planes: List[Tensor], fmt: str, k: int, zw: Tensor, out:
                   dict(LOAD_W=GEMM_LOADERS[fmt], BLOCK_N=bn, BLOCK_K=bk), opts)
 
 
+@lowbit_op("unpack_codes")
+def unpack_codes(planes: List[Tensor], fmt: str, k: int, zw: Tensor) -> Tensor:
+    """The centred int8 codes ``[N, K] = w - zw[n]`` of a packed ``fmt`` weight (``zw`` int32 ``[N]``)."""
+    out = torch.empty((zw.numel(), k), dtype=torch.int8, device=zw.device)
+    if out.numel():
+        unpack_codes_launch(planes, fmt, k, zw, out, Target.of(zw))()
+    return out
+
+
+@unpack_codes.register_fake
+def _(planes, fmt, k, zw):
+    return zw.new_empty((zw.numel(), k), dtype=torch.int8)
+
+
 @lowbit_op("packed_linear")
 def packed_linear(a: Tensor, planes: List[Tensor], fmt: str, k: int, colsum: Tensor, sa: Tensor, za: Tensor,
                   sw: Tensor, zw: Tensor, bias: Optional[Tensor], gelu: bool, out_dtype: torch.dtype,
@@ -294,9 +308,7 @@ def packed_linear(a: Tensor, planes: List[Tensor], fmt: str, k: int, colsum: Ten
     if m and n:
         target = Target.of(a)
         if C.unpack_first(fmt, m):
-            codes = torch.empty((n, k), dtype=torch.int8, device=a.device)
-            unpack_codes_launch(planes, fmt, k, zw, codes, target)()
-            planes, fmt, centered = [codes], "int8", True
+            planes, fmt, centered = [unpack_codes(planes, fmt, k, zw)], "int8", True
         packed_gemm_launch(a2, planes, fmt, k, colsum, sa, za, sw, zw, bias, gelu, out, rq_s, rq_zr, rq_bits,
                            target, centered=centered)()
     return out.to(torch.int8 if requant else out_dtype).reshape(*a.shape[:-1], n)

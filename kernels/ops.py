@@ -30,6 +30,7 @@ from lowbit.primitives import QParams, SULQParams
 
 from . import checks as K
 from . import cpu
+from . import configs
 from . import library as L
 from .configs import ATTENTION_HEAD_DIMS
 
@@ -349,6 +350,31 @@ def _colsum(w: packing.PackedWeight) -> Tensor:
     return _row_sums(w.planes["q"][:, : w.k] if w.fmt == "int8" else packing.unpack(w))
 
 
+_UNPACKED = [True]
+
+
+def cache_unpacked(on: bool) -> None:
+    """Whether the Triton backend keeps each packed weight's centred int8 codes once it has unpacked them for a
+    GEMM of at least :data:`kernels.configs.UNPACK_MIN_M` rows (default on: one unpack per weight, not per forward,
+    for one byte per weight of memory; off: unpacked on every such call, and a weight's kept copy is dropped at its
+    next call)."""
+    _UNPACKED[0] = bool(on)
+
+
+def _unpacked_codes(w: packing.PackedWeight, planes, fmt: str, k: int, zw: Tensor) -> Tensor:
+    """``w``'s centred int8 codes ``[N, K] = w - zw[n]`` (:func:`kernels.library.unpack_codes`), kept on ``w``
+    while its planes and the zero points are the same tensors at the same versions."""
+    if torch.compiler.is_compiling():
+        return L.unpack_codes(planes, fmt, k, zw)
+    key = tuple((id(t), t._version) for t in planes) + ((id(zw), zw._version),)
+    hit = getattr(w, "_lowbit_unpacked", None)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    codes = L.unpack_codes(planes, fmt, k, zw)
+    object.__setattr__(w, "_lowbit_unpacked", (key, codes, tuple(planes) + (zw,)))  # (kept: their ids stay theirs)
+    return codes
+
+
 def _row_sums(q: Tensor) -> Tensor:
     """int32 ``[N]`` sums over K of weight codes ``q [N, K]`` (the GEMM epilogue's ``colsum``)."""
     return q.to(torch.int32).sum(dim=1, dtype=torch.int32).contiguous()
@@ -384,7 +410,7 @@ def packed_linear(a: Tensor, a_qp: QParams, w: packing.PackedWeight, w_scale: Te
         return cpu.linear_codes(a, a_qp, cpu.unpacked(w), w.bits, w_scale, w_zero, bias, gelu, out_dtype, requant)
     planes = [w.planes[name] for name, _ in packing.FORMATS[w.fmt].planes]
     return _int_linear(a, a_qp, planes, w.fmt, w.n, w.k, w.bits, lambda: weight_colsum(w), w_scale, w_zero, bias,
-                       gelu, out_dtype, requant)
+                       gelu, out_dtype, requant, cache_key=w)
 
 
 def linear_codes(a: Tensor, a_qp: QParams, qw: Tensor, w_bits, w_scale: Tensor, w_zero: Tensor,
@@ -443,7 +469,8 @@ def linear_float_weight(a: Tensor, a_qp: QParams, w: Tensor, w_scale: Tensor, w_
 
 def _int_linear(a: Tensor, a_qp: QParams, planes, fmt: str, n: int, k: int, w_bits, colsum: Optional[Callable],
                 w_scale, w_zero, bias, gelu: bool, out_dtype: torch.dtype, requant: Optional[QParams],
-                centered: bool = False, prepared: Optional[Tuple[Tensor, Tensor, Tensor]] = None) -> Tensor:
+                centered: bool = False, prepared: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
+                cache_key=None) -> Tensor:
     """The checks and parameter preparation shared by :func:`packed_linear`, :func:`linear_codes` and
     :func:`linear_float_weight`; ``planes`` in the layout of ``fmt`` (``int8``: signed storage
     ``q - code_offset(w_bits)``), ``colsum()`` their row sums; ``centered`` (``int8`` codes of at most 7 bits): the
@@ -482,6 +509,11 @@ def _int_linear(a: Tensor, a_qp: QParams, planes, fmt: str, n: int, k: int, w_bi
     if prepared is None:
         if centered:
             planes = [(planes[0].to(torch.int16) - zw[:, None]).to(torch.int8)]
+        elif fmt != "int8" and cache_key is not None and configs.unpack_first(fmt, a.numel() // k):
+            if _UNPACKED[0]:
+                planes, fmt, centered = [_unpacked_codes(cache_key, planes, fmt, k, zw)], "int8", True
+            elif "_lowbit_unpacked" in cache_key.__dict__:
+                object.__delattr__(cache_key, "_lowbit_unpacked")
         sums = colsum()
     return L.packed_linear(a, planes, fmt, k, sums, sa, za, sw, zw, None if bias is None else bias.contiguous(),
                            bool(gelu), out_dtype, rq_s, rq_zr, rq_bits, centered)

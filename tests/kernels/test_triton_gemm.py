@@ -220,6 +220,42 @@ def test_unpack_first_path_equals_fused_path(gen, wbits, monkeypatch):
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
+def test_unpacked_codes_are_kept_per_weight(gen, monkeypatch):
+    """At ``UNPACK_MIN_M`` rows and more a packed weight is unpacked once and its codes reused (same outputs); an
+    in-place change of a plane or of the zero points unpacks again; with the cache off every call unpacks and the
+    kept copy is dropped."""
+    from kernels import configs as C
+    from kernels import library as L
+    m, k, n = C.UNPACK_MIN_M, 64, 24
+    a, qp, pw, sw, zw, bias = _problem(gen, m, k, n, 4, 4)
+    calls = []
+    real = L.unpack_codes
+    monkeypatch.setattr(L, "unpack_codes", lambda *args: calls.append(1) or real(*args))
+    with triton_path():
+        y1 = ops.packed_linear(a, qp, pw, sw, zw, bias)
+        y2 = ops.packed_linear(a, qp, pw, sw, zw, bias)
+        assert len(calls) == 1 and torch.equal(y1, y2) and "_lowbit_unpacked" in pw.__dict__
+        ops.packed_linear(a[:3], qp, pw, sw, zw, bias)  # few rows: the packed weight is read in the GEMM loop
+        assert len(calls) == 1
+        plane = next(iter(pw.planes.values()))
+        plane[0, 0] ^= 0x11  # (int4: two codes of row 0 change)
+        y3 = ops.packed_linear(a, qp, pw, sw, zw, bias)
+        assert len(calls) == 2 and not torch.equal(y3[:, 0], y1[:, 0])
+        ref = R.packed_linear(a, qp, pw, sw, zw, bias)
+        torch.testing.assert_close(y3, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+        zw2 = zw.clone()
+        zw2[1] = (zw2[1] + 1) % 16
+        ops.packed_linear(a, qp, pw, sw, zw2, bias)
+        assert len(calls) == 3
+        ops.cache_unpacked(False)
+        try:
+            y4 = ops.packed_linear(a, qp, pw, sw, zw, bias)
+            ops.packed_linear(a, qp, pw, sw, zw, bias)
+            assert len(calls) == 5 and torch.equal(y4, y3) and "_lowbit_unpacked" not in pw.__dict__
+        finally:
+            ops.cache_unpacked(True)
+
+
 @pytest.mark.parametrize("wbits,abits", [(1.58, 8), (3, 3), (4, 4), (8, 8)])
 def test_linear_codes_equals_packed_linear(gen, wbits, abits):
     """``ops.linear_codes`` (the optimiser's integer forward, unpacked codes through the int8 loader) is bit-equal
