@@ -361,17 +361,19 @@ def cache_unpacked(on: bool) -> None:
     _UNPACKED[0] = bool(on)
 
 
-def _unpacked_codes(w: packing.PackedWeight, planes, fmt: str, k: int, zw: Tensor) -> Tensor:
+def _unpacked_codes(w: packing.PackedWeight, planes, fmt: str, k: int, zw: Tensor, w_zero) -> Tensor:
     """``w``'s centred int8 codes ``[N, K] = w - zw[n]`` (:func:`kernels.library.unpack_codes`), kept on ``w``
-    while its planes and the zero points are the same tensors at the same versions."""
-    if torch.compiler.is_compiling():
+    while its planes and the zero points ``w_zero`` it came from are the same tensors at the same versions (an
+    inference tensor, which has no version counter, by identity)."""
+    if torch.compiler.is_compiling() or not torch.is_tensor(w_zero):
         return L.unpack_codes(planes, fmt, k, zw)
-    key = tuple((id(t), t._version) for t in planes) + ((id(zw), zw._version),)
+    sources = tuple(planes) + (w_zero,)
+    key = tuple((id(t), -1 if t.is_inference() else t._version) for t in sources)
     hit = getattr(w, "_lowbit_unpacked", None)
     if hit is not None and hit[0] == key:
         return hit[1]
     codes = L.unpack_codes(planes, fmt, k, zw)
-    object.__setattr__(w, "_lowbit_unpacked", (key, codes, tuple(planes) + (zw,)))  # (kept: their ids stay theirs)
+    object.__setattr__(w, "_lowbit_unpacked", (key, codes, sources))  # (kept: their ids stay theirs)
     return codes
 
 
@@ -511,7 +513,7 @@ def _int_linear(a: Tensor, a_qp: QParams, planes, fmt: str, n: int, k: int, w_bi
             planes = [(planes[0].to(torch.int16) - zw[:, None]).to(torch.int8)]
         elif fmt != "int8" and cache_key is not None and configs.unpack_first(fmt, a.numel() // k):
             if _UNPACKED[0]:
-                planes, fmt, centered = [_unpacked_codes(cache_key, planes, fmt, k, zw)], "int8", True
+                planes, fmt, centered = [_unpacked_codes(cache_key, planes, fmt, k, zw, w_zero)], "int8", True
             elif "_lowbit_unpacked" in cache_key.__dict__:
                 object.__delattr__(cache_key, "_lowbit_unpacked")
         sums = colsum()
