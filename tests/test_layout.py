@@ -76,16 +76,18 @@ def test_no_import_circles():
         return name
 
     edges = {m: {resolve(d) for d in ds} - {m, ""} for m, ds in graph.items()}
-    state = {}
+    assert sum(map(len, edges.values())) > 50  # the graph was read
+    state, circles = {}, []
 
     def dfs(m, stack):
         state[m] = 1
         for d in sorted(edges.get(m, ())):
             if state.get(d) == 1:
-                raise AssertionError("import circle: " + " -> ".join(stack[stack.index(d):] + [m, d]))
-            if d not in state:
+                circles.append(" -> ".join((stack + [m])[(stack + [m]).index(d):] + [d]))
+            elif d not in state:
                 dfs(d, stack + [m])
         state[m] = 2
     for m in sorted(edges):
         if m not in state:
             dfs(m, [])
+    assert not circles, "import circles: " + "; ".join(circles)
