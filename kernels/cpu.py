@@ -47,6 +47,8 @@ from torch import Tensor
 from lowbit import packing
 from lowbit import primitives as P
 
+from .keep import kept
+
 GEMMS = ("int8", "float")
 
 
@@ -585,15 +587,8 @@ def linear_codes(a: Tensor, a_qp: P.QParams, qw: Tensor, w_bits, w_scale: Tensor
 
 
 def unpacked(w: packing.PackedWeight) -> Tensor:
-    """The unsigned codes of ``w``, unpacked once and kept on it while its planes are the same tensors at the same
-    versions."""
-    key = tuple((id(t), t._version) for t in w.planes.values())
-    hit = getattr(w, "_lowbit_codes", None)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    codes = packing.unpack(w)
-    object.__setattr__(w, "_lowbit_codes", (key, codes))
-    return codes
+    """The unsigned codes of ``w``, unpacked once and kept on it while its planes are unchanged (:func:`kept`)."""
+    return kept(w, "_lowbit_codes", tuple(w.planes.values()), lambda: packing.unpack(w))
 
 
 def quant_attention(q: Tensor, k: Tensor, v: Tensor, q_qp, k_qp, v_qp, scale: float, p_qp=None,

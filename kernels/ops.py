@@ -33,6 +33,7 @@ from . import cpu
 from . import configs
 from . import library as L
 from .configs import ATTENTION_HEAD_DIMS
+from .keep import kept
 
 BACKENDS = ("triton", "cpu")
 _OVERRIDE: list = [None]
@@ -335,15 +336,7 @@ def weight_colsum(w: packing.PackedWeight) -> Tensor:
 
     Pack-time helper for the GEMM epilogue; recomputed if a plane tensor was replaced or modified in place.
     """
-    if torch.compiler.is_compiling():
-        return _colsum(w)
-    key = tuple((id(t), t.data_ptr(), t._version) for t in w.planes.values())
-    cached = getattr(w, "_lowbit_colsum", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    cs = _colsum(w)
-    object.__setattr__(w, "_lowbit_colsum", (key, cs))
-    return cs
+    return kept(w, "_lowbit_colsum", tuple(w.planes.values()), lambda: _colsum(w))
 
 
 def _colsum(w: packing.PackedWeight) -> Tensor:
@@ -365,16 +358,9 @@ def _unpacked_codes(w: packing.PackedWeight, planes, fmt: str, k: int, zw: Tenso
     """``w``'s centred int8 codes ``[N, K] = w - zw[n]`` (:func:`kernels.library.unpack_codes`), kept on ``w``
     while its planes and the zero points ``w_zero`` it came from are the same tensors at the same versions (an
     inference tensor, which has no version counter, by identity)."""
-    if torch.compiler.is_compiling() or not torch.is_tensor(w_zero):
+    if not torch.is_tensor(w_zero):
         return L.unpack_codes(planes, fmt, k, zw)
-    sources = tuple(planes) + (w_zero,)
-    key = tuple((id(t), -1 if t.is_inference() else t._version) for t in sources)
-    hit = getattr(w, "_lowbit_unpacked", None)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    codes = L.unpack_codes(planes, fmt, k, zw)
-    object.__setattr__(w, "_lowbit_unpacked", (key, codes, sources))  # (kept: their ids stay theirs)
-    return codes
+    return kept(w, "_lowbit_unpacked", tuple(planes) + (w_zero,), lambda: L.unpack_codes(planes, fmt, k, zw))
 
 
 def _row_sums(q: Tensor) -> Tensor:
