@@ -72,8 +72,14 @@ def quantize_signed(x, s, zr, QMAX: tl.constexpr, OFFSET: tl.constexpr):
     """Signed int8 codes ``clamp(round(x / s) + zr, 0, QMAX) - OFFSET`` (``zr``: the rounded zero point, an integer
     in ``[0, QMAX]``), computed as ``round(clamp(x / s, -zr, QMAX - zr)) + zr - OFFSET`` (equal, the bounds being
     integers), rounded by :func:`round_int`."""
+    return quantize_int32(x, s, zr, QMAX, OFFSET).to(tl.int8)
+
+
+@triton.jit
+def quantize_int32(x, s, zr, QMAX: tl.constexpr, OFFSET: tl.constexpr):
+    """:func:`quantize_signed` kept in int32 (grids of more than 256 levels)."""
     v = tl.minimum(tl.maximum(div_rcp(x, s, rcp_rn(s)), -zr), QMAX - zr)
-    return (round_int(v) + (zr.to(tl.int32) - OFFSET)).to(tl.int8)
+    return round_int(v) + (zr.to(tl.int32) - OFFSET)
 
 
 @triton.jit

@@ -20,6 +20,7 @@ from typing import List, Optional
 import torch
 
 from lowbit import packing
+from lowbit import primitives as P
 
 from . import configs as C
 from . import library as L
@@ -235,7 +236,7 @@ def attention_launch(b: int, h: int, l: int, d: int, target, sulq=False, bias=Fa
         rq = dict(rq_r=_meta(h * d) if rescale else None, rq_shift=_meta(h * d) if rescale else None,
                   rq_s=_meta(1), rq_z=_meta(1), rq_bits=4.0)
     if sulq:
-        p = dict(eta_ptr=_meta(1), x0_ptr=_meta(1), sp_ptr=_meta(1), zp_ptr=_meta(1), table_ptr=_meta(256),
+        p = dict(eta_ptr=_meta(1), x0_ptr=_meta(1), sp_ptr=_meta(1), zp_ptr=_meta(1), table_ptr=_meta(P.n_levels(p_bits)),
                  sv_ptr=_meta(1))
     else:
         p = dict(sp_ptr=_meta(1), zp_ptr=_meta(1), pv_scale_ptr=_meta(1))
@@ -305,6 +306,7 @@ def dispatcher_launches(arch: int) -> list:
         for p in a_bits:
             add(attention_launch(8, 3, l, d, target, sulq=False, p_bits=p))
             add(attention_launch(8, 3, l, d, target, sulq=True, p_bits=p))
+            add(attention_launch(8, 3, l, d, target, sulq=True, p_bits=P.sulq_grid_bits(p)))  # published grid
 
     widths = sorted(set(norm_widths()) | {k for k, _ in linear_shapes()})
     rows = sorted({t * b for t in (1, 49, 197) for b in BATCHES})

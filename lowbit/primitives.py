@@ -2,7 +2,9 @@
 
 Codes
 -----
-``n_levels(b) = 3`` for ternary (``b == 1.58``), else ``2**b``; ``qmax = n_levels - 1``.
+``n_levels(b) = 3`` for ternary (``b == 1.58``), else ``2**b``; ``qmax = n_levels - 1``. I&S-ViT's published
+SULQ grid has ``2**b + 1`` levels (codes ``0..2**b``): its width is ``sulq_grid_bits(b) = log2(2**b + 1)``, as
+ternary's 1.58 is ``log2(3)``.
 Uniform asymmetric quantizer with step ``s > 0`` and integer zero point ``z`` in ``[0, qmax]``::
 
     q     = clamp(round(x / s) + z, 0, qmax)          round = half-to-even (torch.round, rint)
@@ -15,8 +17,8 @@ Storage
 -------
 ``uint8`` tensors hold unsigned codes ``q``. ``int8`` tensors hold *signed* codes ``q - offset(b)`` with
 ``offset(b) = n_levels // 2`` (128 for 8 bits, 1 for ternary), so every width fits an int8 container and
-``tl.dot`` can consume it. In signed form the quantizer reads ``qs = clamp(round(x/s) + zs, -offset,
-qmax - offset)`` with ``zs = z - offset``; dequantization ``(qs - zs) * s`` is unchanged.
+``tl.dot`` can consume it (all but the 257-level SULQ grid, whose unsigned codes are stored in ``int16``). In
+signed form the quantizer reads ``qs = clamp(round(x/s) + zs, -offset, qmax - offset)`` with ``zs = z - offset``; dequantization ``(qs - zs) * s`` is unchanged.
 
 Integer GEMM
 ------------
@@ -35,6 +37,7 @@ A linear ``y = W x + b`` whose input is normalised per channel ``x' = (x - shift
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Iterator, NamedTuple, Optional, Sequence, Tuple
 
@@ -42,7 +45,16 @@ import torch
 from torch import Tensor
 
 TERNARY = 1.58
-VALID_BITS = (1.58, 2, 3, 4, 5, 6, 7, 8)
+
+
+def sulq_grid_bits(bits) -> float:
+    """Width of I&S-ViT's published SULQ forward grid at ``bits``: ``2^bits + 1`` levels, ``log2(2^bits + 1)``."""
+    return math.log2(2 ** int(bits) + 1)
+
+
+_LEVELS = {TERNARY: 3, **{b: 2 ** b for b in range(2, 9)}, **{sulq_grid_bits(b): 2 ** b + 1 for b in range(2, 9)}}
+#: every width a quantizer takes: 1.58 (ternary), 2..8, and the SULQ grids of :func:`sulq_grid_bits`
+VALID_BITS = tuple(_LEVELS)
 
 # ----------------------------------------------------------------------------------------------------------
 # bit-width helpers and validation
@@ -57,13 +69,13 @@ class QParams(NamedTuple):
 
 
 def check_bits(bits) -> None:
-    if bits not in VALID_BITS:
-        raise ValueError(f"bits must be one of {VALID_BITS} (1.58 = ternary), got {bits!r}")
+    if bits not in _LEVELS:
+        raise ValueError(f"bits must be one of 1.58 (ternary), 2..8 or a SULQ grid log2(2^b + 1), got {bits!r}")
 
 
 def n_levels(bits) -> int:
     check_bits(bits)
-    return 3 if bits == TERNARY else 2 ** int(bits)
+    return _LEVELS[bits]
 
 
 def qmax(bits) -> int:
@@ -138,12 +150,17 @@ def round_zero_point(z: Tensor, bits) -> Tensor:
 
 
 def quantize(x: Tensor, s: Tensor, z: Tensor, bits, signed: bool = False) -> Tensor:
-    """Codes of ``x``: ``uint8`` unsigned ``q``, or ``int8`` signed ``q - offset`` when ``signed``."""
+    """Codes of ``x``: ``uint8`` unsigned ``q``, or ``int8`` signed ``q - offset`` when ``signed`` (``int16``
+    unsigned for a grid of more than 256 levels)."""
     s = torch.as_tensor(s, dtype=torch.float32, device=x.device)
     z = torch.as_tensor(z, dtype=torch.float32, device=x.device)
     check_bits(bits)
     check_qparams(x, s, z)
     q = code_values(x, s, round_zero_point(z, bits), bits)
+    if n_levels(bits) > 256:
+        if signed:
+            raise ValueError(f"{n_levels(bits)} levels do not fit the signed int8 storage; use unsigned codes")
+        return q.to(torch.int16)
     if signed:
         return (q - code_offset(bits)).to(torch.int8)
     return q.to(torch.uint8)
@@ -637,25 +654,33 @@ def init_sulq_params(p: Tensor, bits, etas: Optional[Sequence[float]] = None,
 
 def init_sulq_published(p: Tensor, bits, etas: Sequence[float] = PUBLISHED_SULQ_ETAS,
                         max_samples: int = 1 << 20) -> SULQParams:
-    """I&S-ViT's SULQ initialisation as published: for each ``eta`` in ``etas`` the log-domain grid spans the data,
-    ``x0 = min t``, ``s = (max t - min t) / (2^bits - 1)``, ``z = 0`` (``t = -log2(p + eta)``; the paper's ``b``-bit
-    grid of ``2^b`` levels), and the ``eta`` with the smallest ``mean((p_hat - p)^2)`` of the power-of-two
-    dequantization wins. At most ``max_samples`` evenly strided elements of ``p`` are used."""
+    """I&S-ViT's SULQ as published (their ``LogSqrt2Quantizer``; paper Eq. 9-10), at ``bits``:
+
+    * search: for each ``eta`` in ``etas``, ``t = -log2(p + eta)`` over all of ``p``, ``x0 = min t`` and the
+      ``2^bits``-level grid ``s = (max t - min t) / (2^bits - 1)``; the ``eta`` whose power-of-two dequantization
+      has the smallest ``mean((p_hat - p)^2)`` wins (the error on at most ``max_samples`` evenly strided elements);
+    * forward: the authors' quantizer then runs on ``2^bits + 1`` levels, ``s = (max t - min t) / 2^bits``,
+      codes ``0..2^bits`` (bits :func:`sulq_grid_bits`), every level ``2^(-round(t_hat)) - eta``.
+
+    Their grid is measured from ``max log2(p + eta)`` (= ``-x0`` here) downwards; with an even ``2^bits`` the codes
+    are the mirror image of these, ties included, so the levels and the decisions are the same."""
     check_bits(bits)
-    flat = p.detach().float().reshape(-1)
-    check_sulq(flat, 1.0)
-    if flat.numel() > max_samples:
-        flat = flat[:: -(-flat.numel() // max_samples)]
+    full = p.detach().float().reshape(-1)
+    check_sulq(full, 1.0)
+    flat = full[:: -(-full.numel() // max_samples)] if full.numel() > max_samples else full
     best, best_err = None, float("inf")
     zero = torch.zeros((), device=flat.device)
     for eta in etas:
-        t = sulq_log(flat, eta)
+        t = sulq_log(full, eta)
         lo, hi = t.min(), t.max()
         s = torch.clamp((hi - lo) / qmax(bits), min=1e-8)
         err = float((sulq_fake_quantize(flat, eta, s, zero, bits, check=False, x0=lo, pow2=True) - flat).pow(2).mean())
         if err < best_err:
-            best_err, best = err, SULQParams(torch.tensor(float(eta)), s, zero.clone(), bits, lo, True)
-    return best
+            best_err, best = err, (eta, lo, hi)
+    eta, lo, hi = best
+    grid = sulq_grid_bits(bits)
+    return SULQParams(torch.tensor(float(eta)), torch.clamp((hi - lo) / qmax(grid), min=1e-8), zero.clone(), grid,
+                      lo, True)
 
 
 def scale_product(s1, c: float, s2, device) -> Tensor:
@@ -691,7 +716,7 @@ def int_attention(q: Tensor, k: Tensor, v: Tensor, q_qp: QParams, k_qp: QParams,
     p = torch.softmax(s, dim=-1)
     zv = signed_zero_point(v_qp.z, v_qp.bits)
     if isinstance(p_qp, SULQParams):
-        pc = sulq_quantize(p, p_qp.eta, p_qp.s, p_qp.z, p_qp.bits, signed=True, x0=p_qp.x0)
+        pc = sulq_quantize(p, p_qp.eta, p_qp.s, p_qp.z, p_qp.bits, signed=n_levels(p_qp.bits) <= 256, x0=p_qp.x0)
         ph = sulq_dequantize(pc, p_qp.eta, p_qp.s, p_qp.z, p_qp.bits, p_qp.x0, p_qp.pow2)
         return (ph @ (v.float() - zv)) * torch.as_tensor(v_qp.s, dtype=torch.float32, device=q.device), pc
     pc = quantize(p, p_qp.s, p_qp.z, p_qp.bits, signed=True)

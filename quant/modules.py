@@ -135,8 +135,9 @@ class SULQuantizer(_Moded):
     ``x0``: ``p_hat = 2^(-t_hat) - eta``, ``t_hat = fake_quantize(t - x0, s, z, bits) + x0``.
 
     ``published=True`` (``--softmax-quantizer sulq``): the exponent is rounded (``2^(-round(t_hat))``, power-of-two
-    levels minus ``eta``) and the initialisation is the authors' (:func:`lowbit.primitives.init_sulq_published`:
-    their ``eta`` grid, the grid spanning the data). ``published=False`` (``sulq-learned``): ``x0 = 0``, no
+    levels minus ``eta``), the initialisation is the authors' (:func:`lowbit.primitives.init_sulq_published`:
+    their ``eta`` grid, the grid spanning the data) and the forward runs on their ``2^bits + 1`` levels
+    (``grid_bits``). ``published=False`` (``sulq-learned``): ``x0 = 0``, no
     rounding, ``eta`` and ``(s, z)`` grid-searched by :func:`lowbit.primitives.init_sulq_params`. Afterwards
     ``eta`` and ``x0`` stay fixed (buffers) while ``s`` (as ``log_s``) and ``z`` are learned with the LSQ/STE
     gradients like every other quantizer.
@@ -146,6 +147,8 @@ class SULQuantizer(_Moded):
         super().__init__()
         self.bits = bits
         self.published = bool(published)
+        # the forward's grid: the authors' 2^bits + 1 levels when published, else 2^bits
+        self.grid_bits = P.sulq_grid_bits(bits) if self.published and bits != 16 else bits
         self.log_s = nn.Parameter(torch.zeros(()))
         self.z = nn.Parameter(torch.zeros(()))
         self.register_buffer("eta", torch.tensor(1.0))
@@ -162,8 +165,9 @@ class SULQuantizer(_Moded):
 
     def qparams_at(self, s: Tensor, z: Tensor) -> SULQParams:
         """Deployable quantizer at log-domain step ``s`` and zero point ``z`` (rounded; 0-d tensors)."""
-        return SULQParams(self.eta.detach().clone(), s.detach().clone(), P.round_zero_point(z.detach(), self.bits),
-                          self.bits, self.x0.detach().clone(), self.published)
+        return SULQParams(self.eta.detach().clone(), s.detach().clone(),
+                          P.round_zero_point(z.detach(), self.grid_bits), self.grid_bits, self.x0.detach().clone(),
+                          self.published)
 
     def qparams(self) -> SULQParams:
         """Deployable quantizer: ``eta``, log-domain ``s``, integer unsigned ``z``, ``x0`` (0-d each), bits, pow2."""
@@ -191,7 +195,7 @@ class SULQuantizer(_Moded):
 
     def fake(self, p: Tensor, s: Tensor, z: Tensor) -> Tensor:
         """SULQ fake-quant of ``p`` with log-domain step ``s`` and zero point ``z`` (the ``"quant"`` forward)."""
-        return P.sulq_fake_quantize(p, self.eta, s, z, self.bits, x0=self.x0, pow2=self.published)
+        return P.sulq_fake_quantize(p, self.eta, s, z, self.grid_bits, x0=self.x0, pow2=self.published)
 
 
 def _weight_qparams_init(module, w: Tensor) -> None:
@@ -372,9 +376,14 @@ class QuantConv2dPatch(_Moded):
         w = self.weight + self.dW
         return w.reshape(w.shape[0], -1)
 
+    @torch.no_grad()
+    def init_weight_qparams(self) -> None:
+        """Per-channel ``(s_w, z_w)`` of the refined weight ``[D, C*p*p]`` (``primitives.init_weight_qparams``)."""
+        _weight_qparams_init(self, self.weight_2d())
+
     def forward(self, x: Tensor) -> Tensor:
         if self.mode == "calib":
-            _weight_qparams_init(self, self.weight_2d())
+            self.init_weight_qparams()
         if self.mode == "float":
             return F.conv2d(x, self.weight + self.dW, self.bias, self.stride)
         if self.integer_forward:

@@ -21,9 +21,9 @@ Methods
 ``is-vit-quant`` the same stages training the quantizers instead (stage 1: step sizes, zero points, ``r`` and
                ``shift`` with float weights; stage 3: every quantizer and the refinements): the package's variant.
 
-Adam with lr ``lr_q`` (1e-3) for step sizes, zero points, rescale and shift and ``lr_w`` (1e-4) for the
-refinements ``dW``; per unit a linear warm-up over ``warmup`` steps (default 5/24 of ``iters``, the paper's
-5k of 24k) then cosine decay to zero. Batches are drawn without replacement from a seeded permutation per epoch,
+Adam with lr ``lr_q`` (1e-3) for step sizes, zero points, rescale and shift and ``lr_w`` (1e-4; ``is-vit`` 4e-5)
+for the refinements ``dW``; per unit a linear warm-up over ``warmup`` steps (default 5/24 of ``iters``, the paper's
+5k of 24k; ``is-vit`` none) then cosine decay to zero. Batches are drawn without replacement from a seeded permutation per epoch,
 and transformed by ``augment`` (:mod:`calib.augment`, seeded by the step; none by default), then, with
 ``hard_steps``, moved towards where student and teacher disagree (:func:`hard_batch`).
 Checkpoints (trainable parameters, optimiser, scheduler, RNG states, sampler position) are written atomically
@@ -60,6 +60,9 @@ from quant.sos import sos
 from quant.surgery import blocks
 
 METHODS = ("rtn", "blockwise", "e2e", "is-vit", "is-vit-quant")
+#: the weight learning rate by method: I&S-ViT's authors train weights and biases with Adam at 4e-5
+#: (``block_recon.py``), the package's methods the refinements ``dW`` at 1e-4
+LR_W = {None: 1e-4, "is-vit": 4e-5}
 
 
 @dataclass
@@ -68,7 +71,9 @@ class OptimConfig:
     iters: int = 24000
     batch_size: int = 32
     lr_q: float = 1e-3
-    lr_w: float = 1e-4
+    #: None: the method's default (:data:`LR_W`)
+    lr_w: Optional[float] = None
+    #: None: the method's default, 5/24 of ``iters`` (``is-vit``: 0, as its authors' cosine schedule)
     warmup: Optional[int] = None
     temperature: float = 4.0
     l2: float = 1e-5
@@ -90,6 +95,10 @@ class OptimConfig:
     head_loss: str = "kl"
 
     def __post_init__(self):
+        if self.lr_w is None:
+            self.lr_w = LR_W.get(self.method, LR_W[None])
+        if self.warmup is None and self.method == "is-vit":
+            self.warmup = 0
         if self.block_inputs not in ("student", "teacher") or self.head_loss not in ("kl", "mse"):
             raise UserError(f"block inputs must be 'student' or 'teacher' and the head loss 'kl' or 'mse', got "
                             f"{self.block_inputs!r} and {self.head_loss!r}")

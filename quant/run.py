@@ -100,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="local weights (.pth/.safetensors) instead of the hub")
     p.add_argument("--model-args", default=None, help='JSON kwargs for timm.create_model, e.g. \'{"img_size": 64}\'')
     p.add_argument("--lr-q", type=float, default=1e-3, help="lr of step sizes, zero points, rescale/shift")
-    p.add_argument("--lr-w", type=float, default=1e-4, help="lr of the weight refinement")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 5/24 of --iters)")
+    p.add_argument("--lr-w", type=float, default=None,
+                   help="lr of the weight refinement (default 1e-4; is-vit: 4e-5, its authors')")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 5/24 of --iters; is-vit: 0)")
     p.add_argument("--temperature", type=float, default=4.0, help="KL temperature T")
     p.add_argument("--l2", type=float, default=1e-5, help="weight of the refinement L2 term")
     p.add_argument("--no-rescale", action="store_true", help="disable the channel rescale/shift")
@@ -109,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DFQ-ViT activation correction: a learned [D, D] matrix per block, trained after --method")
     p.add_argument("--correction-iters", type=int, default=500, help="activation-correction steps")
     p.add_argument("--correction-lr", type=float, default=1e-4, help="activation-correction Adam lr")
-    p.add_argument("--softmax-quantizer", default="uniform", choices=SOFTMAX_QUANTIZERS,
-                   help="quantizer of the attention probabilities: uniform (integer P V) or sulq (I&S-ViT)")
+    p.add_argument("--softmax-quantizer", default=None, choices=SOFTMAX_QUANTIZERS,
+                   help="quantizer of the attention probabilities: uniform (integer P V) or sulq (I&S-ViT); "
+                        "default uniform, is-vit: sulq (as its authors)")
     p.add_argument("--forward", default="int", choices=FORWARDS,
                    help="forward pass of the optimisation: int (the deployed integer arithmetic through "
                         "kernels.ops, straight-through/LSQ gradients) or fake (float fake-quant, for comparison)")
@@ -264,6 +266,8 @@ def _run(args: argparse.Namespace) -> dict:
     except ValueError as e:
         raise UserError(f"--bits: {e}") from None
     args.invert_prior = invert_prior(args.invert_prior, cfg_bits)
+    if args.softmax_quantizer is None:
+        args.softmax_quantizer = "sulq" if args.method == "is-vit" and not cfg_bits.act_float else "uniform"
     spec = resolve(args.model)
     export_given = args.export is not None
     for k, v in {**RUN_DEFAULTS, **(spec.run_defaults or {})}.items():

@@ -9,7 +9,9 @@ Stage 1  post-LayerNorm activations (inputs of ``attn.qkv``, ``mlp.fc1``, Swin's
 Stage 2  the channel-wise part is folded exactly into the LayerNorm affine (``gamma' = gamma / r``,
          ``beta' = (beta - shift) / r``) and the next linear (``W' = (W + dW) r``, ``b' = b + (W + dW) shift``);
          ``r = 1``, ``shift = 0`` stay frozen, so post-LN activations are now quantized layer-wise by ``(s~, z~)``.
-         Weight quantizers are (re)initialised on the folded weights and switched on.
+         Weight quantizers are (re)initialised and switched on: as published every one of them, on the weights
+         stage 1 refined (their one quantized forward before stage 3, ``test_quant.py``); in the package's variant
+         the folded ones.
 Stage 3  layer-wise block-wise reconstruction with weights quantized.
 
 What the two reconstruction stages train (``train``):
@@ -18,7 +20,9 @@ What the two reconstruction stages train (``train``):
   biases, with every quantizer parameter (step sizes, zero points, ``r``, ``shift``, SULQ) and the LayerNorms frozen;
   no refinement L2 (their loss is the block output MSE alone); stage 1 feeds each block the FP model's input to it
   and stage 3 the quantized model's (their ``save_inp_oup_data(..., last_stage)``), and the head is reconstructed on
-  the logits' MSE (their ``opt_mode='mse'``), not the KL.
+  the logits' MSE (their ``opt_mode='mse'``), not the KL; Adam at ``lr_w`` 4e-5 with cosine decay and no warm-up
+  (:class:`quant.optimize.OptimConfig`'s defaults for the method); the softmax quantizer is their SULQ
+  (``quant.run`` picks ``--softmax-quantizer sulq`` for this method).
 * ``"quantizers"`` (``--method is-vit-quant``, the package's variant): stage 1 the activation quantizers (the
   channel-wise ones through ``r`` and ``shift``) with float weights, stage 3 every quantizer and refinement.
 
@@ -165,7 +169,7 @@ def sos(student: nn.Module, teacher: nn.Module, images, cfg, optimize: Callable,
     fold_into_layernorms(student)
     folded = {id(m) for _, m in pairs}
     for m in qmods:
-        if id(m) in folded:
+        if hasattr(m, "init_weight_qparams") and (train == "weights" or id(m) in folded):
             m.init_weight_qparams()
         _trainable(m, train, 3, id(m) in folded)
     h3 = optimize(student, teacher, images, stage_cfg)

@@ -24,7 +24,7 @@ def _setup(gen, shape, bits):
 
 @pytest.mark.parametrize("b,h,l,bits,swin,published", [(4, 2, 49, 4, True, False), (2, 1, 50, 3, False, False),
                                                         (1, 2, 197, 8, False, False), (4, 2, 49, 4, True, True),
-                                                        (2, 1, 50, 3, False, True)])
+                                                        (2, 1, 50, 3, False, True), (1, 2, 197, 8, False, True)])
 def test_sulq_attention_matches_reference(gen, b, h, l, bits, swin, published):
     d = 64
     (q, k, v), qps = _setup(gen, (b, h, l, d), bits)
@@ -43,10 +43,15 @@ def test_sulq_attention_matches_reference(gen, b, h, l, bits, swin, published):
         sc = sc + bias[None]
         sc = (sc.view(b // 2, 2, h, l, l) + mask[None, :, None]).view(b, h, l, l)
     prob = torch.softmax(sc, -1)
-    assert torch.equal(pc, P.sulq_quantize(prob, sq.eta, sq.s, sq.z, bits, signed=True, x0=sq.x0))
+    # the published grid has 2^bits + 1 levels (257 at 8 bits: unsigned int16 codes)
+    assert P.n_levels(sq.bits) == 2 ** bits + published
+    signed = P.n_levels(sq.bits) <= 256
+    assert torch.equal(pc, P.sulq_quantize(prob, sq.eta, sq.s, sq.z, sq.bits, signed=signed, x0=sq.x0))
+    uc = P.unsigned_codes(pc, sq.bits)
+    assert int(uc.max()) == P.qmax(sq.bits)  # the top code (p near 0 or 1, by the direction) is reached
     sv, zv = float(qps[2].s), float(P.signed_zero_point(qps[2].z, bits))
     table = P.sulq_table(*sq)
-    plain = (table[pc.long() + P.code_offset(bits)].double() @ (v.double() - zv)) * sv
+    plain = (table[uc].double() @ (v.double() - zv)) * sv
     torch.testing.assert_close(ref.double(), plain, rtol=1e-5, atol=1e-5)
 
     with triton_path():
@@ -57,7 +62,7 @@ def test_sulq_attention_matches_reference(gen, b, h, l, bits, swin, published):
     ties = ((pre - torch.floor(pre) - 0.5).abs() < 1e-3).sum(-1, keepdim=True).double()
     step = float((table[:-1] - table[1:]).abs().max())
     flip = (v.double() - zv).abs().amax(-2, keepdim=True) * sv * step
-    mag = (table[pc.long() + P.code_offset(bits)].double().abs() @ (v.double() - zv).abs()) * sv
+    mag = (table[uc].double().abs() @ (v.double() - zv).abs()) * sv
     fp = 1e-5 * (mag + sv)  # float P V: rounding scales with sum |P_hat| |v - zv|, not with |O|
     err = (out.double() - ref.double()).abs()
     assert bool((err <= ties * flip + fp).all()), f"max error {float(err.max()):.3g} beyond tie flips"

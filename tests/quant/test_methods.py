@@ -1,6 +1,7 @@
 """The seed papers' other methods: SULQ in the attention core and SOS (``--method is-vit``) of I&S-ViT; DFQ-ViT's
 activation correction."""
 import copy
+import math
 
 import pytest
 import torch
@@ -158,6 +159,62 @@ def test_is_vit_block_inputs_and_head_loss(method, monkeypatch):
         assert set(seen) == {("student", "kl")}
 
 
+@pytest.mark.parametrize("method", ["is-vit", "is-vit-quant"])
+def test_is_vit_reinitialises_weight_quantizers_before_stage_3(method):
+    """As published, one quantized forward before stage 3 initialises every weight quantizer (qkv, proj, fc1, fc2,
+    the head, the patch embedding) on the weights stage 1 refined; the package's variant re-initialises only the
+    folded post-LayerNorm linears."""
+    from quant.modules import QuantConv2dPatch
+    from quant.sos import sos
+    fp = make_model("vit")
+    data = images(8)
+    q = calibrate(quantize_model(copy.deepcopy(fp), "w4a4"), data)
+    weighted = [m for m in q.modules() if isinstance(m, (QuantLinear, QuantConv2dPatch))]
+    folded = {id(m) for _, m in post_ln_pairs(q)}
+    before, at_stage3 = {}, {}
+
+    def fake_optimize(student, teacher, images, cfg):  # stage 1 "trains" every refinement; stage 3 looks
+        if not before:
+            for m in weighted:
+                before[id(m)] = m.log_ws.detach().clone()
+                m.dW.data.add_(torch.randn_like(m.dW) * 0.05)
+        else:
+            at_stage3.update({id(m): m.log_ws.detach().clone() for m in weighted})
+        return {"losses": [], "steps": 0}
+
+    sos(q, fp, data, OptimConfig(method=method, iters=1, batch_size=4, progress=False), fake_optimize,
+        train="weights" if method == "is-vit" else "quantizers")
+    for m in weighted:
+        w = m.weight_2d() if isinstance(m, QuantConv2dPatch) else m.folded()[0]
+        expect = P.init_weight_qparams(w.detach().float(), m.w_bits)[0].log()
+        if method == "is-vit" or id(m) in folded:
+            torch.testing.assert_close(at_stage3[id(m)], expect.reshape(at_stage3[id(m)].shape), rtol=0, atol=0)
+        else:
+            assert torch.equal(at_stage3[id(m)], before[id(m)])  # stale: the variant keeps them
+    assert len(weighted) > len(folded) + 1
+
+
+def test_is_vit_schedule_defaults_are_the_authors():
+    """``is-vit``: Adam at 4e-5 with cosine decay over the stage and no warm-up (``block_recon.py``); the other
+    methods keep 1e-4 and the 5/24 warm-up; an explicit value wins."""
+    from quant.optimize import _make_optim
+    pub, own = OptimConfig(method="is-vit", iters=8), OptimConfig(method="e2e", iters=24)
+    assert (pub.lr_w, pub.warmup_steps) == (4e-5, 0) and (own.lr_w, own.warmup_steps) == (1e-4, 5)
+    assert OptimConfig(method="is-vit", lr_w=1e-3, warmup=2).lr_w == 1e-3
+    w = torch.nn.Parameter(torch.zeros(2))
+
+    class Unit:
+        params = {"blocks.0.attn.qkv.dW": w}
+    opt, sched = _make_optim(Unit(), pub)
+    lrs = []
+    for _ in range(8):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expect = [4e-5 * 0.5 * (1 + math.cos(math.pi * t / 8)) for t in range(8)]
+    assert lrs == pytest.approx(expect, rel=1e-12)
+
+
 def test_block_inputs_from_the_teacher_and_logit_mse():
     """``block_inputs="teacher"``: a block's loss does not depend on the student's earlier blocks (it runs on the
     FP input), ``"student"``: it does; ``head_loss="mse"`` is the MSE of the logits."""
@@ -246,7 +303,7 @@ def test_cli_data_free_is_vit_sulq_with_correction_reloads(tmp_path, capsys):
     base = ["--model", "deit_t", "--bits", "w4a4", "--out", str(out), "--checkpoint", str(ckpt),
             "--model-args", json.dumps(small), "--calib-size", "8", "--init-size", "8", "--iters", "2",
             "--batch-size", "4", "--no-progress", "--workers", "0"]
-    rc = main(base + ["--method", "is-vit", "--softmax-quantizer", "sulq", "--act-correction",
+    rc = main(base + ["--method", "is-vit", "--act-correction",  # is-vit: SULQ by default
                       "--correction-iters", "3", "--invert-steps", "2"])
     assert rc == 0
     rep = json.loads((out / "report.json").read_text())

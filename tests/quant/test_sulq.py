@@ -82,36 +82,57 @@ def test_sulq_bad_input(gen):
 
 
 def test_published_sulq_hand_computed():
-    # eta = 1, 2 bits: t = -log2(p + 1) of p = 1, 0.5, 0.25, 0 is -1, -0.585, -0.322, 0; the grid spans the data:
-    # x0 = -1, s = (0 - (-1)) / 3; codes round((t + 1) * 3) = 0, 1, 2, 3; t_hat = -1, -2/3, -1/3, 0, rounded
-    # -1, -1, 0, 0; p_hat = 2^(-t_hat) - 1 = 1, 1, 0, 0
+    # The authors' forward at b = 2 bits, eta = 1 (values from their formula, in their log domain y = log2(p + 1)):
+    # y of p = 1, 0.5, 0.25, 0 is 1, 0.585, 0.322, 0; minv = 0, maxv = 1, delta = (maxv - minv) / 2^b = 1/4;
+    # k = clamp(round((y - minv) / delta), 0, 2^b) = 4, 2, 1, 0 (five codes 0..4);
+    # p_hat = 2^round(k delta + minv) - eta = 2^round(1, .5, .25, 0) - 1 = 2^(1, 0, 0, 0) - 1 = 1, 0, 0, 0.
+    # Here t = -y: x0 = min t = -1, s = 1/4, codes round((t - x0) / s) = 2^b - k = 0, 2, 3, 4, same levels.
     p = torch.tensor([1.0, 0.5, 0.25, 0.0])
     sp = P.init_sulq_published(p, 2, etas=(1.0,))
+    grid = P.sulq_grid_bits(2)
     assert float(sp.eta) == 1.0 and float(sp.x0) == -1.0 and float(sp.z) == 0 and sp.pow2
-    assert float(sp.s) == pytest.approx(1 / 3)
-    codes = P.sulq_quantize(p, sp.eta, sp.s, sp.z, 2, x0=sp.x0)
-    assert codes.tolist() == [0, 1, 2, 3]
-    assert P.sulq_dequantize(codes, sp.eta, sp.s, sp.z, 2, sp.x0, True).tolist() == [1.0, 1.0, 0.0, 0.0]
-    assert P.sulq_table(sp.eta, sp.s, sp.z, 2, sp.x0, True).tolist() == [1.0, 1.0, 0.0, 0.0]
-    ph = P.sulq_fake_quantize(p, sp.eta, sp.s, sp.z, 2, x0=sp.x0, pow2=True)
-    assert ph.tolist() == [1.0, 1.0, 0.0, 0.0]
-    # without the rounded exponent (the learned-step form at the same grid): 2^(2/3) - 1, 2^(1/3) - 1
-    smooth = P.sulq_table(sp.eta, sp.s, sp.z, 2, sp.x0, False)
-    torch.testing.assert_close(smooth, torch.tensor([1.0, 2 ** (2 / 3) - 1, 2 ** (1 / 3) - 1, 0.0]))
+    assert sp.bits == grid and P.n_levels(grid) == 5 and float(sp.s) == 0.25
+    codes = P.sulq_quantize(p, sp.eta, sp.s, sp.z, grid, x0=sp.x0)
+    assert codes.tolist() == [0, 2, 3, 4]
+    assert P.sulq_dequantize(codes, sp.eta, sp.s, sp.z, grid, sp.x0, True).tolist() == [1.0, 0.0, 0.0, 0.0]
+    # table[q] = 2^-round(x0 + q s) - 1: exponents -1, -0.75, -0.5, -0.25, 0 round to -1, -1, 0, 0, 0
+    assert P.sulq_table(sp.eta, sp.s, sp.z, grid, sp.x0, True).tolist() == [1.0, 1.0, 0.0, 0.0, 0.0]
+    ph = P.sulq_fake_quantize(p, sp.eta, sp.s, sp.z, grid, x0=sp.x0, pow2=True)
+    assert ph.tolist() == [1.0, 0.0, 0.0, 0.0]
+    # without the rounded exponent (the learned-step form at the same grid): 2^(3/4) - 1, ...
+    smooth = P.sulq_table(sp.eta, sp.s, sp.z, grid, sp.x0, False)
+    torch.testing.assert_close(smooth, torch.tensor([1.0, 2 ** 0.75 - 1, 2 ** 0.5 - 1, 2 ** 0.25 - 1, 0.0]))
+
+
+def test_published_sulq_eta_search_on_the_2b_level_grid():
+    # The authors choose eta with the 2^b-level grid (delta = range / (2^b - 1)) and then run 2^b + 1 levels.
+    # b = 2, p = 1, 0.5, 0.25, 0, candidates eta = 1 and 0.5:
+    #  eta = 1: y = 1, .585, .322, 0, delta = 1/3, k = 3, 2, 1, 0, p_hat = 2^round(1, 2/3, 1/3, 0) - 1 = 1, 1, 0, 0,
+    #           squared error (0 + .25 + .0625 + 0) / 4 = .078125;
+    #  eta = .5: y = log2(1.5, 1, .75, .5) = .585, 0, -.415, -1, delta = 1.585 / 3 = .528,
+    #           k = round((y + 1) / delta) = 3, 2, 1, 0, p_hat = 2^round(.585, .057, -.472, -1) - .5 = 1.5, .5, .5, 0,
+    #           squared error (.25 + 0 + .0625 + 0) / 4 = .078125: a tie, the first candidate (eta = 1) stays.
+    p = torch.tensor([1.0, 0.5, 0.25, 0.0])
+    assert float(P.init_sulq_published(p, 2, etas=(1.0, 0.5)).eta) == 1.0
+    # eta = .25 (y = log2(1.25, .75, .5, .25) = .32, -.415, -1, -2, delta = .774, k = 3, 2, 1, 0,
+    # p_hat = 2^round(.32, -.454, -1.23, -2) - .25 = .75, .75, .25, 0): error (.0625 + .0625 + 0 + 0) / 4 = .03125
+    assert float(P.init_sulq_published(p, 2, etas=(1.0, 0.5, 0.25)).eta) == 0.25
 
 
 def test_published_sulq_levels_are_powers_of_two_and_eta_is_searched(gen):
     p = torch.softmax(torch.randn(128, 50, generator=gen) * 3, -1)
     sp = P.init_sulq_published(p, 4)
     assert any(float(sp.eta) == pytest.approx(e) for e in P.PUBLISHED_SULQ_ETAS) and sp.pow2
-    t = torch.log2(P.sulq_table(sp.eta, sp.s, sp.z, 4, sp.x0, True).double() + float(sp.eta))
+    assert sp.bits == P.sulq_grid_bits(4) and P.n_levels(sp.bits) == 17
+    t = torch.log2(P.sulq_table(sp.eta, sp.s, sp.z, sp.bits, sp.x0, True).double() + float(sp.eta))
     torch.testing.assert_close(t, torch.round(t), rtol=0, atol=1e-6)  # every level is 2^k - eta (fp32)
     x = -torch.log2(p + sp.eta)
-    assert float(sp.x0) == pytest.approx(float(x.min())) and float(sp.s) == pytest.approx(float(x.max() - x.min()) / 15)
-    errs = {}
+    assert float(sp.x0) == pytest.approx(float(x.min())) and float(sp.s) == pytest.approx(float(x.max() - x.min()) / 16)
+    errs = {}  # the search's error: the 2^b-level grid spanning the data
     for eta in P.PUBLISHED_SULQ_ETAS:
-        one = P.init_sulq_published(p, 4, etas=(eta,))
-        errs[eta] = float((P.sulq_fake_quantize(p, one.eta, one.s, one.z, 4, x0=one.x0, pow2=True) - p).pow(2).mean())
+        t = -torch.log2(p + eta)
+        s16 = (t.max() - t.min()) / 15
+        errs[eta] = float((P.sulq_fake_quantize(p, eta, s16, 0.0, 4, x0=t.min(), pow2=True) - p).pow(2).mean())
     assert min(errs, key=errs.get) == pytest.approx(float(sp.eta))
 
 
