@@ -330,6 +330,43 @@ def init_weight_qparams(w: Tensor, bits, percentiles: Sequence[float] = (0.0, 10
     return best_s, best_z
 
 
+#: the percentiles I&S-ViT's authors search (their ``UniformQuantizer.init_quantization_scale``)
+PUBLISHED_ACT_PCTS = (0.999, 0.9999, 0.99999)
+PUBLISHED_WEIGHT_PCTS = (0.97, 0.98, 0.99, 0.995, 0.9995, 0.9997, 0.9999, 0.99995, 0.99999)
+
+
+def _quantile_sorted(v: Tensor, q: float) -> Tensor:
+    """The ``q``-quantile of each row of the row-sorted ``v [R, K]``, ``[R, 1]``, by linear interpolation between
+    ranks (``torch.quantile``'s and ``numpy.percentile``'s default)."""
+    pos = q * (v.shape[1] - 1)
+    i = int(math.floor(pos))
+    j = min(i + 1, v.shape[1] - 1)
+    return torch.lerp(v[:, i:i + 1], v[:, j:j + 1], pos - i)
+
+
+def init_qparams_searched(x: Tensor, bits, pcts: Sequence[float]) -> Tuple[Tensor, Tensor]:
+    """Per-row ``(s, z)`` ``[R, 1]`` of ``x [R, K]`` by the authors' percentile search (I&S-ViT): for each ``pct``
+    the range ``[quantile(1 - pct), quantile(pct)]`` of the row, and the ``pct`` whose quantization has the
+    smallest ``sum((x_hat - x)^2)`` wins (the first on a tie). The range is :func:`qparams_from_range`'s (zero
+    inside it, the zero point in ``[0, qmax]``, as the deployed codes need; the authors leave both free)."""
+    if x.dim() != 2 or x.shape[1] == 0:
+        raise ValueError(f"x must be a non-empty 2-D [R, K] tensor, got shape {tuple(x.shape)}")
+    _check_finite("calibration tensor", x)
+    x = x.detach().float()
+    v = x.sort(dim=1).values
+    best_err = best_s = best_z = None
+    for pct in pcts:
+        s, z = qparams_from_range(_quantile_sorted(v, 1.0 - pct), _quantile_sorted(v, pct), bits)
+        err = (fake_quantize(x, s, z, bits, check=False) - x).pow(2).sum(dim=1, keepdim=True)
+        if best_err is None:
+            best_err, best_s, best_z = err, s, z
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+    return best_s, best_z
+
+
 # ----------------------------------------------------------------------------------------------------------
 # channel rescale / shift
 

@@ -82,6 +82,9 @@ class ActQuantizer(_Moded):
     the caller passes them (see :class:`QuantLinear`).
     """
 
+    #: initialise by I&S-ViT's percentile search (``primitives.init_qparams_searched``) instead of ``percentiles``
+    search: bool = False
+
     def __init__(self, bits, percentiles=ACT_PERCENTILES):
         super().__init__()
         self.bits = bits
@@ -108,10 +111,14 @@ class ActQuantizer(_Moded):
 
     @torch.no_grad()
     def init_from(self, x: Tensor) -> None:
-        """``(s, z)`` from the percentile range of ``x`` (already rescaled)."""
+        """``(s, z)`` from the percentile range of ``x`` (already rescaled), or searched (``search``)."""
         if not self.enabled:
             return
-        s, z = P.init_act_qparams(x.detach().float(), self.bits, self.percentiles)
+        if self.search:
+            s, z = (t.reshape(()) for t in P.init_qparams_searched(x.detach().float().reshape(1, -1), self.bits,
+                                                                   P.PUBLISHED_ACT_PCTS))
+        else:
+            s, z = P.init_act_qparams(x.detach().float(), self.bits, self.percentiles)
         self.log_s.copy_(s.log())
         self.z.copy_(z)
         self.initialised.fill_(True)
@@ -199,7 +206,12 @@ class SULQuantizer(_Moded):
 
 
 def _weight_qparams_init(module, w: Tensor) -> None:
-    s, z = P.init_weight_qparams(w.detach().float(), module.w_bits)
+    """Per-channel ``(s_w, z_w)`` of ``w [N, K]``: min/max (ternary: searched scale), or I&S-ViT's percentile
+    search when the module's ``w_search`` is set."""
+    if getattr(module, "w_search", False):
+        s, z = P.init_qparams_searched(w.detach().float(), module.w_bits, P.PUBLISHED_WEIGHT_PCTS)
+    else:
+        s, z = P.init_weight_qparams(w.detach().float(), module.w_bits)
     module.log_ws.data.copy_(s.log())
     module.initialised.fill_(True)
     if isinstance(module.wz, nn.Parameter):

@@ -1,5 +1,9 @@
 """I&S-ViT's three-stage smooth optimisation (SOS), ``--method is-vit``.
 
+Init     as published (``is-vit``), every uniform quantizer is initialised again by the authors' percentile search
+         on ``init_size`` images (activations per tensor over 0.999/0.9999/0.99999, weights per output channel
+         over 0.97 .. 0.99999, the channel-wise post-LN inputs per channel; :func:`use_searched_init`); the
+         package's variant keeps the calibration's percentiles.
 Stage 1  post-LayerNorm activations (inputs of ``attn.qkv``, ``mlp.fc1``, Swin's ``downsample.reduction``) are
          quantized channel-wise: ``(s[c], z[c])`` from per-channel percentile ranges, held in the layer-wise form of
          :func:`lowbit.primitives.channelwise_to_layerwise` (``r = s / s~``, ``shift = -s (z - z~)``, same codes);
@@ -39,7 +43,8 @@ from torch import Tensor, nn
 from calib.stream import as_images
 from lowbit import primitives as P
 from lowbit.errors import UserError
-from quant.modules import ACT_PERCENTILES, QuantLinear, quant_modules, set_mode
+from quant.calibrate import calibrate
+from quant.modules import ACT_PERCENTILES, ActQuantizer, QuantLinear, quant_modules, set_mode
 
 LN_OF = {"attn.qkv": "norm1", "mlp.fc1": "norm2", "downsample.reduction": "downsample.norm"}
 
@@ -62,9 +67,10 @@ def post_ln_pairs(model: nn.Module) -> List[Tuple[nn.LayerNorm, QuantLinear]]:
 
 
 @torch.no_grad()
-def init_channelwise(model: nn.Module, images: Tensor, percentiles=ACT_PERCENTILES) -> None:
+def init_channelwise(model: nn.Module, images: Tensor, percentiles=ACT_PERCENTILES, search: bool = False) -> None:
     """Stage-1 initialisation: per-channel ``(s[c], z[c])`` of each post-LN input from ``images`` (float forward),
-    written as layer-wise ``(s~, z~)`` plus ``r``, ``shift``."""
+    written as layer-wise ``(s~, z~)`` plus ``r``, ``shift``; from ``percentiles``, or by the authors' percentile
+    search per channel (``search``)."""
     pairs = post_ln_pairs(model)
     inputs = {}
     hooks = [m.register_forward_pre_hook(lambda mod, a: inputs.__setitem__(id(mod), a[0].detach()))
@@ -80,9 +86,12 @@ def init_channelwise(model: nn.Module, images: Tensor, percentiles=ACT_PERCENTIL
             m.set_mode(modes[id(m)])
     for _, m in pairs:
         x = inputs[id(m)].float().reshape(-1, m.in_features)
-        lo = P.percentile(x, percentiles[0], dim=0).reshape(-1)
-        hi = P.percentile(x, percentiles[1], dim=0).reshape(-1)
-        s, z = P.qparams_from_range(lo, hi, m.a_bits)
+        if search:
+            s, z = (t.reshape(-1) for t in P.init_qparams_searched(x.t(), m.a_bits, P.PUBLISHED_ACT_PCTS))
+        else:
+            lo = P.percentile(x, percentiles[0], dim=0).reshape(-1)
+            hi = P.percentile(x, percentiles[1], dim=0).reshape(-1)
+            s, z = P.qparams_from_range(lo, hi, m.a_bits)
         st, zt, r, shift = P.channelwise_to_layerwise(s, z, m.a_bits)
         m.log_r.copy_(r.log())
         m.shift.copy_(shift)
@@ -111,6 +120,16 @@ def fold_into_layernorms(model: nn.Module) -> None:
         m.shift.zero_()
         m.log_r.requires_grad_(False)
         m.shift.requires_grad_(False)
+
+
+def use_searched_init(model: nn.Module) -> None:
+    """Initialise every uniform activation and weight quantizer of ``model`` from now on by I&S-ViT's percentile
+    search (:func:`lowbit.primitives.init_qparams_searched`; weights per output channel)."""
+    for m in model.modules():
+        if isinstance(m, ActQuantizer):
+            m.search = True
+        if hasattr(m, "init_weight_qparams"):
+            m.w_search = True
 
 
 def _weight_param(name: str) -> bool:
@@ -154,7 +173,11 @@ def sos(student: nn.Module, teacher: nn.Module, images, cfg, optimize: Callable,
                                     stop_after=None, **published)
     qmods = quant_modules(student)
     device = next(student.parameters()).device
-    init_channelwise(student, images.head(init_size).to(device))
+    init_images = images.head(init_size).to(device)
+    if train == "weights":  # the authors' initialisation: every quantizer by their percentile search
+        use_searched_init(student)
+        calibrate(student, init_images)
+    init_channelwise(student, init_images, search=train == "weights")
 
     for m in qmods:
         m.quantize_weights = False

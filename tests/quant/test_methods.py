@@ -185,13 +185,61 @@ def test_is_vit_reinitialises_weight_quantizers_before_stage_3(method):
     sos(q, fp, data, OptimConfig(method=method, iters=1, batch_size=4, progress=False), fake_optimize,
         train="weights" if method == "is-vit" else "quantizers")
     for m in weighted:
-        w = m.weight_2d() if isinstance(m, QuantConv2dPatch) else m.folded()[0]
-        expect = P.init_weight_qparams(w.detach().float(), m.w_bits)[0].log()
+        w = (m.weight_2d() if isinstance(m, QuantConv2dPatch) else m.folded()[0]).detach().float()
+        expect = (P.init_qparams_searched(w, m.w_bits, P.PUBLISHED_WEIGHT_PCTS) if method == "is-vit"
+                  else P.init_weight_qparams(w, m.w_bits))[0].log()
         if method == "is-vit" or id(m) in folded:
             torch.testing.assert_close(at_stage3[id(m)], expect.reshape(at_stage3[id(m)].shape), rtol=0, atol=0)
         else:
             assert torch.equal(at_stage3[id(m)], before[id(m)])  # stale: the variant keeps them
     assert len(weighted) > len(folded) + 1
+
+
+def test_is_vit_initialises_activations_by_the_authors_search():
+    """As published every uniform activation quantizer is initialised by the percentile search on the init images
+    (float statistics), the post-LN inputs per channel; the variant keeps the calibration's 0.01/99.99."""
+    from quant.modules import ActQuantizer
+    from quant.sos import sos
+    fp = make_model("vit")
+    data = images(8)
+    q = calibrate(quantize_model(copy.deepcopy(fp), "w4a4"), data)
+    head = q.head.act
+    seen = {}
+    hook = q.head.register_forward_pre_hook(lambda mod, a: seen.__setitem__("x", a[0].detach().clone()))
+    set_mode(q, "float")
+    q(data)
+    hook.remove()
+    set_mode(q, "quant")
+    s_pct = head.s.detach().clone()
+    sos(q, fp, data, OptimConfig(method="is-vit", iters=1, batch_size=4, progress=False),
+        lambda *a: {"losses": [], "steps": 0})
+    s_search, z_search = P.init_qparams_searched(seen["x"].reshape(1, -1), 4, P.PUBLISHED_ACT_PCTS)
+    assert float(head.s) == pytest.approx(float(s_search), rel=1e-6) and float(head.z) == float(z_search)
+    assert float(head.s) != pytest.approx(float(s_pct), rel=1e-6)
+    assert all(m.search for m in q.modules() if isinstance(m, ActQuantizer))
+
+
+def test_searched_init_picks_the_percentile_of_least_error():
+    # one row 0, 1, ..., 8 and an outlier 100, 2 bits (s = range / 3); quantiles by linear interpolation:
+    #  pct 1: range [0, 100], s = 33.3: 0..8 -> 0, 100 -> 100: error 0^2 + ... + 8^2 = 204
+    #  pct .5: the median 4.5 (lo = hi = 4.5: range [0, 4.5]), s = 1.5: codes clamp(round(x / 1.5), 0, 3),
+    #          x_hat = 0, 1.5, 1.5, 3, 4.5, 4.5, 4.5, 4.5, 4.5, 4.5: error .25*... + (100 - 4.5)^2 = 9120.25 + ...
+    #  pct .9: quantile(.9) = 8 + .1 * 92 = 17.2 (pos 8.1), quantile(.1) = .9: range [0, 17.2], s = 5.733:
+    #          0..8 -> 0, 0, 0, 5.73, 5.73, 5.73, 5.73, 5.73, 5.73 and 100 -> 17.2: error > 6800
+    x = torch.tensor([[0.0, 1, 2, 3, 4, 5, 6, 7, 8, 100]])
+    s, z = P.init_qparams_searched(x, 2, (0.5, 0.9, 1.0))
+    assert float(s) == pytest.approx(100 / 3) and float(z) == 0
+    # per row: a row without the outlier takes a clipped range (here pct .9: 0..8.1 against 0..9's error)
+    rows = torch.tensor([[0.0, 1, 2, 3, 4, 5, 6, 7, 8, 100], [0.0, 1, 2, 3, 4, 5, 6, 7, 8, 9]])
+    s2, _ = P.init_qparams_searched(rows, 2, (0.9, 1.0))
+    for r, sr in zip(rows, s2.reshape(-1)):
+        errs = []
+        for pct in (0.9, 1.0):
+            lo, hi = torch.quantile(r, 1 - pct), torch.quantile(r, pct)
+            st, zt = P.qparams_from_range(lo, hi, 2)
+            errs.append((float((P.fake_quantize(r, st, zt, 2) - r).pow(2).sum()), float(st)))
+        assert float(sr) == pytest.approx(min(errs)[1])
+    assert float(s2[0]) != float(s2[1])
 
 
 def test_is_vit_schedule_defaults_are_the_authors():
