@@ -311,7 +311,8 @@ def packed_linear(a: Tensor, planes: List[Tensor], fmt: str, k: int, colsum: Ten
             planes, fmt, centered = [unpack_codes(planes, fmt, k, zw)], "int8", True
         packed_gemm_launch(a2, planes, fmt, k, colsum, sa, za, sw, zw, bias, gelu, out, rq_s, rq_zr, rq_bits,
                            target, centered=centered)()
-    return out.to(torch.int8 if requant else out_dtype).reshape(*a.shape[:-1], n)
+    dt = torch.int8 if requant else out_dtype
+    return (out if out.dtype == dt else out.to(dt)).reshape(*a.shape[:-1], n)
 
 
 @packed_linear.register_fake

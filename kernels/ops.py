@@ -100,11 +100,11 @@ def _memo(tag: str, values: Tuple, fn: Callable):
 
 def _scalar(name: str, v, like: Tensor, n: int = 1) -> Tensor:
     """float32 ``[n]`` of ``v`` on ``like``'s device: a per-tensor scalar, or (``n > 1``) one value per column."""
-    t = torch.as_tensor(v, dtype=torch.float32, device=like.device)
+    t = P.as_f32(v, like.device)
     if t.numel() != n:
         raise ValueError(f"{name} must be a per-tensor scalar, got shape {tuple(t.shape)}" if n == 1 else
                          f"{name} must hold one value per output column ({n}), got shape {tuple(t.shape)}")
-    return t.reshape(n)
+    return t if t.shape == (n,) else t.view(n) if t.is_contiguous() else t.reshape(n)
 
 
 def _act_qparams(x: Tensor, qp: QParams, columns: int = 1):
@@ -134,7 +134,7 @@ def stacked_qparams(qps, sizes) -> QParams:
 
     def build():
         with torch.inference_mode(False):  # keys of _act_qparams' memo: inference tensors are never memoized
-            return tuple(torch.cat([torch.as_tensor(getattr(qp, f), dtype=torch.float32).reshape(1).expand(int(n))
+            return tuple(torch.cat([P.as_f32(getattr(qp, f)).reshape(1).expand(int(n))
                                     for qp, n in zip(qps, sizes)]) for f in ("s", "z"))
     s, z = _memo(f"stacked {tuple(sizes)}", values, build)
     return QParams(s, z, qps[0].bits)
@@ -192,8 +192,8 @@ def _check_rescale(x: Tensor, r: Optional[Tensor], shift: Optional[Tensor]) -> N
 
 def _fq_kernel_args(r, shift, s, z):
     """float32 contiguous ``(r, shift, s, z)`` for the fake-quant kernels (``s, z`` flattened; None stays None)."""
-    return (None if r is None else r.float().contiguous(), None if shift is None else shift.float().contiguous(),
-            s.float().reshape(-1).contiguous(), z.float().reshape(-1).contiguous())
+    return (None if r is None else P.f32(r).contiguous(), None if shift is None else P.f32(shift).contiguous(),
+            P.f32(s).reshape(-1).contiguous(), P.f32(z).reshape(-1).contiguous())
 
 
 def _fq_grads(g, x, args, bits, like) -> Tuple:
@@ -227,6 +227,11 @@ class TritonFakeQuantizeFn(torch.autograd.Function):
         return (*(t if need else None for t, need in zip(grads, ctx.needs_input_grad)), None)
 
 
+def _on(v, device) -> Tensor:
+    """``v`` as a tensor on ``device``: itself when it is one there (``torch.as_tensor`` records an op even then)."""
+    return v if torch.is_tensor(v) and v.device == device else torch.as_tensor(v, device=device)
+
+
 def _fq_act_inputs(x: Tensor, qp: QParams, r: Optional[Tensor], shift: Optional[Tensor]):
     """The checked per-tensor ``(s, z)`` of an activation fake-quant on the Triton path."""
     K.check_float_input(x)
@@ -235,7 +240,7 @@ def _fq_act_inputs(x: Tensor, qp: QParams, r: Optional[Tensor], shift: Optional[
     c = x.shape[-1]
     K.check_channel_vec("r", r, c)
     K.check_channel_vec("shift", shift, c)
-    s, z = torch.as_tensor(qp.s, device=x.device), torch.as_tensor(qp.z, device=x.device)
+    s, z = _on(qp.s, x.device), _on(qp.z, x.device)
     if s.numel() != 1 or z.numel() != 1:
         raise ValueError(f"activation quantizers are per tensor: s and z must hold one value, got shapes "
                          f"{tuple(s.shape)} and {tuple(z.shape)}")
@@ -250,7 +255,7 @@ def _fq_weight_inputs(w: Tensor, s: Tensor, z: Tensor, bits):
     if w.dim() != 2:
         raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(w.shape)}")
     K.same_device(w, s=s, z=z)
-    s, z = torch.as_tensor(s, device=w.device), torch.as_tensor(z, device=w.device)
+    s, z = _on(s, w.device), _on(z, w.device)
     for name, t in (("s", s), ("z", z)):
         if t.numel() not in (1, w.shape[0]) or (t.numel() > 1 and t.shape[0] != w.shape[0]):
             raise ValueError(f"{name} must be per output channel [N, 1] = [{w.shape[0]}, 1] or a scalar, "
@@ -432,7 +437,7 @@ def linear_float_weight(a: Tensor, a_qp: QParams, w: Tensor, w_scale: Tensor, w_
     reads come from one pass over ``w`` (centred ``q - zw`` for weights of at most 7 bits), with their sums."""
     if not _triton(a):
         K.check_act_codes(a, w.shape[-1])
-        return cpu.linear_codes(a, a_qp, P.quantize(w.float(), w_scale, w_zero, w_bits), w_bits, w_scale.reshape(-1),
+        return cpu.linear_codes(a, a_qp, P.quantize(P.f32(w), w_scale, w_zero, w_bits), w_bits, w_scale.reshape(-1),
                               P.round_zero_point(w_zero, w_bits).reshape(-1), bias)
     K.check_act_codes(a)
     P.check_bits(w_bits)
@@ -441,9 +446,9 @@ def linear_float_weight(a: Tensor, a_qp: QParams, w: Tensor, w_scale: Tensor, w_
                         f"{tuple(getattr(w, 'shape', ()))}")
     K.same_device(a, w=w, w_scale=w_scale, w_zero=w_zero)
     n, k = w.shape
-    f32 = dict(dtype=torch.float32, device=a.device)
-    sw = torch.as_tensor(w_scale, **f32).reshape(n, 1)
-    zr = P.round_zero_point(torch.as_tensor(w_zero, **f32).reshape(n, 1), w_bits)
+    sw, zr = (t if t.shape == (n, 1) else t.reshape(n, 1) for t in (P.as_f32(w_scale, a.device),
+                                                                      P.as_f32(w_zero, a.device)))
+    zr = P.round_zero_point(zr, w_bits)
     q = P.code_values(w, sw, zr, w_bits)
     centered = P.qmax(w_bits) <= 127
     zw = (zr - P.code_offset(w_bits)).to(torch.int32)  # the zero point of the int8 storage form
@@ -473,8 +478,8 @@ def _int_linear(a: Tensor, a_qp: QParams, planes, fmt: str, n: int, k: int, w_bi
         raise ValueError(f"bias must have shape [{n}], got {tuple(bias.shape)}")
 
     def weight_params():
-        sw = torch.as_tensor(w_scale, dtype=torch.float32, device=a.device).reshape(-1).contiguous()
-        zw = P.round_zero_point(torch.as_tensor(w_zero, dtype=torch.float32, device=a.device), w_bits).reshape(-1)
+        sw = P.as_f32(w_scale, a.device).reshape(-1).contiguous()
+        zw = P.round_zero_point(P.as_f32(w_zero, a.device), w_bits).reshape(-1)
         if zw.numel() != n or sw.numel() != n:
             raise ValueError(f"w_scale and w_zero need one value per output channel ({n})")
         if fmt == "int8":
@@ -569,7 +574,7 @@ def quant_attention(q: Tensor, k: Tensor, v: Tensor, q_qp: QParams, k_qp: QParam
             sp, zp = _act_qparams(q, QParams(p_qp.s, p_qp.z, p_qp.bits))
             x0 = _scalar("SULQ origin x0", p_qp.x0, q)
             table = P.sulq_table(eta, sp, zp, p_qp.bits, x0, bool(p_qp.pow2)).to(q.device).contiguous()
-            return zq, zk, zv.float(), qk_scale, eta, x0, sp, zp, table, sv
+            return zq, zk, P.f32(zv), qk_scale, eta, x0, sp, zp, table, sv
         sp, zp = _act_qparams(q, p_qp)
         return zq, zk, zv, qk_scale, sp, zp, (sp.double() * sv.double()).float()
     params = (q_qp.s, q_qp.z, k_qp.s, k_qp.z, v_qp.s, v_qp.z, p_qp.s, p_qp.z) + ((p_qp.eta, p_qp.x0) if sulq else ())
@@ -625,7 +630,7 @@ def attention_layer(x: Tensor, attn, mask: Optional[Tensor] = None) -> Tensor:
     proj = attn.proj
     rel_bias = attn.rel_pos_bias() if hasattr(attn, "rel_pos_bias") else None
     o = quant_attention(q, k, v, *qps, attn.scale, attn.qp("p"), rel_bias=rel_bias,
-                        mask=None if mask is None else mask.float(), heads_last=True, requant=proj.in_qp,
+                        mask=None if mask is None else P.f32(mask), heads_last=True, requant=proj.in_qp,
                         requant_r=proj.r, requant_shift=proj.shift)
     return _layer_codes(o.view(b, n, -1), proj)
 

@@ -2,9 +2,9 @@
 :mod:`kernels.quant_attention`.
 
 Pass 2 forms the exact normalised ``P``, its unsigned SULQ codes ``clamp(round((-log2(P + eta) - x0) / sp) + zp, 0,
-qmax)`` (int32: the published grid has up to 257 levels) and dequantizes them through the ``n_levels``-entry table
-of :func:`lowbit.primitives.sulq_table` (``2^(-t) - eta`` with ``t = (q - zp) sp + x0``, rounded for the published
-power-of-two form; a gather), then
+qmax)`` (held as int8 ``q - P_OFFSET``; int32 for the published 8-bit grid's 257 levels) and dequantizes them
+through the ``n_levels``-entry table of :func:`lowbit.primitives.sulq_table` (``2^(-t) - eta`` with
+``t = (q - zp) sp + x0``, rounded for the published power-of-two form; a gather), then
 ``O = sv * sum_j P_hat[j] (v[j] - zv)``. ``P_hat`` is not an integer grid, so ``P V`` is a float dot: ``P_hat`` is
 split into fp16 ``hi + lo`` halves and ``v - zv`` (integers up to 255, exact in fp16) multiplies both on the fp16
 tensor cores with fp32 accumulation (about fp32 accuracy). Cost against the uniform kernel's single int8 ``tl.dot``:
@@ -14,7 +14,7 @@ two fp16 dots (each half the int8 rate on Ampere/Hopper, so ~4x the P V tensor-c
 import triton
 import triton.language as tl
 
-from ._helpers import exp2, quantize_int32
+from ._helpers import exp2, quantize_int32, quantize_signed
 from .quant_attention import _scores, load_query_tile, row_max_sum, score_operands, store_output
 
 
@@ -37,8 +37,7 @@ def quant_attention_sulq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bias_ptr, mask_ptr
                                 FAST_EXP: tl.constexpr):
     """int8 ``q, k, v`` views ``[B, H, L, D]`` -> ``out`` (float32 or requantized int8, as
     :func:`kernels.quant_attention.store_output`); grid ``(cdiv(L, BLOCK_M), B * H)``. ``zq, zk, zv`` signed zero
-    points; ``eta, x0, sp, zp`` (rounded, unsigned) the SULQ quantizer; ``table [P_QMAX + 1]`` (``P_OFFSET``
-    unused: the codes index the table unsigned)."""
+    points; ``eta, x0, sp, zp`` (rounded, unsigned) the SULQ quantizer; ``table [P_QMAX + 1]``."""
     base, offs_m, offs_d, valid_m, q, rowsum_q, bias_base, mask_base = load_query_tile(
         q_ptr, bias_ptr, mask_ptr, H, L, NW, stride_b, stride_h, stride_l, D, BLOCK_M)
     zq_h1, zq_h2, rc, c2 = score_operands(q, rowsum_q, zq_ptr, zk_ptr, qk_scale_ptr, D, BLOCK_M)
@@ -60,8 +59,11 @@ def quant_attention_sulq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bias_ptr, mask_ptr
         s = _scores(q, zq_h1, zq_h2, rc, k_base, stride_l, bias_base, mask_base, offs_m, offs_n, offs_d, L, c2,
                     HAS_BIAS, HAS_MASK, True)
         p = tl.math.div_rn(exp2(s - m_i[:, None], FAST_EXP), l_i[:, None])
-        pc = quantize_int32(-tl.log2(p + eta) - x0, sp, zp, P_QMAX, 0)
-        ph = tl.load(table_ptr + pc)
+        if P_QMAX > 255:  # the published 8-bit grid: 257 codes, kept in int32
+            idx = quantize_int32(-tl.log2(p + eta) - x0, sp, zp, P_QMAX, 0)
+        else:  # (int8 codes: as many registers as the uniform kernel's; int32 spills at D = 32 on sm_80)
+            idx = quantize_signed(-tl.log2(p + eta) - x0, sp, zp, P_QMAX, P_OFFSET).to(tl.int32) + P_OFFSET
+        ph = tl.load(table_ptr + idx)
         ph = tl.where(valid_n[None, :], ph, 0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_l + offs_d[None, :], mask=valid_n[:, None], other=0)
         acc += split_dot_f16(ph, (v.to(tl.float32) - zv).to(tl.float16))

@@ -68,6 +68,19 @@ class QParams(NamedTuple):
     bits: float
 
 
+def f32(t: Tensor) -> Tensor:
+    """``t`` as float32: ``t`` itself when it is (``Tensor.float()`` records a no-op ``aten::to`` even then)."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def as_f32(v, device=None) -> Tensor:
+    """float32 tensor of ``v`` on ``device`` (default: where it is): ``v`` itself when it already is one, with no
+    op recorded (``torch.as_tensor`` records an ``aten::to`` even then)."""
+    if torch.is_tensor(v) and v.dtype == torch.float32 and (device is None or v.device == torch.device(device)):
+        return v
+    return torch.as_tensor(v, dtype=torch.float32, device=device)
+
+
 def check_bits(bits) -> None:
     if bits not in _LEVELS:
         raise ValueError(f"bits must be one of 1.58 (ternary), 2..8 or a SULQ grid log2(2^b + 1), got {bits!r}")
@@ -130,7 +143,7 @@ def check_step(s: Tensor) -> None:
 def check_qparams(x: Tensor, s: Tensor, z: Tensor) -> None:
     _check_finite("x", x)
     check_step(s)
-    _check_finite("zero point z", torch.as_tensor(z, dtype=torch.float32))
+    _check_finite("zero point z", as_f32(z))
     for name, t in (("s", s), ("z", z)):
         if torch.is_tensor(t):
             try:
@@ -152,8 +165,8 @@ def round_zero_point(z: Tensor, bits) -> Tensor:
 def quantize(x: Tensor, s: Tensor, z: Tensor, bits, signed: bool = False) -> Tensor:
     """Codes of ``x``: ``uint8`` unsigned ``q``, or ``int8`` signed ``q - offset`` when ``signed`` (``int16``
     unsigned for a grid of more than 256 levels)."""
-    s = torch.as_tensor(s, dtype=torch.float32, device=x.device)
-    z = torch.as_tensor(z, dtype=torch.float32, device=x.device)
+    s = as_f32(s, x.device)
+    z = as_f32(z, x.device)
     check_bits(bits)
     check_qparams(x, s, z)
     q = code_values(x, s, round_zero_point(z, bits), bits)
@@ -169,7 +182,7 @@ def quantize(x: Tensor, s: Tensor, z: Tensor, bits, signed: bool = False) -> Ten
 def code_values(x: Tensor, s: Tensor, zr: Tensor, bits) -> Tensor:
     """The unsigned codes ``clamp(round(x / s) + zr, 0, qmax)`` as float32 (``zr`` the rounded zero point; no
     checks): the one formula behind :func:`quantize` and the optimiser's weight codes."""
-    return torch.clamp(torch.round(x.float() / s) + zr, 0, qmax(bits))
+    return torch.clamp(torch.round(f32(x) / s) + zr, 0, qmax(bits))
 
 
 def unsigned_codes(q: Tensor, bits) -> Tensor:
@@ -184,8 +197,8 @@ def unsigned_codes(q: Tensor, bits) -> Tensor:
 def dequantize(q: Tensor, s: Tensor, z: Tensor, bits) -> Tensor:
     """``(q - z) * s`` in float32; ``q`` may be unsigned (uint8) or signed storage (int8)."""
     check_bits(bits)
-    s = torch.as_tensor(s, dtype=torch.float32, device=q.device)
-    z = round_zero_point(torch.as_tensor(z, dtype=torch.float32, device=q.device), bits)
+    s = as_f32(s, q.device)
+    z = round_zero_point(as_f32(z, q.device), bits)
     return (unsigned_codes(q, bits).float() - z) * s
 
 
@@ -284,8 +297,8 @@ def qparams_from_range(lo: Tensor, hi: Tensor, bits) -> Tuple[Tensor, Tensor]:
     uniform: ``s = (hi - lo) / qmax``, ``z = clamp(round(-lo / s), 0, qmax)``;
     ternary: ``s = max(|lo|, |hi|)``, ``z = 1``.
     """
-    lo = torch.clamp(torch.as_tensor(lo, dtype=torch.float32), max=0.0)
-    hi = torch.clamp(torch.as_tensor(hi, dtype=torch.float32), min=0.0)
+    lo = torch.clamp(as_f32(lo), max=0.0)
+    hi = torch.clamp(as_f32(hi), min=0.0)
     eps = 1e-8
     if bits == TERNARY:
         s = torch.clamp(torch.maximum(-lo, hi), min=eps)
@@ -373,15 +386,15 @@ def init_qparams_searched(x: Tensor, bits, pcts: Sequence[float]) -> Tuple[Tenso
 
 def layernorm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
     """LayerNorm over the last dim in float32: ``(x - mean) / sqrt(var + eps) * weight + bias`` (biased var)."""
-    x = x.float()
+    x = f32(x)
     mean = x.mean(dim=-1, keepdim=True)
     xc = x - mean
     var = (xc * xc).mean(dim=-1, keepdim=True)
     y = xc / torch.sqrt(var + eps)
     if weight is not None:
-        y = y * weight.float()
+        y = y * f32(weight)
     if bias is not None:
-        y = y + bias.float()
+        y = y + f32(bias)
     return y
 
 
@@ -418,7 +431,8 @@ def fold_into_layernorm(ln_weight: Tensor, ln_bias: Tensor, r: Tensor, shift: Te
         if t is None or tuple(t.shape) != (c,):
             raise ValueError(f"{name} must have shape [{c}] (one per LayerNorm channel), got "
                              f"{None if t is None else tuple(t.shape)}")
-    return ln_weight / r.to(ln_weight.dtype), (ln_bias - shift.to(ln_bias.dtype)) / r.to(ln_bias.dtype)
+    r, shift = (t if t.dtype == ln_weight.dtype else t.to(ln_weight.dtype) for t in (r, shift))
+    return ln_weight / r, (ln_bias - shift) / r
 
 
 def channelwise_to_layerwise(s: Tensor, z: Tensor, bits) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -513,9 +527,9 @@ def int_linear(a: Tensor, sa, za, w: Tensor, sw: Tensor, zw: Tensor, bias: Optio
     if a.is_floating_point() or w.is_floating_point():
         raise TypeError(f"int_linear needs integer codes, got {a.dtype} and {w.dtype}")
     k = a.shape[-1]
-    f32 = dict(dtype=torch.float32, device=a.device)
-    ac = a.to(torch.float32) - torch.as_tensor(za, **f32)
-    wc = w.to(torch.float32) - torch.as_tensor(zw, **f32).reshape(-1, 1)
+    dev = a.device
+    ac = f32(a) - as_f32(za, dev)
+    wc = f32(w) - as_f32(zw, dev).reshape(-1, 1)
     if ac.numel() == 0 or wc.numel() == 0:
         acc = torch.zeros(*a.shape[:-1], w.shape[0], device=a.device)
     else:
@@ -523,8 +537,8 @@ def int_linear(a: Tensor, sa, za, w: Tensor, sw: Tensor, zw: Tensor, bias: Optio
             code_bound = int(ac.abs().max()) * int(wc.abs().max())
         dt = exact_dtype(k, code_bound)
         acc = ac @ wc.T if dt == torch.float32 else (ac.double() @ wc.double().T).float()
-    y = acc * (torch.as_tensor(sa, **f32) * torch.as_tensor(sw, **f32).reshape(1, -1))
-    return y if bias is None else y + bias.float()
+    y = acc * (as_f32(sa, dev) * as_f32(sw, dev).reshape(1, -1))
+    return y if bias is None else y + f32(bias)
 
 
 def int_linear_codes(a: Tensor, a_qp: QParams, qw: Tensor, w_bits, w_scale: Tensor, w_zero: Tensor,
@@ -538,7 +552,7 @@ def int_linear_codes(a: Tensor, a_qp: QParams, qw: Tensor, w_bits, w_scale: Tens
     n, k = qw.shape
     lead = a.shape[:-1]
     za = signed_zero_point(a_qp.z, a_qp.bits)
-    zw = round_zero_point(torch.as_tensor(w_zero, dtype=torch.float32, device=a.device), w_bits).reshape(-1)
+    zw = round_zero_point(as_f32(w_zero, a.device), w_bits).reshape(-1)
     if zw.numel() != n or torch.as_tensor(w_scale).numel() != n:
         raise ValueError(f"w_scale and w_zero need one value per output channel ({n})")
     y = int_linear(a.reshape(-1, k), a_qp.s, za, qw, w_scale, zw, bias, code_bound=qmax(a_qp.bits) * qmax(w_bits))
@@ -574,7 +588,7 @@ def unpatchify(y: Tensor, patch: Tuple[int, int], shape: Sequence[int]) -> Tenso
 
 def signed_zero_point(z, bits) -> Tensor:
     """The zero point of the signed int8 storage form: ``round(z) - offset(bits)``."""
-    return round_zero_point(torch.as_tensor(z, dtype=torch.float32), bits) - code_offset(bits)
+    return round_zero_point(as_f32(z), bits) - code_offset(bits)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -608,7 +622,7 @@ def sulq_log(p: Tensor, eta) -> Tensor:
 
 def check_sulq(p: Tensor, eta) -> None:
     _check_finite("probabilities", p)
-    eta = torch.as_tensor(eta, dtype=torch.float32)
+    eta = as_f32(eta)
     if eta.numel() != 1 or not float(eta) > 0:
         raise ValueError(f"SULQ shift eta must be one value > 0, got {eta.tolist()}; re-initialise the quantizer")
     if p.numel() and float(p.min()) < 0:
@@ -620,20 +634,20 @@ def sulq_quantize(p: Tensor, eta, s, z, bits, signed: bool = False, x0=0.0) -> T
     """SULQ codes of probabilities ``p``: ``q = clamp(round((-log2(p + eta) - x0) / s) + z, 0, qmax)`` (uint8, or
     the signed int8 storage ``q - offset`` when ``signed``)."""
     check_sulq(p, eta)
-    return quantize(sulq_log(p.float(), eta) - torch.as_tensor(x0, dtype=torch.float32, device=p.device), s, z, bits,
+    return quantize(sulq_log(f32(p), eta) - as_f32(x0, p.device), s, z, bits,
                     signed=signed)
 
 
 def sulq_table(eta, s, z, bits, x0=0.0, pow2: bool = False) -> Tensor:
     """Dequantization table, float32 ``[n_levels]`` indexed by the unsigned code:
     ``table[q] = 2^(-t) - eta``, ``t = (q - z) s + x0``, rounded when ``pow2``."""
-    s = torch.as_tensor(s, dtype=torch.float32)
+    s = as_f32(s)
     q = torch.arange(n_levels(bits), dtype=torch.int32, device=s.device)
-    t = dequantize(q, s.reshape(-1)[:1], torch.as_tensor(z, dtype=torch.float32, device=s.device).reshape(-1)[:1], bits)
-    t = t + torch.as_tensor(x0, dtype=torch.float32, device=s.device).reshape(-1)[:1]
+    t = dequantize(q, s.reshape(-1)[:1], as_f32(z, s.device).reshape(-1)[:1], bits)
+    t = t + as_f32(x0, s.device).reshape(-1)[:1]
     if pow2:
         t = torch.round(t)
-    return torch.exp2(-t) - torch.as_tensor(eta, dtype=torch.float32, device=s.device).reshape(-1)[:1]
+    return torch.exp2(-t) - as_f32(eta, s.device).reshape(-1)[:1]
 
 
 def sulq_dequantize(q: Tensor, eta, s, z, bits, x0=0.0, pow2: bool = False) -> Tensor:
@@ -659,7 +673,7 @@ def sulq_fake_quantize(p: Tensor, eta, s: Tensor, z: Tensor, bits, check: bool =
 
 def sulq_range(eta, frac: float = 1.0) -> Tuple[Tensor, Tensor]:
     """Log-domain range ``[-log2(1 + eta), frac * -log2(eta)]`` of probabilities in ``[0, 1]``."""
-    eta = torch.as_tensor(eta, dtype=torch.float32)
+    eta = as_f32(eta)
     return -torch.log2(1 + eta), -torch.log2(eta) * frac
 
 
@@ -746,16 +760,16 @@ def int_attention(q: Tensor, k: Tensor, v: Tensor, q_qp: QParams, k_qp: QParams,
     zk = signed_zero_point(k_qp.z, k_qp.bits)
     s = int_gemm(q, k, zq, zk).float() * scale_product(q_qp.s, scale, k_qp.s, q.device)
     if rel_bias is not None:
-        s = s + rel_bias.float()[None]
+        s = s + f32(rel_bias)[None]
     if mask is not None:
         nw = mask.shape[0]
-        s = (s.view(b // nw, nw, h, l, l) + mask.float()[None, :, None]).view(b, h, l, l)
+        s = (s.view(b // nw, nw, h, l, l) + f32(mask)[None, :, None]).view(b, h, l, l)
     p = torch.softmax(s, dim=-1)
     zv = signed_zero_point(v_qp.z, v_qp.bits)
     if isinstance(p_qp, SULQParams):
         pc = sulq_quantize(p, p_qp.eta, p_qp.s, p_qp.z, p_qp.bits, signed=n_levels(p_qp.bits) <= 256, x0=p_qp.x0)
         ph = sulq_dequantize(pc, p_qp.eta, p_qp.s, p_qp.z, p_qp.bits, p_qp.x0, p_qp.pow2)
-        return (ph @ (v.float() - zv)) * torch.as_tensor(v_qp.s, dtype=torch.float32, device=q.device), pc
+        return (ph @ (f32(v) - zv)) * as_f32(v_qp.s, q.device), pc
     pc = quantize(p, p_qp.s, p_qp.z, p_qp.bits, signed=True)
     zp = signed_zero_point(p_qp.z, p_qp.bits)
     return int_gemm(pc, v.transpose(-1, -2), zp, zv).float() * scale_product(p_qp.s, 1.0, v_qp.s, q.device), pc

@@ -9,7 +9,9 @@ differently. :class:`HostAdam` keeps the counts on the host as well (read once f
     p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 
 (bias corrections in Python floats, as torch computes them): bit-identical to ``torch.optim.Adam``'s single-tensor
-and foreach updates, with the same ``state_dict`` (a checkpoint of either loads into the other).
+and foreach updates, with the same ``state_dict`` (a checkpoint of either loads into the other). Per step: one
+``torch._foreach_*`` op each for the moments, the denominator and the update, and one 0-d tensor for the step's
+bias correction.
 """
 from __future__ import annotations
 
@@ -20,15 +22,34 @@ from torch import Tensor
 
 
 class HostAdam(torch.optim.Adam):
-    """``torch.optim.Adam`` (no weight decay, amsgrad or maximize) whose step counts live on the host."""
+    """``torch.optim.Adam`` (no weight decay, amsgrad or maximize) whose step counts live on the host.
+
+    The state's ``step`` tensors are written when the state is read (:meth:`state_dict`), not every step; ``beta2``
+    and a step's ``sqrt(1 - beta2^t)`` enter as float32 0-d tensors on the parameters' device, the value the float32
+    update rounds a Python float to, so the update is unchanged while the CPU's per-tensor fallback of the
+    ``torch._foreach_*`` op does not wrap a Python scalar into a tensor once per parameter."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
         super().__init__(params, lr=lr, betas=betas, eps=eps, foreach=True)
         self._steps: Dict[Tensor, int] = {}
+        self._consts: Dict[tuple, Tensor] = {}
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         self._steps = {}
+
+    def state_dict(self) -> dict:
+        with torch.no_grad():
+            for p, t in self._steps.items():
+                self.state[p]["step"].fill_(float(t))
+        return super().state_dict()
+
+    def _const(self, v: float, like: Tensor) -> Tensor:
+        key = (v, like.device)
+        t = self._consts.get(key)
+        if t is None:
+            t = self._consts[key] = torch.full((), v, dtype=torch.float32, device=like.device)
+        return t
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -37,7 +58,7 @@ class HostAdam(torch.optim.Adam):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             params: List[Tensor] = []
-            grads, exp_avgs, exp_avg_sqs, steps, counts = [], [], [], [], []
+            grads, exp_avgs, exp_avg_sqs, counts = [], [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -54,18 +75,21 @@ class HostAdam(torch.optim.Adam):
                 grads.append(p.grad)
                 exp_avgs.append(st["exp_avg"])
                 exp_avg_sqs.append(st["exp_avg_sq"])
-                steps.append(st["step"])
                 counts.append(float(self._steps[p]))
             if not params:
                 continue
-            torch._foreach_add_(steps, 1.0)
+            like = params[0]
             torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_mul_(exp_avg_sqs, self._const(beta2, like))
             torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
             step_size = [(group["lr"] / (1 - beta1 ** t)) * -1 for t in counts]
             bias_correction2_sqrt = [(1 - beta2 ** t) ** 0.5 for t in counts]
             denom = torch._foreach_sqrt(exp_avg_sqs)
-            torch._foreach_div_(denom, bias_correction2_sqrt)
-            torch._foreach_add_(denom, group["eps"])
+            if len(set(counts)) == 1 and all(p.device == like.device for p in params):
+                torch._foreach_div_(denom, torch.full((), bias_correction2_sqrt[0], dtype=torch.float32,
+                                                      device=like.device))
+            else:
+                torch._foreach_div_(denom, bias_correction2_sqrt)
+            torch._foreach_add_(denom, group["eps"])  # (the 0-d tensor form reads it back on the CPU)
             torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
         return None

@@ -69,7 +69,7 @@ def deployed_linear(x: Tensor, a_qp: QParams, r: Optional[Tensor], shift: Option
     xin = P.patchify(x, patch) if patch is not None else x
     a = ops.quantize(xin, a_qp, r, shift)
     y = ops.linear_float_weight(a, a_qp, w.detach(), ws.detach(), wz.detach(), w_bits,
-                                None if bias is None else bias.detach().float())
+                                None if bias is None else P.f32(bias.detach()))
     if patch is not None:
         ph, pw = patch
         y = y.reshape(x.shape[0], x.shape[2] // ph, x.shape[3] // pw, -1).permute(0, 3, 1, 2)
@@ -102,7 +102,8 @@ class IntLinearFn(torch.autograd.Function):
         if patch is not None:
             xq = P.patchify(xq, patch)
             g = g.permute(0, 2, 3, 1)
-        g2 = g.reshape(-1, wq.shape[0]).to(wq.dtype)
+        g2 = g.reshape(-1, wq.shape[0])
+        g2 = g2 if g2.dtype == wq.dtype else g2.to(wq.dtype)
         grads = [None] * 9
         if any(needs[:5]):
             gxq = (g2 @ wq).reshape(xq.shape)
@@ -110,7 +111,8 @@ class IntLinearFn(torch.autograd.Function):
         if needs[5] or needs[7] or needs[8]:
             grads[5], grads[7], grads[8] = w_vjp(g2.t() @ xq.reshape(-1, wq.shape[1]))
         if bias is not None and needs[6]:
-            grads[6] = g2.sum(0).to(bias.dtype)
+            grads[6] = g2.sum(0)
+            grads[6] = grads[6] if grads[6].dtype == bias.dtype else grads[6].to(bias.dtype)
         return (*grads, None, None, None)
 
 
@@ -120,8 +122,8 @@ class IntLinearFn(torch.autograd.Function):
 def fused_layernorm(x: Tensor, ln_w: Tensor, ln_b: Tensor, r: Tensor, shift: Tensor, eps: float) -> Tensor:
     """The deployed ``(LayerNorm(x) - shift) / r``: :func:`lowbit.primitives.layernorm` with the folded affine
     ``(gamma / r, (beta - shift) / r)`` (:func:`lowbit.primitives.fold_into_layernorm`), float32."""
-    g, b = P.fold_into_layernorm(ln_w.detach().float(), ln_b.detach().float(), r.detach().float(),
-                                 shift.detach().float())
+    g, b = P.fold_into_layernorm(P.f32(ln_w.detach()), P.f32(ln_b.detach()), P.f32(r.detach()),
+                                 P.f32(shift.detach()))
     return P.layernorm(x, g, b, eps)
 
 
@@ -177,8 +179,8 @@ def deployed_attention(q: Tensor, k: Tensor, v: Tensor, qps, scale: float, rel_b
                                   "attn_mask; use the fake-quant forward (quant.modules.set_forward(model, 'fake'))")
     q_qp, k_qp, v_qp, p_qp = qps
     qc, kc, vc = (ops.quantize(t.contiguous(), qp) for t, qp in ((q, q_qp), (k, k_qp), (v, v_qp)))
-    rb = None if rel_bias is None else rel_bias.detach().float().contiguous()
-    mk = None if mask is None else mask.detach().float()
+    rb = None if rel_bias is None else P.f32(rel_bias.detach()).contiguous()
+    mk = None if mask is None else P.f32(mask.detach())
     with contextlib.nullcontext() if q.shape[-1] in ATTENTION_HEAD_DIMS else ops.using_backend("cpu"):
         return ops.quant_attention(qc, kc, vc, q_qp, k_qp, v_qp, scale, p_qp, rel_bias=rb, mask=mk)
 

@@ -197,7 +197,7 @@ class _Capture:
 
 
 def refinement_l2(modules) -> Tensor:
-    return sum((m.dW.float() ** 2).sum() for m in modules if isinstance(m, (QuantLinear, QuantConv2dPatch)))
+    return sum((P.f32(m.dW) ** 2).sum() for m in modules if isinstance(m, (QuantLinear, QuantConv2dPatch)))
 
 
 def kl_logits(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
