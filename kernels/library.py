@@ -80,7 +80,7 @@ def _opt(t: Optional[Tensor], like: Tensor) -> Tensor:
 
 
 def _rows(x: Tensor) -> Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
@@ -164,7 +164,7 @@ def fake_quantize_fwd(x: Tensor, r: Optional[Tensor], shift: Optional[Tensor], s
     out = torch.empty(x2.shape, dtype=torch.float32, device=x.device)
     if x2.numel():
         fake_quantize_fwd_launch(x2, out, r, shift, s, z, bits, Target.of(x))()
-    return out.reshape(x.shape)
+    return out if out.shape == x.shape else out.reshape(x.shape)
 
 
 @fake_quantize_fwd.register_fake
@@ -201,7 +201,7 @@ def fake_quantize_bwd(g: Tensor, x: Tensor, r: Optional[Tensor], shift: Optional
     """``(gx [x.shape, x.dtype], g_rc [n, C], g_sz [2, M])``: the gradients of ``r`` then ``shift`` (``n`` = how
     many of the two are given, 0-2 rows) and, per row, of ``s`` and ``z``."""
     x2 = _rows(x)
-    g2 = g.reshape(x2.shape).float().contiguous()
+    g2 = P.f32(g if g.shape == x2.shape else g.reshape(x2.shape)).contiguous()
     launch, (gx, rc, sz) = fake_quantize_bwd_launch(g2, x2, r, shift, s, z, bits, Target.of(x))
     if x2.numel():
         launch()
@@ -210,7 +210,8 @@ def fake_quantize_bwd(g: Tensor, x: Tensor, r: Optional[Tensor], shift: Optional
         if rc is not None:
             rc.zero_()
     g_rc = rc.sum(1) if rc is not None else torch.empty((0, x2.shape[1]), dtype=torch.float32, device=x.device)
-    return gx.to(x.dtype).reshape(x.shape), g_rc, sz.sum(2)
+    gx = gx if gx.dtype == x.dtype else gx.to(x.dtype)
+    return gx if gx.shape == x.shape else gx.reshape(x.shape), g_rc, sz.sum(2)
 
 
 @fake_quantize_bwd.register_fake

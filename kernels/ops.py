@@ -204,8 +204,14 @@ def _fq_grads(g, x, args, bits, like) -> Tuple:
     if args[2].numel() == 1:
         g_sz = g_sz.sum(1)
     gs, gz = g_sz.unbind(0)
-    return (gx, None if r is None else g_rc[0].to(r.dtype), None if shift is None else g_rc[-1].to(shift.dtype),
-            gs.reshape(s.shape).to(s.dtype), gz.reshape(z.shape).to(z.dtype))
+    return (gx, None if r is None else _as_like(g_rc[0], r), None if shift is None else _as_like(g_rc[-1], shift),
+            _as_like(gs, s), _as_like(gz, z))
+
+
+def _as_like(t: Tensor, ref: Tensor) -> Tensor:
+    """``t`` in ``ref``'s shape and dtype (no op recorded where it already is)."""
+    t = t if t.shape == ref.shape else t.reshape(ref.shape)
+    return t if t.dtype == ref.dtype else t.to(ref.dtype)
 
 
 class TritonFakeQuantizeFn(torch.autograd.Function):

@@ -90,6 +90,9 @@ class HostAdam(torch.optim.Adam):
                                                       device=like.device))
             else:
                 torch._foreach_div_(denom, bias_correction2_sqrt)
-            torch._foreach_add_(denom, group["eps"])  # (the 0-d tensor form reads it back on the CPU)
+            if like.device.type == "cpu":  # the per-tensor fallback: a 0-d tensor each, not a wrapped scalar
+                torch._foreach_add_(denom, [self._const(group["eps"], like)] * len(denom))
+            else:  # (one kernel for the list; the single-tensor overload would read the tensor back)
+                torch._foreach_add_(denom, group["eps"])
             torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
         return None
