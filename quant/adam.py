@@ -15,7 +15,7 @@ bias correction.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from torch import Tensor
@@ -29,8 +29,9 @@ class HostAdam(torch.optim.Adam):
     update rounds a Python float to, so the update is unchanged while the CPU's per-tensor fallback of the
     ``torch._foreach_*`` op does not wrap a Python scalar into a tensor once per parameter."""
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, graphable: bool = False):
         super().__init__(params, lr=lr, betas=betas, eps=eps, foreach=True)
+        self.graphable = bool(graphable)
         self._steps: Dict[Tensor, int] = {}
         self._consts: Dict[tuple, Tensor] = {}
 
@@ -42,7 +43,10 @@ class HostAdam(torch.optim.Adam):
         with torch.no_grad():
             for p, t in self._steps.items():
                 self.state[p]["step"].fill_(float(t))
-        return super().state_dict()
+        sd = super().state_dict()
+        for g in sd["param_groups"]:
+            g.pop("_lowbit_dev", None)
+        return sd
 
     def _const(self, v: float, like: Tensor) -> Tensor:
         key = (v, like.device)
@@ -53,46 +57,95 @@ class HostAdam(torch.optim.Adam):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One step of every parameter that has a gradient (``graphable``: :meth:`prepare` then :meth:`update`)."""
         if closure is not None:
             raise ValueError("HostAdam.step takes no closure")
+        if self.graphable:
+            self.prepare()
+            self.update()
+            return None
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            params: List[Tensor] = []
-            grads, exp_avgs, exp_avg_sqs, counts = [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state[p]
-                if not st:
-                    st["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    self._steps[p] = 0
-                elif p not in self._steps:
-                    self._steps[p] = int(st["step"])  # once, after load_state_dict (a CPU tensor)
-                self._steps[p] += 1
-                params.append(p)
-                grads.append(p.grad)
-                exp_avgs.append(st["exp_avg"])
-                exp_avg_sqs.append(st["exp_avg_sq"])
-                counts.append(float(self._steps[p]))
+            params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            like = params[0]
-            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-            torch._foreach_mul_(exp_avg_sqs, self._const(beta2, like))
-            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+            counts = [float(self._count(p)) for p in params]
             step_size = [(group["lr"] / (1 - beta1 ** t)) * -1 for t in counts]
-            bias_correction2_sqrt = [(1 - beta2 ** t) ** 0.5 for t in counts]
-            denom = torch._foreach_sqrt(exp_avg_sqs)
-            if len(set(counts)) == 1 and all(p.device == like.device for p in params):
-                torch._foreach_div_(denom, torch.full((), bias_correction2_sqrt[0], dtype=torch.float32,
-                                                      device=like.device))
-            else:
-                torch._foreach_div_(denom, bias_correction2_sqrt)
-            if like.device.type == "cpu":  # the per-tensor fallback: a 0-d tensor each, not a wrapped scalar
-                torch._foreach_add_(denom, [self._const(group["eps"], like)] * len(denom))
-            else:  # (one kernel for the list; the single-tensor overload would read the tensor back)
-                torch._foreach_add_(denom, group["eps"])
-            torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
+            bc2 = [(1 - beta2 ** t) ** 0.5 for t in counts]
+            if len(set(counts)) == 1:
+                bc2 = torch.full((), bc2[0], dtype=torch.float32, device=params[0].device)
+            self._apply(group, params, step_size, bc2)
         return None
+
+    def prepare(self) -> None:
+        """``graphable``, the host half of a step, outside a captured CUDA graph: one more step for every parameter
+        that requires grad (all of them get gradients in the optimiser's units) and this step's
+        ``-lr / (1 - beta1^t)`` and ``sqrt(1 - beta2^t)`` filled into the group's 0-d device tensors, which
+        :meth:`update` (inside the graph) reads: each replay takes this step's values."""
+        self._opt_called = True  # (what torch's LR scheduler looks for: this is the optimiser's step)
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            params = [p for p in group["params"] if p.requires_grad]
+            if not params:
+                continue
+            counts = {self._count(p) for p in params}
+            if len(counts) != 1:
+                raise RuntimeError("a graphed Adam step needs every parameter of a group at the same step count")
+            t = float(counts.pop())
+            dev = self._group_tensors(group, params[0])
+            dev[0].fill_((group["lr"] / (1 - beta1 ** t)) * -1)
+            dev[1].fill_((1 - beta2 ** t) ** 0.5)
+
+    def update(self) -> None:
+        """``graphable``, the device half of a step (after :meth:`prepare`): device ops only, no host read, so a
+        CUDA graph can capture it. The update is ``p += (m / denom) * step_size`` with ``step_size`` the device
+        tensor (``addcdiv``'s scalar list would be frozen into the graph): equal to torch's Adam to rounding, not
+        bit for bit."""
+        with torch.no_grad():
+            for group in self.param_groups:
+                params = [p for p in group["params"] if p.grad is not None]
+                if params:
+                    self._apply(group, params, *self._group_tensors(group, params[0]))
+
+    def _count(self, p: Tensor) -> int:
+        """``p``'s step count after this step (its state created on the first)."""
+        st = self.state[p]
+        if not st:
+            st["step"] = torch.tensor(0.0, dtype=torch.float32)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            self._steps[p] = 0
+        elif p not in self._steps:
+            self._steps[p] = int(st["step"])  # once, after load_state_dict (a CPU tensor)
+        self._steps[p] += 1
+        return self._steps[p]
+
+    def _apply(self, group: dict, params: List[Tensor], step_size, bc2) -> None:
+        beta1, beta2 = group["betas"]
+        like = params[0]
+        grads = [p.grad for p in params]
+        exp_avgs = [self.state[p]["exp_avg"] for p in params]
+        exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, self._const(beta2, like))
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, bc2)
+        if like.device.type == "cpu":  # the per-tensor fallback: a 0-d tensor each, not a wrapped scalar
+            torch._foreach_add_(denom, [self._const(group["eps"], like)] * len(denom))
+        else:  # (one kernel for the list; the single-tensor overload would read the tensor back)
+            torch._foreach_add_(denom, group["eps"])
+        if torch.is_tensor(step_size):
+            upd = torch._foreach_div(exp_avgs, denom)
+            torch._foreach_mul_(upd, step_size)
+            torch._foreach_add_(params, upd)
+        else:
+            torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
+
+    def _group_tensors(self, group: dict, like: Tensor) -> Tuple[Tensor, Tensor]:
+        """The persistent ``(step_size, bias_correction2_sqrt)`` 0-d tensors of ``group`` (graphable mode)."""
+        t = group.get("_lowbit_dev")
+        if t is None or t[0].device != like.device:
+            t = group["_lowbit_dev"] = tuple(torch.zeros((), dtype=torch.float32, device=like.device)
+                                             for _ in range(2))
+        return t

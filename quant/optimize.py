@@ -40,7 +40,7 @@ import math
 import os
 import random
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -55,6 +55,7 @@ from lowbit import primitives as P
 from lowbit.errors import UserError
 from quant.adam import HostAdam
 from quant.distributed import Dist
+from quant.graph_step import GraphedStep
 from quant.modules import QuantConv2dPatch, QuantLinear, quant_modules
 from quant.sos import sos
 from quant.surgery import blocks
@@ -90,6 +91,8 @@ class OptimConfig:
     #: blockwise: where a block's input comes from: the quantized ``student`` up to it, or the FP ``teacher`` (I&S-ViT
     #: stage 1 as published: ``save_inp_oup_data(..., last_stage=False)`` takes the FP model's block input)
     block_inputs: str = "student"
+    #: on CUDA, capture each unit's step once as a CUDA graph and replay it (:mod:`quant.graph_step`)
+    cuda_graph: bool = True
     #: blockwise, the unit after the last block: ``kl`` (temperature KL to the teacher's logits) or ``mse`` (logit
     #: MSE, I&S-ViT's reconstruction loss of the head)
     head_loss: str = "kl"
@@ -299,11 +302,11 @@ def _is_weight(name: str) -> bool:
     return name.endswith(("dW", ".bias"))
 
 
-def _make_optim(unit: _Unit, cfg: OptimConfig):
+def _make_optim(unit: _Unit, cfg: OptimConfig, graphable: bool = False):
     ref = [p for n, p in unit.params.items() if _is_weight(n)]
     rest = [p for n, p in unit.params.items() if not _is_weight(n)]
     groups = [g for g in ({"params": rest, "lr": cfg.lr_q}, {"params": ref, "lr": cfg.lr_w}) if g["params"]]
-    opt = HostAdam(groups)
+    opt = HostAdam(groups, graphable=graphable)
     warm, total = cfg.warmup_steps, cfg.iters
 
     def factor(step: int) -> float:
@@ -427,11 +430,16 @@ class _LossLog:
 
 
 def train_step(student: nn.Module, teacher: nn.Module, x: Tensor, unit: _Unit, cfg: OptimConfig, opt, sched,
-               forward: Optional[nn.Module] = None, dist=None) -> Tensor:
+               forward: Optional[nn.Module] = None, dist=None, graph: Optional[GraphedStep] = None) -> Tensor:
     """One optimiser step of ``unit`` on batch ``x``: loss (under bf16 autocast with ``cfg.bf16``; scaled to the
     global batch under data parallelism), backward, Adam, learning-rate schedule. Returns the loss, not read back:
     nothing in the step reads a tensor back to the host (the images and quantizers were checked where they
-    entered; value checks are off, :func:`lowbit.primitives.unchecked_values`)."""
+    entered; value checks are off, :func:`lowbit.primitives.unchecked_values`). With ``graph`` (a
+    :class:`quant.graph_step.GraphedStep` of :func:`graph_body`) all but the schedule run as its captured graph."""
+    if graph is not None:
+        loss = graph(x)
+        sched.step()
+        return loss
     with P.unchecked_values():
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             loss = _unit_loss(student, teacher, x, unit, cfg, forward)
@@ -442,6 +450,25 @@ def train_step(student: nn.Module, teacher: nn.Module, x: Tensor, unit: _Unit, c
         opt.step()
         sched.step()
     return loss
+
+
+def graph_body(student: nn.Module, teacher: nn.Module, unit: _Unit, cfg: OptimConfig, opt) -> Callable:
+    """``body(x) -> loss``: :func:`train_step`'s device part with a graphable :class:`HostAdam` (zero grads, loss,
+    backward, ``opt.update()``), the function :class:`quant.graph_step.GraphedStep` captures."""
+    def body(x: Tensor) -> Tensor:
+        with P.unchecked_values():
+            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss = _unit_loss(student, teacher, x, unit, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.update()
+        return loss
+    return body
+
+
+def use_cuda_graph(cfg: OptimConfig, device: torch.device, dist=None) -> bool:
+    """Whether the optimiser captures its steps (``cfg.cuda_graph``, a CUDA device, one process)."""
+    return cfg.cuda_graph and device.type == "cuda" and not (dist is not None and dist.enabled)
 
 
 def _batch_stream(source: CalibImages, sampler: EpochSampler, n: int, dist):
@@ -510,7 +537,8 @@ def optimize(student: nn.Module, teacher: nn.Module, images, cfg: OptimConfig,
                dynamic_ncols=True)
     batches = _batch_stream(source, sampler, total - step, dist)
     log = _LossLog(history["losses"], bar, cfg)
-    forward = None
+    forward = graph = None
+    graphed = use_cuda_graph(cfg, device, dist)
     pixel_range = _pixel_range(teacher, device) if cfg.hard_steps else None
     try:
         while step < total:
@@ -521,11 +549,12 @@ def optimize(student: nn.Module, teacher: nn.Module, images, cfg: OptimConfig,
                     p.requires_grad_(False)
                 for p in unit.params.values():
                     p.requires_grad_(True)
-                opt, sched = _make_optim(unit, cfg)
+                opt, sched = _make_optim(unit, cfg, graphable=graphed)
                 if st is not None and local != 0:
                     opt.load_state_dict(st["optimizer"])
                     sched.load_state_dict(st["scheduler"])
                 st = None
+                graph = GraphedStep(graph_body(student, teacher, unit, cfg, opt), opt) if graphed else None
                 if dist.enabled:
                     forward = dist.wrap(student, device)  # e2e: one unit, wrapped once
             sampler.next()
@@ -534,7 +563,7 @@ def optimize(student: nn.Module, teacher: nn.Module, images, cfg: OptimConfig,
                 x = augment_batch(x, cfg.augment, (cfg.seed * 1000003 + step) * 4099 + dist.rank)
             if cfg.hard_steps:
                 x = hard_batch(student, teacher, x, cfg, *pixel_range)
-            loss = train_step(student, teacher, x, unit, cfg, opt, sched, forward, dist)
+            loss = train_step(student, teacher, x, unit, cfg, opt, sched, forward, dist, graph)
             step += 1
             log.add(dist.all_sum(loss) / dist.world if dist.enabled else loss)
             bar.update(1)

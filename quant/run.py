@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="forward pass of the optimisation: int (the deployed integer arithmetic through "
                         "kernels.ops, straight-through/LSQ gradients) or fake (float fake-quant, for comparison)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast during optimisation (CUDA only)")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="run each optimiser step eagerly on CUDA (default: captured once per unit as a CUDA graph)")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: never)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint <out>.state.pt")
     p.add_argument("--stop-after", type=int, default=None,
@@ -369,7 +371,8 @@ def _run(args: argparse.Namespace) -> dict:
     ocfg = OptimConfig(method=args.method, iters=args.iters, batch_size=args.batch_size, lr_q=args.lr_q,
                        lr_w=args.lr_w, warmup=args.warmup, temperature=args.temperature, l2=args.l2,
                        seed=args.seed, save_every=args.save_every, state_path=state_path(out), resume=args.resume,
-                       bf16=args.bf16, progress=not args.no_progress, stop_after=args.stop_after, augment=augment,
+                       bf16=args.bf16, cuda_graph=not args.no_cuda_graph, progress=not args.no_progress,
+                       stop_after=args.stop_after, augment=augment,
                        hard_steps=args.hard_steps, hard_step_size=args.hard_step_size)
     fingerprint = {"model": args.model, "bits": cfg_bits.name, "calib_size": args.calib_size, "data": args.data,
                    **({"synthesis": args.synthesis, "prior": args.invert_prior} if args.data == INVERT else {}),
