@@ -16,11 +16,17 @@ Sections, each run even if an earlier one failed (its error is recorded and the 
 ``models``   exported ViT-B/16, DeiT-S and Swin-T (random init) at W4A4 and W1.58A8, loaded with
              :func:`export.load`: images/s at batch 1, 8, 64 against timm fp16 eager, and (ViT-B) both under
              ``torch.compile`` (``reduce-overhead``: CUDA graphs); peak memory of the batch-64 forward.
-``optim``    e2e PTQ iterations/s of ViT-S at batch 32 (fp32 and bf16 autocast) and peak memory.
+``optim``    e2e PTQ iterations/s of ViT-S at batch 32 (fp32 with and without the CUDA-graph step, bf16 autocast) and
+             peak memory; the step's host syncs, dispatched ops and Triton launches.
+
+``optim`` also checks that the optimiser's CUDA-graph step gives the losses of the same step run eagerly, bit for
+bit, and times the step with and without the graph.
 
 Writes ``RESULTS.md`` (GPU, driver, versions, date, every number with its ratio to its baseline, the issue's
-targets) and ``results.json`` into ``--out`` (default ``bench/``) and prints the table. ``--dry`` runs the same code
-on the CPU through the Triton interpreter on tiny shapes (the test suite runs it).
+targets) and ``results.json`` into ``--out`` (default ``bench/``) and prints the table. ``--quick`` keeps the checks
+and the headline timings (ViT-B batch 1 and 64, two GEMM shapes, L = 197 and Swin windows, the optimiser in fp32):
+the run for a short GPU loan. ``--dry`` runs the same code on the CPU through the Triton interpreter on tiny shapes
+(the test suite runs it, and ``--dry --quick``).
 """
 from __future__ import annotations
 
@@ -57,9 +63,9 @@ TARGETS = [  # (what, section, case filter, impl, baseline, minimum ratio)
 class Bench:
     """Timings and checks of one run; ``dry``: CPU, interpreter, tiny shapes, wall-clock timer."""
 
-    def __init__(self, dry: bool):
+    def __init__(self, dry: bool, quick: bool = False):
         import torch
-        self.dry = dry
+        self.dry, self.quick = dry, quick
         self.dev = torch.device("cpu" if dry else "cuda")
         self.rows: List[dict] = []
         self.checks: List[dict] = []
@@ -367,8 +373,9 @@ def section_kernels(b: Bench) -> None:
     from lowbit.primitives import QParams
     dev = b.dev
     _triton(True)
-    batches = (1,) if b.dry else (1, 8, 64)
-    kns = ((64, 96),) if b.dry else ((768, 2304), (768, 768), (768, 3072), (3072, 768))
+    batches = (1,) if b.dry else (1, 64) if b.quick else (1, 8, 64)
+    kns = ((64, 96),) if b.dry else ((768, 2304), (3072, 768)) if b.quick else ((768, 2304), (768, 768), (768, 3072),
+                                                                                (3072, 768))
     tokens = 3 if b.dry else 197
     for batch in batches:
         m = tokens * batch
@@ -416,9 +423,11 @@ def section_kernels(b: Bench) -> None:
               b.time_ms(lambda: ops.layernorm_quantize(x, lw, lb, 1e-6, qp)), (nbytes + x.numel()) / 1e9, "GB/s")
         b.row("quantize", case, "rescale_quantize", b.time_ms(lambda: ops.quantize(x, qp, r, sh)),
               (nbytes + x.numel()) / 1e9, "GB/s")
-        _layernorm_config_sweep(b, x, lw, lb, qp, case, nbytes)
+        if not b.quick or batch == batches[-1]:
+            _layernorm_config_sweep(b, x, lw, lb, qp, case, nbytes)
 
     att = [(1, 2, 49, 32, True)] if b.dry else [
+        (1, 12, 197, 64, False), (64, 12, 197, 64, False), (64 * 8, 4, 49, 32, True)] if b.quick else [
         (1, 12, 197, 64, False), (8, 12, 197, 64, False), (64, 12, 197, 64, False), (1, 12, 577, 64, False),
         (8, 12, 577, 64, False), (64 * 8, 4, 49, 32, True), (4 * 8, 32, 49, 32, True)]
     for bb, h, l, d, swin in att:
@@ -444,7 +453,7 @@ def section_kernels(b: Bench) -> None:
                 return ops.quant_attention(qv, kv, vv, *qps, scale=d ** -0.5, rel_bias=bias, heads_last=True,
                                            requant=qps[0])
             b.row("attention", case, f"quant_attention a{bits} fused", b.time_ms(fused), flops, "TOPS")
-            if bits == 8 and (b.dry or not swin):
+            if bits == 8 and (b.dry or not swin) and not (b.quick and bb == 1):
                 _attention_config_sweep(b, case, flops, fused)
         print(f"  attention {case} done", flush=True)
     _triton(None)
@@ -514,7 +523,9 @@ def section_models(b: Bench, models: Optional[List[str]] = None, compile_models=
 
     import export
     specs = DRY_MODELS if b.dry else MODELS
-    batches = (2,) if b.dry else (1, 8, 64)
+    batches = (2,) if b.dry else (1, 64) if b.quick else (1, 8, 64)
+    if b.quick and models is None:
+        models = ["vit_b"]
     if b.dry:
         _triton(True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -533,7 +544,7 @@ def section_models(b: Bench, models: Optional[List[str]] = None, compile_models=
                 impls[f"{tag} eager"] = export.load(path, device=b.dev)
                 if not b.dry:
                     _sync_check(b, f"{name} {tag}", impls[f"{tag} eager"], size)
-                if name in compile_models and not b.dry:
+                if name in compile_models and not b.dry and not (b.quick and bits != "w4a4"):
                     impls[f"{tag} compiled"] = export.load(path, device=b.dev, compile=True)
                 for batch in batches:
                     x = torch.randn(batch, 3, size, size, device=b.dev, generator=_gen(b.dev, batch))
@@ -574,9 +585,12 @@ def section_optim(b: Bench) -> None:
     fp = _float_model(arch, args).to(b.dev)
     size = fp.patch_embed.img_size[0]
     images = torch.randn(n_img, 3, size, size, generator=torch.Generator().manual_seed(0))
-    for bf16 in (False, True):
+    runs = [("fp32", False, True), ("fp32 --no-cuda-graph", False, False)]
+    if not b.quick:
+        runs.append(("bf16 autocast", True, True))
+    for name, bf16, graph in runs:
         q = calibrate(quantize_model(copy.deepcopy(fp), "w4a4"), images[:8].to(b.dev))
-        cfg = dict(method="e2e", batch_size=bs, bf16=bf16, progress=False)
+        cfg = dict(method="e2e", batch_size=bs, bf16=bf16, progress=False, cuda_graph=graph)
         optimize(q, fp, images, OptimConfig(iters=2, **cfg))  # warm-up: compiles the kernels
         if not b.dry:
             torch.cuda.synchronize()
@@ -587,12 +601,13 @@ def section_optim(b: Bench) -> None:
             torch.cuda.synchronize()
         sec = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() / 2 ** 20 if not b.dry else None
-        name = "bf16 autocast" if bf16 else "fp32"
         b.row("optim", f"{arch} W4A4 e2e batch {bs}", name, sec * 1e3 / steps, 1.0, "it/s", peak_mib=peak,
               loss_first=hist["losses"][0], loss_last=hist["losses"][-1])
         print(f"  optimiser {name}: {steps / sec:.2f} it/s", flush=True)
-        if not bf16:
+        if name == "fp32 --no-cuda-graph":
             b.extra["optim_profile"] = _profile(lambda: optimize(q, fp, images, OptimConfig(iters=2, **cfg)), b.dry)
+    if not b.dry:
+        _graph_check(b, fp, images[:3 * bs].to(b.dev), bs)
     # host cost of one steady-state step (bench.optimizer_overhead's counts, here with the GPU's launches)
     counts = optimizer_overhead.measure_steps(fp, "w4a4", images[:bs].to(b.dev), repeats=1 if b.dry else 3)
     b.extra["optim_counts"] = {k: counts[k] for k in ("plain", "e2e", "ratios")}
@@ -601,6 +616,36 @@ def section_optim(b: Bench) -> None:
           f"({counts['ratios'].get('dispatched_ops_triton_path', float('nan')):.2f}x the plain fp32 step), "
           f"{e.get('launches_total')} Triton launches", flush=True)
     _triton(None)
+
+
+def _graph_check(b: Bench, fp, images, bs: int, steps: int = 8) -> None:
+    """The captured step against the same step run eagerly (both with the graphable Adam, on the same batches):
+    the losses must be equal bit for bit."""
+    import torch
+
+    from quant.calibrate import calibrate
+    from quant.graph_step import GraphedStep
+    from quant.optimize import OptimConfig, _make_optim, _units, graph_body, train_step
+    from quant.surgery import quantize_model
+    losses = {}
+    for graphed in (False, True):
+        q = calibrate(quantize_model(copy.deepcopy(fp), "w4a4"), images[:8])
+        cfg = OptimConfig(method="e2e", iters=steps, batch_size=bs, progress=False)
+        (unit,) = _units(q, cfg, images[:1])
+        q.requires_grad_(False)
+        for p in unit.params.values():
+            p.requires_grad_(True)
+        opt, sched = _make_optim(unit, cfg, graphable=True)
+        graph = GraphedStep(graph_body(q, fp, unit, cfg, opt), opt) if graphed else None
+        out = [train_step(q, fp, images[i % 3 * bs:(i % 3 + 1) * bs], unit, cfg, opt, sched, graph=graph).detach()
+               for i in range(steps)]
+        losses[graphed] = torch.stack(out).cpu().tolist()
+        if graphed and not graph.captured:
+            b.check("optimiser: CUDA-graph step = eager step", False, "the step was not captured (see the warning)")
+            return
+    b.check("optimiser: CUDA-graph step = eager step", losses[True] == losses[False],
+            f"{steps} steps, losses {losses[True][0]:.6g} .. {losses[True][-1]:.6g}"
+            + ("" if losses[True] == losses[False] else f" vs eager {losses[False][0]:.6g} .. {losses[False][-1]:.6g}"))
 
 
 def _profile(fn: Callable[[], object], dry: bool, top: int = 15) -> dict:
@@ -747,7 +792,7 @@ def _atomic_write(path: Path, text: str) -> None:
 def _write(b: Bench, out: Path, dry: bool, seconds: dict) -> str:
     """Write ``results.json`` and ``RESULTS.md`` (after every section, so a cut-off run keeps what it measured)."""
     _ratios(b.rows)
-    res = dict(env={**_env(dry), "seconds": seconds}, checks=b.checks, targets=_targets(b.rows), rows=b.rows,
+    res = dict(env={**_env(dry), "quick": b.quick, "seconds": seconds}, checks=b.checks, targets=_targets(b.rows), rows=b.rows,
                errors=b.errors, extra=b.extra)
     _atomic_write(out / "results.json", json.dumps(res, indent=1))
     md = markdown(res)
@@ -758,6 +803,9 @@ def _write(b: Bench, out: Path, dry: bool, seconds: dict) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry", action="store_true", help="CPU, Triton interpreter, tiny shapes (what CI runs)")
+    ap.add_argument("--quick", action="store_true",
+                    help="the checks and the headline timings only (about 5 minutes on an H200): ViT-B batch 1 and "
+                         "64, two GEMM shapes, no batch 8, no L = 577, ViT-B only, the optimiser in fp32")
     ap.add_argument("--out", default=str(ROOT / "bench"), help="folder for RESULTS.md and results.json")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
     ap.add_argument("--models", default=None, help="comma list of models for the models section")
@@ -778,7 +826,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    b = Bench(args.dry)
+    b = Bench(args.dry, args.quick)
     t_all = time.perf_counter()
     seconds, md = {}, ""
     for s in sections:

@@ -46,7 +46,8 @@ def test_dry_run_writes_every_section(tmp_path):
     assert {m for m, _ in models} == {"vit_b", "swin_t"}
     assert {i for _, i in models} >= {"baseline timm fp16 eager", "W4A4 eager", "W1.58A8 eager"}
     optim = [r for r in res["rows"] if r["section"] == "optim"]
-    assert [r["impl"] for r in optim] == ["fp32", "bf16 autocast"] and all(r["rate"] > 0 for r in optim)
+    assert [r["impl"] for r in optim] == ["fp32", "fp32 --no-cuda-graph", "bf16 autocast"]
+    assert all(r["rate"] > 0 for r in optim)
     prof = res["extra"]["optim_profile"]
     assert any(r["name"] == "lowbit::fake_quantize_bwd" and r["calls"] > 0 for r in prof["by_cpu"])
     assert "optimiser profile" in (tmp_path / "RESULTS.md").read_text()
@@ -58,6 +59,14 @@ def test_dry_run_writes_every_section(tmp_path):
     for head in ("## Checks", "## Targets", "## gemm", "## quantize", "## attention", "## model", "## optim"):
         assert head in md
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_dry_quick_run_keeps_the_headline_sections(tmp_path):
+    p = _run("--dry", "--quick", "--out", str(tmp_path), "--sections", "checks,optim")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["env"]["quick"] is True and res["errors"] == {} and all(c["ok"] for c in res["checks"])
+    assert [r["impl"] for r in res["rows"] if r["section"] == "optim"] == ["fp32", "fp32 --no-cuda-graph"]
 
 
 @pytest.mark.parametrize("args,msg", [(["--dry", "--sections", "checks,bogus"], "unknown section(s) bogus"),
