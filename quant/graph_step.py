@@ -84,6 +84,15 @@ class GraphedStep:
         self.graph.replay()
         return self.static_loss.detach().clone()
 
+    def release(self) -> None:
+        """End of the unit: drop the graph, and move the version counter of every parameter the replays changed (a
+        replay runs no Python, so caches keyed on a tensor's version would not see its new values otherwise)."""
+        if self.graph is not None:
+            for group in self.opt.param_groups:
+                for p in group["params"]:
+                    torch.autograd.graph.increment_version(p)
+        self.graph = self.static_x = self.static_loss = None
+
     def _eager(self, x: Tensor) -> Tensor:
         side, ctx = self._stream(x)
         with ctx:

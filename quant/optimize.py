@@ -554,6 +554,8 @@ def optimize(student: nn.Module, teacher: nn.Module, images, cfg: OptimConfig,
                     opt.load_state_dict(st["optimizer"])
                     sched.load_state_dict(st["scheduler"])
                 st = None
+                if graph is not None:
+                    graph.release()
                 graph = GraphedStep(graph_body(student, teacher, unit, cfg, opt), opt) if graphed else None
                 if dist.enabled:
                     forward = dist.wrap(student, device)  # e2e: one unit, wrapped once
@@ -581,6 +583,8 @@ def optimize(student: nn.Module, teacher: nn.Module, images, cfg: OptimConfig,
                 break
         log.read()
     finally:
+        if graph is not None:
+            graph.release()
         batches.close()
         bar.close()
         for n, p in student.named_parameters():

@@ -70,6 +70,10 @@ def test_graphed_steps_equal_the_same_steps_run_eagerly():
     assert graphed == eager
     assert all(torch.equal(a, b) for a, b in zip(p_eager, p_graphed))
     assert len(set(graphed)) == len(graphed)  # every step moved the loss: the replays ran
+    params = list(graph.opt.param_groups[0]["params"])
+    before = [p._version for p in params]
+    graph.release()  # replays run no Python: the versions move once at the end, for caches keyed on them
+    assert [p._version for p in params] == [v + 1 for v in before] and not graph.captured
 
 
 def test_graphable_adam_matches_torch_adam_to_rounding():
