@@ -53,6 +53,12 @@ TARGETS = [  # (what, section, case filter, impl, baseline, minimum ratio)
     ("packed GEMM batch 64 vs torch._int_mm", "gemm", "M=12608", ("W1.58A8", "W4A4", "W3A3"), "torch._int_mm", 0.9),
     ("packed GEMM batch 1 vs fp16 matmul", "gemm", "M=197 ", ("W1.58A8", "W4A4", "W3A3"), "fp16 matmul", 1.3),
     ("LayerNorm-quantize bandwidth vs copy", "quantize", "", ("layernorm_quantize",), "copy", 0.7),
+    ("attention L=197 batch 64 vs fp16 SDPA", "attention", "B=64 H=12 L=197 ",
+     ("quant_attention a8 fused", "quant_attention a4 fused"), "fp16 SDPA", 1.0),
+    ("attention L=197 batch 1 vs fp16 SDPA", "attention", "B=1 H=12 L=197 ",
+     ("quant_attention a8 fused", "quant_attention a4 fused"), "fp16 SDPA", 0.8),
+    ("attention Swin windows vs fp16 SDPA", "attention", "L=49 D=32 +bias",
+     ("quant_attention a8 fused", "quant_attention a4 fused"), "fp16 SDPA", 1.0),
     ("ViT-B W4A4 batch 64 vs timm fp16 eager", "model", "vit_b batch 64 ", ("W4A4 eager", "W4A4 compiled"),
      "timm fp16 eager", 1.5),
     ("ViT-B W4A4 batch 1 vs timm fp16 eager", "model", "vit_b batch 1 ", ("W4A4 eager", "W4A4 compiled"),
@@ -453,6 +459,19 @@ def section_kernels(b: Bench) -> None:
                 return ops.quant_attention(qv, kv, vv, *qps, scale=d ** -0.5, rel_bias=bias, heads_last=True,
                                            requant=qps[0])
             b.row("attention", case, f"quant_attention a{bits} fused", b.time_ms(fused), flops, "TOPS")
+            if C.attention_one_pass(l):  # the two-pass kernel beside the dispatcher's one-pass choice
+                keep, C.ONE_PASS_MAX_L = C.ONE_PASS_MAX_L, 0
+                try:
+                    two = fused()
+                    b.row("attention", case, f"quant_attention a{bits} fused two-pass", b.time_ms(fused), flops,
+                          "TOPS")
+                finally:
+                    C.ONE_PASS_MAX_L = keep
+                one = fused()
+                diff = (two.int() - one.int()).abs()
+                b.check(f"attention one-pass = two-pass a{bits} {case}", float(diff.float().mean()) < 0.01,
+                        f"requantized codes differ by at most {int(diff.max())} on {float((diff > 0).float().mean()):.2%}"
+                        " (rounding ties of P)")
             if bits == 8 and (b.dry or not swin) and not (b.quick and bb == 1):
                 _attention_config_sweep(b, case, flops, fused)
         print(f"  attention {case} done", flush=True)

@@ -172,6 +172,41 @@ def attention_config(l: int, d: int, target: Target, biased: bool = False, sulq:
     return 64, 64, dict(num_warps=4 if d == 64 else 8, num_stages=1 if sulq else 2, **GPU_OPTIONS)
 
 
+#: the longest sequence the one-pass attention kernels take: its keys fill one ``pow2(L)``-wide tile (ViT / DeiT at
+#: 224 px: 197 tokens in 256; Swin windows: 49 in 64); longer ones (ViT at 384 px, 577 tokens) run two passes
+ONE_PASS_MAX_L = 256
+#: whether SULQ probabilities take the one-pass kernel too. Off: static sm_90 counts at ViT-B (``bench.sass_count``)
+#: give its best spill-free tile 4.4 warp-instructions per score against 3.0 for the two-pass SULQ kernel (whose
+#: 64-key tiles keep the fp16 split ``P V`` small); the uniform one-pass kernel issues 1.04 against 1.42
+ONE_PASS_SULQ = False
+
+
+def attention_one_pass(l: int, sulq: bool = False) -> bool:
+    """Whether :mod:`kernels.quant_attention_one_pass` runs a sequence of ``l`` tokens (else the two-pass kernels)."""
+    return l <= ONE_PASS_MAX_L and (ONE_PASS_SULQ or not sulq)
+
+
+def one_pass_config(l: int, d: int, target: Target, biased: bool = False, sulq: bool = False) -> Tuple[int, int, dict]:
+    """``(BLOCK_M, BLOCK_N, options)`` of the one-pass attention kernels: ``BLOCK_N = pow2(l)`` (at least 32, an int8
+    dot's reduction); nothing loops, so one stage. The ``[BM, BN]`` score, exponential and code tiles live at once.
+    A window (``BN <= 64``) takes 64 query rows on one warpgroup (two at head dim 128). A longer row (128 or 256
+    keys): on sm_90 at head dim <= 64, 64 rows on one warpgroup (wgmma's M; 254 registers, no spill; 1.04
+    warp-instructions per score at ViT-B's 197 x 64 against 1.87 on two warpgroups, which exchange the row
+    statistics through shared memory); 32 rows on one warpgroup on sm_80 (64 rows spill 180-460 bytes there) and at
+    head dim 128 (64 rows spill); SULQ 32 rows on two warpgroups (its fp16 split ``P V`` spills at 64 rows, and at
+    32 rows on one). Chosen by compiling every launch (``kernels.gpu_compile``) and counting (``bench.sass_count``),
+    to be re-picked from ``bench.gpu``."""
+    bn = pow2(l, 32, ONE_PASS_MAX_L)
+    if target.interpreted:
+        return 64, bn, {}
+    if bn <= 64:
+        return 64, bn, dict(num_warps=8 if d >= 128 else 4, num_stages=1, **GPU_OPTIONS)
+    if sulq:
+        return 32, bn, dict(num_warps=8, num_stages=1, **GPU_OPTIONS)
+    bm = 64 if target.arch >= 90 and d <= 64 else 32
+    return bm, bn, dict(num_warps=4, num_stages=1, **GPU_OPTIONS)
+
+
 # ---------------------------------------------------------------------------------------------- elementwise
 
 

@@ -224,9 +224,10 @@ def unpack_launch(fmt: str, n: int, k: int, target):
 
 
 def attention_launch(b: int, h: int, l: int, d: int, target, sulq=False, bias=False, mask=False, p_bits=8.0,
-                     fused=False, rescale=False):
+                     fused=False, rescale=False, one_pass=None):
     """The dispatcher's attention launch on meta tensors; ``fused``: as the exported models run it (Q, K, V read in
-    place from a qkv output ``[B, L, 3, H, D]``, output requantized heads-last, with a ``rescale`` r / shift)."""
+    place from a qkv output ``[B, L, 3, H, D]``, output requantized heads-last, with a ``rescale`` r / shift);
+    ``one_pass``: force the one-pass (True) or the two-pass kernel (False; default: the dispatcher's choice)."""
     q = k = v = _meta(b, h, l, d, dtype=torch.int8)
     out = _meta(b, h, l, d)
     rq = {}
@@ -241,7 +242,8 @@ def attention_launch(b: int, h: int, l: int, d: int, target, sulq=False, bias=Fa
     else:
         p = dict(sp_ptr=_meta(1), zp_ptr=_meta(1), pv_scale_ptr=_meta(1))
     return L.quant_attention_launch(q, k, v, out, _meta(h, l, l) if bias else None, _meta(4, l, l) if mask else None,
-                                    _meta(1), _meta(1), _meta(1), _meta(1), p, p_bits, target, **rq)
+                                    _meta(1), _meta(1), _meta(1), _meta(1), p, p_bits, target, **rq,
+                                    one_pass=one_pass)
 
 
 def dispatcher_launches(arch: int) -> list:
@@ -292,21 +294,26 @@ def dispatcher_launches(arch: int) -> list:
                                 centered=c))
 
     for l, d in attention_shapes():
-        for b in (1, 64):
-            for sulq in (False, True):
-                add(attention_launch(b, 3, l, d, target, sulq=sulq))
-                for rescale in (False, True):
-                    add(attention_launch(b, 3, l, d, target, sulq=sulq, fused=True, rescale=rescale))
-                if l == 49:
-                    add(attention_launch(b, 3, l, d, target, sulq=sulq, bias=True))
-                    add(attention_launch(b, 3, l, d, target, sulq=sulq, bias=True, mask=True))
-                    add(attention_launch(b, 3, l, d, target, sulq=sulq, bias=True, fused=True, rescale=True))
-                    add(attention_launch(b, 3, l, d, target, sulq=sulq, bias=True, mask=True, fused=True,
-                                         rescale=True))
-        for p in a_bits:
-            add(attention_launch(8, 3, l, d, target, sulq=False, p_bits=p))
-            add(attention_launch(8, 3, l, d, target, sulq=True, p_bits=p))
-            add(attention_launch(8, 3, l, d, target, sulq=True, p_bits=P.sulq_grid_bits(p)))  # published grid
+        # the dispatcher's kernel, and the two-pass one beside a one-pass choice (bench.gpu times both)
+        for one in ((None, True, False) if l <= C.ONE_PASS_MAX_L else (None,)):
+            for b in (1, 64):
+                for sulq in (False, True):
+                    add(attention_launch(b, 3, l, d, target, sulq=sulq, one_pass=one))
+                    for rescale in (False, True):
+                        add(attention_launch(b, 3, l, d, target, sulq=sulq, fused=True, rescale=rescale,
+                                             one_pass=one))
+                    if l == 49:
+                        add(attention_launch(b, 3, l, d, target, sulq=sulq, bias=True, one_pass=one))
+                        add(attention_launch(b, 3, l, d, target, sulq=sulq, bias=True, mask=True, one_pass=one))
+                        add(attention_launch(b, 3, l, d, target, sulq=sulq, bias=True, fused=True, rescale=True,
+                                             one_pass=one))
+                        add(attention_launch(b, 3, l, d, target, sulq=sulq, bias=True, mask=True, fused=True,
+                                             rescale=True, one_pass=one))
+            for p in a_bits:
+                add(attention_launch(8, 3, l, d, target, sulq=False, p_bits=p, one_pass=one))
+                add(attention_launch(8, 3, l, d, target, sulq=True, p_bits=p, one_pass=one))
+                add(attention_launch(8, 3, l, d, target, sulq=True, p_bits=P.sulq_grid_bits(p),  # published grid
+                                     one_pass=one))
 
     widths = sorted(set(norm_widths()) | {k for k, _ in linear_shapes()})
     rows = sorted({t * b for t in (1, 49, 197) for b in BATCHES})
@@ -334,10 +341,12 @@ def dispatcher_launches(arch: int) -> list:
 
 
 def structural_key(lx) -> tuple:
-    """:meth:`Launch.key` less what only changes constants in the code (quantizer level counts) and the
-    divisibility of row counts and input strides; the divisibility of N, K, C and of the output row stride stays
-    (it decides whether stores vectorise, which moves register use)."""
+    """:meth:`Launch.key` less what only changes constants in the code (quantizer level counts, but whether the codes
+    fit int8: the 257-level SULQ grid takes another path) and the divisibility of row counts and input strides; the
+    divisibility of N, K, C and of the output row stride stays (it decides whether stores vectorise, which moves
+    register use)."""
     meta = tuple((k, getattr(v, "__name__", v)) for k, v in lx.meta.items() if not k.endswith(("QMAX", "OFFSET")))
+    meta += tuple((k, v > 255) for k, v in lx.meta.items() if k.endswith("QMAX"))
     sig = tuple((k, str(v.dtype)) if hasattr(v, "dtype") else (k, isinstance(v, int) and v % 16 == 0)
                 for k, v in lx.args.items() if hasattr(v, "dtype") or k in ("N", "K", "stride_om", "C"))
     return (lx.kernel.__name__, meta, sig, tuple(sorted(lx.options.items())))

@@ -22,6 +22,7 @@ from .launch import Launch
 from .layernorm_quantize import layernorm_quantize_kernel
 from .packed_gemm import packed_gemm_kernel
 from .quant_attention import quant_attention_kernel
+from .quant_attention_one_pass import quant_attention_one_pass_kernel, quant_attention_sulq_one_pass_kernel
 from .quant_attention_sulq import quant_attention_sulq_kernel
 from .rescale_quantize import rescale_quantize_kernel
 from .unpack_codes import unpack_codes_kernel
@@ -329,15 +330,27 @@ def quant_attention_launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, rel_bia
                            mask: Optional[Tensor], zq: Tensor, zk: Tensor, zv: Tensor, qk_scale: Tensor,
                            p_args: dict, p_bits: float, target: Target, rq_r: Optional[Tensor] = None,
                            rq_shift: Optional[Tensor] = None, rq_s: Optional[Tensor] = None,
-                           rq_z: Optional[Tensor] = None, rq_bits: float = 8.0) -> Launch:
-    """Either attention kernel: ``p_args`` holds ``sp, zp, pv_scale`` (uniform) or ``eta, x0, sp, zp, table, sv``
+                           rq_z: Optional[Tensor] = None, rq_bits: float = 8.0,
+                           one_pass: Optional[bool] = None) -> Launch:
+    """Any attention kernel: ``p_args`` holds ``sp, zp, pv_scale`` (uniform) or ``eta, x0, sp, zp, table, sv``
     (SULQ), keyed by the kernel's pointer names. ``q, k, v`` share strides (last one 1); ``out`` is ``[B, H, L, D]``
-    in any strides (last one 1), int8 when requantizing (``rq_s`` given)."""
+    in any strides (last one 1), int8 when requantizing (``rq_s`` given). ``one_pass``: the one-pass kernel
+    (:mod:`kernels.quant_attention_one_pass`; default :func:`kernels.configs.attention_one_pass`) or the two-pass
+    kernel."""
     b, h, l, d = q.shape
     sulq = "table_ptr" in p_args
     requant = rq_s is not None
-    bm, bn, opts = C.attention_config(l, d, target, rel_bias is not None or mask is not None, sulq)
-    kernel = quant_attention_sulq_kernel if sulq else quant_attention_kernel
+    biased = rel_bias is not None or mask is not None
+    if one_pass is None:
+        one_pass = C.attention_one_pass(l, sulq)
+    if one_pass and l > C.ONE_PASS_MAX_L:
+        raise ValueError(f"the one-pass attention takes at most {C.ONE_PASS_MAX_L} tokens, got {l}")
+    if one_pass:
+        bm, bn, opts = C.one_pass_config(l, d, target, biased, sulq)
+        kernel = quant_attention_sulq_one_pass_kernel if sulq else quant_attention_one_pass_kernel
+    else:
+        bm, bn, opts = C.attention_config(l, d, target, biased, sulq)
+        kernel = quant_attention_sulq_kernel if sulq else quant_attention_kernel
     sb, sh, sl, _ = q.stride()
     ob, oh, ol, _ = out.stride()
     return Launch(kernel, (C.cdiv(l, bm), b * h),

@@ -130,11 +130,11 @@ def store_output(o, out_ptr, H, offs_m, offs_d, valid_m, stride_ob, stride_oh, s
 
 
 @triton.jit
-def _pv_tile(acc, rs, s, m_i, inv, v_base, stride_l, offs_n, offs_d, L, zp, zp_s, h1_t, h2_t,
-             P_QMAX: tl.constexpr, MASK_N: tl.constexpr, FAST_EXP: tl.constexpr):
-    """One key tile of pass 2: centred codes ``c = min(round(2^(S2 - m) inv), P_QMAX - zp)`` (``inv = 1 / (l sp)``),
-    ``acc += c V``, ``rs += rowsum(c)``."""
-    c = round_int(tl.minimum(exp2(s - m_i[:, None], FAST_EXP) * inv[:, None], P_QMAX - zp))
+def pv_tile(acc, rs, e, inv, v_base, stride_l, offs_n, offs_d, L, zp, zp_s, h1_t, h2_t,
+            P_QMAX: tl.constexpr, MASK_N: tl.constexpr):
+    """One key tile of the ``P V`` product from ``e = 2^(S2 - m)``: centred codes ``c = min(round(e inv), P_QMAX -
+    zp)`` (``inv = 1 / (l sp)``), ``acc += c V``, ``rs += rowsum(c)``."""
+    c = round_int(tl.minimum(e * inv[:, None], P_QMAX - zp))
     ptrs = v_base + offs_n[:, None] * stride_l + offs_d[None, :]
     if MASK_N:
         v = tl.load(ptrs, mask=(offs_n < L)[:, None], other=0)
@@ -147,6 +147,23 @@ def _pv_tile(acc, rs, s, m_i, inv, v_base, stride_l, offs_n, offs_d, L, zp, zp_s
         acc = tl.dot(h1_t, v, acc, out_dtype=tl.int32)
         acc = tl.dot(h2_t, v, acc, out_dtype=tl.int32)
     return acc, rs + tl.sum(c, axis=1)
+
+
+@triton.jit
+def pv_operands(zp_ptr, sp_ptr, l_i, P_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``(zp, zp_s, inv, h1_t, h2_t)`` of :func:`pv_tile`: the rounded unsigned and the signed P zero point,
+    ``inv = 1 / (l sp)``, :func:`neg_halves` of ``zp_s``."""
+    zp = tl.load(zp_ptr)
+    inv = tl.math.div_rn(1.0, l_i * tl.load(sp_ptr))
+    zp_s = zp.to(tl.int32) - P_OFFSET
+    h1_t, h2_t = neg_halves(zp_s, BLOCK_M, BLOCK_N)
+    return zp, zp_s, inv, h1_t, h2_t
+
+
+@triton.jit
+def pv_output(acc, rs, zv_ptr, pv_scale_ptr):
+    """float32 ``O = pv_scale (acc - zv rowsum(c))``."""
+    return (acc - tl.load(zv_ptr).to(tl.int32) * rs[:, None]).to(tl.float32) * tl.load(pv_scale_ptr)
 
 
 @triton.jit
@@ -168,10 +185,7 @@ def quant_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bias_ptr, mask_ptr, zq_
 
     m_i, l_i = row_max_sum(q, zq_h1, zq_h2, rc, k_base, stride_l, bias_base, mask_base, offs_m, offs_d, L, c2,
                            HAS_BIAS, HAS_MASK, BLOCK_M, BLOCK_N, FAST_EXP)
-    zp = tl.load(zp_ptr)
-    inv = tl.math.div_rn(1.0, l_i * tl.load(sp_ptr))
-    zp_s = zp.to(tl.int32) - P_OFFSET
-    h1_t, h2_t = neg_halves(zp_s, BLOCK_M, BLOCK_N)
+    zp, zp_s, inv, h1_t, h2_t = pv_operands(zp_ptr, sp_ptr, l_i, P_OFFSET, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, D), tl.int32)
     rs = tl.zeros((BLOCK_M,), tl.int32)
     n_full = L - L % BLOCK_N
@@ -179,14 +193,14 @@ def quant_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bias_ptr, mask_ptr, zq_
         offs_n = n0 + tl.arange(0, BLOCK_N)
         s = _scores(q, zq_h1, zq_h2, rc, k_base, stride_l, bias_base, mask_base, offs_m, offs_n, offs_d, L, c2,
                     HAS_BIAS, HAS_MASK, False)
-        acc, rs = _pv_tile(acc, rs, s, m_i, inv, v_base, stride_l, offs_n, offs_d, L, zp, zp_s, h1_t, h2_t,
-                           P_QMAX, False, FAST_EXP)
+        acc, rs = pv_tile(acc, rs, exp2(s - m_i[:, None], FAST_EXP), inv, v_base, stride_l, offs_n, offs_d, L, zp,
+                          zp_s, h1_t, h2_t, P_QMAX, False)
     if n_full < L:
         offs_n = n_full + tl.arange(0, BLOCK_N)
         s = _scores(q, zq_h1, zq_h2, rc, k_base, stride_l, bias_base, mask_base, offs_m, offs_n, offs_d, L, c2,
                     HAS_BIAS, HAS_MASK, True)
-        acc, rs = _pv_tile(acc, rs, s, m_i, inv, v_base, stride_l, offs_n, offs_d, L, zp, zp_s, h1_t, h2_t,
-                           P_QMAX, True, FAST_EXP)
-    o = (acc - tl.load(zv_ptr).to(tl.int32) * rs[:, None]).to(tl.float32) * tl.load(pv_scale_ptr)
+        acc, rs = pv_tile(acc, rs, exp2(s - m_i[:, None], FAST_EXP), inv, v_base, stride_l, offs_n, offs_d, L, zp,
+                          zp_s, h1_t, h2_t, P_QMAX, True)
+    o = pv_output(acc, rs, zv_ptr, pv_scale_ptr)
     store_output(o, out_ptr, H, offs_m, offs_d, valid_m, stride_ob, stride_oh, stride_ol, r_ptr, shift_ptr,
                  rq_s_ptr, rq_z_ptr, D, HAS_R, HAS_SHIFT, REQUANT, RQ_QMAX, RQ_OFFSET)

@@ -27,6 +27,21 @@ def split_dot_f16(a, b16):
 
 
 @triton.jit
+def sulq_pv_tile(acc, p, eta, x0, sp, zp, table_ptr, zv, v_base, stride_l, offs_n, offs_d, L, P_QMAX: tl.constexpr,
+                 P_OFFSET: tl.constexpr):
+    """One key tile of ``P V`` from the normalised ``p``: SULQ codes, the table's ``P_hat`` (0 past ``L``),
+    ``acc += P_hat (v - zv)`` by :func:`split_dot_f16`."""
+    if P_QMAX > 255:  # the published 8-bit grid: 257 codes, kept in int32
+        idx = quantize_int32(-tl.log2(p + eta) - x0, sp, zp, P_QMAX, 0)
+    else:  # (int8 codes: as many registers as the uniform kernel's; int32 spills at D = 32 on sm_80)
+        idx = quantize_signed(-tl.log2(p + eta) - x0, sp, zp, P_QMAX, P_OFFSET).to(tl.int32) + P_OFFSET
+    valid_n = offs_n < L
+    ph = tl.where(valid_n[None, :], tl.load(table_ptr + idx), 0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_l + offs_d[None, :], mask=valid_n[:, None], other=0)
+    return acc + split_dot_f16(ph, (v.to(tl.float32) - zv).to(tl.float16))
+
+
+@triton.jit
 def quant_attention_sulq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bias_ptr, mask_ptr, zq_ptr, zk_ptr, zv_ptr,
                                 qk_scale_ptr, eta_ptr, x0_ptr, sp_ptr, zp_ptr, table_ptr, sv_ptr, r_ptr, shift_ptr,
                                 rq_s_ptr, rq_z_ptr, H, L, NW, stride_b, stride_h, stride_l, stride_ob, stride_oh,
@@ -55,18 +70,11 @@ def quant_attention_sulq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bias_ptr, mask_ptr
     acc = tl.zeros((BLOCK_M, D), tl.float32)
     for n0 in range(0, L, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        valid_n = offs_n < L
         s = _scores(q, zq_h1, zq_h2, rc, k_base, stride_l, bias_base, mask_base, offs_m, offs_n, offs_d, L, c2,
                     HAS_BIAS, HAS_MASK, True)
         p = tl.math.div_rn(exp2(s - m_i[:, None], FAST_EXP), l_i[:, None])
-        if P_QMAX > 255:  # the published 8-bit grid: 257 codes, kept in int32
-            idx = quantize_int32(-tl.log2(p + eta) - x0, sp, zp, P_QMAX, 0)
-        else:  # (int8 codes: as many registers as the uniform kernel's; int32 spills at D = 32 on sm_80)
-            idx = quantize_signed(-tl.log2(p + eta) - x0, sp, zp, P_QMAX, P_OFFSET).to(tl.int32) + P_OFFSET
-        ph = tl.load(table_ptr + idx)
-        ph = tl.where(valid_n[None, :], ph, 0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_l + offs_d[None, :], mask=valid_n[:, None], other=0)
-        acc += split_dot_f16(ph, (v.to(tl.float32) - zv).to(tl.float16))
+        acc = sulq_pv_tile(acc, p, eta, x0, sp, zp, table_ptr, zv, v_base, stride_l, offs_n, offs_d, L, P_QMAX,
+                           P_OFFSET)
     o = acc * tl.load(sv_ptr)
     store_output(o, out_ptr, H, offs_m, offs_d, valid_m, stride_ob, stride_oh, stride_ol, r_ptr, shift_ptr,
                  rq_s_ptr, rq_z_ptr, D, HAS_R, HAS_SHIFT, REQUANT, RQ_QMAX, RQ_OFFSET)

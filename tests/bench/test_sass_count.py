@@ -31,8 +31,11 @@ def test_quantize_kernels_have_no_per_element_division(tmp_path):
             assert row["shfl"] == 0 and row["issue_cycles"] < 0.7 * row["tensor_cycles"], row
         else:  # the row sums of 8-bit weights: the reduction is there, and costs more issue than the MMAs
             assert row["shfl"] > 0 and row["issue_cycles"] > row["tensor_cycles"], row
-    att = rows["quant_attention a8 fused: key loops"]["per_score"]
+    att = rows["quant_attention a8 fused, two passes: key loops"]["per_score"]
     assert len(att) == 2 and 0 < att[0] + att[1] < 35, att  # 62.2 before the MMA zero-point terms (27.2 after)
+    one = rows["quant_attention a8 fused, one pass: per score"]["warp_instructions_per_score"]
+    two = rows["quant_attention a8 fused, two passes: per score"]["warp_instructions_per_score"]
+    assert 0 < one < 0.85 * two, (one, two)  # one Q K^T and one exponential per score, not two (1.04 vs 1.42)
 
 
 def test_refuses_the_interpreter():

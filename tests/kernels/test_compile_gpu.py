@@ -57,8 +57,9 @@ def test_every_launch_compiles_to_tensor_cores_without_spills(reports, arch):
 def test_every_kernel_format_and_variant_is_covered(reports, arch):
     reps = reports[arch]
     assert {x["name"] for x in reps} == {
-        "packed_gemm_kernel", "quant_attention_kernel", "quant_attention_sulq_kernel", "rescale_quantize_kernel",
-        "layernorm_quantize_kernel", "fake_quantize_fwd_kernel", "fake_quantize_bwd_kernel", "unpack_codes_kernel"}
+        "packed_gemm_kernel", "quant_attention_kernel", "quant_attention_sulq_kernel", "quant_attention_one_pass_kernel",
+        "quant_attention_sulq_one_pass_kernel", "rescale_quantize_kernel", "layernorm_quantize_kernel",
+        "fake_quantize_fwd_kernel", "fake_quantize_bwd_kernel", "unpack_codes_kernel"}
     unpacks = [x["config"] for x in reps if x["name"] == "unpack_codes_kernel"]
     assert {c.split("LOAD_W=")[1].split(",")[0] for c in unpacks} == {"load_2bit", "load_int3", "load_int4"}
     gemm = [x["config"] for x in reps if x["name"] == "packed_gemm_kernel"]
@@ -69,8 +70,13 @@ def test_every_kernel_format_and_variant_is_covered(reports, arch):
     for d in (32, 64, 128):
         assert any(f"D={d}," in c for c in attn), d
     assert any("HAS_BIAS=True, HAS_MASK=True" in c for c in attn)
+    for name in ("quant_attention_sulq_kernel", "quant_attention_sulq_one_pass_kernel"):  # the 257-level grid too
+        assert any("P_QMAX=256," in x["config"] for x in reps if x["name"] == name), name
+    two = [x["config"] for x in reps if x["name"] == "quant_attention_kernel"]
+    assert any("BLOCK_N=64," in c for c in two) and {"BLOCK_N=256," in c for c in attn} == {True, False}
     dots = [x for x in reps if x["name"] in ("packed_gemm_kernel", "quant_attention_kernel",
-                                             "quant_attention_sulq_kernel")]
+                                             "quant_attention_sulq_kernel", "quant_attention_one_pass_kernel",
+                                             "quant_attention_sulq_one_pass_kernel")]
     assert all(x["dots"] >= 1 for x in dots), "a GEMM / attention kernel compiled without any tl.dot"
 
 

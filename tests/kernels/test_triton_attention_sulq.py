@@ -12,7 +12,7 @@ from kernels import reference as R
 from lowbit import primitives as P
 from lowbit.primitives import QParams
 
-from ._triton_util import run_poisoned, triton_path
+from ._triton_util import passes, run_poisoned, triton_path  # noqa: F401 (passes: a fixture)
 
 
 def _setup(gen, shape, bits):
@@ -25,8 +25,19 @@ def _setup(gen, shape, bits):
 @pytest.mark.parametrize("b,h,l,bits,swin,published", [(4, 2, 49, 4, True, False), (2, 1, 50, 3, False, False),
                                                         (1, 2, 197, 8, False, False), (4, 2, 49, 4, True, True),
                                                         (2, 1, 50, 3, False, True), (1, 2, 197, 8, False, True)])
-def test_sulq_attention_matches_reference(gen, b, h, l, bits, swin, published):
-    d = 64
+def test_sulq_attention_matches_reference(gen, passes, b, h, l, bits, swin, published):
+    _sulq_matches_reference(gen, b, h, l, bits, swin, published)
+    kind, asked = passes
+    assert asked and {t for t, _ in asked} == {"one" if kind == "one pass" else "two"}
+
+
+@pytest.mark.parametrize("d", [32, 128])
+def test_sulq_attention_other_head_dims(gen, passes, d):
+    _sulq_matches_reference(gen, 2, 2, 197, 4, False, True, d=d)
+    _sulq_matches_reference(gen, 4, 2, 49, 8, True, True, d=d)
+
+
+def _sulq_matches_reference(gen, b, h, l, bits, swin, published, d=64):
     (q, k, v), qps = _setup(gen, (b, h, l, d), bits)
     scale = d ** -0.5
     bias = torch.randn(h, l, l, generator=gen) if swin else None
@@ -79,15 +90,21 @@ def test_sulq_attention_bad_eta(gen):
 
 
 @pytest.mark.parametrize("b,h,l,bits,swin", [(4, 2, 49, 4, True), (2, 1, 50, 3, False)])
-def test_sulq_attention_gpu_tiles(gen, monkeypatch, b, h, l, bits, swin):
-    """The tiles chosen for a GPU (:func:`kernels.configs.attention_config`), run by the interpreter."""
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_sulq_attention_gpu_tiles(gen, monkeypatch, b, h, l, bits, swin, one_pass):
+    """The tiles chosen for a GPU (:func:`kernels.configs.one_pass_config` / ``attention_config``), run by the
+    interpreter."""
     from kernels import configs as C
     used = []
-    real = C.attention_config
-    monkeypatch.setattr(C.Target, "of", staticmethod(lambda t: C.Target(interpreted=False, arch=90)))
-    monkeypatch.setattr(C, "attention_config", lambda *a, **k: used.append(real(*a, **k)) or used[-1])
-    test_sulq_attention_matches_reference(gen, b, h, l, bits, swin, published=False)
-    assert used and all(u == real(l, 64, C.Target(interpreted=False, arch=90), swin, True) for u in used)
-    assert used[0][2].get("num_warps") == 4  # the GPU tiles (D = 64), not the interpreter's
-    assert used[0][2].get("num_stages") == 1  # SULQ's unpipelined loops
-    assert used[0][2].get("maxnreg") == (168 if swin else None)  # biased: ptxas would stop at 128 and spill
+    name = "one_pass_config" if one_pass else "attention_config"
+    real = getattr(C, name)
+    monkeypatch.setattr(C, "ONE_PASS_SULQ", one_pass)
+    gpu = C.Target(interpreted=False, arch=90)
+    monkeypatch.setattr(C.Target, "of", staticmethod(lambda t: gpu))
+    monkeypatch.setattr(C, name, lambda *a, **k: used.append(real(*a, **k)) or used[-1])
+    _sulq_matches_reference(gen, b, h, l, bits, swin, published=False)
+    assert used and all(u == real(l, 64, gpu, swin, True) for u in used)
+    assert used[0][2].get("num_stages") == 1  # nothing loops (one pass) / SULQ's unpipelined loops
+    if not one_pass:
+        assert used[0][2].get("num_warps") == 4  # the GPU tiles (D = 64), not the interpreter's
+        assert used[0][2].get("maxnreg") == (168 if swin else None)  # biased: ptxas would stop at 128 and spill
