@@ -474,6 +474,20 @@ def section_kernels(b: Bench) -> None:
                         " (rounding ties of P)")
             if bits == 8 and (b.dry or not swin) and not (b.quick and bb == 1):
                 _attention_config_sweep(b, case, flops, fused)
+            if bits == 4 and l <= C.ONE_PASS_MAX_L:  # SULQ (published grid): its two-pass default beside one pass
+                sq = P.init_sulq_published(torch.softmax(xs[0][:1, :1].float() @ xs[1][:1, :1].float().transpose(-1, -2),
+                                                         -1), bits)
+
+                def sulq():
+                    return ops.quant_attention(qv, kv, vv, *qps, scale=d ** -0.5, p_qp=sq, rel_bias=bias,
+                                               heads_last=True, requant=qps[0])
+                b.row("attention", case, f"quant_attention sulq a{bits} fused", b.time_ms(sulq), flops, "TOPS")
+                keep, C.ONE_PASS_SULQ = C.ONE_PASS_SULQ, True
+                try:
+                    b.row("attention", case, f"quant_attention sulq a{bits} fused one-pass", b.time_ms(sulq), flops,
+                          "TOPS")
+                finally:
+                    C.ONE_PASS_SULQ = keep
         print(f"  attention {case} done", flush=True)
     _triton(None)
 

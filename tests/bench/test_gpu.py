@@ -42,6 +42,10 @@ def test_dry_run_writes_every_section(tmp_path):
     sweep = [r["impl"] for r in res["rows"] if r["impl"].startswith("quant_attention a8 fused BM=")]
     assert sweep == [f"quant_attention a8 fused BM={m} BN={n} w={w} s={st}"
                      for m, n, w, st in gpu.ATTENTION_CONFIGS[:2]]
+    att = {r["impl"] for r in res["rows"] if r["section"] == "attention"}
+    assert {"quant_attention a8 fused", "quant_attention a8 fused two-pass", "quant_attention sulq a4 fused",
+            "quant_attention sulq a4 fused one-pass"} <= att  # one pass and two side by side, so one run decides
+    assert any(c["name"].startswith("attention one-pass = two-pass") for c in res["checks"])
     models = {(r["case"].split()[0], r["impl"]) for r in res["rows"] if r["section"] == "model"}
     assert {m for m, _ in models} == {"vit_b", "swin_t"}
     assert {i for _, i in models} >= {"baseline timm fp16 eager", "W4A4 eager", "W1.58A8 eager"}
