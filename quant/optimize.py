@@ -93,6 +93,10 @@ class OptimConfig:
     block_inputs: str = "student"
     #: on CUDA, capture each unit's step once as a CUDA graph and replay it (:mod:`quant.graph_step`)
     cuda_graph: bool = True
+    #: blockwise: the quantized layers run between blocks (patch embedding, Swin's patch-merging reduction) are units
+    #: of their own, reconstructed on their own outputs (I&S-ViT's layer reconstruction), not trained with the next
+    #: block
+    layer_units: bool = False
     #: blockwise, the unit after the last block: ``kl`` (temperature KL to the teacher's logits) or ``mse`` (logit
     #: MSE, I&S-ViT's reconstruction loss of the head)
     head_loss: str = "kl"
@@ -130,6 +134,8 @@ class OptimConfig:
             fp["hard"] = [self.hard_steps, self.hard_step_size]
         if (self.block_inputs, self.head_loss) != ("student", "kl"):
             fp["recon"] = [self.block_inputs, self.head_loss]
+        if self.layer_units:
+            fp["layer_units"] = True
         return fp
 
 
@@ -260,6 +266,7 @@ def evaluate_loss(student: nn.Module, teacher: nn.Module, images, cfg: OptimConf
 class _Unit:
     params: Dict[str, nn.Parameter]
     block: Optional[int]  # index of the block whose output is reconstructed; None = the logits (KL)
+    layer: Optional[str] = None  # a layer outside the blocks reconstructed on its own output (``layer_units``)
 
 
 def _units(student: nn.Module, cfg: OptimConfig, example: Tensor) -> List[_Unit]:
@@ -286,15 +293,38 @@ def _units(student: nn.Module, cfg: OptimConfig, example: Tensor) -> List[_Unit]
             pending.append(key)
     for mid in pending:
         owner[mid] = None
+    names = {id(m): n for n, m in student.named_modules()}
+    own = lambda m: {f"{names[id(m)]}.{pn}": p for pn, p in m.named_parameters() if p.requires_grad}  # noqa: E731
     by_unit: Dict[Optional[int], Dict[str, nn.Parameter]] = {i: {} for i in range(len(blist))}
     by_unit[None] = {}
-    names = {id(m): n for n, m in student.named_modules()}
+    layers: Dict[int, List[_Unit]] = {i: [] for i in range(len(blist))}
     for m in qmods:
         u = inside.get(id(m), owner.get(id(m)))
-        for pn, p in m.named_parameters():
-            if p.requires_grad:
-                by_unit[u][f"{names[id(m)]}.{pn}"] = p
-    return [_Unit(by_unit[i], i) for i in range(len(blist))] + [_Unit(by_unit[None], None)]
+        if cfg.layer_units and id(m) not in inside and u is not None:
+            layers[u].append(_Unit(own(m), u, names[id(m)]))
+        else:
+            by_unit[u].update(own(m))
+    units = []
+    for i in range(len(blist)):
+        units += layers[i] + [_Unit(by_unit[i], i)]
+    return units + [_Unit(by_unit[None], None)]
+
+
+def _layer_io(model: nn.Module, name: str, x: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(input, output)`` of ``model``'s submodule ``name`` in a forward of ``x``, stopped right after it."""
+    seen = []
+
+    def grab(module, inputs, output):
+        seen.append((inputs[0], output))
+        raise _Capture._Stop()
+    h = model.get_submodule(name).register_forward_hook(grab)
+    try:
+        model(x)
+    except _Capture._Stop:
+        pass
+    finally:
+        h.remove()
+    return seen[0]
 
 
 def _is_weight(name: str) -> bool:
@@ -370,6 +400,12 @@ def _unit_loss(student, teacher, x, unit: _Unit, cfg: OptimConfig, forward=None)
     own = {id(p) for p in unit.params.values()}
     mods = [m for m in mods if any(id(p) in own for p in m.parameters())]
     l2 = cfg.l2 * refinement_l2(mods) if mods else 0.0
+    if unit.layer is not None:  # the layer on its own: its output against the teacher's layer on the teacher's input
+        with torch.no_grad():
+            t_in, t_out = _layer_io(teacher, unit.layer, x)
+            s_in = t_in if cfg.block_inputs == "teacher" else _layer_io(student, unit.layer, x)[0]
+        out = student.get_submodule(unit.layer)(s_in)
+        return F.mse_loss(out.float(), t_out.float()) + l2
     if unit.block is None:
         if cfg.block_inputs == "teacher":  # the tail (final norm, pooling, head) on the teacher's last block output
             with torch.no_grad(), _Capture(blocks(teacher)) as tc:

@@ -24,7 +24,8 @@ What the two reconstruction stages train (``train``):
   biases, with every quantizer parameter (step sizes, zero points, ``r``, ``shift``, SULQ) and the LayerNorms frozen;
   no refinement L2 (their loss is the block output MSE alone); stage 1 feeds each block the FP model's input to it
   and stage 3 the quantized model's (their ``save_inp_oup_data(..., last_stage)``), and the head is reconstructed on
-  the logits' MSE (their ``opt_mode='mse'``), not the KL; Adam at ``lr_w`` 4e-5 with cosine decay and no warm-up
+  the logits' MSE (their ``opt_mode='mse'``), not the KL; the patch embedding and Swin's patch-merging reductions
+  are reconstructed as layers of their own, on their outputs (their ``layer_reconstruction``); Adam at ``lr_w`` 4e-5 with cosine decay and no warm-up
   (:class:`quant.optimize.OptimConfig`'s defaults for the method); the softmax quantizer is their SULQ
   (``quant.run`` picks ``--softmax-quantizer sulq`` for this method).
 * ``"quantizers"`` (``--method is-vit-quant``, the package's variant): stage 1 the activation quantizers (the
@@ -168,7 +169,7 @@ def sos(student: nn.Module, teacher: nn.Module, images, cfg, optimize: Callable,
     pairs = post_ln_pairs(student)
     if not pairs and bits is not None and not bits.act_float:
         raise UserError(f"--method {cfg.method} needs the channel rescale of post-LayerNorm linears; drop --no-rescale")
-    published = {"l2": 0.0, "head_loss": "mse"} if train == "weights" else {}
+    published = {"l2": 0.0, "head_loss": "mse", "layer_units": True} if train == "weights" else {}
     stage_cfg = dataclasses.replace(cfg, method="blockwise", save_every=0, state_path=None, resume=False,
                                     stop_after=None, **published)
     qmods = quant_modules(student)

@@ -95,7 +95,8 @@ def test_is_vit_method_lowers_loss_and_folds(method):
     cfg = OptimConfig(method=method, iters=15, batch_size=8, progress=False)
     before = evaluate_loss(q, fp, data, cfg)
     hist = optimize(q, fp, data, cfg)
-    assert hist["stage_steps"] == [15 * 3, 15 * 3] and hist["completed"]
+    units = 3 + (method == "is-vit")  # 2 blocks, the head; as published the patch embedding on its own too
+    assert hist["stage_steps"] == [15 * units, 15 * units] and hist["completed"]
     assert evaluate_loss(q, fp, data, cfg) < before
     for _, m in post_ln_pairs(q):
         assert torch.equal(m.r, torch.ones_like(m.r)) and not m.log_r.requires_grad
@@ -147,16 +148,16 @@ def test_is_vit_block_inputs_and_head_loss(method, monkeypatch):
     seen = []
     real = O._unit_loss
     monkeypatch.setattr(O, "_unit_loss", lambda s, t, x, unit, cfg, *a: seen.append(
-        (cfg.block_inputs, cfg.head_loss)) or real(s, t, x, unit, cfg, *a))
+        (cfg.block_inputs, cfg.head_loss, cfg.layer_units)) or real(s, t, x, unit, cfg, *a))
     fp = make_model("vit")
     data = images(8)
     q = calibrate(quantize_model(copy.deepcopy(fp), "w4a4"), data)
     hist = optimize(q, fp, data, OptimConfig(method=method, iters=1, batch_size=4, progress=False))
     n1, n3 = hist["stage_steps"]
     if method == "is-vit":
-        assert set(seen[:n1]) == {("teacher", "mse")} and set(seen[n1:n1 + n3]) == {("student", "mse")}
+        assert set(seen[:n1]) == {("teacher", "mse", True)} and set(seen[n1:n1 + n3]) == {("student", "mse", True)}
     else:
-        assert set(seen) == {("student", "kl")}
+        assert set(seen) == {("student", "kl", False)}
 
 
 @pytest.mark.parametrize("method", ["is-vit", "is-vit-quant"])
@@ -263,6 +264,46 @@ def test_is_vit_schedule_defaults_are_the_authors():
     assert lrs == pytest.approx(expect, rel=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["vit", "swin"])
+def test_layer_units_reconstruct_the_layers_between_blocks_alone(kind):
+    """``layer_units`` (is-vit as published): the patch embedding and Swin's patch-merging reductions are units of
+    their own, before the block they feed, reconstructed on their own output: MSE of the student's layer on the
+    teacher's input to it against the teacher's layer output (stage 1), or on the student's input (stage 3)."""
+    from quant.optimize import _unit_loss, _units
+    fp = make_model(kind)
+    data = images(4)
+    q = calibrate(quantize_model(copy.deepcopy(fp), "w4a4"), data)
+    base = _units(q, OptimConfig(method="blockwise", iters=1), data[:1])
+    units = _units(q, OptimConfig(method="blockwise", iters=1, layer_units=True), data[:1])
+    layers = [u.layer for u in units if u.layer is not None]
+    assert layers[0] == "patch_embed.proj" and units[0].layer == "patch_embed.proj" and units[0].block == 0
+    if kind == "swin":
+        assert any(name.endswith("downsample.reduction") for name in layers)
+    assert len(units) == len(base) + len(layers)
+    assert sum(len(u.params) for u in units) == sum(len(u.params) for u in base)  # every parameter, once
+    assert not any(n.startswith("patch_embed") for u in units if u.layer is None for n in u.params)
+    fp.eval()
+    for inputs in ("teacher", "student"):
+        cfg = OptimConfig(method="blockwise", iters=1, layer_units=True, block_inputs=inputs, l2=0.0)
+        for u in (units[0], next(u for u in units if u.layer is not None and u.layer != "patch_embed.proj")
+                  if kind == "swin" else units[0]):
+            got = _unit_loss(q, fp, data, u, cfg)
+            seen = {}
+            def grab(key):
+                def hook(mod, a, o):
+                    seen.setdefault(key, (a[0], o))
+                return hook
+            hooks = [m.get_submodule(u.layer).register_forward_hook(grab(k)) for k, m in (("t", fp), ("s", q))]
+            with torch.no_grad():
+                fp(data)
+                q(data)
+            for h in hooks:
+                h.remove()
+            inp = seen["t"][0] if inputs == "teacher" else seen["s"][0]
+            want = torch.nn.functional.mse_loss(q.get_submodule(u.layer)(inp), seen["t"][1])
+            torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-6, atol=1e-7)
+
+
 def test_block_inputs_from_the_teacher_and_logit_mse():
     """``block_inputs="teacher"``: a block's loss does not depend on the student's earlier blocks (it runs on the
     FP input), ``"student"``: it does; ``head_loss="mse"`` is the MSE of the logits."""
@@ -356,7 +397,7 @@ def test_cli_data_free_is_vit_sulq_with_correction_reloads(tmp_path, capsys):
     assert rc == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["data_free"] and rep["method"] == "is-vit" and rep["act_correction"]["steps"] == 3
-    assert rep["steps"] == 2 * 2 * 3 and rep["calib_images"] == 8
+    assert rep["steps"] == 2 * 2 * 4 and rep["calib_images"] == 8  # 2 stages x 2 iters x (patch embed, 2 blocks, head)
     saved = torch.load(out / "quantized.pt", weights_only=False)
     assert saved["softmax_quantizer"] == "sulq" and saved["act_correction"]
     rebuilt = load_quantized(str(out / "quantized.pt"))
