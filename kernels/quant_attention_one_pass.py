@@ -20,7 +20,13 @@ import triton.language as tl
 
 from ._helpers import exp2
 from .quant_attention import (
-    _scores, load_query_tile, pv_operands, pv_output, pv_tile, score_operands, store_output,
+    _scores,
+    load_query_tile,
+    pv_operands,
+    pv_output,
+    pv_tile,
+    score_operands,
+    store_output,
 )
 from .quant_attention_sulq import sulq_pv_tile
 

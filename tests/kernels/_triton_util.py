@@ -1,7 +1,6 @@
 """Helpers for the Triton-kernel tests: force the Triton path, poison freshly allocated outputs, tie checks."""
 import contextlib
 
-import pytest
 import torch
 
 from kernels import ops
@@ -54,19 +53,3 @@ def assert_codes_match_up_to_ties(codes, ref_codes, pre_round, max_frac=0.01, to
     near_tie = (frac - 0.5).abs() < tol
     assert bool(near_tie[bad].all()), f"{int((bad & ~near_tie).sum())} code mismatches away from a rounding tie"
     assert bad.float().mean() <= max_frac, f"too many tie mismatches: {bad.float().mean():.4f}"
-
-
-@pytest.fixture(params=["one pass", "two passes"])
-def passes(request, monkeypatch):
-    """Each test runs the one-pass kernels (every ``L <= 256`` here) and the two-pass ones (forced: no one-pass
-    length); yields the list of the configs the dispatcher asked for, ``("one" | "two", l)``."""
-    from kernels import configs as C
-    if request.param == "two passes":
-        monkeypatch.setattr(C, "ONE_PASS_MAX_L", 0)
-    else:
-        monkeypatch.setattr(C, "ONE_PASS_SULQ", True)  # (the dispatcher's default runs SULQ in two passes)
-    asked = []
-    for name, tag in (("one_pass_config", "one"), ("attention_config", "two")):
-        real = getattr(C, name)
-        monkeypatch.setattr(C, name, lambda l, *a, _r=real, _t=tag, **k: asked.append((_t, l)) or _r(l, *a, **k))
-    return request.param, asked

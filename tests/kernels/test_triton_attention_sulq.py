@@ -12,7 +12,7 @@ from kernels import reference as R
 from lowbit import primitives as P
 from lowbit.primitives import QParams
 
-from ._triton_util import passes, run_poisoned, triton_path  # noqa: F401 (passes: a fixture)
+from ._triton_util import run_poisoned, triton_path
 
 
 def _setup(gen, shape, bits):

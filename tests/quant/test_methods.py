@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 
-from calib.invert import InvertConfig
 from kernels import ops
 from kernels import reference as R
 from lowbit import primitives as P
@@ -380,7 +379,6 @@ def test_cli_data_free_is_vit_sulq_with_correction_reloads(tmp_path, capsys):
 
     import timm
 
-    from lowbit import models as M
     from quant.modules import ActCorrection
     from quant.run import main
 
