@@ -192,8 +192,9 @@ def one_pass_config(l: int, d: int, target: Target, biased: bool = False, sulq: 
     A window (``BN <= 64``) takes 64 query rows on one warpgroup (two at head dim 128). A longer row (128 or 256
     keys): on sm_90 at head dim <= 64, 64 rows on one warpgroup (wgmma's M; 254 registers, no spill; 1.04
     warp-instructions per score at ViT-B's 197 x 64 against 1.87 on two warpgroups, which exchange the row
-    statistics through shared memory); 32 rows on one warpgroup on sm_80 (64 rows spill 180-460 bytes there) and at
-    head dim 128 (64 rows spill); SULQ 32 rows on two warpgroups (its fp16 split ``P V`` spills at 64 rows, and at
+    statistics through shared memory); 32 rows on one warpgroup on sm_80 (64 rows spill 180-460 bytes there), on two
+    at head dim 128 (64 rows spill on sm_90; one warpgroup spills 4 bytes on sm_80 under Triton 3.6); SULQ 32 rows on
+    two warpgroups (its fp16 split ``P V`` spills at 64 rows, and at
     32 rows on one). Chosen by compiling every launch (``kernels.gpu_compile``) and counting (``bench.sass_count``),
     to be re-picked from ``bench.gpu``."""
     bn = pow2(l, 32, ONE_PASS_MAX_L)
@@ -204,7 +205,7 @@ def one_pass_config(l: int, d: int, target: Target, biased: bool = False, sulq: 
     if sulq:
         return 32, bn, dict(num_warps=8, num_stages=1, **GPU_OPTIONS)
     bm = 64 if target.arch >= 90 and d <= 64 else 32
-    return bm, bn, dict(num_warps=4, num_stages=1, **GPU_OPTIONS)
+    return bm, bn, dict(num_warps=8 if d >= 128 else 4, num_stages=1, **GPU_OPTIONS)
 
 
 # ---------------------------------------------------------------------------------------------- elementwise
