@@ -593,10 +593,43 @@ def section_models(b: Bench, models: Optional[List[str]] = None, compile_models=
                             peak = torch.cuda.max_memory_allocated() / 2 ** 20 if not b.dry else None
                         b.row("model", case, impl, ms, batch, "img/s", peak_mib=peak)
                     print(f"  {case} {bits} done", flush=True)
+                if bits == "w4a4" and name == "vit_b" and not b.dry:
+                    _tensorrt_probe(b, path, Path(tmp))
                 del impls
                 if not b.dry:
                     torch.cuda.empty_cache()
     _triton(None)
+
+
+def _tensorrt_probe(b: Bench, lowbit: Path, tmp: Path) -> None:
+    """Whether TensorRT builds an engine from the checkpoint's QDQ ONNX graph (``export.onnx``), recorded in
+    ``extra["tensorrt"]``: "not importable", or the parser / builder's answer. TensorRT takes symmetric int8 Q/DQ
+    only, and these quantizers have zero points, so a refusal is the expected answer (docs/deployment.md)."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        b.extra["tensorrt"] = {"status": "tensorrt is not importable on this machine"}
+        print("  tensorrt: not importable", flush=True)
+        return
+    out = {"version": getattr(trt, "__version__", "?")}
+    try:
+        from export.onnx import to_onnx
+        onnx_path = tmp / "vit_b_w4a4.onnx"
+        to_onnx(str(lowbit), str(onnx_path), batch=1, overwrite=True)
+        logger = trt.Logger(trt.Logger.ERROR)
+        builder = trt.Builder(logger)
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse(onnx_path.read_bytes()):
+            out["status"] = "parser refused: " + "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        else:
+            config = builder.create_builder_config()
+            engine = builder.build_serialized_network(network, config)
+            out["status"] = "engine built" if engine is not None else "builder refused (see its log)"
+    except Exception as e:  # noqa: BLE001 - the probe reports, never breaks the run
+        out["status"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    b.extra["tensorrt"] = out
+    print(f"  tensorrt {out['version']}: {out['status'][:200]}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- optimiser
@@ -809,6 +842,10 @@ def markdown(res: dict) -> str:
         if "error" not in t:
             lines.append(f"| e2e W4A4 | {t['syncs']} | {t['aten_ops']} | {t['dispatched_ops']} | "
                          f"{counts['ratios']['dispatched_ops_triton_path']:.2f} | {t['launches_total']} |")
+    trt = res.get("extra", {}).get("tensorrt")
+    if trt:
+        lines += ["", "## TensorRT", "", f"ViT-B W4A4 QDQ graph (`export.onnx`), TensorRT {trt.get('version', '-')}: "
+                  f"{trt['status']}"]
     if res["errors"]:
         lines += ["", "## Sections that failed", ""]
         lines += [f"- {k}: `{v.strip().splitlines()[-1]}`" for k, v in res["errors"].items()]
