@@ -7,6 +7,7 @@ import export
 from export import CheckpointError
 from export import format as fmt
 from export.runtime import BlockCorrection
+from lowbit import primitives as P
 from lowbit.primitives import SULQParams
 from quant.modules import SULQuantizer, set_mode
 from quant.surgery import blocks
@@ -52,6 +53,19 @@ def test_parity_with_fake_quant(tmp_path, folder_images, kind, correction, sulq)
     x = folder_images[:SWIN_IMAGES] if kind == "swin" else folder_images
     with torch.no_grad():
         a, b = _int_forward(q, x), m(x)
+    _assert_parity(a, b)
+
+
+def test_parity_published_sulq_at_8_bits(tmp_path, folder_images):
+    """W1.58A8 with the published SULQ: 257 probability levels (codes 0..256, no int8 storage) through export, the
+    manifest's grid width and the CPU backend's table."""
+    q, path = _export(tmp_path, "vit", "w1.58a8", False, True)
+    _, man = fmt.load(path)
+    widths = {e["p_bits"] for e in man["modules"] if e["kind"] == "vit_attention"}
+    assert widths == {P.sulq_grid_bits(8)} and P.n_levels(widths.pop()) == 257
+    m = export.load(path)
+    with torch.no_grad():
+        a, b = _int_forward(q, folder_images), m(folder_images)
     _assert_parity(a, b)
 
 
