@@ -12,6 +12,10 @@ differently. :class:`HostAdam` keeps the counts on the host as well (read once f
 and foreach updates, with the same ``state_dict`` (a checkpoint of either loads into the other). Per step: one
 ``torch._foreach_*`` op each for the moments, the denominator and the update, and one 0-d tensor for the step's
 bias correction.
+
+``graphable=True`` (a step captured in a CUDA graph, :mod:`quant.graph_step`): :meth:`HostAdam.prepare` (host) fills
+this step's ``-lr / (1 - beta1^t)`` and ``sqrt(1 - beta2^t)`` into device tensors and :meth:`HostAdam.update` (device
+ops only) applies ``p += (m / denom) * step``: equal to torch's Adam to rounding.
 """
 from __future__ import annotations
 
