@@ -33,8 +33,12 @@ def test_sulq_attention_matches_reference(gen, passes, b, h, l, bits, swin, publ
 
 @pytest.mark.parametrize("d", [32, 128])
 def test_sulq_attention_other_head_dims(gen, passes, d):
+    """Head dims 32 and 128 (64: above) on both paths; the comparisons with the reference are in the helper."""
     _sulq_matches_reference(gen, 2, 2, 197, 4, False, True, d=d)
     _sulq_matches_reference(gen, 4, 2, 49, 8, True, True, d=d)
+    kind, asked = passes
+    assert sorted({l for _, l in asked}) == [49, 197] and {t for t, _ in asked} == {"one" if kind == "one pass"
+                                                                                   else "two"}
 
 
 def _sulq_matches_reference(gen, b, h, l, bits, swin, published, d=64):
