@@ -53,6 +53,7 @@ TARGETS = [  # (what, section, case filter, impl, baseline, minimum ratio)
     ("packed GEMM batch 64 vs torch._int_mm", "gemm", "M=12608", ("W1.58A8", "W4A4", "W3A3"), "torch._int_mm", 0.9),
     ("packed GEMM batch 1 vs fp16 matmul", "gemm", "M=197 ", ("W1.58A8", "W4A4", "W3A3"), "fp16 matmul", 1.3),
     ("LayerNorm-quantize bandwidth vs copy", "quantize", "", ("layernorm_quantize",), "copy", 0.7),
+    ("rescale-quantize bandwidth vs copy", "quantize", "", ("rescale_quantize",), "copy", 0.7),
     ("attention L=197 batch 64 vs fp16 SDPA", "attention", "B=64 H=12 L=197 ",
      ("quant_attention a8 fused", "quant_attention a4 fused"), "fp16 SDPA", 1.0),
     ("attention L=197 batch 1 vs fp16 SDPA", "attention", "B=1 H=12 L=197 ",
@@ -195,6 +196,24 @@ def section_checks(b: Bench) -> None:
         out = ops.layernorm_quantize(x, lw, lb, 1e-6, qp)
         _triton(False)
         _tie_check(b, f"layernorm_quantize a{bits}", out, R.layernorm_rescale_quantize(x, lw, lb, 1e-6, qp), y / qp.s)
+    # bit-exact, the residual-fused kernel too, on rows whose sums are exact in any order (so the reference's
+    # summation order does not matter): x_new = x + delta exactly, delta and x nonzero multiples of 1/32
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        xn_ref = R.exact_sum_rows(m, c, dt, g)
+        d = ((torch.randint(1, 17, (m, c), device=dev, generator=g) * 2 - 17).float() / 16).to(dt)
+        xe = (xn_ref.float() - d.float()).to(dt)
+        pre = P.apply_rescale(R.layernorm(xn_ref, lw, lb, 1e-6), r, sh)
+        qp = QParams(*P.init_act_qparams(pre, 4), 4)
+        _triton(True)
+        out = ops.layernorm_quantize(xn_ref, lw, lb, 1e-6, qp, r, sh)
+        xn, res = ops.add_layernorm_quantize(xe, d, lw, lb, 1e-6, qp, r, sh)
+        _triton(False)
+        ref = R.layernorm_rescale_quantize(xn_ref, lw, lb, 1e-6, qp, r, sh)
+        name = str(dt).replace("torch.", "")
+        b.check(f"layernorm_quantize exact-sum rows {name}", torch.equal(out, ref),
+                f"{int((out != ref).sum())} of {ref.numel()} codes differ")
+        b.check(f"add_layernorm_quantize exact-sum rows {name}", torch.equal(xn, xn_ref) and torch.equal(res, ref),
+                f"{int((xn != xn_ref).sum())} x_new and {int((res != ref).sum())} codes differ")
 
     # fake quantize: forward values and every gradient (x, r, shift, s, z)
     bits = 4
@@ -303,14 +322,75 @@ def section_checks(b: Bench) -> None:
 # ---------------------------------------------------------------------------------------------- kernels
 
 
-#: (BLOCK_M, num_warps) tried for LayerNorm-quantize beside the shipped :func:`kernels.configs.layernorm_blocks`
-LN_CONFIGS = ((1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (4, 2), (1, 4), (2, 4), (4, 4), (8, 4), (8, 8), (16, 8))
+def _gemm_kernel_sweep(b: Bench, case: str, name: str, flops: float, run: Callable) -> None:
+    """Rows ``<name> pointer-load`` and ``<name> TMA <tile>``: ``run()`` (one ``ops.packed_linear``) with the int8
+    GEMM forced to the pointer-load kernel of the table, then to the persistent TMA kernel at each of
+    :data:`kernels.configs.TMA_CANDIDATES` (on a GPU without TMA the row records the error); each output must equal
+    the pointer-load kernel's bit for bit (a failed check otherwise). One run decides :data:`kernels.configs.TMA_GEMM`
+    and the TMA tiles."""
+    import torch
+
+    from kernels import configs as C
+    real = C.tma_gemm_config
+    try:
+        C.tma_gemm_config = lambda *args: None
+        ref = run()
+        b.row("gemm", case, f"{name} pointer-load", b.time_ms(run), flops, "TOPS")
+        for cfg in C.TMA_CANDIDATES:
+            if name == "W8A8" and cfg.block_n > 128:  # (beside the row sums the 128x256 accumulator spills)
+                continue
+            impl = f"{name} TMA {cfg.block_m}x{cfg.block_n}x{cfg.block_k} s{cfg.num_stages} e{cfg.epi_split}"
+            C.tma_gemm_config = lambda *args, cfg=cfg: cfg
+            try:
+                out = run()
+                if not torch.equal(out, ref):
+                    b.check(f"{impl} {case}", False, "output differs from the pointer-load kernel's")
+                b.row("gemm", case, impl, b.time_ms(run), flops, "TOPS")
+            except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+                b.errors[f"{impl} {case}"] = f"{type(e).__name__}: {str(e)[:200]}"
+    finally:
+        C.tma_gemm_config = real
 
 
 def _layernorm_config_sweep(b: Bench, x, lw, lb, qp, case: str, nbytes: int) -> None:
-    """Rows ``layernorm_quantize BM=.. w=..``: the launch ``ops.layernorm_quantize`` makes, at other row blocks and
-    warp counts (a failed check where its codes differ from the shipped config's), to choose the config from a GPU
-    run."""
+    """Rows ``layernorm_quantize BM=.. BC=..x.. w=..``: the launch ``ops.layernorm_quantize`` makes, at each tile of
+    :data:`kernels.configs.LAYERNORM_SWEEP` (the former layout among them; a failed check where its codes differ
+    from the shipped layout's away from a rounding tie: the row sums' order is the layout's), to choose the tiles
+    from a GPU run."""
+    import torch
+
+    from kernels import configs as C
+    from kernels import library as L
+    from kernels import ops
+    from kernels.ops import _act_qparams
+    from lowbit import primitives as P
+    s, zr = _act_qparams(x, qp)
+    ref = ops.layernorm_quantize(x, lw, lb, 1e-6, qp)
+    pre = P.layernorm(x, lw, lb, 1e-6) / qp.s
+    for cfg in C.LAYERNORM_SWEEP[:2] if b.dry else C.LAYERNORM_SWEEP:
+        bm, bc, chunks, warps = cfg
+        name = f"layernorm_quantize BM={bm} BC={bc}x{chunks} w={warps}"
+        out = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+        lx = L.layernorm_quantize_launch(x, out, lw, lb, 1e-6, None, None, s, zr, float(qp.bits), C.Target.of(x),
+                                         cfg)
+        try:
+            lx()
+            _, away, dmax = _ties(out, ref, pre)
+            if away or dmax > 1:
+                b.check(f"{name} {case}", False, f"codes differ from the shipped layout's: {away} away from a "
+                                                 f"rounding tie, by up to {dmax}")
+            ms = b.time_ms(lx)
+        except Exception as e:  # noqa: BLE001 - a config that fails to compile or launch is a result here
+            b.errors[f"{name} {case}"] = f"{type(e).__name__}: {str(e)[:200]}"
+            continue
+        b.row("quantize", case, name, ms, (nbytes + x.numel()) / 1e9, "GB/s")
+
+
+def _quantize_config_sweep(b: Bench, x, r, sh, qp, case: str, nbytes: int) -> None:
+    """Rows ``rescale_quantize BM=.. w=.. s=..``: the launch ``ops.quantize`` makes, at each tile of
+    :data:`kernels.configs.QUANTIZE_SWEEP` (``persistent``: a grid of a few programs per SM looping over the row
+    tiles; the former layout, one unpipelined program per tile, among them), a failed check where its codes differ
+    from the shipped layout's (they cannot: the arithmetic is element-wise)."""
     import torch
 
     from kernels import configs as C
@@ -318,21 +398,21 @@ def _layernorm_config_sweep(b: Bench, x, lw, lb, qp, case: str, nbytes: int) -> 
     from kernels import ops
     from kernels.ops import _act_qparams
     s, zr = _act_qparams(x, qp)
-    ref = ops.layernorm_quantize(x, lw, lb, 1e-6, qp)
-    for bm, warps in LN_CONFIGS[:2] if b.dry else LN_CONFIGS:
+    ref = ops.quantize(x, qp, r, sh)
+    for cfg in C.QUANTIZE_SWEEP[:2] if b.dry else C.QUANTIZE_SWEEP:
+        bm, bc, warps, stages, persistent = cfg
+        name = f"rescale_quantize BM={bm} BC={bc} w={warps} s={stages}{' persistent' if persistent else ''}"
         out = torch.empty(x.shape, dtype=torch.int8, device=x.device)
-        lx = L.layernorm_quantize_launch(x, out, lw, lb, 1e-6, None, None, s, zr, float(qp.bits), C.Target.of(x))
-        lx.meta["BLOCK_M"], lx.options["num_warps"] = bm, warps
-        lx.grid = (C.cdiv(x.shape[0], bm),)
+        lx = L.rescale_quantize_launch(x, out, r, sh, s, zr, float(qp.bits), C.Target.of(x), cfg)
         try:
             lx()
             if not torch.equal(out, ref):
-                b.check(f"layernorm_quantize BM={bm} w={warps} {case}", False, "codes differ from the shipped config's")
+                b.check(f"{name} {case}", False, "codes differ from the shipped layout's")
             ms = b.time_ms(lx)
         except Exception as e:  # noqa: BLE001 - a config that fails to compile or launch is a result here
-            b.errors[f"layernorm_quantize BM={bm} w={warps} {case}"] = f"{type(e).__name__}: {str(e)[:200]}"
+            b.errors[f"{name} {case}"] = f"{type(e).__name__}: {str(e)[:200]}"
             continue
-        b.row("quantize", case, f"layernorm_quantize BM={bm} w={warps}", ms, (nbytes + x.numel()) / 1e9, "GB/s")
+        b.row("quantize", case, name, ms, (nbytes + x.numel()) / 1e9, "GB/s")
 
 
 #: (BLOCK_M, BLOCK_N, num_warps, num_stages) tried for the unbiased fused attention beside the shipped
@@ -404,6 +484,10 @@ def section_kernels(b: Bench) -> None:
                 out_dt = torch.float16
                 ms = b.time_ms(lambda: ops.packed_linear(a, qp, pw, sw, zw, bias, out_dtype=out_dt))
                 b.row("gemm", case, name, ms, flops, "TOPS")
+                if name in ("W4A4", "W8A8") and (pw.fmt == "int8" or C.unpack_first(pw.fmt, m)):
+                    # the int8 GEMM every unpacked weight runs (centred), and W8's
+                    _gemm_kernel_sweep(b, case, name, flops, lambda: ops.packed_linear(a, qp, pw, sw, zw, bias,
+                                                                                       out_dtype=out_dt))
                 if C.unpack_first(pw.fmt, m):  # the dispatcher unpacks first; time the fused kernel beside it
                     keep, C.UNPACK_MIN_M = C.UNPACK_MIN_M, 1 << 62
                     try:
@@ -429,8 +513,22 @@ def section_kernels(b: Bench) -> None:
               b.time_ms(lambda: ops.layernorm_quantize(x, lw, lb, 1e-6, qp)), (nbytes + x.numel()) / 1e9, "GB/s")
         b.row("quantize", case, "rescale_quantize", b.time_ms(lambda: ops.quantize(x, qp, r, sh)),
               (nbytes + x.numel()) / 1e9, "GB/s")
+        # the residual add before a LayerNorm (Swin: where proj's output is window-reversed and rolled first):
+        # one pass against torch's x + delta and the LayerNorm-quantize; both counted as the fused pass's bytes
+        # (x, delta read; x_new, codes written), so their ratios compare times
+        d = (torch.randn(m, c, device=dev, generator=_gen(dev, 3)) * 0.3).to(x.dtype)
+        res_gb = (3 * nbytes + x.numel()) / 1e9
+        b.row("quantize", case, "add_layernorm_quantize",
+              b.time_ms(lambda: ops.add_layernorm_quantize(x, d, lw, lb, 1e-6, qp)), res_gb, "GB/s")
+        b.row("quantize", case, "x + delta, then layernorm_quantize",
+              b.time_ms(lambda: ops.layernorm_quantize(x + d, lw, lb, 1e-6, qp)), res_gb, "GB/s")
+        xn, codes = ops.add_layernorm_quantize(x, d, lw, lb, 1e-6, qp)
+        b.check(f"add_layernorm_quantize = x + delta, then layernorm_quantize {case}",
+                torch.equal(xn, x + d) and torch.equal(codes, ops.layernorm_quantize(x + d, lw, lb, 1e-6, qp)),
+                "x_new and codes bit-identical")
         if not b.quick or batch == batches[-1]:
             _layernorm_config_sweep(b, x, lw, lb, qp, case, nbytes)
+            _quantize_config_sweep(b, x, r, sh, qp, case, nbytes)
 
     att = [(1, 2, 49, 32, True)] if b.dry else [
         (1, 12, 197, 64, False), (64, 12, 197, 64, False), (64 * 8, 4, 49, 32, True)] if b.quick else [
@@ -555,6 +653,7 @@ def section_models(b: Bench, models: Optional[List[str]] = None, compile_models=
     import torch
 
     import export
+    from kernels import configs as C
     specs = DRY_MODELS if b.dry else MODELS
     batches = (2,) if b.dry else (1, 64) if b.quick else (1, 8, 64)
     if b.quick and models is None:
@@ -592,6 +691,15 @@ def section_models(b: Bench, models: Optional[List[str]] = None, compile_models=
                             ms = b.time_ms(lambda: model(xi), model=True)
                             peak = torch.cuda.max_memory_allocated() / 2 ** 20 if not b.dry else None
                         b.row("model", case, impl, ms, batch, "img/s", peak_mib=peak)
+                    if batch == batches[-1]:  # the same model with the int8 GEMMs on the pointer-load kernel
+                        model = impls[f"{tag} eager"]
+                        keep, C.TMA_GEMM = C.TMA_GEMM, False
+                        try:
+                            with torch.inference_mode():
+                                ms = b.time_ms(lambda: model(x), model=True)
+                        finally:
+                            C.TMA_GEMM = keep
+                        b.row("model", case, f"{tag} eager pointer-load GEMM", ms, batch, "img/s")
                     print(f"  {case} {bits} done", flush=True)
                 if bits == "w4a4" and name == "vit_b" and not b.dry:
                     _tensorrt_probe(b, path, Path(tmp))

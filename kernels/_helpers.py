@@ -46,6 +46,22 @@ def rcp_refine(b, y):
 
 
 @triton.jit
+def sqrt_rn(a):
+    """``sqrt(a)`` rounded to nearest (IEEE: ``tl.sqrt_rn``, torch's CUDA sqrt) without ``sqrt.rn``'s slow-path
+    subroutine (a ``CALL`` around which ptxas 12.9 spills a LayerNorm tile's registers): the fast path ptxas itself
+    emits for ``sqrt.rn`` on ``[2^-101, 2^128)``, ``s = a r``, then ``s + (a - s^2) (r / 2)`` by two FMAs from
+    ``r = rsqrt.approx(a)`` (``MUFU.RSQ``); ``a < 2^-100`` (denormals too) scaled by ``2^100`` first and the root by
+    ``2^-50`` after (both exact); ``0`` and ``+inf`` returned as they are (negative ``a`` and NaN give NaN)."""
+    small = a < 7.888609052210118e-31
+    b = tl.where(small, a * 1.2676506002282294e30, a)
+    r = tl.math.rsqrt(b)
+    s = b * r
+    y = tl.fma(tl.fma(-s, s, b), r * 0.5, s)
+    y = tl.where(small, y * 8.881784197001252e-16, y)
+    return tl.where((a + a == a) & (a >= 0.0), a, y)
+
+
+@triton.jit
 def div_rcp(a, b, rb):
     """``a / b`` rounded to nearest from ``rb = 1 / b`` (rounded to nearest, computed once per row, column or
     tensor): ``q0 = a rb``, then Markstein's correction ``q0 + (a - q0 b) rb`` by two FMAs. Equal to IEEE division
@@ -95,22 +111,45 @@ def rescale(x, r_ptr, shift_ptr, offs_c, mask_c, HAS_R: tl.constexpr, HAS_SHIFT:
 
 
 @triton.jit
+def rescale_values(x, sh, r, rr, HAS_R: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    """:func:`rescale`'s ``(x - sh) / r`` from values already loaded (float32, broadcastable to ``x``), with
+    ``rr = rcp_rn(r)``: kernels that load the per-column vectors once for many rows."""
+    if HAS_SHIFT:
+        x = x - sh
+    if HAS_R:
+        x = div_rcp(x, r, rr)
+    return x
+
+
+@triton.jit
 def gelu_erf(y):
     """Exact GELU ``y / 2 * (1 + erf(y / sqrt(2)))``."""
     return 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
 
 
 @triton.jit
+def tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """``(pid_m, pid_n)`` of output tile number ``tile``: row tiles taken ``GROUP_M`` at a time down each column of
+    tiles, so the programs in flight share weight tiles in L2."""
+    grid_m = tl.cdiv(M, BLOCK_M)
+    width = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (tile // width) * GROUP_M
+    group_m = tl.minimum(grid_m - first_m, GROUP_M)
+    return first_m + (tile % width) % group_m, (tile % width) // group_m
+
+
+@triton.jit
 def gemm_epilogue(acc, rowsum, offs_m, offs_n, M, N, K, out_ptr, stride_om, colsum_ptr, sa_ptr, za_ptr,
-                  sw_ptr, zw_ptr, bias_ptr, rq_s_ptr, rq_z_ptr,
+                  sw_ptr, zw_ptr, bias_ptr, rq_s_ptr, rq_z_ptr, res_ptr, stride_rm,
                   HAS_BIAS: tl.constexpr, GELU: tl.constexpr, REQUANT: tl.constexpr,
                   RQ_QMAX: tl.constexpr, RQ_OFFSET: tl.constexpr, RQ_PER_COL: tl.constexpr,
-                  W_CENTERED: tl.constexpr):
+                  W_CENTERED: tl.constexpr, HAS_RES: tl.constexpr):
     """Zero-point algebra of ``lowbit.primitives.int_gemm``, scales, bias, GELU; store float or requantized codes.
 
     ``y = (sa * sw[n]) * (acc - zw[n] rowsum[m] - za colsum[n] + K za zw[n]) + bias[n]``, without the rowsum term
     when ``W_CENTERED`` (``acc`` then sums ``a (w - zw)``); the requant quantizer is per tensor, or per output column
-    (``RQ_PER_COL``: e.g. the Q, K and V quantizers of a qkv projection).
+    (``RQ_PER_COL``: e.g. the Q, K and V quantizers of a qkv projection). ``HAS_RES`` (float output): stores
+    ``res[m, n] + y``, ``y`` first rounded to the output dtype, the sum in float32: torch's ``res + y``.
     """
     mask_n = offs_n < N
     za = tl.load(za_ptr).to(tl.int32)
@@ -137,4 +176,8 @@ def gemm_epilogue(acc, rowsum, offs_m, offs_n, M, N, K, out_ptr, stride_om, cols
             rz = tl.load(rq_z_ptr).to(tl.float32)
         tl.store(ptrs, quantize_signed(y, rs, rz, RQ_QMAX, RQ_OFFSET), mask=out_mask)
     else:
-        tl.store(ptrs, y.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=out_mask)
+        y = y.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+        if HAS_RES:
+            res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_mask, other=0.0)
+            y = (y.to(tl.float32) + res.to(tl.float32)).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+        tl.store(ptrs, y, mask=out_mask)

@@ -128,6 +128,48 @@ def gemm_config(fmt: str, m: int, n: int, k: int, target: Target) -> Optional[Ge
     return gemm_rule(m, n, k, target.num_sms)
 
 
+@dataclass(frozen=True)
+class TmaGemmConfig(GemmConfig):
+    """A tile of the persistent TMA GEMM (:mod:`kernels.int8_gemm_tma`); ``epi_split``: column slices its epilogue
+    runs one after another (1, 2 or 4)."""
+    epi_split: int = 2
+
+    def meta(self) -> dict:
+        return dict(super().meta(), EPI_SPLIT=self.epi_split)
+
+
+#: whether the int8 GEMMs of centred codes (the weights unpacked first, from :data:`UNPACK_MIN_M` rows) run the
+#: persistent TMA kernel on sm_90 where :func:`tma_gemm_config` finds a tile; set ahead of a GPU measurement from the design (TMA
+#: loads, 128-row ``wgmma`` tiles, one program per SM) and to be confirmed by ``python -m bench.gpu``, which times
+#: it beside the pointer-load kernel of the table in the same run
+TMA_GEMM = True
+
+#: the persistent TMA GEMM's tiles, largest first: 128-row tiles on two warpgroups (each a 64-row ``wgmma``), a
+#: 128-wide K step (one 128-byte swizzled row of int8 per operand row), 3-4 stages of 32-48 KiB. Every one passes
+#: the sm_90 compile checks (TMA and ``wgmma`` in the PTX, no spills) with every epilogue. The 128x256 tile holds
+#: 128 accumulator registers per thread: its epilogue runs on four 64-column slices (on two halves the fp32 and
+#: residual epilogues spill 32-400 bytes under Triton 3.8); the 128x128 tile's on two (whole, it spills 56-132 bytes
+#: under Triton 3.6)
+TMA_CANDIDATES = (
+    TmaGemmConfig(128, 256, 128, 8, 3, 8, 4),
+    TmaGemmConfig(128, 128, 128, 8, 4, 8, 2),
+)
+
+
+def tma_gemm_config(m: int, n: int, k: int, target: Target, centered: bool = True) -> Optional[TmaGemmConfig]:
+    """The TMA tile for an int8 ``M x N x K`` GEMM on ``target``, or None for the pointer-load kernel: sm_90 only
+    (:data:`TMA_GEMM`), K a multiple of 16 (a TMA row stride is a multiple of 16 bytes), centred weight codes, and
+    the largest candidate whose tiles still cover every SM (at batch 1, M = 197, 128-row tiles would leave most SMs
+    idle: the table's small tiles run there). Uncentred codes (8-bit weights, whose loop also sums the activation
+    rows) keep the pointer-load kernel: summed from the TMA tile in shared memory the row sums take a K step of the
+    128x128 tile to 426 instructions, 852 issue cycles against 512 tensor-core cycles (the pointer-load 64x128
+    tile: 285 against 256; ``python -m bench.sass_count``), and beside them the 128x256 accumulator spills under
+    Triton 3.9."""
+    if not TMA_GEMM or not centered or target.interpreted or target.arch != 90 or k % 16:
+        return None
+    return next((c for c in TMA_CANDIDATES if cdiv(m, c.block_m) * cdiv(n, c.block_n) >= target.num_sms), None)
+
+
 #: rows from which a packed (non-``int8``) weight is first unpacked to int8 codes (:mod:`kernels.unpack_codes`)
 #: and multiplied by the int8 GEMM instead of unpacking inside the GEMM's main loop. Measured on H100 (bench/RESULTS.md,
 #: CUDA-graph kernel times): at M = 197, 1576 and 12608 the fused int4 GEMM took 1.6-3x the int8 GEMM's time (the
@@ -227,14 +269,104 @@ def fake_quantize_bwd_blocks(c: int, target: Target) -> Tuple[int, int, dict]:
     return bm, bc, ({**opts, "num_warps": 8} if opts else opts)
 
 
-def layernorm_blocks(c: int, target: Target) -> Tuple[int, int, dict]:
-    """``(BLOCK_M, BLOCK_C, options)`` of the LayerNorm-quantize kernel: whole rows (``BLOCK_C >= C``), 16 elements
-    per thread on 4 warps, 8 on 8 warps for ``BLOCK_C = 512`` (C = 384-512: 16 spill 8 bytes under Triton 3.6's
-    ptxas) and past 1024."""
-    bc = pow2(c)
+#: LayerNorm-quantize and rescale-quantize: 16 contiguous columns per thread, the width of one 16-byte int8 store
+#: (loads: 16-byte vectors, 2 per row for fp16, 4 for fp32); one thread's share of a row ``(BM, BC)`` tile
+ROW_VECTOR = 16
+#: row-tile programs per SM that a persistent rescale-quantize grid aims at (4 warps each: 32 warps per SM)
+QUANTIZE_PROGRAMS_PER_SM = 8
+
+#: LayerNorm-quantize tiles ``(BLOCK_M, BLOCK_C, CHUNKS, num_warps)`` at C = 768 that ``bench.gpu`` times beside
+#: :func:`layernorm_blocks`'s, so a GPU run decides: the former layout (one 1024-wide tile, 2 rows on 4 warps), the
+#: shipped one (8 rows of 3 x 256 on 4 warps), 8 values per vector (4 rows: a warp per row), two rows per thread,
+#: 8 warps, two 512-wide chunks (a warp per row, padded to 1024); every one compile-checked
+#: (:func:`kernels.gpu_compile.dispatcher_launches`)
+LAYERNORM_SWEEP = ((2, 1024, 1, 4), (8, 256, 3, 4), (4, 256, 3, 4), (16, 256, 3, 4), (16, 256, 3, 8),
+                   (8, 512, 2, 8), (2, 256, 3, 1))
+#: rescale-quantize tiles ``(BLOCK_M, BLOCK_C, num_warps, STAGES, persistent)`` at C = 768 timed the same way: the
+#: former layout (8 rows, a program per tile, unpipelined), the shipped fp16 one (16 rows, persistent, 3 stages),
+#: and the persistent grid unpipelined, on 2 stages, with 8 and 32 rows, on 8 warps
+QUANTIZE_SWEEP = ((8, 256, 4, 1, False), (16, 256, 4, 3, True), (16, 256, 4, 1, True), (16, 256, 4, 2, True),
+                  (8, 256, 4, 3, True), (32, 256, 4, 3, True), (32, 256, 8, 3, True), (16, 256, 4, 1, False))
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(int(n), 1).bit_length() - 1)
+
+
+def layernorm_chunks(c: int) -> Tuple[int, int]:
+    """``(CHUNKS, BLOCK_C)`` of a LayerNorm row of ``c`` columns: the fewest padded columns ``CHUNKS * BLOCK_C``
+    (``BLOCK_C`` a power of two, at most 4 chunks: ``3 * 2^k`` takes 3 and no padding), then a chunk within one
+    warp (``BLOCK_C <= 32 * 16``: shuffle-only row sums), then the fewest chunks (registers per thread).
+    ``BLOCK_C >= 32``: a row on one thread (C = 48 in 3 x 16) spills with the rescale on sm_80."""
+    cands = [(n, pow2(cdiv(c, n), 2 * ROW_VECTOR)) for n in (1, 2, 3, 4)]
+    return min(cands, key=lambda t: (t[0] * t[1], t[1] > 32 * ROW_VECTOR, t[0]))
+
+
+def layernorm_blocks(c: int, target: Target, m: int = 1 << 30) -> Tuple[int, int, int, dict]:
+    """``(BLOCK_M, BLOCK_C, CHUNKS, options)`` of the LayerNorm-quantize kernel for ``m`` rows of ``c`` columns.
+
+    A row is ``CHUNKS`` chunks of ``BLOCK_C`` (:func:`layernorm_chunks`: ViT-B's 768 = 3 x 256, no padding where
+    the former single ``pow2(C)`` tile padded to 1024 and computed a quarter of its lanes for nothing), each thread
+    16 contiguous columns of each chunk (16-byte int8 stores, 16-byte loads), ``BLOCK_C / 16`` threads per row (16
+    at C = 768: 48 values per thread), one row per thread: ``BLOCK_M = 512 W / BLOCK_C`` on ``W`` warps (8 rows of
+    768 on 4 warps). Row sums: shuffles only (``BLOCK_C <= 512``); the per-column vectors are loaded in the row
+    tile's layout, so nothing crosses threads through shared memory (the former kernel spent 19 barriers on them).
+    4 warps, halved (down to one row's) while the grid has fewer programs than SMs (batch 1, M = 197: 99 one-warp
+    programs instead of 25; the per-thread work is the same). Chosen from static sm_90 SASS at ViT-B batch 64, fp16
+    in (``python -m bench.sass_count``; ~27 instructions per element is where an H100 stops being memory-bound):
+    21.3 instructions per element, no barrier, 72 registers on sm_90 and sm_80 (the former layout: 32.7, 19
+    barriers; the same tile in this kernel: 30.5); 8 rows per program rather than 4 (8 values per vector: 23.8,
+    the row's fixed costs over half the values) or 16 (two rows per thread: registers for no fewer instructions);
+    with ``r``, ``shift``: 29.5 (was 58.8), 115-123 registers; the residual-fused kernel, float32: 26.0 for 13 bytes
+    per element. ``bench.gpu`` times :data:`LAYERNORM_SWEEP` beside it."""
+    chunks, bc = layernorm_chunks(c)
     if target.interpreted:
-        return max(1, min(64, 8192 // bc)), bc, {}
-    return max(1, min(8, 2048 // bc)), bc, dict(num_warps=8 if bc == 512 or bc > 1024 else 4, **GPU_OPTIONS)
+        return _pow2_floor(max(1, min(64, 8192 // (chunks * bc)))), bc, chunks, {}
+    row_warps = cdiv(bc, 32 * ROW_VECTOR)  # warps one row takes (past BLOCK_C = 512)
+    warps = max(4, row_warps)
+    while warps > row_warps and cdiv(m, 32 * ROW_VECTOR * warps // bc) < target.num_sms:
+        warps //= 2
+    return max(1, 32 * ROW_VECTOR * warps // bc), bc, chunks, dict(num_warps=warps, **GPU_OPTIONS)
+
+
+def quantize_blocks(c: int, m: int, target: Target, itemsize: int = 4) -> Tuple[int, int, int, int, dict]:
+    """``(BLOCK_M, BLOCK_C, programs along the rows, STAGES, options)`` of the rescale-quantize kernel for ``m`` rows
+    of ``c`` columns of ``itemsize``-byte floats.
+
+    ``BLOCK_C``: the largest power of two dividing ``c``, at most 256 (768 = 3 x 256: no column masks), or
+    ``pow2(c)`` (masked) where that is below 16; 16 columns per thread, 2 rows per thread for 2-byte inputs, 1 for
+    float32 (an 8 KiB tile: ``BLOCK_M = 16`` rows of 256 on 4 warps). The grid is persistent along the rows:
+    ``shift``, ``r`` and its reciprocal (a Newton-refined ``MUFU.RCP`` per column) once per program, then the same
+    number of row tiles in every program (:data:`QUANTIZE_PROGRAMS_PER_SM` programs per SM); the row loop is
+    pipelined over 3 stages (two tiles in flight per program through ``cp.async``: unpipelined, ptxas issues a
+    thread's four loads one after another between the arithmetic). Few rows (batch 1): one row per thread, then
+    fewer warps, until the tiles cover the SMs. Static sm_90 SASS at ViT-B batch 64, fp16 in: 10.7 instructions per
+    element in the loop (12.4 with the prologue over the 3 tiles a program takes), 14.7 with ``r``, ``shift`` (17.3;
+    the former layout: 13.5 and 23.0 with 11 barriers per tile), 31 and 80 registers on sm_90 (32 and 80 on sm_80).
+    ``bench.gpu`` times :data:`QUANTIZE_SWEEP` beside it."""
+    bc = min(256, c & -c) if c > 0 else ROW_VECTOR
+    if bc < ROW_VECTOR:
+        bc = pow2(c, ROW_VECTOR, 256)
+    nc = cdiv(c, bc)
+    per_warp = max(1, 32 * ROW_VECTOR // bc)
+    if target.interpreted:
+        bm = _pow2_floor(max(1, 4096 // bc))
+        return bm, bc, min(2, cdiv(m, bm)), 1, {}
+    rows, warps = (2 if itemsize <= 2 else 1), 4
+    while cdiv(m, per_warp * warps * rows) * nc < target.num_sms and rows * warps > 1:
+        if rows > 1:
+            rows //= 2
+        else:
+            warps //= 2
+    bm = per_warp * warps * rows
+    return bm, bc, quantize_programs(m, bm, nc, target), 3, dict(num_warps=warps, **GPU_OPTIONS)
+
+
+def quantize_programs(m: int, block_m: int, col_blocks: int, target: Target) -> int:
+    """Programs along the rows of a persistent rescale-quantize grid: each takes ``ceil(tiles x col_blocks / (SMs x
+    QUANTIZE_PROGRAMS_PER_SM))`` row tiles."""
+    tiles = cdiv(m, block_m)
+    return cdiv(tiles, cdiv(tiles * col_blocks, target.num_sms * QUANTIZE_PROGRAMS_PER_SM))
 
 
 # ---------------------------------------------------------------------------------------------- table writer

@@ -39,7 +39,7 @@ import contextlib
 import functools
 import itertools
 import operator
-from typing import Callable, Iterator, NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -572,6 +572,15 @@ def layernorm_quantize(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional
                        qp: P.QParams, r: Optional[Tensor] = None, shift: Optional[Tensor] = None) -> Tensor:
     """int8 codes of ``(LayerNorm(x) - shift) / r`` (:func:`lowbit.primitives.layernorm`, then :func:`quantize`)."""
     return quantize(P.layernorm(x, ln_weight, ln_bias, eps), qp, r, shift)
+
+
+def add_layernorm_quantize(x: Tensor, delta: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
+                           eps: float, qp: P.QParams, r: Optional[Tensor] = None,
+                           shift: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """``(x_new, codes)``: ``x_new = (x + delta).to(x.dtype)``, then :func:`layernorm_quantize` of it."""
+    x_new = x + delta
+    x_new = x_new if x_new.dtype == x.dtype else x_new.to(x.dtype)
+    return x_new, layernorm_quantize(x_new, ln_weight, ln_bias, eps, qp, r, shift)
 
 
 def fake_quantize(x: Tensor, qp: P.QParams, r: Optional[Tensor] = None, shift: Optional[Tensor] = None) -> Tensor:

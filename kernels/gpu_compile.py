@@ -1,6 +1,7 @@
 """Compile a kernel launch for a real NVIDIA target on any machine (no GPU needed) and read what the GPU compiler
-made of it: registers and spill bytes (``ptxas -v``), shared memory, and whether every ``tl.dot`` became
-tensor-core code (``wgmma`` on sm_90, ``mma.sync`` on sm_80).
+made of it: registers and spill bytes (``ptxas -v``), shared memory, whether every ``tl.dot`` became
+tensor-core code (``wgmma`` on sm_90, ``mma.sync`` on sm_80) and whether a TMA kernel's loads became bulk tensor
+copies (``cp.async.bulk.tensor``).
 
 ``compile_launch(launch, arch)`` takes the :class:`kernels.launch.Launch` that the dispatcher would run (build it
 on ``meta`` tensors) and returns a :class:`CompileReport`; :func:`check` turns a report into failure messages.
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
+from triton.runtime.jit import mangle_type
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from lowbit import packing
 from lowbit import primitives as P
@@ -47,6 +50,8 @@ class CompileReport:
     shared: int = 0
     dots: int = 0
     mma: bool = True
+    wgmma: bool = False
+    tma: bool = False
 
 
 def signature(launch) -> tuple:
@@ -58,7 +63,9 @@ def signature(launch) -> tuple:
             sig[name] = "constexpr"
             continue
         v = launch.args[name]
-        if torch.is_tensor(v):
+        if isinstance(v, TensorDescriptor):
+            sig[name] = mangle_type(v)
+        elif torch.is_tensor(v):
             sig[name] = "*" + _DTYPES[v.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, bool):
@@ -115,6 +122,8 @@ def compile_launch(launch, arch: int) -> CompileReport:
         rep.shared = int(k.metadata.shared)
         rep.dots = len(re.findall(r"\btt\.dot\b|\bttng\.warp_group_dot\b|\btriton_nvidia_gpu\.warp_group_dot\b", ttgir))
         rep.mma = ("wgmma" in ptx or "mma.sync" in ptx) if rep.dots else True
+        rep.wgmma = "wgmma" in ptx
+        rep.tma = "cp.async.bulk.tensor" in ptx
         rep.registers, rep.spill_bytes = _ptxas_stats(ptx, arch)
         rep.ok = True
     except Exception as e:  # noqa: BLE001 - a failed compile is a result here
@@ -130,6 +139,9 @@ def check(rep: CompileReport) -> List[str]:
     errs = []
     if not rep.mma:
         errs.append(f"{where}: {rep.dots} tl.dot not lowered to tensor-core code (no wgmma / mma.sync in the PTX)")
+    if rep.name.endswith("_tma_kernel") and not (rep.tma and rep.wgmma):
+        errs.append(f"{where}: a TMA kernel without {'TMA loads (cp.async.bulk.tensor)' if not rep.tma else 'wgmma'} "
+                    "in the PTX")
     if rep.spill_bytes:
         errs.append(f"{where}: spills {rep.spill_bytes} bytes per thread ({rep.registers} registers)")
     limit = SMEM_LIMIT.get(rep.arch)
@@ -199,21 +211,28 @@ def _meta(*shape, dtype=torch.float32) -> torch.Tensor:
 
 
 def gemm_launch(fmt: str, m: int, n: int, k: int, target, config=None, bias=True, gelu=False, out_dtype=torch.float32,
-                rq_bits=None, rq_per_col=False, centered=False):
-    """The dispatcher's packed-GEMM launch for an ``M x N x K`` problem, on meta tensors (``rq_per_col``: the
-    requant quantizer has a step and zero point per output column, as for a qkv projection; ``centered``: int8
-    codes ``w - zw``, as after an unpack)."""
+                rq_bits=None, rq_per_col=False, centered=False, res=False):
+    """A packed-GEMM launch for an ``M x N x K`` problem, on meta tensors: the dispatcher's own choice when
+    ``config`` is None, the pointer-load kernel with a :class:`kernels.configs.GemmConfig`, the persistent TMA kernel
+    with a :class:`kernels.configs.TmaGemmConfig` (``rq_per_col``: the requant quantizer has a step and zero point
+    per output column, as for a qkv projection; ``centered``: int8 codes ``w - zw``, as after an unpack; ``res``: a
+    residual added to the float output, as for ``proj`` and ``fc2``)."""
     kp = packing.padded_k(k, fmt)
     planes = [_meta(n, kp // per, dtype=torch.int8 if fmt == "int8" else torch.uint8)
               for _, per in packing.FORMATS[fmt].planes]
     i32 = dict(dtype=torch.int32)
     rq = rq_bits is not None
     out = _meta(m, n, dtype=torch.int8 if rq else out_dtype)
-    return L.packed_gemm_launch(_meta(m, k, dtype=torch.int8), planes, fmt, k, _meta(n, **i32), _meta(1), _meta(1),
-                                _meta(n), _meta(n, **i32), _meta(n) if bias else None, gelu, out,
-                                _meta(n if rq_per_col else 1) if rq else None,
-                                _meta(n if rq_per_col else 1) if rq else None, float(rq_bits or 8), target, config,
-                                centered)
+    args = (_meta(m, k, dtype=torch.int8), planes, fmt, k, _meta(n, **i32), _meta(1), _meta(1), _meta(n),
+            _meta(n, **i32), _meta(n) if bias else None, gelu, out, _meta(n if rq_per_col else 1) if rq else None,
+            _meta(n if rq_per_col else 1) if rq else None, float(rq_bits or 8), target)
+    residual = _meta(m, n, dtype=out_dtype) if res else None
+    if config is None:
+        return L.gemm_launch(*args, centered=centered, res=residual)
+    if isinstance(config, C.TmaGemmConfig):
+        a, planes, _, _, colsum, *rest = args
+        return L.int8_gemm_tma_launch(a, planes[0], colsum, *rest, config, centered, residual)
+    return L.packed_gemm_launch(*args, config, centered, residual)
 
 
 def unpack_launch(fmt: str, n: int, k: int, target):
@@ -269,17 +288,32 @@ def dispatcher_launches(arch: int) -> list:
             if c:
                 add(unpack_launch(packed, n, k, target))
             cfg = C.gemm_config(fmt, m, n, k, target) or C.gemm_rule(m, n, k)
-            add(gemm_launch(fmt, m, n, k, target, cfg, centered=c))
-            if (k, n) in fc1:  # the GELU + requant epilogue runs on fc1 only (export.runtime.PackedMlp)
-                add(gemm_launch(fmt, m, n, k, target, cfg, gelu=True, rq_bits=4.0, centered=c))
-            if (k, n) in qkv:  # per-column requant into Q, K, V codes (export.runtime._PackedAttention)
-                add(gemm_launch(fmt, m, n, k, target, cfg, rq_bits=4.0, rq_per_col=True, centered=c))
+            tma = C.tma_gemm_config(m, n, k, target, c) if fmt == "int8" else None
+            for tile in (cfg, tma) if tma else (cfg,):  # bench.gpu times the pointer-load kernel beside TMA
+                add(gemm_launch(fmt, m, n, k, target, tile, centered=c))
+                if (k, n) in fc1:  # the GELU + requant epilogue runs on fc1 only (export.runtime.PackedMlp)
+                    add(gemm_launch(fmt, m, n, k, target, tile, gelu=True, rq_bits=4.0, centered=c))
+                elif (k, n) in qkv:  # per-column requant into Q, K, V codes (export.runtime._PackedAttention)
+                    add(gemm_launch(fmt, m, n, k, target, tile, rq_bits=4.0, rq_per_col=True, centered=c))
+                elif n in (k, k // 4):  # proj and fc2 take the block's residual (kernels.ops.vit_block)
+                    add(gemm_launch(fmt, m, n, k, target, tile, centered=c, res=True))
     variants = [(fmt, False) for fmt in fmts] + [("int8", True)]
     for cfg in C.GEMM_CANDIDATES:
         for fmt, c in variants:
             for m in (197, 12608):
                 add(gemm_launch(fmt, m, 768, 768, target, cfg, centered=c))
                 add(gemm_launch(fmt, m, 3072, 768, target, cfg, gelu=True, rq_bits=8.0, centered=c))
+    if arch == 90:  # every TMA tile with every epilogue, at ViT-B's batch-64 shapes
+        for cfg in C.TMA_CANDIDATES:
+            for c in (False, True) if cfg.block_n <= 128 else (True,):  # (uncentred: tma_gemm_config)
+                for bias in (False, True):
+                    for gelu in (False, True):
+                        add(gemm_launch("int8", 12608, 768, 768, target, cfg, bias=bias, gelu=gelu, centered=c))
+                for dt in (torch.float32, torch.float16, torch.bfloat16):
+                    add(gemm_launch("int8", 12608, 768, 768, target, cfg, out_dtype=dt, centered=c))
+                    add(gemm_launch("int8", 12608, 768, 3072, target, cfg, out_dtype=dt, centered=c, res=True))
+                add(gemm_launch("int8", 12608, 3072, 768, target, cfg, gelu=True, rq_bits=4.0, centered=c))
+                add(gemm_launch("int8", 12608, 2304, 768, target, cfg, rq_bits=4.0, rq_per_col=True, centered=c))
     big = C.GEMM_CANDIDATES[-1]
     for fmt, c in variants:
         for bias in (False, True):
@@ -323,21 +357,62 @@ def dispatcher_launches(arch: int) -> list:
             s, z = _meta(1), _meta(1)
             for bits in a_bits:
                 for r, sh in ((None, None), (_meta(c), _meta(c))):
-                    o8 = _meta(m, c, dtype=torch.int8)
-                    add(L.rescale_quantize_launch(x, o8, r, sh, s, z, bits, target))
-                    add(L.layernorm_quantize_launch(x, o8, _meta(c), _meta(c), 1e-6, r, sh, s, z, bits, target))
                     add(L.fake_quantize_fwd_launch(x, _meta(m, c), r, sh, s, z, bits, target))
                     add(L.fake_quantize_bwd_launch(_meta(m, c), x, r, sh, s, z, bits, target)[0])
             for dt in (torch.float16, torch.bfloat16):
-                xh = _meta(m, c, dtype=dt)
-                add(L.rescale_quantize_launch(xh, _meta(m, c, dtype=torch.int8), None, None, s, z, 4.0, target))
-                add(L.layernorm_quantize_launch(xh, _meta(m, c, dtype=torch.int8), None, None, 1e-6, None, None, s,
-                                                z, 4.0, target))
-                add(L.fake_quantize_bwd_launch(_meta(m, c), xh, _meta(c), None, s, z, 4.0, target)[0])
+                add(L.fake_quantize_bwd_launch(_meta(m, c), _meta(m, c, dtype=dt), _meta(c), None, s, z, 4.0,
+                                               target)[0])
             for wbits in (1.58, 3.0, 4.0, 8.0):  # weights: per-row s, z
                 add(L.fake_quantize_fwd_launch(x, _meta(m, c), None, None, _meta(m), _meta(m), wbits, target))
                 add(L.fake_quantize_bwd_launch(_meta(m, c), x, None, None, _meta(m), _meta(m), wbits, target)[0])
+        for m in rows:  # every row count: the quantize and LayerNorm tiles depend on it (fewer warps at batch 1)
+            for lx in row_launches(m, c, target, deployed=m == rows[-1], full=m == rows[-1] and c in (384, 768)):
+                add(lx)
+    for lx in row_launches(12608, 768, target, sweep=True):  # the tiles bench.gpu times beside the shipped ones
+        add(lx)
+    for m in (197, 12608):  # a width that is no multiple of 16 (masked columns; ops take any width)
+        for lx in row_launches(m, 200, target, deployed=False, full=False):
+            add(lx)
     return list(out.values())
+
+
+def row_launches(m: int, c: int, target, deployed: bool = True, full: bool = True, sweep: bool = False) -> list:
+    """The rescale-quantize and LayerNorm-quantize launches (the residual-fused one included) for ``m`` rows of
+    ``c`` columns, on meta tensors: float32 input with every option on (affine, rescale: the most registers), and
+    fp16 input for rescale-quantize (its tiles depend on the input's width); ``deployed``: also fp16 with the
+    folded affine, a bfloat16 residual stream with a float32 ``delta``; ``full``: also each input dtype and option
+    alone, ``delta`` in ``x``'s dtype, several quantizer widths; ``sweep``: float32 and fp16 at the tiles of
+    :data:`kernels.configs.LAYERNORM_SWEEP` and :data:`kernels.configs.QUANTIZE_SWEEP` instead."""
+    s, z = _meta(1), _meta(1)
+    o8 = _meta(m, c, dtype=torch.int8)
+    f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+    vec = _meta(c)
+    ln, res, rq = [], [], []  # (dtype, affine, rescale, bits) / (dtype, delta dtype, rescale) / (dtype, rescale, bits)
+    if sweep:
+        ln, rq = [(f32, True, False, 4.0), (f16, True, False, 4.0)], [(f32, True, 4.0), (f16, True, 4.0)]
+    else:
+        ln, res, rq = [(f32, True, True, 4.0)], [(f32, f32, True)], [(f32, True, 4.0), (f16, False, 4.0)]
+        if deployed or full:
+            ln, res = ln + [(f16, True, False, 4.0)], res + [(bf16, f32, False)]
+        if full:
+            ln += [(f32, False, False, 8.0), (f32, True, False, 3.0), (bf16, True, True, 6.0), (f16, False, True, 4.0)]
+            res += [(f32, f32, False), (f16, f16, False)]
+            rq += [(dt, rs, bits) for dt in (f32, f16, bf16) for rs in (False, True) for bits in (3.0, 8.0)]
+    out = []
+    for dt, rs, bits in rq:
+        for cfg in C.QUANTIZE_SWEEP if sweep else (None,):
+            out.append(L.rescale_quantize_launch(_meta(m, c, dtype=dt), o8, vec if rs else None, vec if rs else None,
+                                                 s, z, bits, target, cfg))
+    for dt, aff, rs, bits in ln:
+        for cfg in C.LAYERNORM_SWEEP if sweep else (None,):
+            out.append(L.layernorm_quantize_launch(_meta(m, c, dtype=dt), o8, vec if aff else None,
+                                                   vec if aff else None, 1e-6, vec if rs else None,
+                                                   vec if rs else None, s, z, bits, target, cfg))
+    for dt, ddt, rs in res:
+        out.append(L.layernorm_quantize_launch(_meta(m, c, dtype=dt), o8, vec, vec, 1e-6, vec if rs else None,
+                                               vec if rs else None, s, z, 4.0, target, delta=_meta(m, c, dtype=ddt),
+                                               x_new=_meta(m, c, dtype=dt)))
+    return out
 
 
 def structural_key(lx) -> tuple:
@@ -361,15 +436,18 @@ def representatives(launches) -> list:
 
 
 def summary(reports) -> str:
-    """A table per (kernel, arch): launches compiled, max registers, max spill bytes, max shared memory."""
+    """A table per (kernel, arch): launches compiled, max registers, max spill bytes, max shared memory, and how
+    many use TMA loads and ``wgmma``."""
     rows = {}
     for r in reports:
         k = (r.name, r.arch)
-        n, regs, spill, smem = rows.get(k, (0, 0, 0, 0))
-        rows[k] = (n + 1, max(regs, r.registers), max(spill, r.spill_bytes), max(smem, r.shared))
-    out = [f"{'kernel':30s} {'arch':>6s} {'configs':>8s} {'max regs':>9s} {'max spill':>10s} {'max smem':>9s}"]
-    for (name, arch), (n, regs, spill, smem) in sorted(rows.items()):
-        out.append(f"{name:30s} sm_{arch:<3d} {n:8d} {regs:9d} {spill:10d} {smem:9d}")
+        n, regs, spill, smem, tma, wg = rows.get(k, (0, 0, 0, 0, 0, 0))
+        rows[k] = (n + 1, max(regs, r.registers), max(spill, r.spill_bytes), max(smem, r.shared), tma + r.tma,
+                   wg + r.wgmma)
+    out = [f"{'kernel':30s} {'arch':>6s} {'configs':>8s} {'max regs':>9s} {'max spill':>10s} {'max smem':>9s} "
+           f"{'TMA':>5s} {'wgmma':>6s}"]
+    for (name, arch), (n, regs, spill, smem, tma, wg) in sorted(rows.items()):
+        out.append(f"{name:30s} sm_{arch:<3d} {n:8d} {regs:9d} {spill:10d} {smem:9d} {tma:5d} {wg:6d}")
     return "\n".join(out)
 
 

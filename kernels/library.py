@@ -11,6 +11,7 @@ from typing import List, Optional, Tuple
 import torch
 import triton
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from lowbit import primitives as P
 
@@ -18,6 +19,8 @@ from . import configs as C
 from . import unpack
 from .configs import Target
 from .fake_quantize import fake_quantize_bwd_kernel, fake_quantize_fwd_kernel
+from .int8_gemm_tma import int8_gemm_tma_kernel
+from .keep import kept
 from .launch import Launch
 from .layernorm_quantize import layernorm_quantize_kernel
 from .packed_gemm import packed_gemm_kernel
@@ -89,14 +92,22 @@ def _rows(x: Tensor) -> Tensor:
 
 
 def rescale_quantize_launch(x2: Tensor, out: Tensor, r: Optional[Tensor], shift: Optional[Tensor], s: Tensor,
-                            zr: Tensor, bits: float, target: Target) -> Launch:
+                            zr: Tensor, bits: float, target: Target,
+                            config: Optional[Tuple[int, ...]] = None) -> Launch:
+    """``config``: ``(BLOCK_M, BLOCK_C, num_warps, STAGES, persistent)`` in place of
+    :func:`kernels.configs.quantize_blocks`'s (``bench.gpu`` times others beside it; ``persistent=False``: one
+    program per row tile, the former layout being ``(8, 256, 4, 1, False)`` at C = 768)."""
     m, c = x2.shape
-    bm, bc, opts = C.elementwise_blocks(c, target)
-    return Launch(rescale_quantize_kernel, (C.cdiv(m, bm), C.cdiv(c, bc)),
+    bm, bc, rows, stages, opts = C.quantize_blocks(c, m, target, x2.element_size())
+    if config is not None:
+        bm, bc, warps, stages, persistent = config
+        opts = {**opts, "num_warps": warps} if opts else opts
+        rows = C.quantize_programs(m, bm, C.cdiv(c, bc), target) if persistent else C.cdiv(m, bm)
+    return Launch(rescale_quantize_kernel, (rows, C.cdiv(c, bc)),
                   dict(x_ptr=x2, out_ptr=out, r_ptr=_opt(r, x2), shift_ptr=_opt(shift, x2), s_ptr=s, z_ptr=zr, M=m,
                        C=c, stride_xm=x2.stride(0), stride_om=out.stride(0)),
                   dict(HAS_R=r is not None, HAS_SHIFT=shift is not None, QMAX=P.qmax(bits),
-                       OFFSET=P.code_offset(bits), BLOCK_M=bm, BLOCK_C=bc), opts)
+                       OFFSET=P.code_offset(bits), BLOCK_M=bm, BLOCK_C=bc, EVEN_C=c % bc == 0, STAGES=stages), opts)
 
 
 @lowbit_op("rescale_quantize")
@@ -116,16 +127,27 @@ def _(x, r, shift, s, zr, bits):
 
 def layernorm_quantize_launch(x2: Tensor, out: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
                               eps: float, r: Optional[Tensor], shift: Optional[Tensor], s: Tensor, zr: Tensor,
-                              bits: float, target: Target) -> Launch:
+                              bits: float, target: Target, config: Optional[Tuple[int, ...]] = None,
+                              delta: Optional[Tensor] = None, x_new: Optional[Tensor] = None) -> Launch:
+    """The LayerNorm-quantize launch; with ``delta`` (``[M, C]``, unit column stride) the residual-fused one, which
+    also writes ``x_new = x2 + delta`` (in ``x_new``'s dtype). ``config``: ``(BLOCK_M, BLOCK_C, CHUNKS,
+    num_warps)`` in place of :func:`kernels.configs.layernorm_blocks`'s (``bench.gpu`` times others beside it; the
+    former layout is ``(2, pow2(C), 1, 4)``)."""
     m, c = x2.shape
-    bm, bc, opts = C.layernorm_blocks(c, target)
+    bm, bc, chunks, opts = C.layernorm_blocks(c, target, m)
+    if config is not None:
+        bm, bc, chunks, warps = config
+        opts = {**opts, "num_warps": warps} if opts else opts
+    res = delta is not None
     return Launch(layernorm_quantize_kernel, (C.cdiv(m, bm),),
-                  dict(x_ptr=x2, out_ptr=out, lnw_ptr=_opt(ln_weight, x2), lnb_ptr=_opt(ln_bias, x2),
-                       r_ptr=_opt(r, x2), shift_ptr=_opt(shift, x2), s_ptr=s, z_ptr=zr, M=m, C=c, eps=float(eps),
-                       stride_xm=x2.stride(0), stride_om=out.stride(0)),
+                  dict(x_ptr=x2, d_ptr=delta if res else _dummy(x2), xn_ptr=x_new if res else _dummy(x2),
+                       out_ptr=out, lnw_ptr=_opt(ln_weight, x2), lnb_ptr=_opt(ln_bias, x2), r_ptr=_opt(r, x2),
+                       shift_ptr=_opt(shift, x2), s_ptr=s, z_ptr=zr, M=m, C=c, eps=float(eps),
+                       stride_xm=x2.stride(0), stride_dm=delta.stride(0) if res else 0,
+                       stride_nm=x_new.stride(0) if res else 0, stride_om=out.stride(0)),
                   dict(HAS_LNW=ln_weight is not None, HAS_LNB=ln_bias is not None, HAS_R=r is not None,
-                       HAS_SHIFT=shift is not None, QMAX=P.qmax(bits), OFFSET=P.code_offset(bits), BLOCK_M=bm,
-                       BLOCK_C=bc), opts)
+                       HAS_SHIFT=shift is not None, RESIDUAL=res, QMAX=P.qmax(bits), OFFSET=P.code_offset(bits),
+                       BLOCK_M=bm, BLOCK_C=bc, CHUNKS=chunks, EVEN_C=c == chunks * bc), opts)
 
 
 @lowbit_op("layernorm_quantize")
@@ -141,6 +163,27 @@ def layernorm_quantize(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional
 @layernorm_quantize.register_fake
 def _(x, ln_weight, ln_bias, eps, r, shift, s, zr, bits):
     return torch.empty_like(x, dtype=torch.int8)
+
+
+@lowbit_op("add_layernorm_quantize")
+def add_layernorm_quantize(x: Tensor, delta: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
+                           eps: float, r: Optional[Tensor], shift: Optional[Tensor], s: Tensor, zr: Tensor,
+                           bits: float) -> Tuple[Tensor, Tensor]:
+    """``(x_new, codes)``: ``x_new = x + delta`` (float32 sum rounded to ``x``'s dtype) and the int8 codes of
+    ``(LN(x_new) - shift) / r``, in one pass (``delta``: ``x``'s shape, any float dtype)."""
+    x2 = _rows(x)
+    d2 = _rows(delta)
+    x_new = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
+    if x2.numel():
+        layernorm_quantize_launch(x2, out, ln_weight, ln_bias, eps, r, shift, s, zr, bits, Target.of(x), delta=d2,
+                                  x_new=x_new)()
+    return x_new.reshape(x.shape), out.reshape(x.shape)
+
+
+@add_layernorm_quantize.register_fake
+def _(x, delta, ln_weight, ln_bias, eps, r, shift, s, zr, bits):
+    return torch.empty_like(x), torch.empty_like(x, dtype=torch.int8)
 
 
 # ---------------------------------------------------------------------------------------------- fake quant
@@ -241,32 +284,77 @@ def _autotuned_gemm():
     return _autotuned
 
 
+def _epilogue_args(a2: Tensor, colsum: Tensor, sa: Tensor, za: Tensor, sw: Tensor, zw: Tensor, bias: Optional[Tensor],
+                   gelu: bool, out: Tensor, rq_s: Optional[Tensor], rq_zr: Optional[Tensor], rq_bits: float,
+                   res: Optional[Tensor], centered: bool) -> Tuple[dict, dict]:
+    """``(args, meta)`` of :func:`kernels._helpers.gemm_epilogue` shared by both GEMM kernels."""
+    if res is not None and rq_s is not None:
+        raise ValueError("the residual add applies to a float output, not to requantized codes")
+    requant = rq_s is not None
+    args = dict(out_ptr=out, colsum_ptr=colsum, sa_ptr=sa, za_ptr=za, sw_ptr=sw, zw_ptr=zw, bias_ptr=_opt(bias, a2),
+                rq_s_ptr=_opt(rq_s, a2), rq_z_ptr=_opt(rq_zr, a2), res_ptr=_opt(res, a2), M=a2.shape[0],
+                N=sw.numel(), K=a2.shape[1], stride_om=out.stride(0), stride_rm=res.stride(0) if res is not None else 0)
+    meta = dict(HAS_BIAS=bias is not None, GELU=gelu, REQUANT=requant,
+                RQ_QMAX=P.qmax(rq_bits) if requant else 0, RQ_OFFSET=P.code_offset(rq_bits) if requant else 0,
+                RQ_PER_COL=requant and rq_s.numel() > 1, W_CENTERED=centered, HAS_RES=res is not None)
+    return args, meta
+
+
 def packed_gemm_launch(a2: Tensor, planes: List[Tensor], fmt: str, k: int, colsum: Tensor, sa: Tensor, za: Tensor,
                        sw: Tensor, zw: Tensor, bias: Optional[Tensor], gelu: bool, out: Tensor,
                        rq_s: Optional[Tensor], rq_zr: Optional[Tensor], rq_bits: float, target: Target,
-                       config: Optional[C.GemmConfig] = None, centered: bool = False) -> Launch:
+                       config: Optional[C.GemmConfig] = None, centered: bool = False,
+                       res: Optional[Tensor] = None) -> Launch:
     """The launch of ``out [M, N] = a2 [M, K] @ planes^T`` with its epilogue; ``config`` overrides the table
     (``None`` from the table means autotune: the launch then carries no block sizes); ``centered``: the ``int8``
-    planes hold ``w - zw[n]`` (``colsum`` and ``zw`` still those of the codes ``w``)."""
+    planes hold ``w - zw[n]`` (``colsum`` and ``zw`` still those of the codes ``w``); ``res [M, N]``: added to the
+    float output."""
     if centered and fmt != "int8":
         raise ValueError(f"centred weight codes come as an int8 plane, got format {fmt!r}")
     m, n = a2.shape[0], sw.numel()
-    requant = rq_s is not None
     cfg = config or C.gemm_config(fmt, m, n, k, target)
     w1 = planes[1] if len(planes) > 1 else _dummy(a2)
-    args = dict(a_ptr=a2, w0_ptr=planes[0], w1_ptr=w1, out_ptr=out, colsum_ptr=colsum, sa_ptr=sa, za_ptr=za,
-                sw_ptr=sw, zw_ptr=zw, bias_ptr=_opt(bias, a2), rq_s_ptr=_opt(rq_s, a2), rq_z_ptr=_opt(rq_zr, a2),
-                M=m, N=n, K=k, stride_am=a2.stride(0), stride_w0=planes[0].stride(0),
-                stride_w1=planes[1].stride(0) if len(planes) > 1 else 0, stride_om=out.stride(0))
-    meta = dict(LOAD_W=GEMM_LOADERS[fmt], HAS_BIAS=bias is not None, GELU=gelu, REQUANT=requant,
-                RQ_QMAX=P.qmax(rq_bits) if requant else 0, RQ_OFFSET=P.code_offset(rq_bits) if requant else 0,
-                RQ_PER_COL=requant and rq_s.numel() > 1, W_CENTERED=centered)
+    epi, meta = _epilogue_args(a2, colsum, sa, za, sw, zw, bias, gelu, out, rq_s, rq_zr, rq_bits, res, centered)
+    args = dict(a_ptr=a2, w0_ptr=planes[0], w1_ptr=w1, **epi, stride_am=a2.stride(0), stride_w0=planes[0].stride(0),
+                stride_w1=planes[1].stride(0) if len(planes) > 1 else 0)
+    meta = dict(LOAD_W=GEMM_LOADERS[fmt], **meta)
     if cfg is None:
         def grid(mt):
             return (C.cdiv(m, mt["BLOCK_M"]) * C.cdiv(n, mt["BLOCK_N"]),)
         return Launch(_autotuned_gemm(), grid, args, meta, dict(C.GPU_OPTIONS))
     grid = (C.cdiv(m, cfg.block_m) * C.cdiv(n, cfg.block_n),)
     return Launch(packed_gemm_kernel, grid, args, {**meta, **cfg.meta()}, cfg.options())
+
+
+def _descriptor(t: Tensor, block: List[int]) -> TensorDescriptor:
+    """A host-side TMA descriptor of the 2-D ``t`` (unit last stride) in ``block`` boxes."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block)
+
+
+def weight_descriptor(w8: Tensor, block: List[int]) -> TensorDescriptor:
+    """:func:`_descriptor` of a weight, kept on the weight tensor while it is unchanged (one per box shape)."""
+    return kept(w8, f"_lowbit_desc_{block[0]}x{block[1]}", (w8,), lambda: _descriptor(w8, block))
+
+
+def tma_ready(a2: Tensor, w8: Tensor) -> bool:
+    """Whether both int8 operands can be TMA sources: 16-byte aligned bases and row strides, unit last strides."""
+    return all(t.stride(-1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a2, w8))
+
+
+def int8_gemm_tma_launch(a2: Tensor, w8: Tensor, colsum: Tensor, sa: Tensor, za: Tensor, sw: Tensor, zw: Tensor,
+                         bias: Optional[Tensor], gelu: bool, out: Tensor, rq_s: Optional[Tensor],
+                         rq_zr: Optional[Tensor], rq_bits: float, target: Target, config: C.TmaGemmConfig,
+                         centered: bool = False, res: Optional[Tensor] = None) -> Launch:
+    """The launch of :mod:`kernels.int8_gemm_tma`: ``out [M, N] = a2 [M, K] @ w8 [N, K]^T`` with
+    :func:`packed_gemm_launch`'s epilogue; ``min(tiles, SMs)`` programs (tiles of ``config``)."""
+    cfg = config
+    epi, meta = _epilogue_args(a2, colsum, sa, za, sw, zw, bias, gelu, out, rq_s, rq_zr, rq_bits, res, centered)
+    tiles = C.cdiv(a2.shape[0], cfg.block_m) * C.cdiv(sw.numel(), cfg.block_n)
+    programs = max(1, min(tiles, target.num_sms))
+    args = dict(a_desc=_descriptor(a2, [cfg.block_m, cfg.block_k]),
+                w_desc=weight_descriptor(w8, [cfg.block_n, cfg.block_k]), **epi)
+    return Launch(int8_gemm_tma_kernel, (programs,), args, {**meta, **cfg.meta(), "NUM_SMS": programs},
+                  cfg.options())
 
 
 def unpack_codes_launch(planes: List[Tensor], fmt: str, k: int, zw: Tensor, out: Tensor, target: Target) -> Launch:
@@ -295,30 +383,54 @@ def _(planes, fmt, k, zw):
     return zw.new_empty((zw.numel(), k), dtype=torch.int8)
 
 
+def gemm_launch(a2: Tensor, planes: List[Tensor], fmt: str, k: int, colsum: Tensor, sa: Tensor, za: Tensor,
+                sw: Tensor, zw: Tensor, bias: Optional[Tensor], gelu: bool, out: Tensor, rq_s: Optional[Tensor],
+                rq_zr: Optional[Tensor], rq_bits: float, target: Target, centered: bool = False,
+                res: Optional[Tensor] = None) -> Launch:
+    """The GEMM the dispatcher runs: the persistent TMA kernel where :func:`kernels.configs.tma_gemm_config` has a
+    tile for an int8 weight and both operands are TMA sources, else the packed (pointer-load) kernel."""
+    if fmt == "int8":
+        cfg = C.tma_gemm_config(a2.shape[0], sw.numel(), k, target, centered)
+        if cfg is not None and tma_ready(a2, planes[0]):
+            return int8_gemm_tma_launch(a2, planes[0], colsum, sa, za, sw, zw, bias, gelu, out, rq_s, rq_zr, rq_bits,
+                                        target, cfg, centered, res)
+    return packed_gemm_launch(a2, planes, fmt, k, colsum, sa, za, sw, zw, bias, gelu, out, rq_s, rq_zr, rq_bits,
+                              target, centered=centered, res=res)
+
+
 @lowbit_op("packed_linear")
 def packed_linear(a: Tensor, planes: List[Tensor], fmt: str, k: int, colsum: Tensor, sa: Tensor, za: Tensor,
                   sw: Tensor, zw: Tensor, bias: Optional[Tensor], gelu: bool, out_dtype: torch.dtype,
-                  rq_s: Optional[Tensor], rq_zr: Optional[Tensor], rq_bits: float, centered: bool = False) -> Tensor:
+                  rq_s: Optional[Tensor], rq_zr: Optional[Tensor], rq_bits: float, centered: bool = False,
+                  residual: Optional[Tensor] = None) -> Tensor:
     """``a [..., K]`` int8 codes times the packed weight ``planes`` (format ``fmt``); ``zw`` the zero point of the
     stored weight codes, ``colsum`` their row sums over K (int32 [N]); ``centered``: the ``int8`` plane holds
-    ``w - zw[n]`` instead. Requantizes when ``rq_s`` is given. From :data:`kernels.configs.UNPACK_MIN_M` rows a
-    packed weight is first unpacked to centred int8 codes."""
+    ``w - zw[n]`` instead. Requantizes when ``rq_s`` is given, else adds ``residual [..., N]`` (when given) to the
+    output in its epilogue. From :data:`kernels.configs.UNPACK_MIN_M` rows a packed weight is first unpacked to
+    centred int8 codes."""
     a2 = _rows(a)
     m, n = a2.shape[0], sw.numel()
     requant = rq_s is not None
-    out = torch.empty((m, n), dtype=torch.int8 if requant else _store_dtype(out_dtype), device=a.device)
+    store = torch.int8 if requant else _store_dtype(out_dtype)
+    out = torch.empty((m, n), dtype=store, device=a.device)
+    res = None if residual is None else _rows(residual)
+    late_res = res is not None and store != out_dtype  # the interpreter's bf16: torch adds after rounding
     if m and n:
         target = Target.of(a)
         if C.unpack_first(fmt, m):
             planes, fmt, centered = [unpack_codes(planes, fmt, k, zw)], "int8", True
-        packed_gemm_launch(a2, planes, fmt, k, colsum, sa, za, sw, zw, bias, gelu, out, rq_s, rq_zr, rq_bits,
-                           target, centered=centered)()
+        gemm_launch(a2, planes, fmt, k, colsum, sa, za, sw, zw, bias, gelu, out, rq_s, rq_zr, rq_bits, target,
+                    centered, None if late_res else res)()
     dt = torch.int8 if requant else out_dtype
-    return (out if out.dtype == dt else out.to(dt)).reshape(*a.shape[:-1], n)
+    out = out if out.dtype == dt else out.to(dt)
+    if late_res:
+        out = out + res
+    return out.reshape(*a.shape[:-1], n)
 
 
 @packed_linear.register_fake
-def _(a, planes, fmt, k, colsum, sa, za, sw, zw, bias, gelu, out_dtype, rq_s, rq_zr, rq_bits, centered=False):
+def _(a, planes, fmt, k, colsum, sa, za, sw, zw, bias, gelu, out_dtype, rq_s, rq_zr, rq_bits, centered=False,
+      residual=None):
     dt = torch.int8 if rq_s is not None else out_dtype
     return a.new_empty((*a.shape[:-1], sw.numel()), dtype=dt)
 

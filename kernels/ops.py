@@ -181,6 +181,27 @@ def layernorm_quantize(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional
     return L.layernorm_quantize(x, lw, lb, float(eps), r, shift, s, zr, float(qp.bits))
 
 
+def add_layernorm_quantize(x: Tensor, delta: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
+                           eps: float, qp: QParams, r: Optional[Tensor] = None,
+                           shift: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """``(x_new, codes)``: the residual add ``x_new = x + delta`` (float32 sum, rounded to ``x``'s dtype: torch's
+    ``(x + delta).to(x.dtype)``) and the int8 codes of ``(LayerNorm(x_new) - shift) / r``, one pass on Triton. For
+    a residual whose ``delta`` cannot be added in its producer's epilogue (Swin: window reverse and roll between
+    ``proj`` and the add). ``delta``: ``x``'s shape, any float dtype."""
+    K.check_float_input(x)
+    K.check_float_input(delta, "delta")
+    if delta.shape != x.shape:
+        raise ValueError(f"delta must have x's shape {tuple(x.shape)}, got {tuple(delta.shape)}")
+    K.same_device(x, delta=delta, ln_weight=ln_weight, ln_bias=ln_bias, r=r, shift=shift)
+    if not _triton(x):
+        for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias), ("r", r), ("shift", shift)):
+            K.check_channel_vec(name, t, x.shape[-1])
+        return cpu.add_layernorm_quantize(x, delta, ln_weight, ln_bias, eps, qp, r, shift)
+    s, zr = _act_qparams(x, qp)
+    lw, lb, r, shift = _channel_vecs(x, ln_weight=ln_weight, ln_bias=ln_bias, r=r, shift=shift)
+    return L.add_layernorm_quantize(x, delta, lw, lb, float(eps), r, shift, s, zr, float(qp.bits))
+
+
 # ---------------------------------------------------------------------------------------------- fake quant
 
 
@@ -399,17 +420,34 @@ def _check_packed(w: packing.PackedWeight, a: Tensor) -> None:
 
 def packed_linear(a: Tensor, a_qp: QParams, w: packing.PackedWeight, w_scale: Tensor, w_zero: Tensor,
                   bias: Optional[Tensor] = None, gelu: bool = False, out_dtype: torch.dtype = torch.float32,
-                  requant: Optional[QParams] = None) -> Tensor:
+                  requant: Optional[QParams] = None, residual: Optional[Tensor] = None) -> Tensor:
     """Integer linear on int8 codes and a packed weight: :func:`lowbit.primitives.int_linear_codes` of the unpacked
     codes, ``y = act(sa * sw[n] * sum_k (qa - za)(qw[n, k] - zw[n]) + bias[n])`` in ``out_dtype``, or its int8 codes
-    under ``requant`` (one quantizer, or one per output column: :func:`stacked_qparams`)."""
+    under ``requant`` (one quantizer, or one per output column: :func:`stacked_qparams`); ``residual + y`` when a
+    ``residual`` (``out_dtype``, the output's shape) is given, added in the GEMM's epilogue on Triton."""
     K.check_act_codes(a, w.k if isinstance(w, packing.PackedWeight) else None)
     _check_packed(w, a)
+    _check_residual(residual, a, w.n, out_dtype, requant)
     if not _triton(a):
-        return cpu.linear_codes(a, a_qp, cpu.unpacked(w), w.bits, w_scale, w_zero, bias, gelu, out_dtype, requant)
+        y = cpu.linear_codes(a, a_qp, cpu.unpacked(w), w.bits, w_scale, w_zero, bias, gelu, out_dtype, requant)
+        return y if residual is None else y.add_(residual)
     planes = [w.planes[name] for name, _ in packing.FORMATS[w.fmt].planes]
     return _int_linear(a, a_qp, planes, w.fmt, w.n, w.k, w.bits, lambda: weight_colsum(w), w_scale, w_zero, bias,
-                       gelu, out_dtype, requant, cache_key=w)
+                       gelu, out_dtype, requant, cache_key=w, residual=residual)
+
+
+def _check_residual(residual: Optional[Tensor], a: Tensor, n: int, out_dtype: torch.dtype,
+                    requant: Optional[QParams]) -> None:
+    if residual is None:
+        return
+    if requant is not None:
+        raise ValueError("residual is added to a float output; it cannot be combined with requant")
+    shape = (*a.shape[:-1], n)
+    if not torch.is_tensor(residual) or tuple(residual.shape) != shape or residual.dtype != out_dtype:
+        raise ValueError(f"residual must be a {out_dtype} tensor of the output's shape {shape}, got "
+                         f"{getattr(residual, 'dtype', type(residual).__name__)} "
+                         f"{tuple(getattr(residual, 'shape', ()))}")
+    K.same_device(a, residual=residual)
 
 
 def linear_codes(a: Tensor, a_qp: QParams, qw: Tensor, w_bits, w_scale: Tensor, w_zero: Tensor,
@@ -469,7 +507,7 @@ def linear_float_weight(a: Tensor, a_qp: QParams, w: Tensor, w_scale: Tensor, w_
 def _int_linear(a: Tensor, a_qp: QParams, planes, fmt: str, n: int, k: int, w_bits, colsum: Optional[Callable],
                 w_scale, w_zero, bias, gelu: bool, out_dtype: torch.dtype, requant: Optional[QParams],
                 centered: bool = False, prepared: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
-                cache_key=None) -> Tensor:
+                cache_key=None, residual: Optional[Tensor] = None) -> Tensor:
     """The checks and parameter preparation shared by :func:`packed_linear`, :func:`linear_codes` and
     :func:`linear_float_weight`; ``planes`` in the layout of ``fmt`` (``int8``: signed storage
     ``q - code_offset(w_bits)``), ``colsum()`` their row sums; ``centered`` (``int8`` codes of at most 7 bits): the
@@ -515,7 +553,7 @@ def _int_linear(a: Tensor, a_qp: QParams, planes, fmt: str, n: int, k: int, w_bi
                 object.__delattr__(cache_key, "_lowbit_unpacked")
         sums = colsum()
     return L.packed_linear(a, planes, fmt, k, sums, sa, za, sw, zw, None if bias is None else bias.contiguous(),
-                           bool(gelu), out_dtype, rq_s, rq_zr, rq_bits, centered)
+                           bool(gelu), out_dtype, rq_s, rq_zr, rq_bits, centered, residual)
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -601,9 +639,20 @@ def _input_codes(x: Tensor, layer) -> Tensor:
     return quantize(x, layer.in_qp, layer.r, layer.shift)
 
 
-def _layer_codes(a: Tensor, layer, gelu: bool = False, requant: Optional[QParams] = None) -> Tensor:
+def _layer_codes(a: Tensor, layer, gelu: bool = False, requant: Optional[QParams] = None,
+                 residual: Optional[Tensor] = None) -> Tensor:
     return packed_linear(a, layer.in_qp, layer.packed(), layer.w_scale, layer.w_zero, layer.bias, gelu=gelu,
-                         requant=requant)
+                         requant=requant, residual=residual)
+
+
+def _residual(x: Tensor, residual: Optional[Tensor]) -> Optional[Tensor]:
+    """``residual`` checked against a layer's float32 output of ``x``'s shape."""
+    if residual is not None and (not torch.is_tensor(residual) or residual.shape != x.shape
+                                 or residual.dtype != torch.float32):
+        raise ValueError(f"residual must be a float32 tensor of the output's shape {tuple(x.shape)}, got "
+                         f"{getattr(residual, 'dtype', type(residual).__name__)} "
+                         f"{tuple(getattr(residual, 'shape', ()))}")
+    return residual
 
 
 def linear_layer(x: Tensor, layer, gelu: bool = False) -> Tensor:
@@ -614,20 +663,27 @@ def linear_layer(x: Tensor, layer, gelu: bool = False) -> Tensor:
     return _layer_codes(_input_codes(x, layer), layer, gelu)
 
 
-def mlp_layer(x: Tensor, fc1, fc2) -> Tensor:
-    """``fc2(GELU(fc1(x)))`` of packed linears; fc1's output goes to fc2's int8 codes in its epilogue."""
+def mlp_layer(x: Tensor, fc1, fc2, residual: Optional[Tensor] = None) -> Tensor:
+    """``fc2(GELU(fc1(x)))`` of packed linears, plus ``residual`` (float32, ``x``'s shape) when given; fc1's output
+    goes to fc2's int8 codes in its epilogue, the residual is added in fc2's."""
+    residual = _residual(x, residual)
     if not _triton(x):
-        return cpu.mlp_layer(x, fc1, fc2)
-    return _layer_codes(_layer_codes(_input_codes(x, fc1), fc1, gelu=True, requant=fc2.in_qp), fc2)
+        y = cpu.mlp_layer(x, fc1, fc2)
+        return y if residual is None else y.add_(residual)
+    return _layer_codes(_layer_codes(_input_codes(x, fc1), fc1, gelu=True, requant=fc2.in_qp), fc2,
+                        residual=residual)
 
 
-def attention_layer(x: Tensor, attn, mask: Optional[Tensor] = None) -> Tensor:
+def attention_layer(x: Tensor, attn, mask: Optional[Tensor] = None, residual: Optional[Tensor] = None) -> Tensor:
     """``proj(attention(qkv(x)))`` of a packed attention (:class:`export.runtime.PackedViTAttention` /
-    ``PackedWindowAttention``) for ``x [B, L, C]`` (``mask [nW, L, L]``: Swin's shifted windows). On Triton the
-    qkv GEMM's epilogue writes the Q, K, V codes, the attention reads them in place from ``[B, L, 3, H, D]`` and its
-    epilogue writes ``proj``'s input codes heads-last: no float activation in between."""
+    ``PackedWindowAttention``) for ``x [B, L, C]`` (``mask [nW, L, L]``: Swin's shifted windows), plus ``residual``
+    (float32, ``x``'s shape) when given. On Triton the qkv GEMM's epilogue writes the Q, K, V codes, the attention
+    reads them in place from ``[B, L, 3, H, D]`` and its epilogue writes ``proj``'s input codes heads-last: no float
+    activation in between; the residual is added in ``proj``'s epilogue."""
+    residual = _residual(x, residual)
     if not _triton(x):
-        return cpu.attention_layer(x, attn, mask)
+        y = cpu.attention_layer(x, attn, mask)
+        return y if residual is None else y.add_(residual)
     b, n, _ = x.shape
     qps = [attn.qp(name) for name in "qkv"]
     per = attn.qkv.out_features // 3
@@ -638,16 +694,20 @@ def attention_layer(x: Tensor, attn, mask: Optional[Tensor] = None) -> Tensor:
     o = quant_attention(q, k, v, *qps, attn.scale, attn.qp("p"), rel_bias=rel_bias,
                         mask=None if mask is None else P.f32(mask), heads_last=True, requant=proj.in_qp,
                         requant_r=proj.r, requant_shift=proj.shift)
-    return _layer_codes(o.view(b, n, -1), proj)
+    return _layer_codes(o.view(b, n, -1), proj, residual=residual)
 
 
 def vit_block(x: Tensor, attn, mlp) -> Tensor:
     """``x + attn(x)``, then ``+ mlp(.)``: a timm ViT block whose LayerNorms are fused into ``attn.qkv`` and
-    ``mlp.fc1`` (on the CPU one function over the cached constants, :func:`kernels.cpu.vit_block`)."""
+    ``mlp.fc1`` (on the CPU one function over the cached constants, :func:`kernels.cpu.vit_block`; on Triton the
+    residual sums of a float32 ``x`` are added in ``proj``'s and ``fc2``'s GEMM epilogues)."""
     if not _triton(x):
         return cpu.vit_block(x, cpu.block_plan(attn, mlp))
-    x = x + attention_layer(x, attn)
-    return x + mlp_layer(x, mlp.fc1, mlp.fc2)
+    if x.dtype != torch.float32:
+        x = x + attention_layer(x, attn)
+        return x + mlp_layer(x, mlp.fc1, mlp.fc2)
+    x = attention_layer(x, attn, residual=x)
+    return mlp_layer(x, mlp.fc1, mlp.fc2, residual=x)
 
 
 def checked_once(x: Tensor, owner, layers, blocks=()):

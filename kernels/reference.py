@@ -6,7 +6,7 @@ Activation codes are signed int8 storage (``q - offset(bits)``), weights come as
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -38,6 +38,19 @@ def layernorm_rescale_quantize(x: Tensor, ln_weight: Optional[Tensor], ln_bias: 
     C.check_channel_vec("ln_weight", ln_weight, c)
     C.check_channel_vec("ln_bias", ln_bias, c)
     return rescale_quantize(layernorm(x, ln_weight, ln_bias, eps), qp, r, shift)
+
+
+def add_layernorm_rescale_quantize(x: Tensor, delta: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
+                                   eps: float, qp: QParams, r: Optional[Tensor] = None,
+                                   shift: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """``(x_new, codes)``: the residual add ``x_new = (x + delta).to(x.dtype)`` (float32 sum, rounded once to
+    ``x``'s dtype), then :func:`layernorm_rescale_quantize` of ``x_new``."""
+    C.check_float_input(x)
+    C.check_float_input(delta, "delta")
+    if delta.shape != x.shape:
+        raise ValueError(f"delta must have x's shape {tuple(x.shape)}, got {tuple(delta.shape)}")
+    x_new = (x.float() + delta.float()).to(x.dtype)
+    return x_new, layernorm_rescale_quantize(x_new, ln_weight, ln_bias, eps, qp, r, shift)
 
 
 def rescale_fake_quantize(x: Tensor, qp: QParams, r: Optional[Tensor] = None,
@@ -87,3 +100,23 @@ def quant_attention(q: Tensor, k: Tensor, v: Tensor, q_qp: QParams, k_qp: QParam
     C.check_attention_extras(q, rel_bias, mask)
     o, pc = P.int_attention(q, k, v, q_qp, k_qp, v_qp, scale, p_qp, rel_bias, mask)
     return (o, pc) if return_codes else o
+
+
+def exact_sum_rows(m: int, c: int, dtype: torch.dtype = torch.float32, generator: Optional[torch.Generator] = None,
+                   device=None) -> Tensor:
+    """Test input: ``[m, c]`` rows ``mu + e`` on which LayerNorm is bit-identical whatever the summation order.
+    ``e``: nonzero multiples of 1/16 in ``[-4, 4]`` summing to 0 in each row (pairs ``k, -k``, and ``a, b, -(a + b)``
+    for odd ``c``), ``mu`` an odd multiple of 1/32 per row (so no value is 0). Every partial sum of a row, its mean
+    ``mu``, the centred values ``e``, their squares and the sums of these are exact in float32 (``c <= 4096``), and
+    every value is exact in fp16 and bf16 (at most 8 significant bits)."""
+    g = dict(generator=generator, device=generator.device if generator is not None else device)
+    half = (c - 3) // 2 if c % 2 else c // 2
+    k = torch.randint(1, 65, (m, half), **g) * (torch.randint(0, 2, (m, half), **g) * 2 - 1)
+    parts = [k, -k]
+    if c % 2:
+        a, b = (torch.randint(1, 33, (m, 1), **g) for _ in range(2))
+        parts += [a, b, -(a + b)]
+    e = torch.cat(parts, 1)
+    e = torch.gather(e, 1, torch.argsort(torch.rand(m, c, **g), dim=1))
+    mu = (torch.randint(-32, 33, (m, 1), **g) * 2 + 1).float() / 32
+    return (mu + e.float() / 16).to(dtype)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bench import gpu
+from kernels import configs as C
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,10 +36,26 @@ def test_dry_run_writes_every_section(tmp_path):
     sections = {r["section"] for r in res["rows"]}
     assert sections == {"gemm", "quantize", "attention", "model", "optim"}
     gemm = [r for r in res["rows"] if r["section"] == "gemm" and not r["impl"].startswith("baseline")]
-    assert {r["impl"] for r in gemm} == set(gpu.GEMM_FORMATS)
+    dispatched = {r["impl"] for r in gemm if " " not in r["impl"]}
+    assert dispatched == set(gpu.GEMM_FORMATS)
+    # the int8 GEMM on the pointer-load kernel and on every TMA tile side by side (at the dry run's 3 rows only
+    # W8A8's weight is int8: the packed ones run fused), each output checked equal to the pointer-load kernel's
+    tiles = {f"W8A8 TMA {c.block_m}x{c.block_n}x{c.block_k} s{c.num_stages} e{c.epi_split}" for c in C.TMA_CANDIDATES
+             if c.block_n <= 128}
+    assert {r["impl"] for r in gemm} - dispatched == {"W8A8 pointer-load"} | tiles
     assert all(r["ms"] > 0 and r["ratio"]["fp16 matmul"] > 0 for r in gemm)
     sweep = [r["impl"] for r in res["rows"] if r["impl"].startswith("layernorm_quantize BM=")]
-    assert sweep == [f"layernorm_quantize BM={m} w={w}" for m, w in gpu.LN_CONFIGS[:2]]
+    assert sweep == [f"layernorm_quantize BM={m} BC={c}x{n} w={w}" for m, c, n, w in C.LAYERNORM_SWEEP[:2]]
+    assert C.LAYERNORM_SWEEP[0] == (2, 1024, 1, 4)  # the former layout, timed beside the new ones
+    sweep = [r["impl"] for r in res["rows"] if r["impl"].startswith("rescale_quantize BM=")]
+    assert sweep == [f"rescale_quantize BM={m} BC={c} w={w} s={st}{' persistent' if p else ''}"
+                     for m, c, w, st, p in C.QUANTIZE_SWEEP[:2]]
+    assert C.QUANTIZE_SWEEP[0] == (8, 256, 4, 1, False)
+    quantize = {r["impl"] for r in res["rows"] if r["section"] == "quantize"}
+    assert {"add_layernorm_quantize", "x + delta, then layernorm_quantize", "rescale_quantize"} <= quantize
+    for part in ("add_layernorm_quantize = x + delta, then layernorm_quantize", "layernorm_quantize exact-sum rows",
+                 "add_layernorm_quantize exact-sum rows bfloat16"):
+        assert any(n.startswith(part) for n in names), part
     sweep = [r["impl"] for r in res["rows"] if r["impl"].startswith("quant_attention a8 fused BM=")]
     assert sweep == [f"quant_attention a8 fused BM={m} BN={n} w={w} s={st}"
                      for m, n, w, st in gpu.ATTENTION_CONFIGS[:2]]
@@ -48,7 +65,8 @@ def test_dry_run_writes_every_section(tmp_path):
     assert any(c["name"].startswith("attention one-pass = two-pass") for c in res["checks"])
     models = {(r["case"].split()[0], r["impl"]) for r in res["rows"] if r["section"] == "model"}
     assert {m for m, _ in models} == {"vit_b", "swin_t"}
-    assert {i for _, i in models} >= {"baseline timm fp16 eager", "W4A4 eager", "W1.58A8 eager"}
+    assert {i for _, i in models} >= {"baseline timm fp16 eager", "W4A4 eager", "W1.58A8 eager",
+                                      "W4A4 eager pointer-load GEMM"}
     optim = [r for r in res["rows"] if r["section"] == "optim"]
     assert [r["impl"] for r in optim] == ["fp32", "fp32 --no-cuda-graph", "bf16 autocast"]
     assert all(r["rate"] > 0 for r in optim)

@@ -2,8 +2,11 @@
 import pytest
 import torch
 
+from kernels import configs as C
+from kernels import library as L
 from kernels import ops
 from kernels import reference as R
+from kernels.ops import _act_qparams
 from lowbit import primitives as P
 from lowbit.primitives import QParams
 
@@ -97,3 +100,104 @@ def test_exact_ties_round_half_to_even(bits, s):
         fq = ops.fake_quantize(x, qp)
     assert torch.equal(out, R.rescale_quantize(x, qp))
     assert torch.equal(fq, R.rescale_fake_quantize(x, qp))
+
+
+# ---------------------------------------------------------------------------------------------- layouts, bit-exact
+
+#: C = 3 x 2^k (three chunks, no masks), 200 (one masked chunk, C not a multiple of 16), 760 (three chunks, the
+#: last masked), 1000 (two masked chunks of 512)
+WIDTHS = (384, 768, 200, 760, 1000)
+#: the interpreter's own tiles, the sm_90 tiles of a 132-SM H100 (few programs: one warp each at 37 rows) and of a
+#: one-SM target (4 warps, BLOCK_M = 8 at C = 768, so 37 rows end in a partial tile)
+TARGETS = {"interpreter": None, "sm_90": C.Target(interpreted=False, arch=90),
+           "sm_90 one SM": C.Target(interpreted=False, arch=90, num_sms=1)}
+
+
+def _ln_case(gen, m, c, dtype, affine, rescale, bits=4):
+    x = R.exact_sum_rows(m, c, dtype, gen)
+    assert bool((x != 0).all())
+    lw = torch.rand(c, generator=gen) + 0.5 if affine else None
+    lb = torch.randn(c, generator=gen) * 0.3 if affine else None
+    r = torch.rand(c, generator=gen) + 0.5 if rescale else None
+    sh = torch.randn(c, generator=gen) * 0.2 if rescale else None
+    pre = P.apply_rescale(R.layernorm(x, lw, lb, 1e-6), r, sh)
+    return x, lw, lb, r, sh, QParams(*P.init_act_qparams(pre, bits), bits)
+
+
+def _launch_ln(x, lw, lb, r, sh, qp, target, config=None):
+    """Codes of the LayerNorm-quantize launch that ``target`` would make, run by the interpreter."""
+    s, zr = _act_qparams(x, qp)
+    out = torch.full(x.shape, 99, dtype=torch.int8)
+    L.layernorm_quantize_launch(x, out, lw, lb, 1e-6, r, sh, s, zr, float(qp.bits), target, config)()
+    return out
+
+
+@pytest.mark.parametrize("c", WIDTHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("affine,rescale", [(True, False), (False, True), (True, True), (False, False)])
+def test_layernorm_quantize_bit_exact(gen, ieee_sqrt, c, dtype, affine, rescale):
+    """On rows whose sums are exact in any order (:func:`kernels.reference.exact_sum_rows`) the codes equal the
+    reference's (its square root IEEE, as on a GPU: ``ieee_sqrt``), bit for bit, under every layout: 37 rows (a
+    partial last row tile), every chunking of :func:`kernels.configs.layernorm_chunks`."""
+    x, lw, lb, r, sh, qp = _ln_case(gen, 37, c, dtype, affine, rescale)
+    ref = R.layernorm_rescale_quantize(x, lw, lb, 1e-6, qp, r, sh)
+    assert len(torch.unique(ref)) > 8  # the codes span the grid
+    with triton_path():
+        out = run_poisoned(lambda: ops.layernorm_quantize(x, lw, lb, 1e-6, qp, r, sh), 99, -99)
+    assert torch.equal(out, ref)
+    for name, target in TARGETS.items():
+        if target is not None:
+            assert torch.equal(_launch_ln(x, lw, lb, r, sh, qp, target), ref), name
+
+
+def test_layernorm_quantize_former_layout(gen, ieee_sqrt):
+    """The former layout (one ``pow2(C)`` tile per row, ``(2, 1024, 1, 4)`` at C = 768), still launchable for
+    ``bench.gpu``'s sweep, gives the same codes."""
+    x, lw, lb, r, sh, qp = _ln_case(gen, 21, 768, torch.float16, True, True)
+    ref = R.layernorm_rescale_quantize(x, lw, lb, 1e-6, qp, r, sh)
+    assert torch.equal(_launch_ln(x, lw, lb, r, sh, qp, TARGETS["sm_90"], (2, 1024, 1, 4)), ref)
+
+
+@pytest.mark.parametrize("c", (768, 200, 48))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rescale", [True, False])
+def test_rescale_quantize_layouts(gen, c, dtype, rescale):
+    """Every rescale-quantize layout (the interpreter's, the sm_90 persistent grids of a 132-SM and a one-SM target,
+    whose programs take several row tiles, and the former one-tile-per-program grid) against the reference, at 150
+    rows (partial last tile)."""
+    x, qp, r, sh = _inputs(gen, (150, c), dtype, 4, rescale, rescale)
+    ref = R.rescale_quantize(x, qp, r, sh)
+    s, zr = _act_qparams(x, qp)
+    runs = {name: (t, None) for name, t in TARGETS.items() if t is not None}
+    runs["former"] = (TARGETS["sm_90"], (8, min(256, C.pow2(c)), 4, 1, False))
+    for name, (target, config) in runs.items():
+        out = torch.full(x.shape, 99, dtype=torch.int8)
+        lx = L.rescale_quantize_launch(x, out, r, sh, s, zr, 4.0, target, config)
+        if name == "sm_90 one SM" and c != 48:  # (48: two 128-row tiles)
+            assert lx.grid[0] * lx.meta["BLOCK_M"] < 150  # programs loop over several row tiles
+        lx()
+        assert torch.equal(out, ref), name
+    with triton_path():
+        assert torch.equal(run_poisoned(lambda: ops.quantize(x, qp, r, sh), 99, -99), ref)
+
+
+def test_row_blocks():
+    """The chunking and tiles of :mod:`kernels.configs`: ``3 * 2^k`` widths in three chunks without padding, a chunk
+    within one warp where the padding allows, batch 1 spread over more programs than batch 64, rescale-quantize
+    grids persistent at batch 64."""
+    assert C.layernorm_chunks(768) == (3, 256) and C.layernorm_chunks(384) == (3, 128)
+    assert C.layernorm_chunks(96) == (3, 32) and C.layernorm_chunks(3072) == (3, 1024)
+    assert C.layernorm_chunks(1024) == (2, 512) and C.layernorm_chunks(512) == (1, 512)
+    assert C.layernorm_chunks(200) == (1, 256) and C.layernorm_chunks(760) == (3, 256)
+    h100 = TARGETS["sm_90"]
+    for c in (96, 192, 384, 768, 1536, 3072, 1024, 200):
+        for m in (197, 12608):
+            bm, bc, chunks, opts = C.layernorm_blocks(c, h100, m)
+            assert chunks * bc - c < max(c // 3, 16) and bm & (bm - 1) == 0, (c, m)
+            assert bm * bc * chunks // (32 * opts["num_warps"]) <= 64, (c, m)  # values per thread
+    assert C.layernorm_blocks(768, h100, 12608)[0] == 8 and C.layernorm_blocks(768, h100, 12608)[3]["num_warps"] == 4
+    assert C.layernorm_blocks(768, h100, 197)[3]["num_warps"] == 1  # 99 programs, not 25
+    bm, bc, programs, stages, opts = C.quantize_blocks(768, 12608, h100, 2)
+    assert (bm, bc, stages, opts["num_warps"]) == (16, 256, 3, 4)
+    assert programs < C.cdiv(12608, bm) and programs * 3 <= 132 * C.QUANTIZE_PROGRAMS_PER_SM
+    assert C.quantize_blocks(768, 197, h100, 2)[2] * 3 >= 66  # batch 1: the tiles reach half the SMs at least
