@@ -1,8 +1,22 @@
-"""Fixtures of the kernel tests."""
+"""Fixtures of the kernel tests; the background start of the GPU compile checks' run (:mod:`._compile_run`)."""
+import importlib.util
+
 import pytest
 import torch
 
 from kernels import configs as C
+
+from . import _compile_run
+
+
+def pytest_collection_finish(session):
+    if importlib.util.find_spec("triton.backends.nvidia.compiler") is not None and any(
+            item.nodeid.split("::")[0].endswith("test_compile_gpu.py") for item in session.items):
+        _compile_run.start()
+
+
+def pytest_sessionfinish(session):
+    _compile_run.stop()
 
 
 @pytest.fixture(params=["one pass", "two passes"])

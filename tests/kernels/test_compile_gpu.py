@@ -8,7 +8,8 @@ batch 1, 8, 64, every GEMM table row and autotune candidate, every constexpr var
 ``kernels.library`` builders the ops call. CI compiles one launch per structural key (same tiles, layouts, pipeline
 and constexpr flags; launches that differ only in a quantizer's level count or an integer's divisibility share
 one representative); ``LOWBIT_COMPILE_ALL=1`` compiles every distinct launch. The compiler runs in a subprocess
-with ``TRITON_INTERPRET=0`` (under the interpreter ``@triton.jit`` makes objects that cannot be compiled).
+with ``TRITON_INTERPRET=0`` (under the interpreter ``@triton.jit`` makes objects that cannot be compiled), started
+in the background when collection ends (:mod:`tests.kernels._compile_run`), so it overlaps the rest of the suite.
 """
 import json
 import os
@@ -19,8 +20,10 @@ import pytest
 
 from kernels import configs as C
 
-ARCHS = (90, 80)
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from . import _compile_run
+
+ARCHS = _compile_run.ARCHS
+ROOT = _compile_run.ROOT
 
 
 def _python(args, timeout=1200):
@@ -31,16 +34,13 @@ def _python(args, timeout=1200):
 
 
 @pytest.fixture(scope="module")
-def reports(tmp_path_factory):
+def reports():
     pytest.importorskip("triton.backends.nvidia.compiler")
-    out = tmp_path_factory.mktemp("compile") / "reports.json"
-    args = ["-m", "kernels.gpu_compile", "--json", str(out)] + [f"--arch={a}" for a in ARCHS]
-    if os.environ.get("LOWBIT_COMPILE_ALL", "0") == "1":
-        args.append("--all")
-    r = _python(args)
-    print(r.stdout[-4000:])
-    assert out.exists(), f"the compile run wrote no reports:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
-    reps = json.loads(out.read_text())
+    out, log = _compile_run.finish()  # (started in the background when the suite's collection ended)
+    print(log[-4000:])
+    assert os.path.exists(out), f"the compile run wrote no reports:\n{log[-5000:]}"
+    with open(out) as f:
+        reps = json.load(f)
     return {a: [x for x in reps if x["arch"] == a] for a in ARCHS}
 
 
