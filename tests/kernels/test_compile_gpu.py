@@ -89,11 +89,12 @@ def test_every_kernel_format_and_variant_is_covered(reports, arch):
         assert {f"{flag}=True" in c for c in ln} == {True, False}, flag
     assert {c.split("CHUNKS=")[1].split(",")[0] for c in ln} == {"1", "2", "3", "4"}
     assert any("RESIDUAL=True" in c and "xn_ptr:bfloat16" in c for c in ln)  # the bf16 rounding of x + delta
-    assert any("BLOCK_M=2, BLOCK_C=1024, CHUNKS=1," in c for c in ln)  # the former layout (bench.gpu's sweep)
+    if arch == 90:  # the former layout, in bench.gpu's sweep (compiled for sm_90, where bench.gpu runs)
+        assert any("BLOCK_M=2, BLOCK_C=1024, CHUNKS=1," in c for c in ln)
     rq = [x["config"] for x in reps if x["name"] == "rescale_quantize_kernel"]
     for flag in ("HAS_R", "EVEN_C"):
         assert {f"{flag}=True" in c for c in rq} == {True, False}, flag
-    assert {c.split("STAGES=")[1].split(";")[0] for c in rq} == {"1", "2", "3"}
+    assert {c.split("STAGES=")[1].split(";")[0] for c in rq} == ({"1", "2", "3"} if arch == 90 else {"3"})  # (sweep)
     dots = [x for x in reps if x["name"] in ("packed_gemm_kernel", "quant_attention_kernel",
                                              "quant_attention_sulq_kernel", "quant_attention_one_pass_kernel",
                                              "quant_attention_sulq_one_pass_kernel")]
