@@ -427,7 +427,9 @@ def packed_linear(a: Tensor, a_qp: QParams, w: packing.PackedWeight, w_scale: Te
     ``residual`` (``out_dtype``, the output's shape) is given, added in the GEMM's epilogue on Triton."""
     K.check_act_codes(a, w.k if isinstance(w, packing.PackedWeight) else None)
     _check_packed(w, a)
-    _check_residual(residual, a, w.n, out_dtype, requant)
+    if residual is not None and requant is not None:
+        raise ValueError("residual is added to a float output; it cannot be combined with requant")
+    _check_residual(residual, (*a.shape[:-1], w.n), out_dtype, a)
     if not _triton(a):
         y = cpu.linear_codes(a, a_qp, cpu.unpacked(w), w.bits, w_scale, w_zero, bias, gelu, out_dtype, requant)
         return y if residual is None else y.add_(residual)
@@ -436,18 +438,15 @@ def packed_linear(a: Tensor, a_qp: QParams, w: packing.PackedWeight, w_scale: Te
                        gelu, out_dtype, requant, cache_key=w, residual=residual)
 
 
-def _check_residual(residual: Optional[Tensor], a: Tensor, n: int, out_dtype: torch.dtype,
-                    requant: Optional[QParams]) -> None:
+def _check_residual(residual: Optional[Tensor], shape, dtype: torch.dtype, like: Tensor) -> None:
+    """``residual`` (when given) must be a ``dtype`` tensor of the output's ``shape`` on ``like``'s device."""
     if residual is None:
         return
-    if requant is not None:
-        raise ValueError("residual is added to a float output; it cannot be combined with requant")
-    shape = (*a.shape[:-1], n)
-    if not torch.is_tensor(residual) or tuple(residual.shape) != shape or residual.dtype != out_dtype:
-        raise ValueError(f"residual must be a {out_dtype} tensor of the output's shape {shape}, got "
+    if not torch.is_tensor(residual) or tuple(residual.shape) != tuple(shape) or residual.dtype != dtype:
+        raise ValueError(f"residual must be a {dtype} tensor of the output's shape {tuple(shape)}, got "
                          f"{getattr(residual, 'dtype', type(residual).__name__)} "
                          f"{tuple(getattr(residual, 'shape', ()))}")
-    K.same_device(a, residual=residual)
+    K.same_device(like, residual=residual)
 
 
 def linear_codes(a: Tensor, a_qp: QParams, qw: Tensor, w_bits, w_scale: Tensor, w_zero: Tensor,
@@ -645,16 +644,6 @@ def _layer_codes(a: Tensor, layer, gelu: bool = False, requant: Optional[QParams
                          requant=requant, residual=residual)
 
 
-def _residual(x: Tensor, residual: Optional[Tensor]) -> Optional[Tensor]:
-    """``residual`` checked against a layer's float32 output of ``x``'s shape."""
-    if residual is not None and (not torch.is_tensor(residual) or residual.shape != x.shape
-                                 or residual.dtype != torch.float32):
-        raise ValueError(f"residual must be a float32 tensor of the output's shape {tuple(x.shape)}, got "
-                         f"{getattr(residual, 'dtype', type(residual).__name__)} "
-                         f"{tuple(getattr(residual, 'shape', ()))}")
-    return residual
-
-
 def linear_layer(x: Tensor, layer, gelu: bool = False) -> Tensor:
     """float32 ``layer(x)`` of a packed linear (:class:`export.runtime.PackedLinear`) on float ``x [..., K]``: its
     input quantized (LayerNorm fused, or rescaled), the integer GEMM, exact-erf GELU when ``gelu``."""
@@ -666,7 +655,7 @@ def linear_layer(x: Tensor, layer, gelu: bool = False) -> Tensor:
 def mlp_layer(x: Tensor, fc1, fc2, residual: Optional[Tensor] = None) -> Tensor:
     """``fc2(GELU(fc1(x)))`` of packed linears, plus ``residual`` (float32, ``x``'s shape) when given; fc1's output
     goes to fc2's int8 codes in its epilogue, the residual is added in fc2's."""
-    residual = _residual(x, residual)
+    _check_residual(residual, x.shape, torch.float32, x)
     if not _triton(x):
         y = cpu.mlp_layer(x, fc1, fc2)
         return y if residual is None else y.add_(residual)
@@ -680,7 +669,7 @@ def attention_layer(x: Tensor, attn, mask: Optional[Tensor] = None, residual: Op
     (float32, ``x``'s shape) when given. On Triton the qkv GEMM's epilogue writes the Q, K, V codes, the attention
     reads them in place from ``[B, L, 3, H, D]`` and its epilogue writes ``proj``'s input codes heads-last: no float
     activation in between; the residual is added in ``proj``'s epilogue."""
-    residual = _residual(x, residual)
+    _check_residual(residual, x.shape, torch.float32, x)
     if not _triton(x):
         y = cpu.attention_layer(x, attn, mask)
         return y if residual is None else y.add_(residual)
