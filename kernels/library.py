@@ -347,14 +347,13 @@ def int8_gemm_tma_launch(a2: Tensor, w8: Tensor, colsum: Tensor, sa: Tensor, za:
                          centered: bool = False, res: Optional[Tensor] = None) -> Launch:
     """The launch of :mod:`kernels.int8_gemm_tma`: ``out [M, N] = a2 [M, K] @ w8 [N, K]^T`` with
     :func:`packed_gemm_launch`'s epilogue; ``min(tiles, SMs)`` programs (tiles of ``config``)."""
-    cfg = config
     epi, meta = _epilogue_args(a2, colsum, sa, za, sw, zw, bias, gelu, out, rq_s, rq_zr, rq_bits, res, centered)
-    tiles = C.cdiv(a2.shape[0], cfg.block_m) * C.cdiv(sw.numel(), cfg.block_n)
+    tiles = C.cdiv(a2.shape[0], config.block_m) * C.cdiv(sw.numel(), config.block_n)
     programs = max(1, min(tiles, target.num_sms))
-    args = dict(a_desc=_descriptor(a2, [cfg.block_m, cfg.block_k]),
-                w_desc=weight_descriptor(w8, [cfg.block_n, cfg.block_k]), **epi)
-    return Launch(int8_gemm_tma_kernel, (programs,), args, {**meta, **cfg.meta(), "NUM_SMS": programs},
-                  cfg.options())
+    args = dict(a_desc=_descriptor(a2, [config.block_m, config.block_k]),
+                w_desc=weight_descriptor(w8, [config.block_n, config.block_k]), **epi)
+    return Launch(int8_gemm_tma_kernel, (programs,), args, {**meta, **config.meta(), "NUM_SMS": programs},
+                  config.options())
 
 
 def unpack_codes_launch(planes: List[Tensor], fmt: str, k: int, zw: Tensor, out: Tensor, target: Target) -> Launch:
@@ -413,6 +412,8 @@ def packed_linear(a: Tensor, planes: List[Tensor], fmt: str, k: int, colsum: Ten
     requant = rq_s is not None
     store = torch.int8 if requant else _store_dtype(out_dtype)
     out = torch.empty((m, n), dtype=store, device=a.device)
+    if residual is not None and requant:
+        raise ValueError("the residual add applies to a float output, not to requantized codes")
     res = None if residual is None else _rows(residual)
     late_res = res is not None and store != out_dtype  # the interpreter's bf16: torch adds after rounding
     if m and n:
