@@ -100,14 +100,17 @@ def quantize_int32(x, s, zr, QMAX: tl.constexpr, OFFSET: tl.constexpr):
 
 @triton.jit
 def rescale(x, r_ptr, shift_ptr, offs_c, mask_c, HAS_R: tl.constexpr, HAS_SHIFT: tl.constexpr):
-    """``(x - shift[c]) / r[c]`` on a ``[BM, BC]`` float32 tile."""
+    """``(x - shift[c]) / r[c]`` on a ``[BM, BC]`` float32 tile: :func:`rescale_values` of the loaded vectors."""
+    sh = 0.0
+    r = 1.0
+    rr = 1.0
     if HAS_SHIFT:
-        sh = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-        x = x - sh[None, :]
+        sh = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
     if HAS_R:
-        r = tl.load(r_ptr + offs_c, mask=mask_c, other=1.0).to(tl.float32)
-        x = div_rcp(x, r[None, :], rcp_rn(r)[None, :])
-    return x
+        rv = tl.load(r_ptr + offs_c, mask=mask_c, other=1.0).to(tl.float32)
+        r = rv[None, :]
+        rr = rcp_rn(rv)[None, :]
+    return rescale_values(x, sh, r, rr, HAS_R, HAS_SHIFT)
 
 
 @triton.jit

@@ -167,14 +167,21 @@ def quantize(x: Tensor, qp: QParams, r: Optional[Tensor] = None, shift: Optional
     return L.rescale_quantize(x, r, shift, s, zr, float(qp.bits))
 
 
-def layernorm_quantize(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], eps: float,
-                       qp: QParams, r: Optional[Tensor] = None, shift: Optional[Tensor] = None) -> Tensor:
-    """int8 codes of ``(LayerNorm(x) - shift) / r``."""
+def _checked_ln_inputs(x: Tensor, ln_weight, ln_bias, r, shift, **more) -> None:
+    """The input checks of the LayerNorm-quantize ops (the CPU backend checks the vectors' widths here; the Triton
+    path in :func:`_channel_vecs`)."""
     K.check_float_input(x)
-    K.same_device(x, ln_weight=ln_weight, ln_bias=ln_bias, r=r, shift=shift)
+    K.same_device(x, **more, ln_weight=ln_weight, ln_bias=ln_bias, r=r, shift=shift)
     if not _triton(x):
         for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias), ("r", r), ("shift", shift)):
             K.check_channel_vec(name, t, x.shape[-1])
+
+
+def layernorm_quantize(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], eps: float,
+                       qp: QParams, r: Optional[Tensor] = None, shift: Optional[Tensor] = None) -> Tensor:
+    """int8 codes of ``(LayerNorm(x) - shift) / r``."""
+    _checked_ln_inputs(x, ln_weight, ln_bias, r, shift)
+    if not _triton(x):
         return cpu.layernorm_quantize(x, ln_weight, ln_bias, eps, qp, r, shift)
     s, zr = _act_qparams(x, qp)
     lw, lb, r, shift = _channel_vecs(x, ln_weight=ln_weight, ln_bias=ln_bias, r=r, shift=shift)
@@ -192,10 +199,8 @@ def add_layernorm_quantize(x: Tensor, delta: Tensor, ln_weight: Optional[Tensor]
     K.check_float_input(delta, "delta")
     if delta.shape != x.shape:
         raise ValueError(f"delta must have x's shape {tuple(x.shape)}, got {tuple(delta.shape)}")
-    K.same_device(x, delta=delta, ln_weight=ln_weight, ln_bias=ln_bias, r=r, shift=shift)
+    _checked_ln_inputs(x, ln_weight, ln_bias, r, shift, delta=delta)
     if not _triton(x):
-        for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias), ("r", r), ("shift", shift)):
-            K.check_channel_vec(name, t, x.shape[-1])
         return cpu.add_layernorm_quantize(x, delta, ln_weight, ln_bias, eps, qp, r, shift)
     s, zr = _act_qparams(x, qp)
     lw, lb, r, shift = _channel_vecs(x, ln_weight=ln_weight, ln_bias=ln_bias, r=r, shift=shift)
