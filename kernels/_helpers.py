@@ -101,6 +101,14 @@ def quantize_int32(x, s, zr, QMAX: tl.constexpr, OFFSET: tl.constexpr):
 @triton.jit
 def rescale(x, r_ptr, shift_ptr, offs_c, mask_c, HAS_R: tl.constexpr, HAS_SHIFT: tl.constexpr):
     """``(x - shift[c]) / r[c]`` on a ``[BM, BC]`` float32 tile: :func:`rescale_values` of the loaded vectors."""
+    sh, r, rr = load_rescale(r_ptr, shift_ptr, offs_c, mask_c, HAS_R, HAS_SHIFT)
+    return rescale_values(x, sh, r, rr, HAS_R, HAS_SHIFT)
+
+
+@triton.jit
+def load_rescale(r_ptr, shift_ptr, offs_c, mask_c, HAS_R: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    """:func:`rescale_values`' ``(sh, r, rr)``: ``shift[c]``, ``r[c]`` and ``rcp_rn(r[c])`` as ``[1, BC]`` float32
+    rows (``0, 1, 1`` where absent), loaded once per column block."""
     sh = 0.0
     r = 1.0
     rr = 1.0
@@ -110,7 +118,7 @@ def rescale(x, r_ptr, shift_ptr, offs_c, mask_c, HAS_R: tl.constexpr, HAS_SHIFT:
         rv = tl.load(r_ptr + offs_c, mask=mask_c, other=1.0).to(tl.float32)
         r = rv[None, :]
         rr = rcp_rn(rv)[None, :]
-    return rescale_values(x, sh, r, rr, HAS_R, HAS_SHIFT)
+    return sh, r, rr
 
 
 @triton.jit

@@ -8,7 +8,7 @@ computed once per program, before the row loop.
 import triton
 import triton.language as tl
 
-from ._helpers import quantize_signed, rcp_rn, rescale_values
+from ._helpers import load_rescale, quantize_signed, rescale_values
 
 
 @triton.jit
@@ -21,15 +21,7 @@ def rescale_quantize_kernel(x_ptr, out_ptr, r_ptr, shift_ptr, s_ptr, z_ptr, M, C
     pipelined, the next ``STAGES - 1`` tiles copied to shared memory (``cp.async``) while one is quantized."""
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    sh = 0.0
-    r = 1.0
-    rr = 1.0
-    if HAS_SHIFT:
-        sh = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    if HAS_R:
-        r = tl.load(r_ptr + offs_c, mask=mask_c, other=1.0).to(tl.float32)
-        rr = rcp_rn(r)[None, :]
-        r = r[None, :]
+    sh, r, rr = load_rescale(r_ptr, shift_ptr, offs_c, mask_c, HAS_R, HAS_SHIFT)
     s = tl.load(s_ptr).to(tl.float32)
     z = tl.load(z_ptr).to(tl.float32)
     for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0), num_stages=STAGES):
