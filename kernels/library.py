@@ -410,10 +410,10 @@ def packed_linear(a: Tensor, planes: List[Tensor], fmt: str, k: int, colsum: Ten
     a2 = _rows(a)
     m, n = a2.shape[0], sw.numel()
     requant = rq_s is not None
-    store = torch.int8 if requant else _store_dtype(out_dtype)
-    out = torch.empty((m, n), dtype=store, device=a.device)
     if residual is not None and requant:
         raise ValueError("the residual add applies to a float output, not to requantized codes")
+    store = torch.int8 if requant else _store_dtype(out_dtype)
+    out = torch.empty((m, n), dtype=store, device=a.device)
     res = None if residual is None else _rows(residual)
     late_res = res is not None and store != out_dtype  # the interpreter's bf16: torch adds after rounding
     if m and n:

@@ -141,7 +141,7 @@ def _linear_problem(gen, m, k, n, wbits=4, abits=4):
 
 @pytest.mark.parametrize("m", [5, C.UNPACK_MIN_M + 3])
 @pytest.mark.parametrize("dt", [torch.float32, torch.float16, torch.bfloat16])
-def test_packed_linear_residual(gen, m, dt):
+def test_packed_linear_residual(gen, m, dt, monkeypatch):
     """``ops.packed_linear(..., residual=r)`` is ``r + y`` rounded once in ``out_dtype``, on the Triton path (the
     epilogue; bf16 under the interpreter added by torch) and on the CPU backend; bad residuals are refused."""
     k, n = 64, 48
@@ -161,3 +161,13 @@ def test_packed_linear_residual(gen, m, dt):
             ops.packed_linear(a, qp, pw, sw, zw, bias, out_dtype=dt, residual=bad)
     with pytest.raises(ValueError, match="requant"):
         ops.packed_linear(a, qp, pw, sw, zw, bias, requant=qp, residual=res.float())
+    # the library op refuses a residual with requant too, before it allocates or launches: also with no rows
+    real, seen = L.packed_linear, []
+    monkeypatch.setattr(L, "packed_linear", lambda *args: seen.append(args) or real(*args))
+    with triton_path():
+        ops.packed_linear(a, qp, pw, sw, zw, bias, requant=qp)
+    *args, residual = seen[0]
+    assert residual is None and args[12] is not None  # rq_s
+    for rows in (m, 0):
+        with pytest.raises(ValueError, match="requantized codes"):
+            real(args[0][:rows], *args[1:], res.float()[:rows])
